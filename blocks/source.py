@@ -1,0 +1,94 @@
+"""The interface every source cluster implements (ZooKeeper, etcd, Consul).
+
+A source block is configuration (hosts, credentials as SecretStr, timeouts). ``connect()``
+opens a :class:`SourceSession` that knows how to walk the tree and how to create missing
+keys atomically. Flows and tasks only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from prefect.blocks.core import Block
+
+from burrow.records import Record
+
+
+@dataclass
+class WalkStats:
+    """What a walk saw besides the records it yielded."""
+
+    skipped_ephemeral: int = 0
+    skipped_excluded: int = 0
+    vanished: int = 0
+    redacted_acls: int = 0
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings and len(self.warnings) < 100:
+            self.warnings.append(message)
+
+
+@dataclass
+class CreateOutcome:
+    """What a target did with one record in a create batch."""
+
+    created: bool
+    note: str | None = None
+
+
+class SourceSession(Protocol):
+    """An open connection to a cluster."""
+
+    service: str
+
+    def walk(self, root: bytes, stats: WalkStats) -> Iterator[Record]:
+        """Yield every record under ``root``, parents before children."""
+        ...
+
+    def lookup(self, keys: list[bytes]) -> list[bytes | None]:
+        """Return each key's current value, or None where the key does not exist."""
+        ...
+
+    def create(self, records: list[Record]) -> list[bool]:
+        """Create each record only if absent (atomically). True = created, False = existed.
+
+        Records come parents first. Any error other than "already exists" raises.
+        """
+        ...
+
+    def prepare(self, record: Record, source_service: str) -> tuple[Record, list[str]]:
+        """Adapt an archived record to this target: returns the record to create and the
+        names of metadata that cannot be carried over (reported, never silently dropped)."""
+        ...
+
+    def parent_key(self, key: bytes) -> bytes | None:
+        """The key that must exist before ``key`` can be created, or None (flat stores)."""
+        ...
+
+    def ensure_root(self) -> None:
+        """Make sure the configured root/chroot exists before a restore writes into it."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+class SourceBlock(Block):
+    """Base of every source cluster block."""
+
+    _block_type_slug: ClassVar[str] = "burrow-source"
+    service: ClassVar[str] = "unknown"
+    scheme: ClassVar[str] = ""
+
+    def describe(self) -> str:
+        """A URL identifying the cluster, without any credentials."""
+        raise NotImplementedError
+
+    def connect(self) -> SourceSession:
+        """Open a session; raises SourceUnavailable or AuthError with a one-line message."""
+        raise NotImplementedError

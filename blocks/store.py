@@ -1,0 +1,81 @@
+"""The one narrow interface every archive store implements (local directory, S3, ...).
+
+An archive appears in ``list`` only once it is complete: ``put`` is atomic.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from prefect.blocks.core import Block
+
+ARCHIVE_SUFFIX = ".burrow"
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+@dataclass
+class ArchiveInfo:
+    """A stored archive as the store sees it."""
+
+    name: str
+    size: int
+    modified: str
+    url: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_name(name: str) -> str:
+    """Reject archive names that could escape the store or look incomplete."""
+    if (
+        not _NAME_RE.match(name)
+        or not name.endswith(ARCHIVE_SUFFIX)
+        or any(part in ("", ".", "..") or part.startswith(".") for part in name.split("/"))
+    ):
+        from burrow.errors import UsageError
+
+        raise UsageError(f"invalid archive name {name!r}")
+    return name
+
+
+class ArchiveStore(Block):
+    """Base of every store block: put, get, list, head and delete archives."""
+
+    _block_type_slug: ClassVar[str] = "burrow-store"
+
+    def describe(self) -> str:
+        """A URL of the store without credentials."""
+        raise NotImplementedError
+
+    def check(self, *, writable: bool = False) -> None:
+        """Raise StoreError unless the store exists (and is writable when asked)."""
+        raise NotImplementedError
+
+    def url(self, name: str) -> str:
+        """The URL of an archive in this store."""
+        raise NotImplementedError
+
+    def put(self, name: str, source: Path) -> ArchiveInfo:
+        """Store a finished local archive file under ``name`` atomically."""
+        raise NotImplementedError
+
+    def get(self, name: str, dest: Path) -> Path:
+        """Download an archive into the local file ``dest``."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
+        """Complete archives whose name starts with ``prefix``, oldest first."""
+        raise NotImplementedError
+
+    def head(self, name: str) -> ArchiveInfo:
+        """Size and time of one archive; raises ArchiveNotFound."""
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        """Remove an archive; raises ArchiveNotFound."""
+        raise NotImplementedError

@@ -1,0 +1,384 @@
+"""Archive format v1: a self-describing, streamable container for a record stream.
+
+Layout (see docs/FORMAT.md)::
+
+    [zstd skippable frame 0x184D2A5B]  header:   b"BURROW\\n" + JSON + b"\\n"
+    [body]                              zstd frame(s) of the record stream (JSON Lines),
+                                        optionally passed through an encryption stage
+    [zstd skippable frame 0x184D2A5C]  manifest: b"\\n" + JSON + b"\\n"
+    [zstd skippable frame 0x184D2A5D]  footer:   b"BURROW-END <16 hex offset> <16 hex length>\\n"
+
+Skippable frames are ignored by every zstd decoder, so an unencrypted archive reads with
+``zstd -dc archive.burrow``. The footer has a fixed size, so a reader finds the manifest
+from the end without scanning. The manifest is written last: a file without a valid footer
+is truncated, never mistaken for a complete archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, Protocol
+
+import orjson
+import zstandard
+
+from burrow.errors import ArchiveError
+from burrow.records import Record, decode_record, encode_record
+from burrow.version import __version__
+
+FORMAT_NAME = "burrow-archive"
+FORMAT_VERSION = 1
+HEADER_MAGIC = 0x184D2A5B
+MANIFEST_MAGIC = 0x184D2A5C
+FOOTER_MAGIC = 0x184D2A5D
+HEADER_PREFIX = b"BURROW\n"
+FOOTER_PREFIX = b"BURROW-END "
+FOOTER_DATA_LEN = len(FOOTER_PREFIX) + 16 + 1 + 16 + 1
+FOOTER_LEN = 8 + FOOTER_DATA_LEN
+FRAME_HEADER = struct.Struct("<II")
+MAX_META_FRAME = 16 * 1024 * 1024
+READ_CHUNK = 1 << 20
+DEFAULT_LEVEL = 3
+
+
+def _frame(magic: int, data: bytes) -> bytes:
+    return FRAME_HEADER.pack(magic, len(data)) + data
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON (sorted keys) used for everything that is hashed or MACed."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+class BodyEncryptor(Protocol):
+    """An encryption stage between compression and storage (see tasks/encrypt.py)."""
+
+    def header_params(self) -> dict[str, Any]:
+        """Public parameters recorded in the header (recipients, salts, fingerprints)."""
+        ...
+
+    def wrap_writer(self, sink: BinaryIO) -> BinaryIO:
+        """Return a writer that encrypts into ``sink``; its close() finalizes the stream."""
+        ...
+
+    def seal_manifest(self, manifest_bytes: bytes) -> str:
+        """Return an authentication tag over the canonical manifest bytes."""
+        ...
+
+
+class BodyDecryptor(Protocol):
+    """Opens what a BodyEncryptor wrote; built from the header's parameters."""
+
+    def wrap_reader(self, source: BinaryIO) -> BinaryIO:
+        """Return a reader of plaintext; raise ArchiveError on any tampering."""
+        ...
+
+    def check_manifest(self, manifest_bytes: bytes, tag: str) -> None:
+        """Raise ArchiveError unless ``tag`` authenticates the manifest bytes."""
+        ...
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and hashes bytes on their way to ``sink`` (never closes it)."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self.sink.write(data)
+        self.sha.update(data)
+        self.count += len(data)
+        return len(data)
+
+
+class _BoundedHashingReader(io.RawIOBase):
+    """Reads exactly ``length`` bytes of ``source`` and hashes them."""
+
+    def __init__(self, source: BinaryIO, length: int) -> None:
+        self.source = source
+        self.remaining = length
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.remaining)
+        if n <= 0:
+            return 0
+        data = self.source.read(n)
+        if not data:
+            raise ArchiveError("archive body ends early (truncated archive)")
+        b[: len(data)] = data
+        self.sha.update(data)
+        self.count += len(data)
+        self.remaining -= len(data)
+        return len(data)
+
+
+def utc_now() -> str:
+    """The current time as an ISO-8601 UTC string with a Z suffix."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ArchiveWriter:
+    """Writes an archive to a binary stream, record by record.
+
+    Memory use is bounded by the compressor's window whatever the archive size.
+    """
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        *,
+        service: str,
+        level: int = DEFAULT_LEVEL,
+        encryptor: BodyEncryptor | None = None,
+    ) -> None:
+        self.out = out
+        self.level = level
+        self.encryptor = encryptor
+        header = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "service": service,
+            "compression": {"algorithm": "zstd", "level": level},
+            "encryption": encryptor.header_params() if encryptor else None,
+        }
+        self.header_bytes = canonical_json(header)
+        out.write(_frame(HEADER_MAGIC, HEADER_PREFIX + self.header_bytes + b"\n"))
+        self.body_start = 8 + len(HEADER_PREFIX) + len(self.header_bytes) + 1
+        self._body = _HashingWriter(out)
+        self._enc_writer: BinaryIO | None = None
+        target: Any = self._body
+        if encryptor is not None:
+            self._enc_writer = encryptor.wrap_writer(self._body)  # type: ignore[arg-type]
+            target = self._enc_writer
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._zw = cctx.stream_writer(target, closefd=False, write_size=READ_CHUNK)
+        self._content_sha = hashlib.sha256()
+        self.content_bytes = 0
+        self.keys = 0
+        self.raw_bytes = 0
+        self._finished = False
+
+    def write_content(self, data: bytes) -> None:
+        """Append already-encoded record-stream bytes (whole lines)."""
+        self._content_sha.update(data)
+        self.content_bytes += len(data)
+        self._zw.write(data)
+
+    def add(self, record: Record) -> None:
+        """Append one record."""
+        self.keys += 1
+        self.raw_bytes += len(record.key) + len(record.value)
+        self.write_content(encode_record(record))
+
+    def finish(self, manifest_fields: dict[str, Any]) -> dict[str, Any]:
+        """Flush the body and write manifest and footer. Returns the manifest."""
+        if self._finished:
+            raise RuntimeError("archive already finished")
+        self._finished = True
+        self._zw.flush(zstandard.FLUSH_FRAME)
+        self._zw.close()
+        if self._enc_writer is not None:
+            self._enc_writer.close()
+        manifest: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tool_version": __version__,
+            "created": utc_now(),
+            "keys": self.keys,
+            "raw_bytes": self.raw_bytes,
+            "content_bytes": self.content_bytes,
+            "content_sha256": self._content_sha.hexdigest(),
+            "body_bytes": self._body.count,
+            "body_sha256": self._body.sha.hexdigest(),
+            "header_sha256": hashlib.sha256(self.header_bytes).hexdigest(),
+            "compression": {"algorithm": "zstd", "level": self.level},
+            "encrypted": self.encryptor is not None,
+        }
+        manifest.update(manifest_fields)
+        body = canonical_json(manifest)
+        if self.encryptor is not None:
+            manifest["manifest_mac"] = self.encryptor.seal_manifest(body)
+            body = canonical_json(manifest)
+        manifest_offset = self.body_start + self._body.count
+        frame = _frame(MANIFEST_MAGIC, b"\n" + body + b"\n")
+        self.out.write(frame)
+        footer = FOOTER_PREFIX + b"%016x %016x\n" % (manifest_offset, len(frame))
+        self.out.write(_frame(FOOTER_MAGIC, footer))
+        self.out.flush()
+        return manifest
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ArchiveError(f"archive is truncated ({what} is incomplete)")
+    return data
+
+
+class ArchiveReader:
+    """Reads and checks an archive held in a seekable local file."""
+
+    def __init__(self, f: BinaryIO, *, label: str = "archive") -> None:
+        self.f = f
+        self.label = label
+        f.seek(0, os.SEEK_END)
+        self.size = f.tell()
+        if self.size < 8 + FOOTER_LEN:
+            raise ArchiveError(f"{label} is not a Burrow archive (too short, possibly truncated)")
+        f.seek(0)
+        magic, hlen = FRAME_HEADER.unpack(_read_exact(f, 8, "header"))
+        if magic != HEADER_MAGIC or hlen > MAX_META_FRAME:
+            raise ArchiveError(f"{label} is not a Burrow archive (bad header magic)")
+        hdata = _read_exact(f, hlen, "header")
+        if not hdata.startswith(HEADER_PREFIX) or not hdata.endswith(b"\n"):
+            raise ArchiveError(f"{label} has a malformed header")
+        self.header_bytes = hdata[len(HEADER_PREFIX) : -1]
+        self.body_start = 8 + hlen
+        try:
+            self.header: dict[str, Any] = orjson.loads(self.header_bytes)
+        except orjson.JSONDecodeError:
+            raise ArchiveError(f"{label} has a corrupt header") from None
+        self._check_version(self.header, "header")
+        # footer and manifest
+        f.seek(self.size - FOOTER_LEN)
+        fmagic, flen = FRAME_HEADER.unpack(_read_exact(f, 8, "footer"))
+        fdata = f.read(FOOTER_DATA_LEN)
+        if fmagic != FOOTER_MAGIC or flen != FOOTER_DATA_LEN or not fdata.startswith(FOOTER_PREFIX):
+            raise ArchiveError(f"{label} is truncated or incomplete (no valid footer)")
+        try:
+            moff_s, mlen_s = fdata[len(FOOTER_PREFIX) :].split()
+            self.manifest_offset, mframe_len = int(moff_s, 16), int(mlen_s, 16)
+        except ValueError:
+            raise ArchiveError(f"{label} has a corrupt footer") from None
+        if self.manifest_offset < self.body_start or self.manifest_offset + mframe_len != self.size - FOOTER_LEN:
+            raise ArchiveError(f"{label} is truncated or has a corrupt footer")
+        f.seek(self.manifest_offset)
+        mmagic, mlen = FRAME_HEADER.unpack(_read_exact(f, 8, "manifest"))
+        if mmagic != MANIFEST_MAGIC or mlen + 8 != mframe_len:
+            raise ArchiveError(f"{label} has a corrupt manifest frame")
+        mdata = _read_exact(f, mlen, "manifest")
+        self.manifest_bytes = mdata.strip(b"\n")
+        try:
+            self.manifest: dict[str, Any] = orjson.loads(self.manifest_bytes)
+        except orjson.JSONDecodeError:
+            raise ArchiveError(f"{label} has a corrupt manifest") from None
+        if not isinstance(self.manifest, dict):
+            raise ArchiveError(f"{label} has a corrupt manifest")
+        self._check_version(self.manifest, "manifest")
+        self.body_length = self.manifest_offset - self.body_start
+
+    def _check_version(self, obj: Any, what: str) -> None:
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise ArchiveError(f"{self.label} is not a Burrow archive ({what} has no format marker)")
+        version = obj.get("version")
+        if version != FORMAT_VERSION:
+            raise ArchiveError(
+                f"{self.label} uses archive format version {version!r}; "
+                f"this Burrow reads version {FORMAT_VERSION}"
+            )
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.header.get("encryption"))
+
+    def check_metadata(self, decryptor: BodyDecryptor | None = None) -> None:
+        """Check what can be checked without reading the body."""
+        m = self.manifest
+        try:
+            expected_header = m["header_sha256"]
+            body_bytes = int(m["body_bytes"])
+        except (KeyError, TypeError, ValueError):
+            raise ArchiveError(f"{self.label} has an incomplete manifest") from None
+        if self.encrypted:
+            if decryptor is None:
+                raise ArchiveError(f"{self.label} is encrypted; pass a key to read it")
+            tag = m.get("manifest_mac")
+            if not isinstance(tag, str):
+                raise ArchiveError(f"{self.label} is encrypted but its manifest carries no authentication tag")
+            unsealed = {k: v for k, v in m.items() if k != "manifest_mac"}
+            decryptor.check_manifest(canonical_json(unsealed), tag)
+        elif m.get("encrypted"):
+            raise ArchiveError(f"{self.label}: manifest says encrypted but header has no encryption (tampered)")
+        if hashlib.sha256(self.header_bytes).hexdigest() != expected_header:
+            raise ArchiveError(f"{self.label} header does not match its manifest (corrupt or tampered)")
+        if body_bytes != self.body_length:
+            raise ArchiveError(
+                f"{self.label} body is {self.body_length} bytes but the manifest says {body_bytes} (corrupt or truncated)"
+            )
+
+    def iter_content(self, decryptor: BodyDecryptor | None = None) -> Iterator[bytes]:
+        """Yield the decompressed record stream in chunks, checking every checksum.
+
+        The final checks (body and content SHA-256, byte counts) run when the stream is
+        exhausted; a consumer that must not act on unchecked data reads to the end first.
+        """
+        self.check_metadata(decryptor)
+        self.f.seek(self.body_start)
+        body = _BoundedHashingReader(self.f, self.body_length)
+        source: Any = io.BufferedReader(body, buffer_size=READ_CHUNK)
+        if self.encrypted:
+            assert decryptor is not None
+            source = decryptor.wrap_reader(source)
+        dctx = zstandard.ZstdDecompressor()
+        content_sha = hashlib.sha256()
+        content_bytes = 0
+        try:
+            reader = dctx.stream_reader(source, read_across_frames=True, closefd=False)
+            while True:
+                chunk = reader.read(READ_CHUNK)
+                if not chunk:
+                    break
+                content_sha.update(chunk)
+                content_bytes += len(chunk)
+                yield chunk
+        except zstandard.ZstdError as exc:
+            raise ArchiveError(f"{self.label} body is corrupt (decompression failed: {exc})") from None
+        if body.remaining:
+            # zstd stopped early: trailing garbage inside the body region
+            raise ArchiveError(f"{self.label} body has trailing data after the compressed stream (corrupt)")
+        m = self.manifest
+        if body.sha.hexdigest() != m.get("body_sha256"):
+            raise ArchiveError(f"{self.label} body checksum mismatch (corrupt or tampered)")
+        if content_bytes != m.get("content_bytes") or content_sha.hexdigest() != m.get("content_sha256"):
+            raise ArchiveError(f"{self.label} content checksum mismatch (corrupt or tampered)")
+
+    def records(self, decryptor: BodyDecryptor | None = None) -> Iterator[Record]:
+        """Yield every record; the checksums are checked when the stream ends."""
+        pending = b""
+        count = 0
+        for chunk in self.iter_content(decryptor):
+            pending += chunk
+            lines = pending.split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                count += 1
+                yield decode_record(line + b"\n")
+        if pending:
+            raise ArchiveError(f"{self.label} record stream ends in the middle of a record (corrupt)")
+        if count != self.manifest.get("keys"):
+            raise ArchiveError(
+                f"{self.label} holds {count} records but the manifest says {self.manifest.get('keys')} (corrupt)"
+            )
+
+    def validate(self, decryptor: BodyDecryptor | None = None) -> int:
+        """Read the whole archive and check everything; return the record count."""
+        n = 0
+        for _ in self.records(decryptor):
+            n += 1
+        return n

@@ -1,0 +1,51 @@
+"""Reading what is in a store: archive listings with manifest summaries, and opening one
+archive for inspection."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from blocks.local import LocalStore
+from blocks.store import ArchiveStore
+from burrow.archive import ArchiveReader
+from burrow.errors import ArchiveError, ArchiveNotFound
+from burrow.resolve import archive_from_ref
+
+SUMMARY_FIELDS = ("service", "source", "keys", "raw_bytes", "created", "encrypted", "content_sha256")
+
+
+@contextmanager
+def open_archive(ref: str) -> Iterator[ArchiveReader]:
+    """Open an archive for reading: in place when local, via a private download otherwise."""
+    store, name = archive_from_ref(ref)
+    label = store.url(name)
+    if isinstance(store, LocalStore):
+        path = store.root / name
+        if not path.is_file():
+            raise ArchiveNotFound(f"archive {label} not found")
+        with open(path, "rb") as f:
+            yield ArchiveReader(f, label=label)
+        return
+    with tempfile.TemporaryDirectory(prefix="burrow-inspect-") as tmp:
+        local = store.get(name, Path(tmp) / "archive.burrow")
+        with open(local, "rb") as f:
+            yield ArchiveReader(f, label=label)
+
+
+def describe_archives(store: ArchiveStore) -> list[dict[str, Any]]:
+    """Every complete archive in ``store`` with its manifest summary."""
+    rows = []
+    for info in store.list():
+        row: dict[str, Any] = info.to_dict()
+        try:
+            with open_archive(info.url) as reader:
+                m = reader.manifest
+                row.update({k: m.get(k) for k in SUMMARY_FIELDS})
+        except ArchiveError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return rows

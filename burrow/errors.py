@@ -1,0 +1,101 @@
+"""The exception hierarchy.
+
+Two families matter to the orchestrator: :class:`TransientError` (a retry may help: a
+connection dropped, a server is electing a leader) and :class:`PermanentError` (a retry
+cannot help: bad credentials, a corrupt archive, a usage mistake). ``should_retry`` feeds
+this split to Prefect's ``retry_condition_fn``.
+
+Messages never carry secrets or stored values: they name paths, hosts and fingerprints only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Exit codes of the ``burrow`` command, as documented in the README.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFLICTS = 3
+
+
+class BurrowError(Exception):
+    """Base class of every error Burrow raises on purpose."""
+
+    exit_code: int = EXIT_FAILURE
+
+
+class TransientError(BurrowError):
+    """A failure that may go away on retry (network, leader election, throttling)."""
+
+
+class PermanentError(BurrowError):
+    """A failure that a retry cannot fix."""
+
+
+class UsageError(PermanentError):
+    """The command line or a flow parameter is wrong."""
+
+    exit_code = EXIT_USAGE
+
+
+class SourceUnavailable(TransientError):
+    """A cluster could not be reached or dropped the connection."""
+
+
+class AuthError(PermanentError):
+    """Credentials were refused or lack a permission."""
+
+
+class SourceError(PermanentError):
+    """The cluster answered, but not in a way we can work with."""
+
+
+class StoreError(PermanentError):
+    """The archive store is missing, unwritable or refused an operation."""
+
+
+class StoreUnavailable(TransientError):
+    """The archive store could not be reached (a retry may help)."""
+
+
+class ArchiveNotFound(StoreError):
+    """No archive by that name exists in the store."""
+
+
+class ArchiveError(PermanentError):
+    """An archive is corrupt, truncated, tampered with, or of an unknown version."""
+
+
+class KeyMismatch(ArchiveError):
+    """The archive was encrypted for a key we do not hold."""
+
+
+class RestoreFailed(PermanentError):
+    """Some nodes could not be created for a reason other than a conflict."""
+
+
+def exception_from_state(state: Any) -> BaseException | None:
+    """Return the exception a failed Prefect state carries, if any."""
+    try:
+        result = state.result(raise_on_failure=False)
+    except BaseException as exc:  # noqa: BLE001 - any failure to unwrap is itself the answer
+        return exc
+    return result if isinstance(result, BaseException) else None
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True when ``exc`` is worth retrying."""
+    if exc is None:
+        return False
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, PermanentError):
+        return False
+    # Unknown exceptions from client libraries: retry only plain connection trouble.
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient errors only."""
+    return is_transient(exception_from_state(state))

@@ -1,0 +1,130 @@
+"""Turn what a user typed (a URL, a path or a saved block's name) into blocks.
+
+Flow parameters only ever hold references without credentials. When a user passes a URL
+that carries credentials on the command line, the CLI strips them, keeps the configured
+block in this process (``register``) and hands the flow the redacted URL.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from pydantic import SecretStr
+
+from blocks.local import LocalStore
+from blocks.source import SourceBlock
+from blocks.store import ArchiveStore
+from blocks.zookeeper import ZooKeeperCluster
+from burrow.errors import UsageError
+
+_registered: dict[str, SourceBlock] = {}
+
+
+def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
+    rest = url[len("zk://") :]
+    userinfo = None
+    if "@" in rest.split("/", 1)[0]:
+        userinfo, rest = rest.split("@", 1)
+    hosts_part, _, chroot = rest.partition("/")
+    hosts = [h for h in hosts_part.split(",") if h]
+    if not hosts:
+        raise UsageError("a zk:// URL needs at least one host:port")
+    for h in hosts:
+        if not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d+$", h):
+            raise UsageError(f"bad ZooKeeper host {h!r} (expected host:port)")
+    kwargs: dict = {"hosts": hosts, "chroot": "/" + unquote(chroot).strip("/") if chroot.strip("/") else None}
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        kwargs["digest_user"] = unquote(user)
+        kwargs["digest_password"] = SecretStr(unquote(password))
+    return ZooKeeperCluster(**kwargs)
+
+
+#: URL scheme -> factory building a source block from a URL (credentials included).
+SOURCE_SCHEMES = {"zk": _zookeeper_from_url}
+
+#: Block classes tried when a source is given by a saved block's name.
+SOURCE_BLOCKS: list[type[SourceBlock]] = [ZooKeeperCluster]
+
+
+def scheme_of(ref: str) -> str | None:
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", ref)
+    return m.group(1).lower() if m else None
+
+
+def register(block: SourceBlock) -> str:
+    """Keep a configured block for this process; return its credential-free reference."""
+    ref = block.describe()
+    _registered[ref] = block
+    return ref
+
+
+def source_from_ref(ref: str) -> SourceBlock:
+    """Resolve a source reference: a registered block, a URL, or a saved block's name."""
+    if ref in _registered:
+        return _registered[ref]
+    scheme = scheme_of(ref)
+    if scheme is not None:
+        factory = SOURCE_SCHEMES.get(scheme)
+        if factory is None:
+            known = ", ".join(f"{s}://" for s in SOURCE_SCHEMES)
+            raise UsageError(f"unknown source URL scheme {scheme}:// (known: {known})")
+        return factory(ref)
+    return _load_block(ref, SOURCE_BLOCKS, "source")
+
+
+def _load_block(name: str, classes: list, what: str):  # noqa: ANN202 - returns one of `classes`
+    from prefect.blocks.core import Block
+
+    if "/" in name:
+        try:
+            block = Block.load(name)
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(f"no saved {what} block named {name!r}: {type(exc).__name__}") from None
+        if not isinstance(block, tuple(classes)):
+            raise UsageError(f"block {name!r} is not a {what}")
+        return block
+    for cls in classes:
+        try:
+            return cls.load(name)
+        except ValueError:
+            continue
+    raise UsageError(
+        f"{name!r} is neither a {what} URL nor the name of a saved {what} block"
+    )
+
+
+def secure_source_ref(ref: str) -> str:
+    """For the CLI: resolve ``ref`` now and return a reference safe to use as a flow parameter."""
+    if scheme_of(ref) is None:
+        return ref
+    return register(source_from_ref(ref))
+
+
+def store_from_ref(ref: str) -> ArchiveStore:
+    """Resolve a store reference: a directory path, a file:// URL, or a saved block's name."""
+    scheme = scheme_of(ref)
+    if scheme == "file":
+        return LocalStore(path=unquote(urlsplit(ref).path))
+    if scheme is not None:
+        raise UsageError(f"unknown store URL scheme {scheme}:// (known: file://, or a directory path)")
+    if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists():
+        return LocalStore(path=ref)
+    try:
+        return _load_block(ref, [ArchiveStore], "store")
+    except UsageError:
+        # Not a block either: treat it as a (missing) directory so the error says so.
+        return LocalStore(path=ref)
+
+
+def archive_from_ref(ref: str) -> tuple[ArchiveStore, str]:
+    """Split an archive reference (what backup printed) into its store and name."""
+    scheme = scheme_of(ref)
+    if scheme == "file" or scheme is None:
+        path = Path(unquote(urlsplit(ref).path) if scheme == "file" else ref).expanduser()
+        if not path.name.endswith(".burrow"):
+            raise UsageError(f"{ref!r} does not name a .burrow archive")
+        return LocalStore(path=str(path.parent)), path.name
+    raise UsageError(f"unknown archive URL scheme {scheme}:// (known: file://)")

@@ -1,0 +1,91 @@
+"""The backup flow: extract, compress, upload, verify."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from burrow import naming, report
+from burrow.errors import BurrowError
+from burrow.resolve import source_from_ref, store_from_ref
+from burrow.runlog import logger
+from burrow.staging import staging_dir
+from tasks.compress import compress
+from tasks.extract import extract
+from tasks.upload import upload
+from tasks.verify import verify
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    ref = str(params.get("source", "source"))
+    tag = "zk" if ref.startswith("zk://") else ref.split("://", 1)[0] if "://" in ref else "block"
+    name = params.get("name") or ref
+    return f"backup-{tag}-{naming.slug(str(name))}-{naming.stamp()}"
+
+
+@flow(name="backup", flow_run_name=_run_name, persist_result=False, log_prints=False)
+def backup(
+    source: str,
+    store: str,
+    name: str | None = None,
+    root: str = "/",
+    compression_level: int = 3,
+) -> dict[str, Any]:
+    """Back up ``source`` (a URL without credentials, or a saved block's name) into ``store``.
+
+    Returns the run summary; its ``url`` is the archive's location.
+    """
+    log = logger()
+    started = time.monotonic()
+    summary: dict[str, Any] = {"status": "failed", "source": name or source}
+    try:
+        src = source_from_ref(source)
+        dst = store_from_ref(store)
+        dst.check(writable=True)  # fail before touching the cluster
+        source_name = naming.check_source_name(name or source)
+        summary.update(service=src.service, source=source_name, source_url=src.describe(), store=dst.describe())
+        archive = naming.archive_name(source_name)
+        with staging_dir() as work:
+            ex = extract(src, root, str(work))
+            comp = compress(ex, str(work / "archive.burrow"), source_name, compression_level)
+            Path(ex.spool).unlink(missing_ok=True)
+            info = upload(dst, comp.path, archive)
+            try:
+                verified = verify(dst, archive, str(work))
+            except BurrowError:
+                log.error("verify failed: removing %s so it is never mistaken for a good backup", info.url)
+                dst.delete(archive)
+                raise
+        m = verified
+        summary.update(
+            status="ok",
+            url=info.url,
+            keys=m["keys"],
+            raw_bytes=m["raw_bytes"],
+            stored_bytes=info.size,
+            ratio=report.ratio(m["raw_bytes"], info.size),
+            content_sha256=m["content_sha256"],
+            skipped_ephemeral=m.get("skipped_ephemeral", 0),
+            skipped_excluded=m.get("skipped_excluded", 0),
+            redacted_acls=m.get("redacted_acls", 0),
+            encrypted=m.get("encrypted", False),
+            service_info=m.get("service_info", {}),
+            warnings=m.get("warnings", []),
+        )
+        return summary
+    except BurrowError as exc:
+        summary["error"] = str(exc)
+        raise
+    finally:
+        summary["duration_s"] = round(time.monotonic() - started, 3)
+        report.publish(
+            f"backup-{summary.get('source', 'source')}",
+            f"Burrow backup of {summary.get('source')}: {summary['status']}",
+            {k: v for k, v in summary.items() if k != "warnings"},
+            {"Warnings": summary.get("warnings", [])},
+        )

@@ -1,0 +1,89 @@
+"""The restore flow: download, validate, plan, replay. Never overwrites or deletes a key."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from burrow import naming, report
+from burrow.errors import BurrowError
+from burrow.resolve import archive_from_ref, source_from_ref
+from burrow.staging import staging_dir
+from tasks.download import download
+from tasks.plan import plan as plan_task
+from tasks.replay import replay
+from tasks.validate import validate
+
+
+def _run_name() -> str:
+    p = flow_run.parameters
+    into = str(p.get("into", "target"))
+    kind = "dry-run" if p.get("dry_run") else "restore"
+    return f"{kind}-{naming.slug(into)}-{naming.stamp()}"
+
+
+@flow(name="restore", flow_run_name=_run_name, persist_result=False)
+def restore(
+    archive: str,
+    into: str,
+    dry_run: bool = False,
+    subtree: str | None = None,
+    maps: list[str] | None = None,
+) -> dict[str, Any]:
+    """Restore ``archive`` into the cluster ``into``, creating only missing keys.
+
+    Returns the run summary; ``conflicts`` > 0 means existing keys differed and were kept.
+    """
+    started = time.monotonic()
+    summary: dict[str, Any] = {"status": "failed", "archive": archive, "dry_run": dry_run}
+    lists: dict[str, list[str]] = {}
+    try:
+        store, name = archive_from_ref(archive)
+        target = source_from_ref(into)
+        summary.update(target=target.describe(), target_service=target.service)
+        with staging_dir() as work:
+            local = download(store, name, str(work))
+            manifest = validate(local, label=store.url(name))
+            summary.update(
+                service=manifest["service"], source=manifest.get("source"), archive_keys=manifest["keys"],
+                content_sha256=manifest["content_sha256"],
+            )
+            p = plan_task(local, target, str(work), subtree=subtree, maps=maps)
+            summary.update(
+                planned_create=p.to_create, planned_intermediate=p.intermediate, identical=p.identical,
+                conflicts=p.conflicts, outside_subtree=p.outside_subtree,
+                metadata_not_carried=p.dropped_metadata,
+            )
+            conflict_paths = list(p.conflict_paths)
+            lists["Planned creates (first 1000)" if dry_run else "Created (first 1000)"] = p.create_paths
+            if dry_run:
+                summary.update(status="ok", created=0)
+            else:
+                done = replay(p, target)
+                conflict_paths += done.conflict_paths
+                summary.update(
+                    status="ok" if not (p.conflicts + done.conflicts) else "ok-with-conflicts",
+                    created=done.created,
+                    intermediate_created=done.intermediate_created,
+                    identical=p.identical + done.identical,
+                    conflicts=p.conflicts + done.conflicts,
+                )
+            lists["Conflicts (kept as they are)"] = conflict_paths
+            summary["conflict_paths"] = conflict_paths
+            summary["planned_paths"] = p.create_paths
+        return summary
+    except BurrowError as exc:
+        summary["error"] = str(exc)
+        raise
+    finally:
+        summary["duration_s"] = round(time.monotonic() - started, 3)
+        rows = {k: v for k, v in summary.items() if k not in ("conflict_paths", "planned_paths")}
+        report.publish(
+            f"restore-{naming.slug(str(summary.get('target', 'target')))}",
+            f"Burrow {'dry run' if dry_run else 'restore'} into {summary.get('target')}: {summary['status']}",
+            rows,
+            lists,
+        )

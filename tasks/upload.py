@@ -1,0 +1,24 @@
+"""Upload: put a finished archive into a store, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.store import ArchiveInfo, ArchiveStore
+from burrow.errors import should_retry
+from burrow.runlog import logger
+
+
+def upload_archive(store: ArchiveStore, path: Path, name: str) -> ArchiveInfo:
+    info = store.put(name, path)
+    logger().info("upload: stored %s (%d bytes)", info.url, info.size)
+    return info
+
+
+@task(name="upload", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+def upload(store: ArchiveStore, path: str, name: str) -> ArchiveInfo:
+    """Prefect task wrapper of :func:`upload_archive`."""
+    return upload_archive(store, Path(path), name)

@@ -1,0 +1,36 @@
+"""Validate: read a local archive end to end and check manifest, checksums and counts.
+
+Nothing is written anywhere until this has passed. A failed check is permanent: never retried.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from burrow.archive import ArchiveReader, BodyDecryptor
+from burrow.runlog import logger
+
+
+def validate_archive(path: Path, decryptor: BodyDecryptor | None = None, label: str = "archive") -> dict[str, Any]:
+    """Return the manifest of a fully checked archive; raise ArchiveError otherwise."""
+    started = time.monotonic()
+    with open(path, "rb") as f:
+        reader = ArchiveReader(f, label=label)
+        n = reader.validate(decryptor)
+        manifest = reader.manifest
+    logger().info(
+        "validate: %s ok: %d keys, content sha256 %s, checked in %.2fs",
+        label, n, manifest["content_sha256"][:16], time.monotonic() - started,
+    )
+    return manifest
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate(path: str, decryptor: BodyDecryptor | None = None, label: str = "archive") -> dict[str, Any]:
+    """Prefect task wrapper of :func:`validate_archive`."""
+    return validate_archive(Path(path), decryptor, label)

@@ -1,0 +1,122 @@
+"""The test harness: real servers as local processes, one Prefect server per session.
+
+Environment is set before anything imports Prefect, so in-process flow runs and CLI
+subprocesses all talk to the session's own Prefect server, under a private PREFECT_HOME.
+A server that cannot start fails the tests that need it: nothing here skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="burrow-tests-"))
+sys.path.insert(0, str(REPO))
+
+from burrow.localservers import LocalServer, free_port, start_zookeeper  # noqa: E402
+
+PREFECT_PORT = free_port()
+os.environ["PREFECT_HOME"] = str(SESSION_DIR / "prefect-home")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
+os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
+os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
+os.environ.setdefault("BURROW_STAGING_DIR", str(SESSION_DIR / "staging"))
+
+BURROW = str(Path(sys.executable).parent / "burrow")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server() -> Iterator[str]:
+    """One real Prefect API server for the whole session (a cold start takes ~10 s)."""
+    log = open(SESSION_DIR / "prefect-server.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+         "--port", str(PREFECT_PORT)],
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+    )
+    url = os.environ["PREFECT_API_URL"]
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = (SESSION_DIR / "prefect-server.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the Prefect server did not start:\n{tail}")
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def zk_a() -> Iterator[LocalServer]:
+    server = start_zookeeper(SESSION_DIR / "zk-a")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def zk_b() -> Iterator[LocalServer]:
+    server = start_zookeeper(SESSION_DIR / "zk-b")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    d = tmp_path / "store"
+    d.mkdir()
+    return d
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess) -> None:
+        self.code = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    @property
+    def last_line(self) -> str:
+        lines = self.out.strip().splitlines()
+        return lines[-1] if lines else ""
+
+    @property
+    def error_line(self) -> str:
+        lines = [ln for ln in self.err.strip().splitlines() if ln.startswith("burrow: error:")]
+        return lines[-1] if lines else ""
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, out={self.out[-2000:]!r}, err={self.err[-3000:]!r})"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> CliResult:
+    """Run the real ``burrow`` console script as a subprocess."""
+    full_env = os.environ.copy()
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [BURROW, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(REPO)
+    )
+    return CliResult(proc)
+
+
+@pytest.fixture
+def cli():  # noqa: ANN201
+    return run_cli
