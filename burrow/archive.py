@@ -83,6 +83,14 @@ class BodyDecryptor(Protocol):
         ...
 
 
+class DecryptorFactory(Protocol):
+    """A keyring: builds the BodyDecryptor of one archive from its header (see tasks/encrypt.py)."""
+
+    def bind_header(self, params: Any, label: str) -> BodyDecryptor:
+        """Return the archive's decryptor; raise KeyMismatch when no held key opens it."""
+        ...
+
+
 class _HashingWriter(io.RawIOBase):
     """Counts and hashes bytes on their way to ``sink`` (never closes it)."""
 
@@ -266,6 +274,8 @@ class ArchiveReader:
             self.manifest_offset, mframe_len = int(moff_s, 16), int(mlen_s, 16)
         except ValueError:
             raise ArchiveError(f"{label} has a corrupt footer") from None
+        if fdata != FOOTER_PREFIX + b"%016x %016x\n" % (self.manifest_offset, mframe_len):
+            raise ArchiveError(f"{label} has a corrupt footer")
         if self.manifest_offset < self.body_start or self.manifest_offset + mframe_len != self.size - FOOTER_LEN:
             raise ArchiveError(f"{label} is truncated or has a corrupt footer")
         f.seek(self.manifest_offset)
@@ -281,7 +291,11 @@ class ArchiveReader:
         if not isinstance(self.manifest, dict):
             raise ArchiveError(f"{label} has a corrupt manifest")
         self._check_version(self.manifest, "manifest")
+        if mdata != b"\n" + canonical_json(self.manifest) + b"\n":
+            # Writers emit canonical JSON only, so any edit that still parses is caught here.
+            raise ArchiveError(f"{label} has a corrupt manifest (not in canonical form: edited?)")
         self.body_length = self.manifest_offset - self.body_start
+        self._bound: tuple[Any, BodyDecryptor] | None = None
 
     def _check_version(self, obj: Any, what: str) -> None:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
@@ -297,24 +311,25 @@ class ArchiveReader:
     def encrypted(self) -> bool:
         return bool(self.header.get("encryption"))
 
-    def check_metadata(self, decryptor: BodyDecryptor | None = None) -> None:
-        """Check what can be checked without reading the body."""
+    def _decryptor(self, decryptor: BodyDecryptor | DecryptorFactory | None) -> BodyDecryptor | None:
+        """Bind a keyring to this archive's header (once); plain decryptors pass through."""
+        bind = getattr(decryptor, "bind_header", None)
+        if decryptor is None or bind is None or not self.encrypted:
+            return decryptor  # type: ignore[return-value]
+        if self._bound is None or self._bound[0] is not decryptor:
+            self._bound = (decryptor, bind(self.header.get("encryption"), self.label))
+        return self._bound[1]
+
+    def _check_unkeyed(self) -> None:
+        """The checks that need no key: header hash, body length, encryption flags agree."""
         m = self.manifest
         try:
             expected_header = m["header_sha256"]
             body_bytes = int(m["body_bytes"])
         except (KeyError, TypeError, ValueError):
             raise ArchiveError(f"{self.label} has an incomplete manifest") from None
-        if self.encrypted:
-            if decryptor is None:
-                raise ArchiveError(f"{self.label} is encrypted; pass a key to read it")
-            tag = m.get("manifest_mac")
-            if not isinstance(tag, str):
-                raise ArchiveError(f"{self.label} is encrypted but its manifest carries no authentication tag")
-            unsealed = {k: v for k, v in m.items() if k != "manifest_mac"}
-            decryptor.check_manifest(canonical_json(unsealed), tag)
-        elif m.get("encrypted"):
-            raise ArchiveError(f"{self.label}: manifest says encrypted but header has no encryption (tampered)")
+        if bool(m.get("encrypted")) != self.encrypted:
+            raise ArchiveError(f"{self.label}: manifest and header disagree about encryption (tampered)")
         if hashlib.sha256(self.header_bytes).hexdigest() != expected_header:
             raise ArchiveError(f"{self.label} header does not match its manifest (corrupt or tampered)")
         if body_bytes != self.body_length:
@@ -322,7 +337,37 @@ class ArchiveReader:
                 f"{self.label} body is {self.body_length} bytes but the manifest says {body_bytes} (corrupt or truncated)"
             )
 
-    def iter_content(self, decryptor: BodyDecryptor | None = None) -> Iterator[bytes]:
+    def check_metadata(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> None:
+        """Check what can be checked without reading the body (the manifest MAC included)."""
+        self._check_unkeyed()
+        m = self.manifest
+        if self.encrypted:
+            if decryptor is None:
+                raise ArchiveError(f"{self.label} is encrypted; pass a key to read it")
+            tag = m.get("manifest_mac")
+            if not isinstance(tag, str):
+                raise ArchiveError(f"{self.label} is encrypted but its manifest carries no authentication tag")
+            unsealed = {k: v for k, v in m.items() if k != "manifest_mac"}
+            bound = self._decryptor(decryptor)
+            assert bound is not None
+            bound.check_manifest(canonical_json(unsealed), tag)
+
+    def check_stored(self) -> None:
+        """Keyless integrity check of the stored bytes: header hash, body length and body SHA-256.
+
+        For an encrypted archive this is all a holder of public keys only can check: the
+        manifest is not authenticated and nothing is decrypted.
+        """
+        self._check_unkeyed()
+        self.f.seek(self.body_start)
+        body = _BoundedHashingReader(self.f, self.body_length)
+        buf = bytearray(READ_CHUNK)
+        while body.readinto(buf):
+            pass
+        if body.sha.hexdigest() != self.manifest.get("body_sha256"):
+            raise ArchiveError(f"{self.label} body checksum mismatch (corrupt or tampered)")
+
+    def iter_content(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> Iterator[bytes]:
         """Yield the decompressed record stream in chunks, checking every checksum.
 
         The final checks (body and content SHA-256, byte counts) run when the stream is
@@ -333,8 +378,9 @@ class ArchiveReader:
         body = _BoundedHashingReader(self.f, self.body_length)
         source: Any = io.BufferedReader(body, buffer_size=READ_CHUNK)
         if self.encrypted:
-            assert decryptor is not None
-            source = decryptor.wrap_reader(source)
+            bound = self._decryptor(decryptor)
+            assert bound is not None
+            source = bound.wrap_reader(source)
         dctx = zstandard.ZstdDecompressor()
         content_sha = hashlib.sha256()
         content_bytes = 0
@@ -358,7 +404,7 @@ class ArchiveReader:
         if content_bytes != m.get("content_bytes") or content_sha.hexdigest() != m.get("content_sha256"):
             raise ArchiveError(f"{self.label} content checksum mismatch (corrupt or tampered)")
 
-    def records(self, decryptor: BodyDecryptor | None = None) -> Iterator[Record]:
+    def records(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> Iterator[Record]:
         """Yield every record; the checksums are checked when the stream ends."""
         pending = b""
         count = 0
@@ -376,7 +422,7 @@ class ArchiveReader:
                 f"{self.label} holds {count} records but the manifest says {self.manifest.get('keys')} (corrupt)"
             )
 
-    def validate(self, decryptor: BodyDecryptor | None = None) -> int:
+    def validate(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> int:
         """Read the whole archive and check everything; return the record count."""
         n = 0
         for _ in self.records(decryptor):
