@@ -1,0 +1,65 @@
+"""The prune flow: apply a retention policy to a store."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from burrow import naming, report
+from burrow.catalog import describe_archives
+from burrow.errors import BurrowError
+from burrow.resolve import store_from_ref
+from burrow.runlog import logger
+from tasks.retention import delete_archive, select_expired
+
+
+def _run_name() -> str:
+    return f"prune-{naming.slug(str(flow_run.parameters.get('store', 'store')))}-{naming.stamp()}"
+
+
+@flow(name="prune", flow_run_name=_run_name, persist_result=False)
+def prune(
+    store: str,
+    keep_last: int = 24,
+    max_age_days: float | None = None,
+    source: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Delete archives beyond the newest ``keep_last`` per source (and older than
+    ``max_age_days`` when given). Returns the run summary."""
+    log = logger()
+    started = time.monotonic()
+    summary: dict[str, Any] = {"status": "failed", "store": store, "dry_run": dry_run}
+    deleted: list[str] = []
+    unreadable: list[str] = []
+    try:
+        st = store_from_ref(store)
+        rows = describe_archives(st)
+        unreadable = [r["url"] for r in rows if r.get("error")]
+        for url in unreadable:
+            log.warning("prune: %s has an unreadable manifest and is left alone", url)
+        expired = select_expired(rows, keep_last=keep_last, max_age_days=max_age_days, source=source)
+        for row in expired:
+            if not dry_run:
+                delete_archive(st, row["name"])
+            deleted.append(row["url"])
+        summary.update(
+            status="ok", archives=len(rows), deleted=len(deleted), kept=len(rows) - len(deleted),
+            keep_last=keep_last, max_age_days=max_age_days, unreadable=len(unreadable),
+        )
+        return summary
+    except BurrowError as exc:
+        summary["error"] = str(exc)
+        raise
+    finally:
+        summary["duration_s"] = round(time.monotonic() - started, 3)
+        summary["deleted_urls"] = deleted
+        report.publish(
+            f"prune-{naming.slug(store)}",
+            f"Burrow prune of {store}: {summary['status']}",
+            {k: v for k, v in summary.items() if k != "deleted_urls"},
+            {("Would delete" if dry_run else "Deleted"): deleted, "Unreadable (kept)": unreadable},
+        )
