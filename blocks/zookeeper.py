@@ -227,11 +227,11 @@ class ZooKeeperSession:
     def prepare(self, record: Record, source_service: str) -> tuple[Record, list[str]]:
         dropped: list[str] = []
         acl_meta = record.meta.get("acl") if source_service == "zookeeper" else None
-        if acl_meta:
-            usable = [e for e in acl_meta if not _is_redacted(e)]
-            if len(usable) != len(acl_meta):
-                dropped.append("acl (redacted by the source)")
-            acl_meta = usable
+        if acl_meta and any(_is_redacted(e) for e in acl_meta):
+            # Keeping only the readable entries could leave a node nobody may write or
+            # administer: the whole ACL gives way to the target's default ACL.
+            dropped.append("acl (redacted by the source)")
+            acl_meta = None
         if source_service != "zookeeper":
             dropped.extend(_foreign_meta(record.meta))
         return Record(record.key, record.value, {"acl": acl_meta or None}), dropped
