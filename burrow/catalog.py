@@ -45,6 +45,11 @@ def describe_archives(store: ArchiveStore) -> list[dict[str, Any]]:
             with open_archive(info.url) as reader:
                 m = reader.manifest
                 row.update({k: m.get(k) for k in SUMMARY_FIELDS})
+                if reader.encrypted:
+                    from tasks.encrypt import encryption_summary
+
+                    enc = encryption_summary(reader.header.get("encryption"))
+                    row.update(encryption_mode=enc.get("mode"), fingerprints=enc.get("fingerprints", []))
         except ArchiveError as exc:
             row["error"] = str(exc)
         rows.append(row)

@@ -22,6 +22,59 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _add_write_keys(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "encryption (one of; default from BURROW_KEY_FILE, BURROW_KEY, BURROW_RECIPIENTS, "
+        "BURROW_PASSPHRASE_ENV or BURROW_KEY_BLOCK)"
+    )
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--key-file", metavar="PATH", help="encrypt with the symmetric key in this file (burrow keygen)")
+    x.add_argument("--key-env", metavar="VAR", help="encrypt with the symmetric key held in environment variable VAR")
+    x.add_argument(
+        "--recipient", action="append", default=[], metavar="PUBKEY_OR_FILE",
+        help="encrypt to this X25519 public key (or file of them); repeat for several recipients",
+    )
+    x.add_argument("--passphrase-env", metavar="VAR", help="encrypt with the passphrase held in environment variable VAR")
+    x.add_argument("--key-block", metavar="NAME", help="use a saved EncryptionKeys block")
+    x.add_argument("--no-encryption", action="store_true", help="write the archive unencrypted (explicit opt-out)")
+
+
+def _add_read_keys(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "decryption (default from BURROW_KEY_FILE, BURROW_KEY, BURROW_IDENTITY_FILE, BURROW_PASSPHRASE_ENV "
+        "or BURROW_KEY_BLOCK; retired keys from BURROW_KEYRING)"
+    )
+    g.add_argument("--key-file", action="append", default=[], metavar="PATH", help="a symmetric key file (repeatable)")
+    g.add_argument(
+        "--identity", action="append", default=[], metavar="PRIVATE_KEY_FILE",
+        help="an X25519 private key file (repeatable)",
+    )
+    g.add_argument("--passphrase-env", metavar="VAR", help="the passphrase is in environment variable VAR")
+    g.add_argument("--key-env", metavar="VAR", help="a symmetric key is in environment variable VAR")
+    g.add_argument("--key-block", metavar="NAME", help="a saved EncryptionKeys block")
+
+
+def _read_refs(args: argparse.Namespace) -> dict[str, Any]:
+    """Key references as flow parameters (paths and names only, never key material)."""
+    return {
+        "key_files": [os.path.abspath(os.path.expanduser(f)) for f in args.key_file] or None,
+        "identity_files": [os.path.abspath(os.path.expanduser(f)) for f in args.identity] or None,
+        "passphrase_env": args.passphrase_env,
+        "key_env": args.key_env,
+        "key_block": args.key_block,
+    }
+
+
+def _keyring(refs: dict[str, Any]) -> Any:
+    from burrow.keys import KeyRefs, resolve_keyring
+    from tasks.encrypt import ArchiveKeys
+
+    return ArchiveKeys(resolve_keyring(KeyRefs(
+        key_files=refs["key_files"] or [], identity_files=refs["identity_files"] or [],
+        passphrase_env=refs["passphrase_env"], key_env=refs["key_env"], block=refs["key_block"],
+    )))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="burrow", description="Backup, verify and safe restore for ZooKeeper, etcd v3 and Consul KV.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -32,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name", help="source name recorded in the manifest and catalog")
     b.add_argument("--root", default="/", help="back up only below this path (default: /)")
     b.add_argument("--level", type=int, default=3, help="zstd compression level, 1-22 (default 3)")
+    _add_write_keys(b)
 
     r = sub.add_parser("restore", help="create the archived keys that are missing in a cluster")
     r.add_argument("archive", help="the archive URL that backup printed")
@@ -39,9 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     r.add_argument("--subtree", help="restore only this path and below")
     r.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
+    _add_read_keys(r)
 
     v = sub.add_parser("verify", help="re-read an archive and check manifest, checksums and counts")
     v.add_argument("archive")
+    v.add_argument(
+        "--structure-only", action="store_true",
+        help="check framing, sizes and the body SHA-256 without a key (nothing decrypted or authenticated)",
+    )
+    _add_read_keys(v)
 
     ls = sub.add_parser("list", help="list the complete archives in a store")
     ls.add_argument("store")
@@ -51,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("archive")
     i.add_argument("--json", action="store_true")
     i.add_argument("--keys", action="store_true", help="also list every key path")
+    _add_read_keys(i)
+
+    k = sub.add_parser("keygen", help="create a symmetric key, or an X25519 key pair with --x25519")
+    k.add_argument("--out", required=True, metavar="PATH", help="the new key file (created 0600; never overwritten)")
+    k.add_argument("--x25519", action="store_true", help="make an X25519 key pair; the public key goes to PATH.pub")
 
     d = sub.add_parser("dump", help="print a live tree on screen, values shown safely")
     d.add_argument("source")
@@ -80,9 +145,25 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 22:
         raise UsageError("--level must be between 1 and 22")
     store_from_ref(args.store).check(writable=True)
+    from burrow.keys import KeyRefs, backup_write_keys
+
+    def absolute(p: str) -> str:
+        return os.path.abspath(os.path.expanduser(p))
+
+    recipients = [r if r.startswith("burrow-x25519:") else absolute(r) for r in args.recipient]
+    key_file = absolute(args.key_file) if args.key_file else None
+    # Usage errors (no key, a missing key file, two modes) before a flow starts.
+    backup_write_keys(not args.no_encryption, KeyRefs(
+        key_files=[key_file] if key_file else [], key_env=args.key_env, recipients=recipients,
+        passphrase_env=args.passphrase_env, block=args.key_block,
+    ))
     from flows.backup import backup
 
-    summary = backup(source=ref, store=args.store, name=args.name, root=args.root, compression_level=args.level)
+    summary = backup(
+        source=ref, store=args.store, name=args.name, root=args.root, compression_level=args.level,
+        encryption=not args.no_encryption, key_file=key_file, key_env=args.key_env,
+        recipients=recipients or None, passphrase_env=args.passphrase_env, key_block=args.key_block,
+    )
     _print_summary(summary, skip=("url", "status"))
     print(summary["url"])
     return EXIT_OK
@@ -95,9 +176,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     KeyMapper(args.subtree, args.map)  # usage errors before a flow starts
     archive_from_ref(args.archive)
     ref = secure_source_ref(args.into)
+    refs = _read_refs(args)
+    _keyring(refs)  # a missing or malformed key file is a usage error before a flow starts
     from flows.restore import restore
 
-    summary = restore(archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None)
+    summary = restore(
+        archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None, **refs
+    )
     if args.dry_run:
         print(f"dry run: nothing was written to {summary['target']}")
         for p in summary.get("planned_paths", []):
@@ -124,10 +209,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from burrow.resolve import archive_from_ref
 
     archive_from_ref(args.archive)
+    refs = _read_refs(args)
+    if not args.structure_only:
+        _keyring(refs)
     from flows.verify import verify
 
-    summary = verify(archive=args.archive)
-    print(f"ok: {summary['url']}: {summary['keys']} keys, content sha256 {summary['content_sha256']}")
+    summary = verify(archive=args.archive, structure_only=args.structure_only, **refs)
+    if args.structure_only:
+        print(
+            f"ok (structure only: nothing decrypted, manifest not authenticated): {summary['url']}: "
+            f"body sha256 and sizes match"
+        )
+        return EXIT_OK
+    enc = f", decrypted with {summary['decrypted_with']}" if summary.get("decrypted_with") else ""
+    print(f"ok: {summary['url']}: {summary['keys']} keys, content sha256 {summary['content_sha256']}{enc}")
     return EXIT_OK
 
 
@@ -141,7 +236,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for r in rows:
-        enc = "encrypted" if r.get("encrypted") else "plain"
+        enc = "plain"
+        if r.get("encrypted"):
+            fps = ",".join(fp[:16] for fp in r.get("fingerprints") or [])
+            enc = f"encrypted({r.get('encryption_mode', '?')}{':' + fps if fps else ''})"
         print(
             f"{r['url']}  {r['size']:>12} B  {r['modified']}  {r.get('service', '?')}  "
             f"{r.get('source', '?')}  keys={r.get('keys', '?')}  {enc}"
@@ -152,19 +250,31 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from burrow.catalog import open_archive
     from burrow.records import display_key
+    from tasks.encrypt import encryption_summary
 
+    refs = _read_refs(args)
+    keys = _keyring(refs)
     with open_archive(args.archive) as reader:
         info = dict(reader.manifest)
         info["stored_bytes"] = reader.size
+        info["encryption"] = encryption_summary(reader.header.get("encryption"))
+        if reader.encrypted:
+            if keys.keyring:
+                reader.check_metadata(keys)  # raises unless a key opens it and the manifest MAC holds
+                info["authenticated"] = f"yes (opened with {keys.opened_by})"
+            else:
+                info["authenticated"] = "no: no key given, so this manifest is unauthenticated"
+                if args.keys:
+                    raise UsageError("--keys needs the archive's key (--key-file, --identity or --passphrase-env)")
         if args.json:
             if args.keys:
-                info["key_list"] = [display_key(r.key) for r in reader.records()]
+                info["key_list"] = [display_key(r.key) for r in reader.records(keys)]
             print(json.dumps(info, indent=2, sort_keys=True))
             return EXIT_OK
         for k in sorted(info):
             print(f"{k}: {info[k]}")
         if args.keys:
-            for r in reader.records():
+            for r in reader.records(keys):
                 print(display_key(r.key))
     return EXIT_OK
 
@@ -191,7 +301,25 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from burrow.keys import keygen
+
+    out = Path(args.out).expanduser()
+    facts = keygen(out, x25519=args.x25519)
+    if facts["type"] == "x25519":
+        print(f"wrote private key {out} (mode 0600) and public key {facts['public_file']}", file=sys.stderr)
+        print(f"fingerprint: {facts['fingerprint']}")
+        print(f"public key: {facts['public_key']}")
+    else:
+        print(f"wrote symmetric key {out} (mode 0600); keep it secret and back it up", file=sys.stderr)
+        print(f"fingerprint: {facts['fingerprint']}")
+    return EXIT_OK
+
+
 COMMANDS = {
+    "keygen": cmd_keygen,
     "backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "list": cmd_list,
     "inspect": cmd_inspect, "dump": cmd_dump,
 }

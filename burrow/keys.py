@@ -588,6 +588,25 @@ def resolve_write_keys(refs: KeyRefs) -> WriteKeys | None:
     return _write_keys_from(KeyRefs.from_env(writing=True), "the BURROW_* environment")
 
 
+NO_KEY_MESSAGE = (
+    "no encryption key is configured, so Burrow refuses to write the archive: pass --key-file PATH, "
+    "--recipient PUBKEY or --passphrase-env VAR (or set BURROW_KEY_FILE, BURROW_RECIPIENTS, "
+    "BURROW_PASSPHRASE_ENV or BURROW_KEY_BLOCK), or --no-encryption to write it unencrypted on purpose"
+)
+
+
+def backup_write_keys(encryption: bool, refs: KeyRefs) -> WriteKeys | None:
+    """The keys a backup must encrypt to; None only when encryption was turned off explicitly."""
+    if not encryption:
+        if refs.any():
+            raise UsageError("--no-encryption cannot be combined with a key, recipient, passphrase or key block")
+        return None
+    keys = resolve_write_keys(refs)
+    if keys is None:
+        raise UsageError(NO_KEY_MESSAGE)
+    return keys
+
+
 def resolve_keyring(refs: KeyRefs) -> Keyring:
     """The keys a reader holds: the explicit references (else the BURROW_* environment), plus
     the retired keys of $BURROW_KEYRING."""

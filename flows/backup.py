@@ -11,13 +11,15 @@ from prefect.runtime import flow_run
 
 from burrow import naming, report
 from burrow.errors import BurrowError
+from burrow.keys import KeyRefs, backup_write_keys
 from burrow.resolve import source_from_ref, store_from_ref
 from burrow.runlog import logger
 from burrow.staging import staging_dir
 from tasks.compress import compress
+from tasks.encrypt import ArchiveKeys, StreamEncryptor
 from tasks.extract import extract
 from tasks.upload import upload
-from tasks.verify import verify
+from tasks.verify import verify, verify_structure_task
 
 
 def _run_name() -> str:
@@ -35,8 +37,21 @@ def backup(
     name: str | None = None,
     root: str = "/",
     compression_level: int = 3,
+    encryption: bool = True,
+    key_file: str | None = None,
+    key_env: str | None = None,
+    recipients: list[str] | None = None,
+    passphrase_env: str | None = None,
+    key_block: str | None = None,
 ) -> dict[str, Any]:
     """Back up ``source`` (a URL without credentials, or a saved block's name) into ``store``.
+
+    The archive is encrypted to the key named by ``key_file`` (a path), ``key_env`` (the
+    name of an environment variable holding a key), ``recipients`` (public keys or files of
+    them), ``passphrase_env`` (the name of the variable holding a passphrase) or ``key_block``
+    (a saved EncryptionKeys block), else to what the BURROW_* environment configures. With
+    none, the run refuses to write anything unless ``encryption`` is False. Parameters are
+    references only: key material is read inside the run and never recorded.
 
     Returns the run summary; its ``url`` is the archive's location.
     """
@@ -49,14 +64,40 @@ def backup(
         dst.check(writable=True)  # fail before touching the cluster
         source_name = naming.check_source_name(name or source)
         summary.update(service=src.service, source=source_name, source_url=src.describe(), store=dst.describe())
+        refs = KeyRefs(
+            key_files=[key_file] if key_file else [], key_env=key_env, recipients=list(recipients or []),
+            passphrase_env=passphrase_env, block=key_block,
+        )
+        write_keys = backup_write_keys(encryption, refs)  # refuses before touching the cluster
+        encryptor = StreamEncryptor(write_keys) if write_keys else None
+        if write_keys is None:
+            log.warning("encryption is turned off: this archive is written unencrypted")
+            summary.update(encrypted=False)
+        else:
+            log.info("encrypting for %s key(s) %s", write_keys.mode, ", ".join(write_keys.fingerprints()) or "-")
+            summary.update(encrypted=True, encryption=write_keys.mode, key_fingerprints=write_keys.fingerprints())
         archive = naming.archive_name(source_name)
         with staging_dir() as work:
             ex = extract(src, root, str(work))
-            comp = compress(ex, str(work / "archive.burrow"), source_name, compression_level)
+            comp = compress(
+                ex, str(work / "archive.burrow"), source_name, compression_level, encryptor,
+                {"encryption": encryptor.summary()} if encryptor else None,
+            )
             Path(ex.spool).unlink(missing_ok=True)
             info = upload(dst, comp.path, archive)
             try:
-                verified = verify(dst, archive, str(work))
+                if write_keys is not None and not write_keys.can_decrypt():
+                    # Public keys only: this worker cannot decrypt what it wrote (by design).
+                    verified = verify_structure_task(dst, archive, str(work))
+                    summary["verified"] = "structure-only"
+                    summary["verified_note"] = (
+                        "public-key recipients: framing, header, sizes and body SHA-256 checked; "
+                        "nothing decrypted, manifest not authenticated"
+                    )
+                else:
+                    keys = ArchiveKeys(write_keys.keyring()) if write_keys else None
+                    verified = verify(dst, archive, str(work), keys)
+                    summary["verified"] = "full"
             except BurrowError:
                 log.error("verify failed: removing %s so it is never mistaken for a good backup", info.url)
                 dst.delete(archive)

@@ -10,9 +10,11 @@ from prefect.runtime import flow_run
 
 from burrow import naming, report
 from burrow.errors import BurrowError
+from burrow.keys import KeyRefs, resolve_keyring
 from burrow.resolve import archive_from_ref, source_from_ref
 from burrow.staging import staging_dir
 from tasks.download import download
+from tasks.encrypt import ArchiveKeys
 from tasks.plan import plan as plan_task
 from tasks.replay import replay
 from tasks.validate import validate
@@ -32,8 +34,19 @@ def restore(
     dry_run: bool = False,
     subtree: str | None = None,
     maps: list[str] | None = None,
+    key_files: list[str] | None = None,
+    identity_files: list[str] | None = None,
+    passphrase_env: str | None = None,
+    key_env: str | None = None,
+    key_block: str | None = None,
 ) -> dict[str, Any]:
     """Restore ``archive`` into the cluster ``into``, creating only missing keys.
+
+    An encrypted archive is opened with the keys named by ``key_files``/``identity_files``
+    (paths), ``passphrase_env``/``key_env`` (environment variable names) or ``key_block``
+    (a saved EncryptionKeys block), else by the BURROW_* environment, plus the retired keys
+    of $BURROW_KEYRING. Every check (key, manifest MAC, every chunk, checksums, counts)
+    passes before anything is written to the cluster.
 
     Returns the run summary; ``conflicts`` > 0 means existing keys differed and were kept.
     """
@@ -44,14 +57,20 @@ def restore(
         store, name = archive_from_ref(archive)
         target = source_from_ref(into)
         summary.update(target=target.describe(), target_service=target.service)
+        keys = ArchiveKeys(resolve_keyring(KeyRefs(
+            key_files=list(key_files or []), identity_files=list(identity_files or []),
+            passphrase_env=passphrase_env, key_env=key_env, block=key_block,
+        )))
         with staging_dir() as work:
             local = download(store, name, str(work))
-            manifest = validate(local, label=store.url(name))
+            manifest = validate(local, keys, label=store.url(name))
+            if keys.opened_by:
+                summary["decrypted_with"] = keys.opened_by
             summary.update(
                 service=manifest["service"], source=manifest.get("source"), archive_keys=manifest["keys"],
                 content_sha256=manifest["content_sha256"],
             )
-            p = plan_task(local, target, str(work), subtree=subtree, maps=maps)
+            p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
             summary.update(
                 planned_create=p.to_create, planned_intermediate=p.intermediate, identical=p.identical,
                 conflicts=p.conflicts, outside_subtree=p.outside_subtree,

@@ -10,9 +10,12 @@ from prefect.runtime import flow_run
 
 from burrow import naming, report
 from burrow.errors import BurrowError
+from burrow.keys import KeyRefs, resolve_keyring
 from burrow.resolve import archive_from_ref
 from burrow.staging import staging_dir
+from tasks.encrypt import ArchiveKeys
 from tasks.verify import verify as verify_task
+from tasks.verify import verify_structure_task
 
 
 def _run_name() -> str:
@@ -21,15 +24,38 @@ def _run_name() -> str:
 
 
 @flow(name="verify", flow_run_name=_run_name, persist_result=False)
-def verify(archive: str) -> dict[str, Any]:
-    """Download ``archive`` and check it end to end. Returns the manifest summary."""
+def verify(
+    archive: str,
+    key_files: list[str] | None = None,
+    identity_files: list[str] | None = None,
+    passphrase_env: str | None = None,
+    key_env: str | None = None,
+    key_block: str | None = None,
+    structure_only: bool = False,
+) -> dict[str, Any]:
+    """Download ``archive`` and check it end to end. Returns the manifest summary.
+
+    Keys are given as references, as for the restore flow. ``structure_only`` checks what
+    needs no key (framing, header hash, sizes, body SHA-256, chunk layout) and decrypts nothing.
+    """
     started = time.monotonic()
     summary: dict[str, Any] = {"status": "failed", "archive": archive}
     try:
         store, name = archive_from_ref(archive)
+        keys = None
+        if not structure_only:
+            keys = ArchiveKeys(resolve_keyring(KeyRefs(
+                key_files=list(key_files or []), identity_files=list(identity_files or []),
+                passphrase_env=passphrase_env, key_env=key_env, block=key_block,
+            )))
         with staging_dir() as work:
-            m = verify_task(store, name, str(work))
+            if structure_only:
+                m = verify_structure_task(store, name, str(work))
+            else:
+                m = verify_task(store, name, str(work), keys)
         summary.update(
+            verified="structure-only" if structure_only else "full",
+            decrypted_with=keys.opened_by if keys else None,
             status="ok",
             url=store.url(name),
             service=m["service"],

@@ -13,7 +13,7 @@ def test_backup_verify_restore_roundtrip(cli, zk_a, zk_b, store):
         c.create(root + "/bin", bytes(range(256)))
         c.create(root + "/empty", b"")
         before = snapshot(c, root)
-    r = cli("backup", f"zk://{zk_a.url}", "--to", str(store), "--root", root)
+    r = cli("backup", f"zk://{zk_a.url}", "--to", str(store), "--root", root, "--no-encryption")
     assert r.code == 0, r
     url = r.last_line
     assert url.startswith("file://") and url.endswith(".burrow")
