@@ -59,8 +59,8 @@ def decode_record(line: bytes) -> Record:
         if "k" in obj:
             key = obj["k"].encode("utf-8")
         else:
-            key = binascii.a2b_base64(obj["k64"])
-        value = binascii.a2b_base64(obj["v"])
+            key = binascii.a2b_base64(obj["k64"], strict_mode=True)
+        value = binascii.a2b_base64(obj["v"], strict_mode=True)
         meta = obj.get("m") or {}
         if not isinstance(meta, dict):
             raise TypeError("metadata is not an object")
