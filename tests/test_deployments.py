@@ -38,7 +38,8 @@ def test_setup_registers_pool_deployments_and_automations():
     assert backup.work_pool_name == "burrow"
     assert backup.schedules and backup.schedules[0].schedule.cron == "7 * * * *"
     assert backup.parameters["source"] == "dc-us"
-    assert by_name["restore"].parameters == {"dry_run": True}
+    assert backup.parameters["key_block"] == "burrow-backup-keys"
+    assert by_name["restore"].parameters == {"dry_run": True, "key_block": "burrow-restore-keys"}
     for d in by_name.values():
         text = repr(d.parameters).lower()
         assert "password" not in text and "token" not in text and "secret" not in text
