@@ -38,3 +38,22 @@ def snapshot(c: KazooClient, root: str) -> dict[str, bytes]:
 
     walk(root)
     return out
+
+
+def full_snapshot(c: KazooClient, root: str) -> dict[str, tuple]:
+    """Like :func:`snapshot`, with each node's ACL and the stat fields a write would change:
+    ``path -> (data, acl, version, aversion, mzxid, mtime, ctime, czxid, ephemeralOwner)``."""
+    out: dict[str, tuple] = {}
+
+    def walk(p: str) -> None:
+        data, stat = c.get(p)
+        acl, _ = c.get_acls(p)
+        out[p] = (
+            data or b"", tuple((a.perms, a.id.scheme, a.id.id) for a in acl), stat.version, stat.aversion,
+            stat.mzxid, stat.mtime, stat.ctime, stat.czxid, stat.ephemeralOwner,
+        )
+        for child in c.get_children(p):
+            walk(("" if p == "/" else p) + "/" + child)
+
+    walk(root)
+    return out
