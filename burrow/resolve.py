@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import SecretStr
 
+from blocks.consul import ConsulCluster
+from blocks.etcd import EtcdCluster
 from blocks.local import LocalStore
 from blocks.source import SourceBlock
 from blocks.store import ArchiveStore
@@ -42,11 +44,74 @@ def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
     return ZooKeeperCluster(**kwargs)
 
 
+_HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
+
+
+def _split_service_url(url: str, what: str) -> tuple[str, list[str], str, dict[str, list[str]]]:
+    """(scheme, host:port list, unquoted path without its leading '/', query) of an etcd/consul URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if "@" in parts.netloc:
+        raise UsageError(
+            f"{scheme}:// URLs never carry credentials; give them in a saved block or the environment "
+            f"(see the README, {what})"
+        )
+    hosts = [h for h in parts.netloc.split(",") if h]
+    if not hosts:
+        raise UsageError(f"a {scheme}:// URL needs at least one host:port")
+    for h in hosts:
+        if not _HOSTPORT.match(h):
+            raise UsageError(f"bad {what} host {h!r} (expected host:port)")
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise UsageError(f"bad query string in a {scheme}:// URL") from None
+    return scheme, hosts, unquote(parts.path), query
+
+
+def _etcd_from_url(url: str) -> EtcdCluster:
+    """``etcd://h:p[,h:p][/prefix]`` (``etcds://`` for TLS). Credentials and TLS files come
+    from the BURROW_ETCD_* environment variables, never from the URL."""
+    scheme, hosts, path, query = _split_service_url(url, "etcd")
+    unknown = set(query) - {"prefix"}
+    if unknown:
+        raise UsageError(f"unknown etcd URL option(s): {', '.join(sorted(unknown))} (known: prefix)")
+    prefix = path.rstrip("/") if path.strip("/") else None
+    if "prefix" in query:
+        if prefix:
+            raise UsageError("give an etcd prefix either as the URL path or as ?prefix=, not both")
+        prefix = query["prefix"][-1] or None
+    return EtcdCluster(endpoints=hosts, prefix=prefix, tls=scheme == "etcds")
+
+
+def _consul_from_url(url: str) -> ConsulCluster:
+    """``consul://h:p[/prefix][?dc=DC]`` (``consuls://`` for HTTPS). The ACL token comes from
+    the block or CONSUL_HTTP_TOKEN, never from the URL."""
+    scheme, hosts, path, query = _split_service_url(url, "Consul")
+    if len(hosts) != 1:
+        raise UsageError("a consul:// URL names one agent (host:port)")
+    unknown = set(query) - {"dc"}
+    if unknown:
+        raise UsageError(f"unknown consul URL option(s): {', '.join(sorted(unknown))} (known: dc)")
+    return ConsulCluster(
+        address=hosts[0],
+        http_scheme="https" if scheme == "consuls" else "http",
+        prefix=path.strip("/") or None,
+        datacenter=(query.get("dc") or [None])[-1] or None,
+    )
+
+
 #: URL scheme -> factory building a source block from a URL (credentials included).
-SOURCE_SCHEMES = {"zk": _zookeeper_from_url}
+SOURCE_SCHEMES = {
+    "zk": _zookeeper_from_url,
+    "etcd": _etcd_from_url,
+    "etcds": _etcd_from_url,
+    "consul": _consul_from_url,
+    "consuls": _consul_from_url,
+}
 
 #: Block classes tried when a source is given by a saved block's name.
-SOURCE_BLOCKS: list[type[SourceBlock]] = [ZooKeeperCluster]
+SOURCE_BLOCKS: list[type[SourceBlock]] = [ZooKeeperCluster, EtcdCluster, ConsulCluster]
 
 
 def scheme_of(ref: str) -> str | None:

@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from burrow import naming, report
-from burrow.errors import BurrowError
+from burrow.errors import BurrowError, UsageError
 from burrow.keys import KeyRefs, backup_write_keys
 from burrow.resolve import source_from_ref, store_from_ref
 from burrow.runlog import logger
@@ -25,7 +25,8 @@ from tasks.verify import verify, verify_structure_task
 def _run_name() -> str:
     params = flow_run.parameters
     ref = str(params.get("source", "source"))
-    tag = "zk" if ref.startswith("zk://") else ref.split("://", 1)[0] if "://" in ref else "block"
+    scheme = ref.split("://", 1)[0].lower() if "://" in ref else ""
+    tag = {"zk": "zk", "etcd": "etcd", "etcds": "etcd", "consul": "consul", "consuls": "consul"}.get(scheme, "block")
     name = params.get("name") or ref
     return f"backup-{tag}-{naming.slug(str(name))}-{naming.stamp()}"
 
@@ -37,6 +38,7 @@ def backup(
     name: str | None = None,
     root: str = "/",
     compression_level: int = 3,
+    include_leased: bool = False,
     encryption: bool = True,
     key_file: str | None = None,
     key_env: str | None = None,
@@ -60,6 +62,10 @@ def backup(
     summary: dict[str, Any] = {"status": "failed", "source": name or source}
     try:
         src = source_from_ref(source)
+        if include_leased:
+            if "include_leased" not in type(src).model_fields:
+                raise UsageError(f"--include-leased applies to etcd sources only, not {src.service}")
+            src = src.model_copy(update={"include_leased": True})
         dst = store_from_ref(store)
         dst.check(writable=True)  # fail before touching the cluster
         source_name = naming.check_source_name(name or source)
@@ -112,6 +118,7 @@ def backup(
             ratio=report.ratio(m["raw_bytes"], info.size),
             content_sha256=m["content_sha256"],
             skipped_ephemeral=m.get("skipped_ephemeral", 0),
+            point_in_time=m.get("point_in_time", False),
             skipped_excluded=m.get("skipped_excluded", 0),
             redacted_acls=m.get("redacted_acls", 0),
             encrypted=m.get("encrypted", False),

@@ -58,7 +58,10 @@ def compress_spool(
             "vanished_during_backup": stats.get("vanished", 0),
             "redacted_acls": stats.get("redacted_acls", 0),
             "warnings": stats.get("warnings", []),
-            "service_info": stats.get("info", {}),
+            "service_info": {k: v for k, v in stats.get("info", {}).items() if k != "point_in_time"},
+            # True when the walk read one consistent state (an etcd revision, a Consul index);
+            # a ZooKeeper walk is not a snapshot.
+            "point_in_time": bool(stats.get("info", {}).get("point_in_time", False)),
         }
         fields.update(extra_manifest or {})
         manifest = writer.finish(fields)

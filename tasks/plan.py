@@ -18,7 +18,7 @@ from blocks.source import SourceBlock, SourceSession
 from burrow import progress
 from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.errors import should_retry
-from burrow.paths import KeyMapper, translate
+from burrow.paths import KeyMapper, folded_folder, translate
 from burrow.records import Record, display_key, encode_record
 from burrow.runlog import logger
 
@@ -86,12 +86,19 @@ class Planner:
         batch_keys = {r.key for r in records}
         items: list[tuple[Record, bool]] = []  # (record, is_intermediate)
         seen_intermediate: set[bytes] = set()
+        seen: set[bytes] = set()
         for r in records:
+            # A record marked intermediate (a folder key folded onto its directory's node)
+            # only needs its key to exist: skip it when the key is already planned or known.
+            marked = bool(r.meta.get("intermediate"))
+            if marked and (r.key in seen or r.key in seen_intermediate or self.known.get(r.key) is not None):
+                continue
             for a in self._ancestors(r.key, batch_keys):
                 if a not in seen_intermediate:
                     seen_intermediate.add(a)
                     items.append((Record(a, b"", {"intermediate": True}), True))
-            items.append((r, False))
+            seen.add(r.key)
+            items.append((r, marked))
         # A key whose parent is known to be missing is missing too: no need to ask.
         need = []
         for r, _ in items:
@@ -153,8 +160,10 @@ def plan_restore(
                     if key is None:
                         plan.outside_subtree += 1
                         continue
-                    key = translate(key, source_service, target.service)
+                    mapped, key = key, translate(key, source_service, target.service)
                     prepared, dropped = session.prepare(Record(key, rec.value, rec.meta), source_service)
+                    if not prepared.value and folded_folder(mapped, key):
+                        prepared.meta["intermediate"] = True
                     for d in dropped:
                         plan.dropped_metadata[d] = plan.dropped_metadata.get(d, 0) + 1
                     batch.append(prepared)

@@ -80,6 +80,42 @@ def zk_b() -> Iterator[LocalServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def etcd_a() -> Iterator[LocalServer]:
+    from burrow.localservers import start_etcd
+
+    server = start_etcd(SESSION_DIR / "etcd-a")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_b() -> Iterator[LocalServer]:
+    from burrow.localservers import start_etcd
+
+    server = start_etcd(SESSION_DIR / "etcd-b")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def consul_a() -> Iterator[LocalServer]:
+    from burrow.localservers import start_consul
+
+    server = start_consul(SESSION_DIR / "consul-a")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def consul_b() -> Iterator[LocalServer]:
+    from burrow.localservers import start_consul
+
+    server = start_consul(SESSION_DIR / "consul-b")
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     d = tmp_path / "store"

@@ -1,0 +1,559 @@
+"""etcd v3 as a source and restore target, through gRPC.
+
+The client is grpcio with the generated etcd v3 stubs shipped by ``aetcd`` (``aetcd.rpc``),
+on a synchronous channel we build ourselves: that gives Range with ``limit`` and
+``revision``, TLS and message-size options, which aetcd's high-level API lacks. See
+docs/etcd-client.md for why (with numbers).
+
+* Backup is point-in-time: the first Range page is read at the current revision R, every
+  later page at R, so the archive is exactly the keyspace at R while writers run. Page
+  sizes adapt to the bytes a page returned so a response stays far below the gRPC
+  receive limit, even with 1 MiB values.
+* Leased keys are skipped and counted, or with ``include_leased`` kept with their
+  remaining TTL; a restore gives them a fresh lease with that TTL.
+* Restore writes txn batches (at most ``txn_ops`` puts) guarded by ``version == 0`` on
+  every key. When a batch fails, its failure branch tells which keys exist; the others
+  are then created one guarded txn each, so nothing is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import grpc
+from aetcd import rpc
+from pydantic import Field, SecretStr
+
+from blocks.source import SourceBlock, WalkStats
+from burrow.errors import AuthError, BurrowError, SourceError, SourceUnavailable, UsageError
+from burrow.paths import foreign_metadata
+from burrow.records import Record, display_key
+
+#: Environment variables read when the block leaves the setting empty.
+ENV_USER = "BURROW_ETCD_USER"
+ENV_PASSWORD = "BURROW_ETCD_PASSWORD"
+ENV_CACERT = "BURROW_ETCD_CACERT"
+ENV_CERT = "BURROW_ETCD_CERT"
+ENV_KEY = "BURROW_ETCD_KEY"
+
+_TRANSIENT_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+}
+_TLS_MARKERS = ("ssl", "handshake", "certificate", "tsi_", "x509", "tls")
+_AUTH_MARKERS = ("authentication failed", "user name is empty", "permission denied", "invalid auth token",
+                 "auth: ", "not capable")
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with ``prefix`` (etcd's range_end)."""
+    b = bytearray(prefix)
+    for i in range(len(b) - 1, -1, -1):
+        if b[i] < 0xFF:
+            b[i] += 1
+            return bytes(b[: i + 1])
+    return b"\0"
+
+
+def _normalize_prefix(prefix: str | None) -> bytes:
+    if not prefix or prefix.strip("/") == "":
+        return b""
+    return prefix.rstrip("/").encode("utf-8")
+
+
+def _pem_or_file(value: str | None, what: str) -> bytes | None:
+    """PEM text as given, or the contents of the file it names."""
+    if not value:
+        return None
+    if "-----BEGIN" in value:
+        return value.encode("utf-8")
+    try:
+        return Path(value).expanduser().read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the etcd TLS {what} file {value}: {exc.strerror or type(exc).__name__}") from None
+
+
+class EtcdCluster(SourceBlock):
+    """An etcd v3 cluster: endpoints, TLS, user/password, optional key prefix."""
+
+    _block_type_name: ClassVar[str] = "Burrow etcd Cluster"
+    _block_type_slug: ClassVar[str] = "burrow-etcd-cluster"
+    _description: ClassVar[str] = "An etcd v3 cluster Burrow backs up from and restores into."
+    service: ClassVar[str] = "etcd"
+    scheme: ClassVar[str] = "etcd"
+
+    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], description="host:port of each member")
+    prefix: str | None = Field(
+        default=None, description="Work below this key prefix only (like a chroot; keys are stored relative to it)"
+    )
+    tls: bool = Field(default=False, description="Use TLS (implied by a CA, client cert or client key)")
+    ca_cert: str | None = Field(default=None, description="CA bundle: a file path or PEM text")
+    client_cert: str | None = Field(default=None, description="Client certificate: a file path or PEM text")
+    client_key: SecretStr | None = Field(default=None, description="Client private key: a file path or PEM text")
+    tls_server_name: str | None = Field(default=None, description="Expected server name in its certificate")
+    user: str | None = Field(default=None, description="etcd user (auth enabled clusters)")
+    password: SecretStr | None = Field(default=None, description="Password of the etcd user")
+    connect_timeout: float = Field(default=10.0, description="Seconds to wait for a member to answer")
+    request_timeout: float = Field(default=120.0, description="Seconds one request may take")
+    page_size: int = Field(default=10_000, description="Most keys per Range page")
+    page_bytes: int = Field(default=4 * 1024 * 1024, description="Target bytes per Range page")
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, description="gRPC send/receive message limit")
+    include_leased: bool = Field(default=False, description="Back up leased keys with their remaining TTL")
+    txn_ops: int = Field(default=128, description="Puts per restore txn (etcd --max-txn-ops, default 128)")
+    txn_bytes: int = Field(default=1024 * 1024, description="Payload bytes per restore txn")
+    window: int = Field(default=8, description="Requests in flight at once on restore and lookup")
+
+    def uses_tls(self) -> bool:
+        return bool(self.tls or self.ca_cert or self.client_cert or self.client_key)
+
+    def describe(self) -> str:
+        scheme = "etcds" if self.uses_tls() else "etcd"
+        base = f"{scheme}://{','.join(self.endpoints)}"
+        p = _normalize_prefix(self.prefix).decode("utf-8")
+        if not p:
+            return base
+        if p.startswith("/"):
+            return base + quote(p, safe="/")
+        return base + "?prefix=" + quote(p, safe="/")
+
+    def connect(self) -> EtcdSession:
+        return EtcdSession(self)
+
+
+class EtcdSession:
+    """An open gRPC channel to one etcd member plus the batched operations Burrow needs."""
+
+    service = "etcd"
+
+    def __init__(self, block: EtcdCluster) -> None:
+        self.block = block
+        self.label = block.describe()
+        self.prefix = _normalize_prefix(block.prefix)
+        self.timeout = block.request_timeout
+        self.user = block.user or os.environ.get(ENV_USER) or None
+        if block.password is not None:
+            self._password = block.password.get_secret_value()
+        else:
+            self._password = os.environ.get(ENV_PASSWORD, "")
+        self._token: str | None = None
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+        self._auth_lock = threading.Lock()
+        self._leases: dict[int, int] = {}  # archived lease id -> lease granted on this target
+        self._lease_lock = threading.Lock()
+        creds = self._credentials()
+        self.channel, self.endpoint = self._open(creds)
+        self.kv = rpc.KVStub(self.channel)
+        self.leases = rpc.LeaseStub(self.channel)
+        self.auth = rpc.AuthStub(self.channel)
+        if self.user:
+            try:
+                self._authenticate()
+            except BaseException:
+                self.channel.close()
+                raise
+
+    # -- connection ---------------------------------------------------------------------
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        b = self.block
+        ca = b.ca_cert or os.environ.get(ENV_CACERT)
+        cert = b.client_cert or os.environ.get(ENV_CERT)
+        key = b.client_key.get_secret_value() if b.client_key else os.environ.get(ENV_KEY)
+        if not (b.uses_tls() or ca or cert or key):
+            return None
+        if bool(cert) != bool(key):
+            raise UsageError("etcd TLS needs both a client certificate and a client key, or neither")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem_or_file(ca, "CA"),
+            private_key=_pem_or_file(key, "client key"),
+            certificate_chain=_pem_or_file(cert, "client certificate"),
+        )
+
+    def _open(self, creds: grpc.ChannelCredentials | None) -> tuple[grpc.Channel, str]:
+        b = self.block
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", b.max_message_bytes),
+            ("grpc.max_send_message_length", b.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+        if b.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", b.tls_server_name))
+        if not b.endpoints:
+            raise UsageError("an etcd cluster needs at least one endpoint")
+        failures: list[str] = []
+        for endpoint in b.endpoints:
+            if creds is not None:
+                channel = grpc.secure_channel(endpoint, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(endpoint, options=options)
+            try:
+                rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=b.connect_timeout)
+                return channel, endpoint
+            except grpc.RpcError as exc:
+                channel.close()
+                err = self._wrap(exc, f"connecting to {endpoint}")
+                if not isinstance(err, SourceUnavailable):
+                    raise err from None
+                failures.append(f"{endpoint}: {_reason(exc)}")
+        raise SourceUnavailable(f"cannot reach etcd at {self.label} ({'; '.join(failures)})") from None
+
+    def _authenticate(self) -> None:
+        try:
+            resp = self.auth.Authenticate(
+                rpc.AuthenticateRequest(name=self.user, password=self._password), timeout=self.block.connect_timeout
+            )
+        except grpc.RpcError as exc:
+            err = self._wrap(exc, f"authenticating user {self.user!r}")
+            if isinstance(err, SourceUnavailable):
+                raise err from None
+            raise AuthError(
+                f"etcd at {self.label} refused user {self.user!r}: authentication failed "
+                f"(check the user and password; {ENV_USER}/{ENV_PASSWORD} when not in the block)"
+            ) from None
+        self._token = resp.token
+        self._metadata = (("token", resp.token),)
+
+    # -- errors -------------------------------------------------------------------------
+    def _wrap(self, exc: grpc.RpcError, action: str) -> BurrowError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else "") or ""
+        low = details.lower()
+        name = code.name if code is not None else type(exc).__name__
+        if any(m in low for m in _TLS_MARKERS):
+            return SourceError(
+                f"TLS with etcd at {self.label} failed while {action} (check the CA, client certificate "
+                f"and key, and the server name): {name}"
+            )
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or any(
+            m in low for m in _AUTH_MARKERS
+        ):
+            who = f"user {self.user!r}" if self.user else "an anonymous client (no user set)"
+            return AuthError(f"etcd at {self.label} denied {action} to {who}: {_short(details)}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return _TooLarge(f"etcd at {self.label}: an answer was larger than max_message_bytes while {action}")
+        if code == grpc.StatusCode.OUT_OF_RANGE or "compacted" in low:
+            return SourceUnavailable(
+                f"etcd at {self.label} compacted the backup's revision while {action}; a retry starts over"
+            )
+        if code in _TRANSIENT_CODES:
+            return SourceUnavailable(f"lost the connection to etcd at {self.label} while {action} ({name})")
+        return SourceError(f"etcd at {self.label} failed {action}: {name}: {_short(details)}")
+
+    def _call(self, method: Callable[..., Any], request: Any, action: str, timeout: float | None = None) -> Any:
+        """One unary call with the auth token; re-authenticates once when the token expired."""
+        for attempt in (0, 1):
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if attempt == 0 and self._expired(exc):
+                    self._reauth()
+                    continue
+                raise self._wrap(exc, action) from None
+        raise AssertionError("unreachable")
+
+    def _expired(self, exc: grpc.RpcError) -> bool:
+        return bool(self.user) and "invalid auth token" in ((exc.details() or "").lower())
+
+    def _reauth(self) -> None:
+        with self._auth_lock:
+            self._authenticate()
+
+    def _many(self, method: Callable[..., Any], requests: list[Any], action: str) -> list[Any]:
+        """Run unary calls with up to ``window`` in flight; results in request order."""
+        window = max(1, self.block.window)
+        out: list[Any] = [None] * len(requests)
+        for start in range(0, len(requests), window):
+            futures = [
+                (i, method.future(requests[i], timeout=self.timeout, metadata=self._metadata))
+                for i in range(start, min(len(requests), start + window))
+            ]
+            for i, fut in futures:
+                try:
+                    out[i] = fut.result()
+                except grpc.RpcError as exc:
+                    if self._expired(exc):
+                        self._reauth()
+                        out[i] = self._call(method, requests[i], action)
+                        continue
+                    for _, other in futures:
+                        other.cancel()
+                    raise self._wrap(exc, action) from None
+        return out
+
+    # -- keys ---------------------------------------------------------------------------
+    def full_key(self, key: bytes) -> bytes:
+        """The etcd key for an archive key (which is relative to the prefix)."""
+        if not self.prefix:
+            return key
+        return self.prefix + (key if key.startswith(b"/") else b"/" + key)
+
+    def _range_for(self, root: bytes) -> tuple[bytes | None, bytes, bytes]:
+        """(exact key or None, range start, range end) covering ``root`` and below."""
+        r = root if root not in (b"", b"/") else b""
+        if r:
+            r = r.rstrip(b"/") or r
+        if not r:
+            if self.prefix:
+                start = self.prefix + b"/"
+                return None, start, prefix_end(start)
+            return None, b"\0", b"\0"
+        exact = self.full_key(r)
+        start = exact + b"/"
+        return exact, start, prefix_end(start)
+
+    # -- backup -------------------------------------------------------------------------
+    def walk(self, root: bytes, stats: WalkStats) -> Iterator[Record]:
+        b = self.block
+        exact, start, end = self._range_for(root)
+        cut = len(self.prefix)
+        include_leased = b.include_leased
+        ttls: dict[int, tuple[int, int]] = {}
+        leased_skipped = leased_kept = 0
+        revision = 0
+        limit = max(1, min(b.page_size, 256))
+        key = start
+        first = True
+        pages = 0
+        while True:
+            req = rpc.RangeRequest(key=key, range_end=end, limit=limit, revision=revision)
+            try:
+                resp = self.kv.Range(req, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
+                    limit = max(1, limit // 4)  # a page was larger than the receive limit: shrink, retry
+                    continue
+                if self._expired(exc):
+                    self._reauth()
+                    continue
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise SourceError(
+                        f"a single etcd key at {self.label} is larger than max_message_bytes "
+                        f"({b.max_message_bytes} bytes); raise it on the block"
+                    ) from None
+                raise self._wrap(exc, "reading " + display_key(key)) from None
+            pages += 1
+            if first:
+                first = False
+                revision = resp.header.revision
+                stats.info.update(
+                    revision=revision,
+                    cluster_id=f"{resp.header.cluster_id:x}",
+                    member_id=f"{resp.header.member_id:x}",
+                    endpoint=self.endpoint,
+                    point_in_time=True,
+                )
+                if self.prefix:
+                    self._note_prefix_key(revision, stats)
+                if exact is not None:
+                    ex = self._call(
+                        self.kv.Range, rpc.RangeRequest(key=exact, revision=revision), "reading " + display_key(exact)
+                    )
+                    kvs: Any = list(ex.kvs) + list(resp.kvs)
+                else:
+                    kvs = resp.kvs
+            else:
+                kvs = resp.kvs
+            for kv in kvs:
+                lease = kv.lease
+                meta: dict[str, Any] = {
+                    "create_revision": kv.create_revision,
+                    "mod_revision": kv.mod_revision,
+                    "version": kv.version,
+                }
+                if lease:
+                    if not include_leased:
+                        leased_skipped += 1
+                        continue
+                    ttl = ttls.get(lease)
+                    if ttl is None:
+                        ttl = ttls[lease] = self._time_to_live(lease)
+                    if ttl[0] <= 0:
+                        stats.vanished += 1  # its lease expired while we read: gone from the store now
+                        continue
+                    meta["lease"] = {"id": lease, "ttl": ttl[0], "granted_ttl": ttl[1]}
+                    leased_kept += 1
+                yield Record(kv.key[cut:] if cut else kv.key, kv.value, meta)
+            if not resp.more or not resp.kvs:
+                break
+            key = resp.kvs[-1].key + b"\0"
+            # Size the next page from what this one weighed, so it stays near page_bytes.
+            per_key = max(1, resp.ByteSize() // max(1, len(resp.kvs)))
+            limit = max(1, min(b.page_size, limit * 4, b.page_bytes // per_key))
+        stats.skipped_ephemeral += leased_skipped
+        stats.info["leased_skipped"] = leased_skipped
+        stats.info["leased_kept"] = leased_kept
+        stats.info["pages"] = pages
+        if leased_skipped:
+            stats.warn(
+                f"{leased_skipped} leased keys were skipped (use --include-leased to keep them with their TTL)"
+            )
+
+    def _note_prefix_key(self, revision: int, stats: WalkStats) -> None:
+        resp = self._call(
+            self.kv.Range,
+            rpc.RangeRequest(key=self.prefix, revision=revision, count_only=True),
+            "reading " + display_key(self.prefix),
+        )
+        if resp.count:
+            stats.skipped_excluded += 1
+            stats.warn(
+                f"the key {display_key(self.prefix)} equals the prefix itself and is not below it: not backed up"
+            )
+
+    def _time_to_live(self, lease: int) -> tuple[int, int]:
+        resp = self._call(self.leases.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease), "reading a lease TTL")
+        return int(resp.TTL), int(resp.grantedTTL)
+
+    # -- restore ------------------------------------------------------------------------
+    def lookup(self, keys: list[bytes]) -> list[bytes | None]:
+        n = max(1, min(self.block.txn_ops, 128))
+        chunks = [keys[i : i + n] for i in range(0, len(keys), n)]
+        try:
+            results = self._lookup_chunks(chunks)
+        except _TooLarge:
+            # Some answers were over the receive limit (big values): ask in halves, one at a time.
+            results = [self._lookup_split(c) for c in chunks]
+        return [v for chunk in results for v in chunk]
+
+    def _lookup_split(self, keys: list[bytes]) -> list[bytes | None]:
+        try:
+            return self._lookup_chunks([keys])[0]
+        except _TooLarge:
+            if len(keys) == 1:
+                raise SourceError(
+                    f"the etcd key {display_key(keys[0])} at {self.label} is larger than max_message_bytes "
+                    f"({self.block.max_message_bytes} bytes); raise it on the block"
+                ) from None
+            mid = len(keys) // 2
+            return self._lookup_split(keys[:mid]) + self._lookup_split(keys[mid:])
+
+    def _lookup_chunks(self, chunks: list[list[bytes]]) -> list[list[bytes | None]]:
+        requests = [
+            rpc.TxnRequest(success=[rpc.RequestOp(request_range=rpc.RangeRequest(key=self.full_key(k))) for k in c])
+            for c in chunks
+        ]
+        results: list[list[bytes | None]] = []
+        for resp in self._many(self.kv.Txn, requests, "reading keys"):
+            values: list[bytes | None] = []
+            for r in resp.responses:
+                kvs = r.response_range.kvs
+                values.append(kvs[0].value if kvs else None)
+            results.append(values)
+        return results
+
+    def prepare(self, record: Record, source_service: str) -> tuple[Record, list[str]]:
+        meta: dict[str, Any] = {}
+        dropped: list[str] = []
+        m = record.meta
+        if source_service == "etcd":
+            lease = m.get("lease")
+            if isinstance(lease, dict) and int(lease.get("ttl") or 0) > 0:
+                meta["lease"] = {"id": int(lease.get("id") or 0), "ttl": int(lease["ttl"])}
+        else:
+            dropped = foreign_metadata(m, source_service)
+        if m.get("intermediate"):
+            meta["intermediate"] = True
+        return Record(record.key, record.value, meta), dropped
+
+    def parent_key(self, key: bytes) -> bytes | None:
+        return None  # etcd is flat: any key can be created on its own
+
+    def ensure_root(self) -> None:
+        return None  # a prefix needs no node of its own
+
+    def _lease_for(self, meta: dict[str, Any]) -> int:
+        lease = meta.get("lease")
+        if not lease:
+            return 0
+        source_id, ttl = int(lease.get("id") or 0), int(lease["ttl"])
+        cache_key = source_id or -ttl
+        with self._lease_lock:
+            granted = self._leases.get(cache_key)
+            if granted is None:
+                resp = self._call(self.leases.LeaseGrant, rpc.LeaseGrantRequest(TTL=ttl), "granting a lease")
+                granted = self._leases[cache_key] = int(resp.ID)
+        return granted
+
+    def _batches(self, records: list[Record]) -> list[list[int]]:
+        n = max(1, min(self.block.txn_ops, 128))
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        keys: set[bytes] = set()
+        size = 0
+        for i, r in enumerate(records):
+            rsize = len(r.value) + 2 * len(r.key) + 32
+            if cur and (len(cur) >= n or size + rsize > self.block.txn_bytes or r.key in keys):
+                batches.append(cur)
+                cur, size, keys = [], 0, set()
+            cur.append(i)
+            keys.add(r.key)
+            size += rsize
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _put(self, r: Record) -> rpc.RequestOp:
+        return rpc.RequestOp(
+            request_put=rpc.PutRequest(key=self.full_key(r.key), value=r.value, lease=self._lease_for(r.meta))
+        )
+
+    def _guarded(self, records: list[Record]) -> rpc.TxnRequest:
+        keys = [self.full_key(r.key) for r in records]
+        return rpc.TxnRequest(
+            compare=[
+                rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, version=0) for k in keys
+            ],
+            success=[self._put(r) for r in records],
+            # When the guard fails, say which keys exist, in the same round trip.
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k, count_only=True)) for k in keys],
+        )
+
+    def create(self, records: list[Record]) -> list[bool]:
+        results: list[bool | None] = [None] * len(records)
+        batches = self._batches(records)
+        requests = [self._guarded([records[i] for i in batch]) for batch in batches]
+        responses = self._many(self.kv.Txn, requests, "creating keys")
+        retry: list[int] = []
+        for batch, resp in zip(batches, responses, strict=True):
+            if resp.succeeded:
+                for i in batch:
+                    results[i] = True
+                continue
+            # Some keys exist: they are left alone; the rest are created one guarded txn each.
+            for i, r in zip(batch, resp.responses, strict=True):
+                if r.response_range.count:
+                    results[i] = False
+                else:
+                    retry.append(i)
+        if retry:
+            singles = self._many(self.kv.Txn, [self._guarded([records[i]]) for i in retry], "creating keys")
+            for i, resp in zip(retry, singles, strict=True):
+                results[i] = bool(resp.succeeded)
+        return [bool(x) for x in results]
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _TooLarge(SourceError):
+    """An answer exceeded the gRPC receive limit (asked for too much at once)."""
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    low = (exc.details() or "").lower()
+    for marker, reason in (("refused", "connection refused"), ("timeout", "timed out"), ("deadline", "timed out"),
+                           ("resolve", "name not resolved"), ("unreachable", "unreachable")):
+        if marker in low:
+            return reason
+    return exc.code().name if exc.code() else "unavailable"
+
+
+def _short(details: str) -> str:
+    text = details.replace("\n", " ").strip()
+    return text[:200] if text else "no details"
