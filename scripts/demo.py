@@ -33,10 +33,15 @@ def burrow(*args: str, check: bool = True, env: dict[str, str] | None = None) ->
     proc = subprocess.run([BURROW, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
     # Prefect's run logs go to stderr; show only Burrow's own lines to keep the demo readable.
     for line in proc.stderr.splitlines():
+        if "Finished in state" in line:
+            continue
         if line.startswith("burrow:") or "| INFO    | Task run" in line or "WARNING" in line:
             print("  " + line.split(" - ", 1)[-1] if " - " in line else "  " + line)
-    if proc.stdout.strip():
-        print(proc.stdout.rstrip())
+    out = proc.stdout.rstrip().splitlines()
+    if len(out) > 24:  # long listings (a dry run's plan): show the head and the totals
+        out = out[:16] + [f"... ({len(out) - 20} more lines)"] + out[-4:]
+    if out:
+        print("\n".join(out))
     print(f"(exit code {proc.returncode})", flush=True)
     if check and proc.returncode not in (0,):
         raise SystemExit(f"demo failed: burrow {args[0]} exited {proc.returncode}")
