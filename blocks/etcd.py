@@ -316,7 +316,7 @@ class EtcdSession:
         ttls: dict[int, tuple[int, int]] = {}
         leased_skipped = leased_kept = 0
         revision = 0
-        limit = max(1, min(b.page_size, 256))
+        limit = max(1, min(b.page_size, 4))  # the first page is small: nothing is known of value sizes yet
         key = start
         first = True
         pages = 0

@@ -80,11 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("backup", help="back up a cluster into a store; prints the archive URL last")
-    b.add_argument("source", help="zk://h:p[,h:p][/chroot], or a saved source block's name")
+    b.add_argument(
+        "source",
+        help="zk://h:p[,h:p][/chroot], etcd://h:p[,h:p][/prefix], consul://h:p[/prefix], or a saved source block's name",
+    )
     b.add_argument("--to", dest="store", required=True, help="a directory, a file:// URL or a saved store block")
     b.add_argument("--name", help="source name recorded in the manifest and catalog")
     b.add_argument("--root", default="/", help="back up only below this path (default: /)")
     b.add_argument("--level", type=int, default=3, help="zstd compression level, 1-22 (default 3)")
+    b.add_argument(
+        "--include-leased", action="store_true",
+        help="etcd: keep leased keys with their remaining TTL (default: skip and count them)",
+    )
     _add_write_keys(b)
 
     r = sub.add_parser("restore", help="create the archived keys that are missing in a cluster")
@@ -94,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--subtree", help="restore only this path and below")
     r.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
     _add_read_keys(r)
+
+    f = sub.add_parser("failover", help="rebuild a cluster from the newest archive of a source that verifies")
+    f.add_argument("source", help="the source name recorded in the archives (backup --name)")
+    f.add_argument("--from", dest="store", required=True, help="the store holding the source's archives")
+    f.add_argument("--into", required=True, help="target cluster URL or saved source block name")
+    f.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    f.add_argument("--subtree", help="restore only this path and below")
+    f.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
+    f.add_argument("--candidates", type=int, default=5, help="how many of the newest archives to try (default 5)")
+    _add_read_keys(f)
+
+    pr = sub.add_parser("prune", help="delete archives beyond a retention policy (newest per source always kept)")
+    pr.add_argument("store")
+    pr.add_argument("--keep", type=int, default=24, help="archives to keep per source (default 24, at least 1)")
+    pr.add_argument("--max-age-days", type=float, help="only delete archives older than this many days")
+    pr.add_argument("--source", help="only this source")
+    pr.add_argument("--dry-run", action="store_true", help="list what would be deleted and delete nothing")
 
     v = sub.add_parser("verify", help="re-read an archive and check manifest, checksums and counts")
     v.add_argument("archive")
@@ -140,6 +164,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from burrow.resolve import secure_source_ref, store_from_ref
 
     ref = secure_source_ref(args.source)
+    if args.include_leased:
+        from burrow.resolve import source_from_ref
+
+        if source_from_ref(ref).service != "etcd":
+            raise UsageError("--include-leased applies to etcd sources only")
     if args.name is not None:
         check_source_name(args.name)
     if not 1 <= args.level <= 22:
@@ -163,6 +192,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         source=ref, store=args.store, name=args.name, root=args.root, compression_level=args.level,
         encryption=not args.no_encryption, key_file=key_file, key_env=args.key_env,
         recipients=recipients or None, passphrase_env=args.passphrase_env, key_block=args.key_block,
+        include_leased=args.include_leased,
     )
     _print_summary(summary, skip=("url", "status"))
     print(summary["url"])
@@ -183,7 +213,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     summary = restore(
         archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None, **refs
     )
-    if args.dry_run:
+    return _report_restore(summary, args.dry_run)
+
+
+def _report_restore(summary: dict[str, Any], dry_run: bool) -> int:
+    """Print a restore or failover summary on stdout; return the exit code."""
+    if dry_run:
         print(f"dry run: nothing was written to {summary['target']}")
         for p in summary.get("planned_paths", []):
             print(f"create   {p}")
@@ -202,6 +237,46 @@ def cmd_restore(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFLICTS
+    return EXIT_OK
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from burrow.paths import KeyMapper
+    from burrow.resolve import secure_source_ref, store_from_ref
+
+    KeyMapper(args.subtree, args.map)
+    if args.candidates < 1:
+        raise UsageError("--candidates must be at least 1")
+    store_from_ref(args.store).check()
+    ref = secure_source_ref(args.into)
+    refs = _read_refs(args)
+    _keyring(refs)
+    from flows.failover import failover
+
+    summary = failover(
+        source=args.source, store=args.store, into=ref, dry_run=args.dry_run, subtree=args.subtree,
+        maps=args.map or None, max_candidates=args.candidates, **refs,
+    )
+    print(f"failover from {summary['archive']} (created {summary['archive_created']})")
+    return _report_restore(summary, args.dry_run)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from burrow.resolve import store_from_ref
+
+    if args.keep < 1:
+        raise UsageError("--keep must be at least 1: the newest archive of a source is never pruned")
+    store_from_ref(args.store).check()
+    from flows.prune import prune
+
+    summary = prune(
+        store=args.store, keep_last=args.keep, max_age_days=args.max_age_days, source=args.source,
+        dry_run=args.dry_run,
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    for url in summary["deleted_urls"]:
+        print(f"{verb} {url}")
+    print(f"{verb} {summary['deleted']} of {summary['archives']} archives; kept {summary['kept']}")
     return EXIT_OK
 
 
@@ -321,7 +396,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 COMMANDS = {
     "keygen": cmd_keygen,
     "backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "list": cmd_list,
-    "inspect": cmd_inspect, "dump": cmd_dump,
+    "inspect": cmd_inspect, "dump": cmd_dump, "failover": cmd_failover, "prune": cmd_prune,
 }
 
 
@@ -329,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``burrow`` console script."""
     args = build_parser().parse_args(argv)
     _quiet_prefect()
-    if sys.stderr.isatty() and args.command in ("backup", "restore", "verify"):
+    if sys.stderr.isatty() and args.command in ("backup", "restore", "verify", "failover"):
         from burrow import progress
 
         progress.install_terminal_reporter()

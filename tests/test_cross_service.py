@@ -1,0 +1,230 @@
+"""The round-trip suite over every service, and restores across every pair of services.
+
+Each source tree is seeded through an independent client (kazoo, the etcd JSON gateway,
+py-consul), backed up once by the backup flow, restored by the restore flow, and read
+back key by key, byte by byte, with the independent client again.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from kvutil import Etcd, backup_kwargs, consul_client, consul_snapshot, unique
+from services import LARGE, expected_in, native_root, read, seed, source_url
+
+from flows.backup import backup
+from flows.restore import restore
+
+SERVICES = ["zookeeper", "etcd", "consul"]
+SERVERS = {"zookeeper": ("zk_a", "zk_b"), "etcd": ("etcd_a", "etcd_b"), "consul": ("consul_a", "consul_b")}
+OPEN_ACL = "acl (world:anyone, open)"
+
+
+@pytest.fixture(scope="module")
+def archives(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Back up a freshly seeded tree of each service once (per large-value size)."""
+    cache: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
+
+    def get(service: str, large: int) -> tuple[Any, dict[str, Any]]:
+        if (service, large) not in cache:
+            server = request.getfixturevalue(SERVERS[service][0])
+            seeded = seed(service, server, large)
+            store = tmp_path_factory.mktemp("store")
+            summary = backup(
+                source=source_url(service, server), store=str(store), root=seeded.root, **backup_kwargs()
+            )
+            cache[(service, large)] = (seeded, summary)
+        return cache[(service, large)]
+
+    return get
+
+
+def _compare(got: dict[bytes, bytes], want: dict[bytes, bytes]) -> None:
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k] == v, f"value of {k!r} differs ({len(got[k])} vs {len(v)} bytes)"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_round_trip(service: str, archives: Any, request: pytest.FixtureRequest) -> None:
+    seeded, summary = archives(service, LARGE[service])
+    assert summary["status"] == "ok"
+    assert summary["keys"] == len(seeded.tree)
+    assert summary["skipped_ephemeral"] == len(seeded.skipped)  # ZooKeeper ephemeral / etcd leased
+    assert summary["point_in_time"] is (service != "zookeeper")
+    info = summary["service_info"]
+    if service == "etcd":
+        assert info["revision"] > 0 and info["cluster_id"] and info["leased_skipped"] == 1
+    if service == "consul":
+        assert info["consul_index"] > 0 and info["locked_keys"] == 1
+
+    target = request.getfixturevalue(SERVERS[service][1])
+    result = restore(archive=summary["url"], into=source_url(service, target))
+    assert result["status"] == "ok"
+    assert result["created"] == len(seeded.tree) and result["conflicts"] == 0
+    got = read(service, target, seeded.root)
+    _compare(got, seeded.tree)
+    for k in seeded.skipped:
+        assert k not in got
+
+    if service == "consul":
+        snap = consul_snapshot(consul_client(target.url), seeded.root)
+        for k in seeded.tree:
+            value, flags, session = snap[k.decode()]
+            assert flags == seeded.flags.get(k, 0)
+            assert session is None  # restored without the session lock
+        assert result["metadata_not_carried"] == {"session": 1}
+    else:
+        assert not result["metadata_not_carried"]
+
+    again = restore(archive=summary["url"], into=source_url(service, target))
+    assert again["created"] == 0 and again["conflicts"] == 0 and again["identical"] == len(seeded.tree)
+
+
+PAIRS = [(s, t) for s in SERVICES for t in SERVICES if s != t]
+
+
+@pytest.mark.parametrize(("source", "target"), PAIRS, ids=[f"{s}-to-{t}" for s, t in PAIRS])
+def test_restore_across_services(source: str, target: str, archives: Any, request: pytest.FixtureRequest) -> None:
+    large = min(LARGE[source], LARGE[target])
+    seeded, summary = archives(source, large)
+    server = request.getfixturevalue(SERVERS[target][1])
+    result = restore(archive=summary["url"], into=source_url(target, server))
+    assert result["status"] == "ok", result
+    want = expected_in(target, source, seeded.tree)
+    got = read(target, server, native_root(target, seeded.root))
+    _compare(got, want)
+
+    carried = result["metadata_not_carried"]
+    if source == "zookeeper":
+        assert carried == {OPEN_ACL: len(seeded.tree)}
+    elif source == "consul":
+        assert carried == {"flags": 1, "session": 1}
+    else:
+        assert not carried
+    if target == "consul":
+        snap = consul_snapshot(consul_client(server.url), native_root(target, seeded.root))
+        assert all(flags == 0 and session is None for _, flags, session in snap.values())
+
+
+def test_etcd_keys_without_leading_slash_and_folders(etcd_a, etcd_b, zk_b, consul_b, store) -> None:
+    """etcd ``ns/a`` becomes ZooKeeper ``/ns/a`` and Consul ``ns/a``; ``ns/b/`` is a folder."""
+    name = unique("ns")
+    tree = {
+        f"{name}/a".encode(): b"1",
+        f"{name}/b/".encode(): b"",
+        f"{name}/b/c".encode(): b"2",
+        f"/{name}-slash/x".encode(): b"3",
+    }
+    e = Etcd(etcd_a.url)
+    for k, v in tree.items():
+        e.put(k, v)
+    summary = backup(source=source_url("etcd", etcd_a), store=str(store), **backup_kwargs())
+    url = summary["url"]
+    # same service: kept exactly, with and without the leading slash
+    restore(archive=url, into=source_url("etcd", etcd_b))
+    after = Etcd(etcd_b.url).snapshot()
+    assert {k: after[k] for k in tree} == tree
+    # into ZooKeeper, only this test's keys: --subtree works on the archive's own key style
+    r = restore(archive=url, into=source_url("zookeeper", zk_b), subtree="/" + name)
+    assert r["status"] == "ok" and r["conflicts"] == 0
+    assert read("zookeeper", zk_b, "/" + name) == {
+        f"/{name}".encode(): b"", f"/{name}/a".encode(): b"1", f"/{name}/b".encode(): b"",
+        f"/{name}/b/c".encode(): b"2",
+    }
+    r = restore(archive=url, into=source_url("consul", consul_b), subtree=name)
+    assert read("consul", consul_b, name) == {
+        f"{name}/a".encode(): b"1", f"{name}/b/".encode(): b"", f"{name}/b/c".encode(): b"2",
+    }
+
+
+def test_map_across_services(archives: Any, consul_b, zk_b) -> None:
+    """--map OLD=NEW is matched in the archive's key style and lands in the target's."""
+    seeded, summary = archives("zookeeper", min(LARGE["zookeeper"], LARGE["consul"]))
+    new = unique("moved")
+    r = restore(
+        archive=summary["url"], into=source_url("consul", consul_b), maps=[f"{seeded.root}/dir={new}/d"],
+        subtree=seeded.root + "/dir",
+    )
+    assert r["status"] == "ok" and r["created"] == 2 and r["outside_subtree"] == len(seeded.tree) - 2
+    assert read("consul", consul_b, new) == {f"{new}/d".encode(): b"", f"{new}/d/child".encode(): b"child"}
+
+    seeded_c, summary_c = archives("consul", LARGE["consul"])
+    dest = "/" + unique("from-consul")
+    r = restore(archive=summary_c["url"], into=source_url("zookeeper", zk_b), maps=[f"/{seeded_c.root}={dest}"])
+    assert r["status"] == "ok"
+    want = {dest.encode() + k[len(b"/" + seeded_c.root.encode()):]: v for k, v in expected_in(
+        "zookeeper", "consul", seeded_c.tree).items()}
+    assert read("zookeeper", zk_b, dest) == want
+
+
+def _parallel(cli, calls: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """Run several CLI subprocesses at once (each one spends most of its time importing Prefect)."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = {name: pool.submit(cli, *args) for name, args in calls.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def test_cli_contract(cli, etcd_a, etcd_b, consul_a, consul_b, tmp_path) -> None:
+    """backup / verify / list / inspect / dump / restore --dry-run and the bad-input rules for
+    etcd and Consul, through the real CLI."""
+    servers = {"etcd": (etcd_a, etcd_b), "consul": (consul_a, consul_b)}
+    seeded = {svc: seed(svc, a, 1024) for svc, (a, _) in servers.items()}
+    store = tmp_path / "store"
+    store.mkdir()
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    e_port, c_port = etcd_a.port, consul_a.port
+    calls: dict[str, tuple[str, ...]] = {
+        f"backup-{svc}": ("backup", source_url(svc, a), "--to", str(store), "--root", seeded[svc].root,
+                          "--no-encryption")
+        for svc, (a, _) in servers.items()
+    }
+    calls.update({
+        # bad input: a one-line error, the right exit code, nothing written
+        "etcd-creds": ("backup", f"etcd://user:secret@127.0.0.1:{e_port}", "--to", str(empty), "--no-encryption"),
+        "consul-creds": ("backup", f"consul://tok-secret@127.0.0.1:{c_port}", "--to", str(empty), "--no-encryption"),
+        "etcd-option": ("backup", f"etcd://127.0.0.1:{e_port}?user=x", "--to", str(empty), "--no-encryption"),
+        "etcd-down": ("backup", "etcd://127.0.0.1:1", "--to", str(empty), "--no-encryption"),
+        "consul-down": ("restore", str(store / "x.burrow"), "--into", "consul://127.0.0.1:1"),
+        "leased-consul": ("backup", f"consul://127.0.0.1:{c_port}", "--to", str(empty), "--no-encryption",
+                      "--include-leased"),
+    })
+    r = _parallel(cli, calls)
+    for name in ("etcd-creds", "consul-creds", "etcd-option"):
+        assert r[name].code == 2 and r[name].error_line.startswith("burrow: error:"), r[name]
+        assert "secret" not in r[name].err
+    assert r["etcd-down"].code == 1 and "cannot reach etcd" in r["etcd-down"].error_line, r["etcd-down"]
+    assert r["consul-down"].code == 1 and r["consul-down"].error_line.startswith("burrow: error:"), r["consul-down"]
+    assert r["leased-consul"].code == 2 and "etcd" in r["leased-consul"].error_line, r["leased-consul"]
+    assert not any(empty.iterdir())
+
+    archives = {}
+    for svc in servers:
+        b = r[f"backup-{svc}"]
+        assert b.code == 0, b
+        archives[svc] = b.last_line
+        assert archives[svc].startswith("file://") and archives[svc].endswith(".burrow")
+    calls = {"list": ("list", str(store), "--json")}
+    for svc, (a, target) in servers.items():
+        calls[f"verify-{svc}"] = ("verify", archives[svc])
+        calls[f"inspect-{svc}"] = ("inspect", archives[svc], "--json", "--keys")
+        calls[f"dump-{svc}"] = ("dump", source_url(svc, a), "--subtree", seeded[svc].root, "--no-values")
+        calls[f"dry-{svc}"] = ("restore", archives[svc], "--into", source_url(svc, target), "--dry-run")
+    r = _parallel(cli, calls)
+    rows = {row["service"]: row for row in json.loads(r["list"].out)}
+    for svc in servers:
+        n = len(seeded[svc].tree)
+        assert r[f"verify-{svc}"].code == 0 and f"{n} keys" in r[f"verify-{svc}"].out, r[f"verify-{svc}"]
+        assert rows[svc]["keys"] == n
+        info = json.loads(r[f"inspect-{svc}"].out)
+        assert info["point_in_time"] is True and info["service"] == svc
+        assert sorted(info["key_list"]) == sorted(k.decode() for k in seeded[svc].tree)
+        dump = r[f"dump-{svc}"]
+        assert dump.code == 0 and dump.out.count("\n") == n, dump
+        dry = r[f"dry-{svc}"]
+        assert dry.code == 0 and "dry run: nothing was written" in dry.out, dry
+        assert read(svc, servers[svc][1], seeded[svc].root) == {}  # the dry run wrote nothing
