@@ -44,6 +44,7 @@ ENV_VERIFY = "CONSUL_HTTP_SSL_VERIFY"
 ENV_SERVER_NAME = "CONSUL_TLS_SERVER_NAME"
 
 MAX_TXN_OPS = 64  # Consul's hard limit per /v1/txn
+ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"
 _OP_OVERHEAD = 96  # JSON bytes of one cas op besides its key and value
 
 
@@ -142,9 +143,26 @@ class ConsulSession:
             leader = resp.content.strip()
             if leader in (b"", b'""'):
                 raise SourceUnavailable(f"Consul at {self.label} has no cluster leader")
+            self.acl = self._check_token()
         except BaseException:
             self.http.close()
             raise
+
+    def _check_token(self) -> str:
+        """"disabled", "anonymous" or "token"; an unknown token is refused here, before any read."""
+        resp = self._request("GET", "/v1/acl/token/self", "checking the ACL token", ok=(200, 401, 403))
+        if resp.status_code == 200:
+            body = orjson.loads(resp.content) if resp.content else {}
+            return "anonymous" if body.get("AccessorID") == ANONYMOUS_ACCESSOR else "token"
+        text = resp.text.lower()
+        if "acl support disabled" in text or "acl disabled" in text:
+            return "disabled"
+        if "acl not found" in text:
+            raise AuthError(
+                f"Consul at {self.label} does not know the ACL token (ACL not found); "
+                "check the block's token or CONSUL_HTTP_TOKEN"
+            )
+        return "token"  # the token is valid but may not read itself: the reads will tell
 
     def _tls_context(self) -> ssl.SSLContext:
         b = self.block
@@ -269,6 +287,12 @@ class ConsulSession:
         )
         if self.block.datacenter:
             stats.info["datacenter"] = self.block.datacenter
+        stats.info["acl"] = self.acl
+        if self.acl == "anonymous":
+            stats.warn(
+                "reading with the anonymous ACL token: Consul silently leaves out of recursive reads the keys "
+                "a token may not read; give a token (block or CONSUL_HTTP_TOKEN) that can read the whole prefix"
+            )
         entries = orjson.loads(resp.content) if resp.status_code == 200 and resp.content else []
         resp = None  # type: ignore[assignment]  # free the raw body before yielding
         cut = len(p) + 1 if p else 0
