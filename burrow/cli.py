@@ -102,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
     _add_read_keys(r)
 
+    f = sub.add_parser("failover", help="rebuild a cluster from the newest archive of a source that verifies")
+    f.add_argument("source", help="the source name recorded in the archives (backup --name)")
+    f.add_argument("--from", dest="store", required=True, help="the store holding the source's archives")
+    f.add_argument("--into", required=True, help="target cluster URL or saved source block name")
+    f.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    f.add_argument("--subtree", help="restore only this path and below")
+    f.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
+    f.add_argument("--candidates", type=int, default=5, help="how many of the newest archives to try (default 5)")
+    _add_read_keys(f)
+
+    pr = sub.add_parser("prune", help="delete archives beyond a retention policy (newest per source always kept)")
+    pr.add_argument("store")
+    pr.add_argument("--keep", type=int, default=24, help="archives to keep per source (default 24, at least 1)")
+    pr.add_argument("--max-age-days", type=float, help="only delete archives older than this many days")
+    pr.add_argument("--source", help="only this source")
+    pr.add_argument("--dry-run", action="store_true", help="list what would be deleted and delete nothing")
+
     v = sub.add_parser("verify", help="re-read an archive and check manifest, checksums and counts")
     v.add_argument("archive")
     v.add_argument(
@@ -196,7 +213,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     summary = restore(
         archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None, **refs
     )
-    if args.dry_run:
+    return _report_restore(summary, args.dry_run)
+
+
+def _report_restore(summary: dict[str, Any], dry_run: bool) -> int:
+    """Print a restore or failover summary on stdout; return the exit code."""
+    if dry_run:
         print(f"dry run: nothing was written to {summary['target']}")
         for p in summary.get("planned_paths", []):
             print(f"create   {p}")
@@ -215,6 +237,46 @@ def cmd_restore(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFLICTS
+    return EXIT_OK
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from burrow.paths import KeyMapper
+    from burrow.resolve import secure_source_ref, store_from_ref
+
+    KeyMapper(args.subtree, args.map)
+    if args.candidates < 1:
+        raise UsageError("--candidates must be at least 1")
+    store_from_ref(args.store).check()
+    ref = secure_source_ref(args.into)
+    refs = _read_refs(args)
+    _keyring(refs)
+    from flows.failover import failover
+
+    summary = failover(
+        source=args.source, store=args.store, into=ref, dry_run=args.dry_run, subtree=args.subtree,
+        maps=args.map or None, max_candidates=args.candidates, **refs,
+    )
+    print(f"failover from {summary['archive']} (created {summary['archive_created']})")
+    return _report_restore(summary, args.dry_run)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from burrow.resolve import store_from_ref
+
+    if args.keep < 1:
+        raise UsageError("--keep must be at least 1: the newest archive of a source is never pruned")
+    store_from_ref(args.store).check()
+    from flows.prune import prune
+
+    summary = prune(
+        store=args.store, keep_last=args.keep, max_age_days=args.max_age_days, source=args.source,
+        dry_run=args.dry_run,
+    )
+    verb = "would delete" if args.dry_run else "deleted"
+    for url in summary["deleted_urls"]:
+        print(f"{verb} {url}")
+    print(f"{verb} {summary['deleted']} of {summary['archives']} archives; kept {summary['kept']}")
     return EXIT_OK
 
 
@@ -334,7 +396,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 COMMANDS = {
     "keygen": cmd_keygen,
     "backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "list": cmd_list,
-    "inspect": cmd_inspect, "dump": cmd_dump,
+    "inspect": cmd_inspect, "dump": cmd_dump, "failover": cmd_failover, "prune": cmd_prune,
 }
 
 
@@ -342,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``burrow`` console script."""
     args = build_parser().parse_args(argv)
     _quiet_prefect()
-    if sys.stderr.isatty() and args.command in ("backup", "restore", "verify"):
+    if sys.stderr.isatty() and args.command in ("backup", "restore", "verify", "failover"):
         from burrow import progress
 
         progress.install_terminal_reporter()

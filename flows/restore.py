@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
 
+from blocks.source import SourceBlock
 from burrow import naming, report
 from burrow.errors import BurrowError
 from burrow.keys import KeyRefs, resolve_keyring
@@ -70,39 +72,61 @@ def restore(
                 service=manifest["service"], source=manifest.get("source"), archive_keys=manifest["keys"],
                 content_sha256=manifest["content_sha256"],
             )
-            p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
-            summary.update(
-                planned_create=p.to_create, planned_intermediate=p.intermediate, identical=p.identical,
-                conflicts=p.conflicts, outside_subtree=p.outside_subtree,
-                metadata_not_carried=p.dropped_metadata,
-            )
-            conflict_paths = list(p.conflict_paths)
-            lists["Planned creates (first 1000)" if dry_run else "Created (first 1000)"] = p.create_paths
-            if dry_run:
-                summary.update(status="ok", created=0)
-            else:
-                done = replay(p, target)
-                conflict_paths += done.conflict_paths
-                summary.update(
-                    status="ok" if not (p.conflicts + done.conflicts) else "ok-with-conflicts",
-                    created=done.created,
-                    intermediate_created=done.intermediate_created,
-                    identical=p.identical + done.identical,
-                    conflicts=p.conflicts + done.conflicts,
-                )
-            lists["Conflicts (kept as they are)"] = conflict_paths
-            summary["conflict_paths"] = conflict_paths
-            summary["planned_paths"] = p.create_paths
+            plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
         return summary
     except BurrowError as exc:
         summary["error"] = str(exc)
         raise
     finally:
         summary["duration_s"] = round(time.monotonic() - started, 3)
-        rows = {k: v for k, v in summary.items() if k not in ("conflict_paths", "planned_paths")}
-        report.publish(
-            f"restore-{naming.slug(str(summary.get('target', 'target')))}",
-            f"Burrow {'dry run' if dry_run else 'restore'} into {summary.get('target')}: {summary['status']}",
-            rows,
-            lists,
+        publish_summary("restore", summary, lists, dry_run)
+
+
+def plan_and_replay(
+    local: str,
+    target: SourceBlock,
+    work: Path,
+    keys: ArchiveKeys,
+    summary: dict[str, Any],
+    lists: dict[str, list[str]],
+    *,
+    dry_run: bool,
+    subtree: str | None,
+    maps: list[str] | None,
+) -> None:
+    """The part of a restore after the archive passed validation: plan, then (unless a dry
+    run) replay. Fills ``summary`` and the artifact ``lists`` in place."""
+    p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
+    summary.update(
+        planned_create=p.to_create, planned_intermediate=p.intermediate, identical=p.identical,
+        conflicts=p.conflicts, outside_subtree=p.outside_subtree,
+        metadata_not_carried=p.dropped_metadata,
+    )
+    conflict_paths = list(p.conflict_paths)
+    lists["Planned creates (first 1000)" if dry_run else "Created (first 1000)"] = p.create_paths
+    if dry_run:
+        summary.update(status="ok", created=0)
+    else:
+        done = replay(p, target)
+        conflict_paths += done.conflict_paths
+        summary.update(
+            status="ok" if not (p.conflicts + done.conflicts) else "ok-with-conflicts",
+            created=done.created,
+            intermediate_created=done.intermediate_created,
+            identical=p.identical + done.identical,
+            conflicts=p.conflicts + done.conflicts,
         )
+    lists["Conflicts (kept as they are)"] = conflict_paths
+    summary["conflict_paths"] = conflict_paths
+    summary["planned_paths"] = p.create_paths
+
+
+def publish_summary(kind: str, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool) -> None:
+    """The markdown artifact of a restore or failover run."""
+    rows = {k: v for k, v in summary.items() if k not in ("conflict_paths", "planned_paths")}
+    report.publish(
+        f"{kind}-{naming.slug(str(summary.get('target', 'target')))}",
+        f"Burrow {kind}{' (dry run)' if dry_run else ''} into {summary.get('target')}: {summary['status']}",
+        rows,
+        lists,
+    )

@@ -27,6 +27,7 @@ from burrow.localservers import LocalServer, free_port, start_zookeeper  # noqa:
 PREFECT_PORT = free_port()
 os.environ["PREFECT_HOME"] = str(SESSION_DIR / "prefect-home")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
 os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
 os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"

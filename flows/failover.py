@@ -1,0 +1,113 @@
+"""The failover flow: rebuild a cluster from the newest archive of a source that verifies.
+
+"DC-US is down: rebuild its ZooKeeper in DC-EU from the latest verified backup." The store's
+archives of ``source`` are tried newest first; an archive that fails verification (corrupt,
+truncated, tampered) is reported and the next older one is tried. A key that opens none of
+them stops the run: failing over to stale data because of a key problem would be worse.
+The restore itself follows the safety rule: only missing keys are created.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from burrow import naming
+from burrow.catalog import describe_archives
+from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatch
+from burrow.keys import KeyRefs, resolve_keyring
+from burrow.resolve import source_from_ref, store_from_ref
+from burrow.runlog import logger
+from burrow.staging import staging_dir
+from flows.restore import plan_and_replay, publish_summary
+from tasks.download import download
+from tasks.encrypt import ArchiveKeys
+from tasks.validate import validate
+
+
+def _run_name() -> str:
+    p = flow_run.parameters
+    kind = "failover-dry-run" if p.get("dry_run") else "failover"
+    return f"{kind}-{naming.slug(str(p.get('source', 'source')))}-to-{naming.slug(str(p.get('into', 'target')))}"
+
+
+def _newest_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def created(row: dict[str, Any]) -> datetime:
+        return datetime.fromisoformat(str(row.get("created") or row["modified"]).replace("Z", "+00:00"))
+
+    return sorted(rows, key=created, reverse=True)
+
+
+@flow(name="failover", flow_run_name=_run_name, persist_result=False)
+def failover(
+    source: str,
+    store: str,
+    into: str,
+    dry_run: bool = False,
+    subtree: str | None = None,
+    maps: list[str] | None = None,
+    max_candidates: int = 5,
+    key_files: list[str] | None = None,
+    identity_files: list[str] | None = None,
+    passphrase_env: str | None = None,
+    key_env: str | None = None,
+    key_block: str | None = None,
+) -> dict[str, Any]:
+    """Restore the newest verifiable archive of ``source`` (the source name recorded in the
+    manifests) from ``store`` into ``into``. Returns the run summary."""
+    log = logger()
+    started = time.monotonic()
+    summary: dict[str, Any] = {"status": "failed", "source": source, "dry_run": dry_run}
+    lists: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    try:
+        st = store_from_ref(store)
+        target = source_from_ref(into)
+        summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
+        keys = ArchiveKeys(resolve_keyring(KeyRefs(
+            key_files=list(key_files or []), identity_files=list(identity_files or []),
+            passphrase_env=passphrase_env, key_env=key_env, block=key_block,
+        )))
+        candidates = _newest_first([r for r in describe_archives(st) if r.get("source") == source])
+        if not candidates:
+            raise ArchiveNotFound(f"no archive of source {source!r} in {st.describe()}")
+        with staging_dir() as work:
+            chosen = None
+            for row in candidates[: max(1, max_candidates)]:
+                try:
+                    local = download(st, row["name"], str(work))
+                    manifest = validate(local, keys, label=row["url"])
+                except KeyMismatch:
+                    raise
+                except ArchiveError as exc:
+                    log.warning("failover: skipping %s: %s", row["url"], exc)
+                    skipped.append(f"{row['url']}: {exc}")
+                    continue
+                chosen = (row, local, manifest)
+                break
+            if chosen is None:
+                raise ArchiveError(
+                    f"none of the newest {len(skipped)} archives of {source!r} passed verification"
+                )
+            row, local, manifest = chosen
+            log.info("failover: restoring %s (created %s) into %s", row["url"], manifest["created"], target.describe())
+            summary.update(
+                archive=row["url"], archive_created=manifest["created"], service=manifest["service"],
+                archive_keys=manifest["keys"], content_sha256=manifest["content_sha256"],
+                skipped_archives=len(skipped),
+            )
+            if keys.opened_by:
+                summary["decrypted_with"] = keys.opened_by
+            plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
+        return summary
+    except BurrowError as exc:
+        summary["error"] = str(exc)
+        raise
+    finally:
+        summary["duration_s"] = round(time.monotonic() - started, 3)
+        lists["Archives skipped (failed verification)"] = skipped
+        publish_summary("failover", summary, lists, dry_run)

@@ -1,0 +1,99 @@
+"""Failover: rebuild a cluster from the newest archive of a source that verifies."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from zkutil import kazoo, snapshot, unique_root
+
+from burrow.errors import ArchiveNotFound, KeyMismatch
+from burrow.keys import keygen
+from flows.backup import backup
+from flows.failover import failover
+
+
+def flip_byte(path: Path, offset_from_middle: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 + offset_from_middle] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_failover_skips_a_corrupt_newest_archive_and_never_overwrites(cli, zk_a, zk_b, store, tmp_path):
+    key = tmp_path / "k.key"
+    keygen(key, x25519=False)
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/cfg/a", b"v1", makepath=True)
+        old = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-x", root=root, key_file=str(key))
+        old_state = snapshot(c, root)
+        time.sleep(0.05)
+        c.create(root + "/cfg/b", b"added later")
+        new = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-x", root=root, key_file=str(key))
+    assert old["url"] != new["url"]
+
+    # The newest archive is damaged: failover must report it and fall back to the older one.
+    flip_byte(Path(new["url"].removeprefix("file://")))
+    with kazoo(zk_b.url) as c:
+        c.create(root + "/cfg/a", b"changed in the target", makepath=True)
+    r = cli("failover", "dc-x", "--from", str(store), "--into", f"zk://{zk_b.url}", "--key-file", str(key))
+    assert r.code == 3, r  # the pre-existing, different /cfg/a is a conflict, kept as it is
+    assert f"failover from {old['url']}" in r.out
+    assert f"conflict {root}/cfg/a" in r.out
+    with kazoo(zk_b.url) as c:
+        after = snapshot(c, root)
+    assert after[root + "/cfg/a"] == b"changed in the target"
+    assert root + "/cfg/b" not in after  # only in the damaged newest archive
+    assert {k: v for k, v in after.items() if k != root + "/cfg/a"} == {
+        k: v for k, v in old_state.items() if k != root + "/cfg/a"
+    }
+
+
+def test_failover_picks_the_newest_and_stops_on_a_wrong_key(zk_a, zk_b, store, tmp_path):
+    key, other = tmp_path / "k.key", tmp_path / "other.key"
+    keygen(key, x25519=False)
+    keygen(other, x25519=False)
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/x", b"1", makepath=True)
+        backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-y", root=root, key_file=str(key))
+        c.create(root + "/y", b"2")
+        newest = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-y", root=root, key_file=str(key))
+        expected = snapshot(c, root)
+
+    with pytest.raises(KeyMismatch):
+        failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(other)])
+    with kazoo(zk_b.url) as c:
+        assert c.exists(root) is None  # nothing written
+
+    with pytest.raises(ArchiveNotFound):
+        failover(source="no-such-source", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+
+    dry = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)], dry_run=True)
+    assert dry["archive"] == newest["url"] and dry["planned_create"] == len(expected)
+    with kazoo(zk_b.url) as c:
+        assert c.exists(root) is None
+
+    done = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+    assert done["created"] == len(expected) and done["conflicts"] == 0
+    with kazoo(zk_b.url) as c:
+        assert snapshot(c, root) == expected
+
+
+def test_prune_cli(cli, capsys, zk_a, store):
+    from burrow.cli import main
+
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root, b"r", makepath=True)
+    for _ in range(3):
+        backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-p", root=root, encryption=False)
+    assert main(["prune", str(store), "--keep", "1", "--dry-run"]) == 0
+    assert "would delete 2 of 3 archives" in capsys.readouterr().out
+    assert len(list(store.rglob("*.burrow"))) == 3
+    r = cli("prune", str(store), "--keep", "1")
+    assert r.code == 0 and "deleted 2 of 3 archives" in r.out, r
+    assert len(list(store.rglob("*.burrow"))) == 1
+    assert main(["prune", str(store), "--keep", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
