@@ -309,7 +309,9 @@ class ConsulSession:
                 stats.warn(f"the key {key} equals the prefix folder itself and is not below it: not backed up")
                 continue
             value = e.get("Value")
-            meta: dict[str, Any] = {"create_index": e.get("CreateIndex"), "modify_index": e.get("ModifyIndex")}
+            # Only what a restore needs (flags) or must report (a session lock): per-key
+            # indexes are left out, the read's index is in the manifest (consul_index).
+            meta: dict[str, Any] = {}
             flags = e.get("Flags")
             if flags:
                 meta["flags"] = flags

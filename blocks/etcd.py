@@ -41,6 +41,8 @@ ENV_CACERT = "BURROW_ETCD_CACERT"
 ENV_CERT = "BURROW_ETCD_CERT"
 ENV_KEY = "BURROW_ETCD_KEY"
 
+GROWTH = 8  # most a page's key limit grows from one page to the next
+
 _TRANSIENT_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -102,8 +104,8 @@ class EtcdCluster(SourceBlock):
     password: SecretStr | None = Field(default=None, description="Password of the etcd user")
     connect_timeout: float = Field(default=10.0, description="Seconds to wait for a member to answer")
     request_timeout: float = Field(default=120.0, description="Seconds one request may take")
-    page_size: int = Field(default=10_000, description="Most keys per Range page")
-    page_bytes: int = Field(default=4 * 1024 * 1024, description="Target bytes per Range page")
+    page_size: int = Field(default=50_000, description="Most keys per Range page")
+    page_bytes: int = Field(default=8 * 1024 * 1024, description="Target bytes per Range page")
     max_message_bytes: int = Field(default=64 * 1024 * 1024, description="gRPC send/receive message limit")
     include_leased: bool = Field(default=False, description="Back up leased keys with their remaining TTL")
     txn_ops: int = Field(default=128, description="Puts per restore txn (etcd --max-txn-ops, default 128)")
@@ -309,6 +311,11 @@ class EtcdSession:
 
     # -- backup -------------------------------------------------------------------------
     def walk(self, root: bytes, stats: WalkStats) -> Iterator[Record]:
+        """Every key below ``root`` at one revision, in key order (so parents come first).
+
+        Pages are pipelined: as soon as a page arrives the next one is requested (at the
+        same revision), and this page's records are handed out while etcd reads the next.
+        """
         b = self.block
         exact, start, end = self._range_for(root)
         cut = len(self.prefix)
@@ -316,75 +323,64 @@ class EtcdSession:
         ttls: dict[int, tuple[int, int]] = {}
         leased_skipped = leased_kept = 0
         revision = 0
-        limit = max(1, min(b.page_size, 4))  # the first page is small: nothing is known of value sizes yet
-        key = start
-        first = True
         pages = 0
-        while True:
-            req = rpc.RangeRequest(key=key, range_end=end, limit=limit, revision=revision)
-            try:
-                resp = self.kv.Range(req, timeout=self.timeout, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and limit > 1:
-                    limit = max(1, limit // 4)  # a page was larger than the receive limit: shrink, retry
-                    continue
-                if self._expired(exc):
-                    self._reauth()
-                    continue
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise SourceError(
-                        f"a single etcd key at {self.label} is larger than max_message_bytes "
-                        f"({b.max_message_bytes} bytes); raise it on the block"
-                    ) from None
-                raise self._wrap(exc, "reading " + display_key(key)) from None
-            pages += 1
-            if first:
-                first = False
-                revision = resp.header.revision
-                stats.info.update(
-                    revision=revision,
-                    cluster_id=f"{resp.header.cluster_id:x}",
-                    member_id=f"{resp.header.member_id:x}",
-                    endpoint=self.endpoint,
-                    point_in_time=True,
-                )
-                if self.prefix:
-                    self._note_prefix_key(revision, stats)
-                if exact is not None:
-                    ex = self._call(
-                        self.kv.Range, rpc.RangeRequest(key=exact, revision=revision), "reading " + display_key(exact)
+        # The first page is small (nothing is known of value sizes yet); later pages grow
+        # at most GROWTH times per page and are sized by bytes to stay near page_bytes.
+        req = rpc.RangeRequest(key=start, range_end=end, limit=max(1, min(b.page_size, 4)))
+        pending: Any = self._range_future(req)
+        try:
+            while pending is not None:
+                resp, req = self._range_result(pending, req)
+                pages += 1
+                kvs: Any = resp.kvs
+                if revision == 0:
+                    revision = resp.header.revision
+                    stats.info.update(
+                        revision=revision,
+                        cluster_id=f"{resp.header.cluster_id:x}",
+                        member_id=f"{resp.header.member_id:x}",
+                        endpoint=self.endpoint,
+                        point_in_time=True,
                     )
-                    kvs: Any = list(ex.kvs) + list(resp.kvs)
-                else:
-                    kvs = resp.kvs
-            else:
-                kvs = resp.kvs
-            for kv in kvs:
-                lease = kv.lease
-                meta: dict[str, Any] = {
-                    "create_revision": kv.create_revision,
-                    "mod_revision": kv.mod_revision,
-                    "version": kv.version,
-                }
-                if lease:
-                    if not include_leased:
-                        leased_skipped += 1
-                        continue
-                    ttl = ttls.get(lease)
-                    if ttl is None:
-                        ttl = ttls[lease] = self._time_to_live(lease)
-                    if ttl[0] <= 0:
-                        stats.vanished += 1  # its lease expired while we read: gone from the store now
-                        continue
-                    meta["lease"] = {"id": lease, "ttl": ttl[0], "granted_ttl": ttl[1]}
-                    leased_kept += 1
-                yield Record(kv.key[cut:] if cut else kv.key, kv.value, meta)
-            if not resp.more or not resp.kvs:
-                break
-            key = resp.kvs[-1].key + b"\0"
-            # Size the next page from what this one weighed, so it stays near page_bytes.
-            per_key = max(1, resp.ByteSize() // max(1, len(resp.kvs)))
-            limit = max(1, min(b.page_size, limit * 4, b.page_bytes // per_key))
+                    if self.prefix:
+                        self._note_prefix_key(revision, stats)
+                    if exact is not None:
+                        ex = self._call(
+                            self.kv.Range, rpc.RangeRequest(key=exact, revision=revision),
+                            "reading " + display_key(exact),
+                        )
+                        kvs = list(ex.kvs) + list(kvs)
+                pending = None
+                if resp.more and resp.kvs:
+                    per_key = max(1, resp.ByteSize() // len(resp.kvs))
+                    limit = max(1, min(b.page_size, req.limit * GROWTH, b.page_bytes // per_key))
+                    req = rpc.RangeRequest(
+                        key=resp.kvs[-1].key + b"\0", range_end=end, limit=limit, revision=revision
+                    )
+                    pending = self._range_future(req)
+                for kv in kvs:
+                    lease = kv.lease
+                    meta: dict[str, Any] = {
+                        "create_revision": kv.create_revision,
+                        "mod_revision": kv.mod_revision,
+                        "version": kv.version,
+                    }
+                    if lease:
+                        if not include_leased:
+                            leased_skipped += 1
+                            continue
+                        ttl = ttls.get(lease)
+                        if ttl is None:
+                            ttl = ttls[lease] = self._time_to_live(lease)
+                        if ttl[0] <= 0:
+                            stats.vanished += 1  # its lease expired while we read: gone from the store now
+                            continue
+                        meta["lease"] = {"id": lease, "ttl": ttl[0], "granted_ttl": ttl[1]}
+                        leased_kept += 1
+                    yield Record(kv.key[cut:] if cut else kv.key, kv.value, meta)
+        finally:
+            if pending is not None:
+                pending.cancel()
         stats.skipped_ephemeral += leased_skipped
         stats.info["leased_skipped"] = leased_skipped
         stats.info["leased_kept"] = leased_kept
@@ -393,6 +389,31 @@ class EtcdSession:
             stats.warn(
                 f"{leased_skipped} leased keys were skipped (use --include-leased to keep them with their TTL)"
             )
+
+    def _range_future(self, req: rpc.RangeRequest) -> Any:
+        return self.kv.Range.future(req, timeout=self.timeout, metadata=self._metadata)
+
+    def _range_result(self, pending: Any, req: rpc.RangeRequest) -> tuple[Any, rpc.RangeRequest]:
+        """Wait for a Range page; shrink and re-ask when it was over the receive limit."""
+        while True:
+            try:
+                return pending.result(), req
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and req.limit > 1:
+                    # Larger than max_message_bytes (values grew suddenly): same page, fewer keys.
+                    req = rpc.RangeRequest(
+                        key=req.key, range_end=req.range_end, limit=max(1, req.limit // 4), revision=req.revision
+                    )
+                elif self._expired(exc):
+                    self._reauth()
+                elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise SourceError(
+                        f"a single etcd key at {self.label} is larger than max_message_bytes "
+                        f"({self.block.max_message_bytes} bytes); raise it on the block"
+                    ) from None
+                else:
+                    raise self._wrap(exc, "reading " + display_key(req.key)) from None
+                pending = self._range_future(req)
 
     def _note_prefix_key(self, revision: int, stats: WalkStats) -> None:
         resp = self._call(

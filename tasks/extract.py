@@ -47,15 +47,24 @@ def extract_records(source: SourceBlock, root: str, workdir: Path) -> Extracted:
     session = source.connect()
     try:
         with open(spool, "wb") as out, progress.stage(f"extract {url}") as advance:
+            lines: list[bytes] = []  # written, hashed and counted 1000 lines at a time
             for record in session.walk(root.encode("utf-8"), stats):
-                line = encode_record(record)
-                out.write(line)
-                sha.update(line)
-                keys += 1
+                lines.append(encode_record(record))
                 raw += len(record.key) + len(record.value)
-                content += len(line)
-                if keys % 1000 == 0:
-                    advance(1000)
+                if len(lines) >= 1000:
+                    chunk = b"".join(lines)
+                    out.write(chunk)
+                    sha.update(chunk)
+                    content += len(chunk)
+                    keys += len(lines)
+                    advance(len(lines))
+                    lines.clear()
+            if lines:
+                chunk = b"".join(lines)
+                out.write(chunk)
+                sha.update(chunk)
+                content += len(chunk)
+                keys += len(lines)
     finally:
         session.close()
     seconds = time.monotonic() - started
