@@ -30,7 +30,7 @@ class WireLogFilter(logging.Filter):
 
 
 #: Loggers of client libraries that print credentials or values at DEBUG.
-WIRE_LOGGERS = ("burrow.kazoo", "kazoo")
+WIRE_LOGGERS = ("burrow.kazoo", "kazoo", "kazoo.client", "kazoo.protocol.connection")
 _wire_filter = WireLogFilter()
 
 

@@ -248,12 +248,15 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_cli_refuses_unencrypted_backup_and_runs_the_symmetric_path(cli, capsys, zk_a, zk_b, store, tmp_path):
+def test_cli_refuses_unencrypted_backup_and_runs_the_symmetric_path(
+    cli, capsys, zk_a, zk_b, store, tmp_path, monkeypatch
+):
     root = unique_root()
     before = seed(zk_a.url, root)
-    env = {k: "" for k in ("BURROW_KEY_FILE", "BURROW_KEY", "BURROW_RECIPIENTS", "BURROW_PASSPHRASE_ENV")}
-    r = cli("backup", f"zk://{zk_a.url}", "--to", str(store), "--root", root, env=env)
-    assert r.code == 2 and "refuses to write the archive" in r.error_line and "--no-encryption" in r.error_line
+    for var in ("BURROW_KEY_FILE", "BURROW_KEY", "BURROW_RECIPIENTS", "BURROW_PASSPHRASE_ENV", "BURROW_KEY_BLOCK"):
+        monkeypatch.delenv(var, raising=False)
+    code, _, err = run_main(capsys, "backup", f"zk://{zk_a.url}", "--to", str(store), "--root", root)
+    assert code == 2 and "refuses to write the archive" in err and "--no-encryption" in err, err
     assert not list(store.rglob("*.burrow"))
 
     key = tmp_path / "backup.key"
