@@ -136,6 +136,7 @@ class ConsulSession:
             trust_env=False,
         )
         self._pool: ThreadPoolExecutor | None = None
+        self._listing = True  # lookups may list a batch's common prefix first
         name = block.tls_server_name or os.environ.get(ENV_SERVER_NAME)
         self._extensions = {"sni_hostname": name} if name and block.http_scheme == "https" else None
         try:
@@ -330,12 +331,52 @@ class ConsulSession:
 
     # -- restore ------------------------------------------------------------------------
     def lookup(self, keys: list[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+        wanted = list(range(len(keys)))
+        if len(keys) >= 16 and self._listing:
+            # One key listing of the batch's common prefix says which keys exist at all;
+            # only those are then read (one small request per batch into an empty target).
+            present = self._present_under_prefix([self.full_key(k) for k in keys])
+            if present is not None:
+                wanted = [i for i, k in enumerate(keys) if self.full_key(k) in present]
+        if not wanted:
+            return out
         n = max(1, min(self.block.txn_ops, MAX_TXN_OPS))
-        chunks = [keys[i : i + n] for i in range(0, len(keys), n)]
-        out: list[bytes | None] = []
-        for values in self._map(self._lookup_chunk, chunks):
-            out.extend(values)
+        chunks = [wanted[i : i + n] for i in range(0, len(wanted), n)]
+        for chunk, values in zip(chunks, self._map(self._lookup_chunk, [[keys[i] for i in c] for c in chunks]),
+                                 strict=True):
+            for i, v in zip(chunk, values, strict=True):
+                out[i] = v
         return out
+
+    def _present_under_prefix(self, full: list[str]) -> set[str] | None:
+        """Keys that exist under the common prefix of ``full``, or None when that listing
+        would be much larger than the batch (then listings are not tried again)."""
+        prefix = os.path.commonprefix(full)
+        if prefix.startswith("/") or "//" in prefix:
+            return None  # not addressable in a URL path
+        cap = max(64 * 1024, 4 * sum(len(k) + 4 for k in full))
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            with self.http.stream(
+                "GET", "/v1/kv/" + quote(prefix, safe="/"), params={**self.params, "keys": ""},
+                extensions=self._extensions,
+            ) as resp:
+                if resp.status_code == 404:
+                    return set()
+                if resp.status_code != 200:
+                    self._listing = False  # e.g. a token that may read keys but not list them
+                    return None
+                for chunk in resp.iter_raw(65536):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > cap:
+                        self._listing = False  # the target holds far more under these prefixes
+                        return None
+        except httpx.HTTPError:
+            return None  # the point lookups that follow report any real trouble
+        return set(orjson.loads(b"".join(chunks)))
 
     def _lookup_chunk(self, keys: list[bytes]) -> list[bytes | None]:
         values: list[bytes | None] = [None] * len(keys)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -266,26 +267,34 @@ class EtcdSession:
         with self._auth_lock:
             self._authenticate()
 
-    def _many(self, method: Callable[..., Any], requests: list[Any], action: str) -> list[Any]:
-        """Run unary calls with up to ``window`` in flight; results in request order."""
+    def _many(self, method: Callable[..., Any], requests: Iterable[Any], action: str) -> list[Any]:
+        """Run unary calls with up to ``window`` in flight (a sliding window over a lazily
+        built request stream, so building requests overlaps the server's work); results
+        come back in request order."""
         window = max(1, self.block.window)
-        out: list[Any] = [None] * len(requests)
-        for start in range(0, len(requests), window):
-            futures = [
-                (i, method.future(requests[i], timeout=self.timeout, metadata=self._metadata))
-                for i in range(start, min(len(requests), start + window))
-            ]
-            for i, fut in futures:
-                try:
-                    out[i] = fut.result()
-                except grpc.RpcError as exc:
-                    if self._expired(exc):
-                        self._reauth()
-                        out[i] = self._call(method, requests[i], action)
-                        continue
-                    for _, other in futures:
-                        other.cancel()
-                    raise self._wrap(exc, action) from None
+        out: list[Any] = []
+        inflight: deque[tuple[int, Any, Any]] = deque()
+
+        def collect() -> None:
+            i, fut, req = inflight.popleft()
+            try:
+                out[i] = fut.result()
+            except grpc.RpcError as exc:
+                if self._expired(exc):
+                    self._reauth()
+                    out[i] = self._call(method, req, action)
+                    return
+                for _, other, _ in inflight:
+                    other.cancel()
+                raise self._wrap(exc, action) from None
+
+        for i, req in enumerate(requests):
+            out.append(None)
+            inflight.append((i, method.future(req, timeout=self.timeout, metadata=self._metadata), req))
+            if len(inflight) >= window:
+                collect()
+        while inflight:
+            collect()
         return out
 
     # -- keys ---------------------------------------------------------------------------
@@ -433,6 +442,35 @@ class EtcdSession:
 
     # -- restore ------------------------------------------------------------------------
     def lookup(self, keys: list[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(keys)
+        wanted = list(range(len(keys)))
+        if len(keys) >= 16:
+            # One keys-only Range over the batch's key interval says which keys exist at
+            # all; only those are then read. (Restoring into an empty or sparse target
+            # costs one small request per batch instead of one txn per 128 keys.)
+            present = self._present_in_interval([self.full_key(k) for k in keys])
+            if present is not None:
+                wanted = [i for i, k in enumerate(keys) if self.full_key(k) in present]
+        if not wanted:
+            return out
+        for i, v in zip(wanted, self._lookup_values([keys[i] for i in wanted]), strict=True):
+            out[i] = v
+        return out
+
+    def _present_in_interval(self, full: list[bytes]) -> set[bytes] | None:
+        """The keys between min(full) and max(full) that exist, or None when there are many
+        more of them than in ``full`` (then point lookups are cheaper)."""
+        lo, hi = min(full), max(full)
+        resp = self._call(
+            self.kv.Range,
+            rpc.RangeRequest(key=lo, range_end=hi + b"\0", keys_only=True, limit=2 * len(full) + 1),
+            "listing keys",
+        )
+        if resp.more:
+            return None
+        return {kv.key for kv in resp.kvs}
+
+    def _lookup_values(self, keys: list[bytes]) -> list[bytes | None]:
         n = max(1, min(self.block.txn_ops, 128))
         chunks = [keys[i : i + n] for i in range(0, len(keys), n)]
         try:
@@ -526,19 +564,27 @@ class EtcdSession:
 
     def _guarded(self, records: list[Record]) -> rpc.TxnRequest:
         keys = [self.full_key(r.key) for r in records]
+        lo, hi = min(keys), max(keys)
         return rpc.TxnRequest(
             compare=[
                 rpc.Compare(key=k, result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, version=0) for k in keys
             ],
             success=[self._put(r) for r in records],
-            # When the guard fails, say which keys exist, in the same round trip.
-            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k, count_only=True)) for k in keys],
+            # When the guard fails, list the keys of the batch's interval that exist, in
+            # the same round trip.
+            failure=[
+                rpc.RequestOp(
+                    request_range=rpc.RangeRequest(
+                        key=lo, range_end=hi + b"\0", keys_only=True, limit=2 * len(keys) + 1
+                    )
+                )
+            ],
         )
 
     def create(self, records: list[Record]) -> list[bool]:
         results: list[bool | None] = [None] * len(records)
         batches = self._batches(records)
-        requests = [self._guarded([records[i] for i in batch]) for batch in batches]
+        requests = (self._guarded([records[i] for i in batch]) for batch in batches)
         responses = self._many(self.kv.Txn, requests, "creating keys")
         retry: list[int] = []
         for batch, resp in zip(batches, responses, strict=True):
@@ -547,16 +593,32 @@ class EtcdSession:
                     results[i] = True
                 continue
             # Some keys exist: they are left alone; the rest are created one guarded txn each.
-            for i, r in zip(batch, resp.responses, strict=True):
-                if r.response_range.count:
+            listed = resp.responses[0].response_range
+            if listed.more:
+                exists = set(self._existing([self.full_key(records[i].key) for i in batch]))
+            else:
+                exists = {kv.key for kv in listed.kvs}
+            for i in batch:
+                if self.full_key(records[i].key) in exists:
                     results[i] = False
                 else:
                     retry.append(i)
         if retry:
-            singles = self._many(self.kv.Txn, [self._guarded([records[i]]) for i in retry], "creating keys")
+            singles = self._many(self.kv.Txn, (self._guarded([records[i]]) for i in retry), "creating keys")
             for i, resp in zip(retry, singles, strict=True):
                 results[i] = bool(resp.succeeded)
         return [bool(x) for x in results]
+
+    def _existing(self, keys: list[bytes]) -> list[bytes]:
+        """Which of ``keys`` (at most txn_ops) exist now."""
+        resp = self._call(
+            self.kv.Txn,
+            rpc.TxnRequest(
+                success=[rpc.RequestOp(request_range=rpc.RangeRequest(key=k, count_only=True)) for k in keys]
+            ),
+            "reading keys",
+        )
+        return [k for k, r in zip(keys, resp.responses, strict=True) if r.response_range.count]
 
     def close(self) -> None:
         self.channel.close()
