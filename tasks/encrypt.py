@@ -160,22 +160,30 @@ class _EncryptingWriter(io.RawIOBase):
     def write(self, b: Any) -> int:
         if self._finished:
             raise ValueError("write to a finished encryption stream")
-        n = len(b)
-        self._buf += b
+        data = memoryview(b).cast("B")
+        n = len(data)
         chunk = self._chunk
         # Keep at least one byte back: the last chunk must be flagged, and we only know
         # which one is last at close().
-        if len(self._buf) > chunk:
-            view = memoryview(self._buf)
-            pos = 0
-            while len(self._buf) - pos > chunk:
-                nonce = _nonce(self._prefix, self._counter, False)
-                self._sink.write(self._aead.encrypt(nonce, view[pos : pos + chunk], None))
-                self._counter += 1
-                pos += chunk
-            view.release()
-            del self._buf[:pos]
+        if len(self._buf) + n <= chunk:
+            self._buf += data
+            return n
+        pos = 0
+        if self._buf:  # top up the pending partial chunk first
+            pos = chunk - len(self._buf)
+            self._buf += data[:pos]
+            self._seal(self._buf)
+            self._buf = bytearray()
+        while n - pos > chunk:  # whole chunks straight from the caller's buffer, no copy
+            self._seal(data[pos : pos + chunk])
+            pos += chunk
+        self._buf += data[pos:]
         return n
+
+    def _seal(self, plaintext: Any) -> None:
+        nonce = _nonce(self._prefix, self._counter, False)
+        self._sink.write(self._aead.encrypt(nonce, plaintext, None))
+        self._counter += 1
 
     def close(self) -> None:
         if not self._finished and not self.closed:

@@ -352,3 +352,33 @@ def test_no_encryption_flow_parameter_and_refusal(zk_a, store, monkeypatch):
     assert not list(store.rglob("*.burrow"))
     s = backup(source=src, store=str(store), root=root, encryption=False)
     assert s["encrypted"] is False and s["verified"] == "full"
+
+
+def test_chunking_is_canonical_whatever_the_write_sizes():
+    """The STREAM writer seals the same chunks however the compressor hands it bytes."""
+    import random
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from tasks.encrypt import _DecryptingReader, _EncryptingWriter
+
+    rng = random.Random(5)
+    aead, prefix = AESGCM(os.urandom(32)), os.urandom(7)
+    for total in (0, 1, 1023, 1024, 1025, 2048, 2049, 7777):
+        data = os.urandom(total)
+        whole = io.BytesIO()
+        w = _EncryptingWriter(whole, aead, prefix, 1024)
+        w.write(data)
+        w.close()
+        pieces = io.BytesIO()
+        w = _EncryptingWriter(pieces, aead, prefix, 1024)
+        pos = 0
+        while pos < total:
+            step = rng.choice([1, 7, 1023, 1024, 1025, 3000])
+            w.write(data[pos : pos + step])
+            pos += step
+        w.close()
+        assert pieces.getvalue() == whole.getvalue()
+        assert len(whole.getvalue()) == total + 16 * max(1, -(-total // 1024))
+        reader = _DecryptingReader(io.BufferedReader(io.BytesIO(whole.getvalue())), aead, prefix, 1024, "t")
+        assert reader.read() == data
