@@ -58,14 +58,17 @@ def verify(
             decrypted_with=keys.opened_by if keys else None,
             status="ok",
             url=store.url(name),
-            service=m["service"],
+            service=m.get("service"),
             source=m.get("source"),
-            keys=m["keys"],
-            raw_bytes=m["raw_bytes"],
-            content_sha256=m["content_sha256"],
-            created=m["created"],
+            keys=m.get("keys"),
+            raw_bytes=m.get("raw_bytes"),
+            content_sha256=m.get("content_sha256"),
+            created=m.get("created"),
             encrypted=m.get("encrypted", False),
         )
+        enc = m.get("encryption") if isinstance(m.get("encryption"), dict) else {}
+        if enc.get("encrypted"):
+            summary.update(encryption=enc.get("mode"), key_fingerprints=enc.get("fingerprints"))
         return summary
     except BurrowError as exc:
         summary["error"] = str(exc)

@@ -264,6 +264,7 @@ def test_no_secret_leaks_anywhere(
         ArtifactFilter,
         ArtifactFilterFlowRunId,
         FlowRunFilter,
+        FlowRunFilterId,
         FlowRunFilterStartTime,
         LogFilter,
         LogFilterFlowRunId,
@@ -284,6 +285,11 @@ def test_no_secret_leaks_anywhere(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)), limit=200
         )
+        failed = [st.state_details.flow_run_id for st in states if st.is_failed()]
+        failed_tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=failed)))
+    # a failed check (wrong key, corrupt archive, refused credentials) is never retried
+    assert len(failed) == 9 and failed_tasks
+    assert all(tr.run_count <= 1 for tr in failed_tasks), [(tr.name, tr.run_count) for tr in failed_tasks]
     assert artifacts and api_logs
     assert str(key_file) in params and PASS_VAR in params  # references are recorded, as intended
 
