@@ -14,6 +14,7 @@ from burrow import naming, report
 from burrow.errors import BurrowError
 from burrow.keys import KeyRefs, resolve_keyring
 from burrow.resolve import archive_from_ref, source_from_ref
+from burrow.runlog import logger
 from burrow.staging import staging_dir
 from tasks.download import download
 from tasks.encrypt import ArchiveKeys
@@ -68,6 +69,11 @@ def restore(
             manifest = validate(local, keys, label=store.url(name))
             if keys.opened_by:
                 summary["decrypted_with"] = keys.opened_by
+            elif not manifest.get("encrypted"):
+                logger().warning(
+                    "%s is not encrypted: its checksums catch accidents, but nothing authenticates it",
+                    store.url(name),
+                )
             summary.update(
                 service=manifest["service"], source=manifest.get("source"), archive_keys=manifest["keys"],
                 content_sha256=manifest["content_sha256"],
