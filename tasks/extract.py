@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from blocks.source import SourceBlock, WalkStats
 from burrow import progress
 from burrow.errors import should_retry
+from burrow.perf import gc_paused
 from burrow.records import encode_record
 from burrow.runlog import logger
 
@@ -34,6 +35,7 @@ class Extracted:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@gc_paused
 def extract_records(source: SourceBlock, root: str, workdir: Path) -> Extracted:
     """Walk ``source`` below ``root`` and write every record to ``workdir``."""
     log = logger()

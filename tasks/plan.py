@@ -19,6 +19,7 @@ from burrow import progress
 from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.errors import should_retry
 from burrow.paths import KeyMapper, folded_folder, translate
+from burrow.perf import gc_paused
 from burrow.records import Record, display_key, encode_record
 from burrow.runlog import logger
 
@@ -130,6 +131,7 @@ class Planner:
                         plan.conflict_paths.append(display_key(r.key))
 
 
+@gc_paused
 def plan_restore(
     archive_path: Path,
     target: SourceBlock,

@@ -13,11 +13,13 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.source import SourceBlock
 from burrow import progress
+from burrow.perf import gc_paused
 from burrow.records import Record, display_key, read_records
 from burrow.runlog import logger
 from tasks.plan import LIST_LIMIT, Plan
 
-BATCH = 2000
+BATCH = 20_000  # records handed to the target at once (it pipelines them in transactions)
+BATCH_BYTES = 32 * 1024 * 1024  # ... unless their values add up to this first
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Replayed:
     seconds: float = 0.0
 
 
+@gc_paused
 def replay_plan(plan: Plan, target: SourceBlock) -> Replayed:
     """Execute the creates of ``plan`` against ``target``."""
     log = logger()
@@ -43,12 +46,14 @@ def replay_plan(plan: Plan, target: SourceBlock) -> Replayed:
         total = plan.to_create + plan.intermediate
         with open(plan.ops_path, "rb") as f, progress.stage(f"restore into {plan.target}", total=total) as advance:
             batch: list[Record] = []
+            size = 0
             for rec in read_records(f):
                 batch.append(rec)
-                if len(batch) >= BATCH:
+                size += len(rec.value)
+                if len(batch) >= BATCH or size >= BATCH_BYTES:
                     _apply(session, batch, done)
                     advance(len(batch))
-                    batch = []
+                    batch, size = [], 0
             if batch:
                 _apply(session, batch, done)
                 advance(len(batch))

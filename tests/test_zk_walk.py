@@ -187,3 +187,39 @@ def test_redacted_acls_are_reported_and_never_restored_verbatim(zk_a, zk_b, stor
         acl, _ = c.get_acls(root + "/locked")
     assert data == secret
     assert list(acl) == list(OPEN_ACL_UNSAFE)  # the target block's default ACL, not "digest backup:x"
+
+
+def test_walk_modes_agree_on_a_larger_tree(zk_a):
+    """multiRead or plain requests, one or several connections, tiny or large windows, with
+    a chroot: the same records, parents first."""
+    from zkutil import snapshot
+
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root, b"top")
+        t = c.transaction()
+        for i in range(20):
+            t.create(f"{root}/p{i:02d}", f"p{i}".encode())
+        t.commit()
+        for i in range(20):
+            t = c.transaction()
+            for j in range(100):
+                t.create(f"{root}/p{i:02d}/c{j:03d}", os.urandom(40))
+            assert all(r is not None and not isinstance(r, Exception) for r in t.commit())
+        for k in range(4):
+            c.create(f"{root}/big{k}", os.urandom(1024 * 1024 - 512))
+        expected = snapshot(c, root)
+    assert len(expected) == 1 + 20 + 2000 + 4
+    for kw in ({}, {"multi_read": False, "read_connections": 1},
+               {"read_group": 7, "read_window": 60, "read_connections": 3}):
+        recs, stats = walk(zk_a.url, root, **kw)
+        assert len(recs) == len(expected), kw
+        assert {r.key.decode(): r.value for r in recs} == expected, kw
+        seen = set()
+        for r in recs:
+            assert r.key == root.encode() or r.key.rsplit(b"/", 1)[0] in seen, (kw, r.key)
+            seen.add(r.key)
+    recs, _ = walk(zk_a.url, "/", chroot=root)
+    assert {r.key.decode(): r.value for r in recs} == {
+        p.removeprefix(root): v for p, v in expected.items() if p != root
+    }

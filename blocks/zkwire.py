@@ -1,0 +1,358 @@
+"""A minimal, single-threaded ZooKeeper client connection for bulk work: pipelined reads
+(getData, getACL, getChildren) and multi creates.
+
+Why not kazoo for these: kazoo runs every request through its I/O thread, with a select(),
+a wake-up write and a condition variable per request, which caps a walk at a few thousand
+nodes per second. Here many requests go out in one send and replies are parsed straight
+from a receive buffer, in order, by the caller's thread. Kazoo still does everything else
+(the session Burrow reports errors on, single creates, ensure_path) and this module reuses
+its wire serialization and exception classes.
+
+ZooKeeper answers the requests of one session strictly in order, so a reply belongs to the
+oldest outstanding request. Errors come back as kazoo exception instances/classes.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import struct
+import time
+from collections import deque
+from typing import Any
+
+from kazoo.exceptions import EXCEPTIONS, AuthFailedError, ConnectionLoss, SessionExpiredError
+from kazoo.protocol.serialization import Connect
+
+_INT = struct.Struct("!i")
+_REPLY = struct.Struct("!iqi")  # xid, zxid, err
+_REQ = struct.Struct("!iii")  # length, xid, type
+_STAT = struct.Struct("!qqqqiiiqiiq")
+_MULTI = struct.Struct("!iBi")  # type, done, err
+STAT_SIZE = _STAT.size
+
+OP_CREATE, OP_DELETE, OP_GETDATA, OP_GETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 2, 4, 6, 8, 14, -11, 100
+OP_MULTI_READ = 22  # ZooKeeper 3.6+: many getData/getChildren in one request
+AUTH_XID = -4
+NO_WATCH = b"\x00"
+RECV_SIZE = 1 << 18
+MAX_FRAME = 1 << 30
+
+#: Stat tuple indexes (ZooKeeper's field order).
+CZXID, MZXID, CTIME, MTIME, VERSION, CVERSION, AVERSION, EPHEMERAL_OWNER, DATA_LENGTH, NUM_CHILDREN, PZXID = range(11)
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return _INT.pack(len(b)) + b
+
+
+def _buffer(b: bytes | None) -> bytes:
+    return _INT.pack(-1) if b is None else _INT.pack(len(b)) + b
+
+
+def error_for(code: int) -> Exception:
+    """The kazoo exception for a ZooKeeper error code."""
+    return EXCEPTIONS[code]()
+
+
+class WireSession:
+    """One ZooKeeper session on a raw socket. Not thread-safe; use from one thread."""
+
+    def __init__(
+        self,
+        hosts: list[str],
+        *,
+        chroot: str | None = None,
+        auth: list[tuple[str, str]] | None = None,
+        session_timeout: float = 15.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.prefix = "/" + chroot.strip("/") if chroot and chroot.strip("/") else ""
+        self.timeout = session_timeout
+        self._xid = 0
+        self._expect: deque[int] = deque()
+        self._out = bytearray()
+        self._buf = bytearray()
+        self._pos = 0
+        self._acl_cache: dict[tuple, bytes] = {}
+        self.sock = self._connect(hosts, connect_timeout, session_timeout)
+        try:
+            for scheme, credential in auth or []:
+                body = _INT.pack(0) + _string(scheme) + _buffer(credential.encode("utf-8"))
+                self._out += _REQ.pack(8 + len(body), AUTH_XID, OP_AUTH) + body
+                self._expect.append(AUTH_XID)
+                self.flush()
+                _, err, _ = self.reply()
+                if err:
+                    raise AuthFailedError()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    # -- connection ---------------------------------------------------------------------
+    def _connect(self, hosts: list[str], connect_timeout: float, session_timeout: float) -> socket.socket:
+        last: BaseException | None = None
+        deadline = time.monotonic() + connect_timeout
+        for hostport in hosts:
+            host, _, port = hostport.rpartition(":")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                sock = socket.create_connection((host.strip("[]"), int(port)), timeout=left)
+            except OSError as exc:
+                last = exc
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                request = bytes(Connect(0, 0, int(session_timeout * 1000), 0, b"\x00" * 16, False).serialize())
+                sock.sendall(_INT.pack(len(request)) + request)
+                self.sock = sock
+                frame = self._frame()
+                response, _ = Connect.deserialize(frame, 0)
+                if response.time_out <= 0:
+                    raise SessionExpiredError()
+                sock.settimeout(session_timeout)
+                return sock
+            except (OSError, ConnectionLoss, SessionExpiredError) as exc:
+                sock.close()
+                last = exc
+        raise ConnectionLoss(f"cannot open a session: {type(last).__name__ if last else 'timeout'}")
+
+    def close(self) -> None:
+        """End the session politely (so the server frees it now), then close the socket."""
+        try:
+            self._xid += 1
+            self.sock.settimeout(1.0)
+            self.sock.sendall(bytes(self._out) + _REQ.pack(8, self._xid, OP_CLOSE))
+        except OSError:
+            pass
+        finally:
+            self._out.clear()
+            self.sock.close()
+
+    # -- sending ------------------------------------------------------------------------
+    def _queue(self, op: int, body: bytes) -> None:
+        self._xid = (self._xid % 0x7FFFFFF0) + 1
+        self._out += _REQ.pack(8 + len(body), self._xid, op)
+        self._out += body
+        self._expect.append(self._xid)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._expect)
+
+    def _path(self, path: str) -> str:
+        if not self.prefix:
+            return path
+        return self.prefix if path == "/" else self.prefix + path
+
+    def get_data(self, path: str) -> None:
+        self._queue(OP_GETDATA, _string(self._path(path)) + NO_WATCH)
+
+    def get_acl(self, path: str) -> None:
+        self._queue(OP_GETACL, _string(self._path(path)))
+
+    def get_children(self, path: str) -> None:
+        self._queue(OP_GETCHILDREN, _string(self._path(path)) + NO_WATCH)
+
+    def multi_read(self, op: int, paths: list[str]) -> None:
+        """Queue one multiRead of getData (``op=OP_GETDATA``) or getChildren ops."""
+        head = _MULTI.pack(op, 0, -1)
+        path = self._path
+        parts = [head + _string(path(p)) + NO_WATCH for p in paths]
+        parts.append(_MULTI.pack(-1, 1, -1))
+        self._queue(OP_MULTI_READ, b"".join(parts))
+
+    def multi_create(self, ops: list[tuple[str, bytes, tuple[tuple[int, str, str], ...]]]) -> None:
+        """Queue one multi transaction creating ``(path, data, ((perms, scheme, id), ...))``."""
+        parts = []
+        head = _MULTI.pack(OP_CREATE, 0, -1)
+        prefix = self.prefix
+        acl_cache = self._acl_cache
+        for path, data, acl in ops:
+            acl_bytes = acl_cache.get(acl)
+            if acl_bytes is None:
+                acl_bytes = _INT.pack(len(acl)) + b"".join(
+                    _INT.pack(perms) + _string(scheme) + _string(ident) for perms, scheme, ident in acl
+                )
+                if len(acl_cache) < 10000:
+                    acl_cache[acl] = acl_bytes
+            p = (prefix + path).encode("utf-8")
+            parts.append(head + _INT.pack(len(p)) + p + _INT.pack(len(data)) + data + acl_bytes + b"\x00\x00\x00\x00")
+        parts.append(_MULTI.pack(-1, 1, -1))
+        self._queue(OP_MULTI, b"".join(parts))
+
+    def flush(self) -> None:
+        """Send everything queued. Replies that arrive meanwhile are buffered, so a full
+        pipeline in both directions cannot deadlock."""
+        out = self._out
+        if not out:
+            return
+        view = memoryview(out)
+        sent = 0
+        sock = self.sock
+        try:
+            sock.setblocking(False)
+            while sent < len(view):
+                try:
+                    sent += sock.send(view[sent:])
+                    continue
+                except BlockingIOError:
+                    pass
+                with selectors.DefaultSelector() as sel:
+                    sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                    ready = sel.select(self.timeout)
+                if not ready:
+                    raise ConnectionLoss("timed out sending to ZooKeeper")
+                if ready[0][1] & selectors.EVENT_READ:
+                    chunk = sock.recv(RECV_SIZE)
+                    if not chunk:
+                        raise ConnectionLoss("ZooKeeper closed the connection")
+                    self._buf += chunk
+        except OSError as exc:
+            raise ConnectionLoss(f"socket error: {type(exc).__name__}") from None
+        finally:
+            view.release()
+            out.clear()
+            try:
+                sock.settimeout(self.timeout)
+            except OSError:
+                pass
+
+    # -- receiving ----------------------------------------------------------------------
+    def _frame(self) -> bytes:
+        buf = self._buf
+        while True:
+            pos = self._pos
+            avail = len(buf) - pos
+            if avail >= 4:
+                n = _INT.unpack_from(buf, pos)[0]
+                if not 0 <= n <= MAX_FRAME:
+                    raise ConnectionLoss(f"malformed reply from ZooKeeper (frame length {n})")
+                if avail >= 4 + n:
+                    self._pos = pos + 4 + n
+                    return bytes(buf[pos + 4 : pos + 4 + n])
+            if pos:
+                del buf[:pos]
+                self._pos = 0
+            try:
+                chunk = self.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                raise ConnectionLoss("ZooKeeper did not answer in time") from None
+            except OSError as exc:
+                raise ConnectionLoss(f"socket error: {type(exc).__name__}") from None
+            if not chunk:
+                raise ConnectionLoss("ZooKeeper closed the connection")
+            buf += chunk
+
+    def reply(self) -> tuple[bytes, int, int]:
+        """The next reply: ``(frame, err, offset of the body)``. ``err`` is 0 or a ZooKeeper
+        error code (see :func:`error_for`)."""
+        if self._out:
+            self.flush()
+        expected = self._expect.popleft()
+        while True:
+            frame = self._frame()
+            xid, _zxid, err = _REPLY.unpack_from(frame, 0)
+            if xid == expected:
+                return frame, err, _REPLY.size
+            if xid in (-1, -2):  # a watch event or ping reply: not ours
+                continue
+            raise ConnectionLoss(f"reply out of order (xid {xid}, expected {expected})")
+
+
+# -- reply parsers -------------------------------------------------------------------------
+
+
+def parse_data(frame: bytes, offset: int) -> tuple[bytes, tuple]:
+    n = _INT.unpack_from(frame, offset)[0]
+    offset += 4
+    if n < 0:
+        data = b""
+    else:
+        data = frame[offset : offset + n]
+        offset += n
+    return data, _STAT.unpack_from(frame, offset)
+
+
+def parse_acl(frame: bytes, offset: int) -> list[list[Any]]:
+    count = _INT.unpack_from(frame, offset)[0]
+    offset += 4
+    acl = []
+    unpack = _INT.unpack_from
+    for _ in range(max(count, 0)):
+        perms = unpack(frame, offset)[0]
+        n = unpack(frame, offset + 4)[0]
+        scheme = frame[offset + 8 : offset + 8 + n].decode("utf-8")
+        offset += 8 + n
+        n = unpack(frame, offset)[0]
+        ident = frame[offset + 4 : offset + 4 + n].decode("utf-8")
+        offset += 4 + n
+        acl.append([perms, scheme, ident])
+    return acl
+
+
+def parse_children(frame: bytes, offset: int) -> list[str]:
+    count = _INT.unpack_from(frame, offset)[0]
+    offset += 4
+    out = []
+    unpack = _INT.unpack_from
+    for _ in range(max(count, 0)):
+        n = unpack(frame, offset)[0]
+        out.append(frame[offset + 4 : offset + 4 + n].decode("utf-8"))
+        offset += 4 + n
+    return out
+
+
+def parse_multi_read(frame: bytes, offset: int) -> list[tuple[int, Any]]:
+    """Per-op ``(err, result)`` of a multiRead reply: result is ``(data, stat)`` for getData,
+    the child names for getChildren, None on error."""
+    out: list[tuple[int, Any]] = []
+    while True:
+        op, done, _err = _MULTI.unpack_from(frame, offset)
+        offset += _MULTI.size
+        if done:
+            return out
+        if op == OP_GETDATA:
+            n = _INT.unpack_from(frame, offset)[0]
+            offset += 4
+            data = frame[offset : offset + n] if n > 0 else b""
+            offset += max(n, 0)
+            out.append((0, (data, _STAT.unpack_from(frame, offset))))
+            offset += STAT_SIZE
+        elif op == OP_GETCHILDREN:
+            count = _INT.unpack_from(frame, offset)[0]
+            offset += 4
+            names = []
+            for _ in range(max(count, 0)):
+                n = _INT.unpack_from(frame, offset)[0]
+                names.append(frame[offset + 4 : offset + 4 + n].decode("utf-8"))
+                offset += 4 + n
+            out.append((0, names))
+        elif op == -1:
+            out.append((_INT.unpack_from(frame, offset)[0], None))
+            offset += 4
+        else:
+            raise ConnectionLoss(f"unexpected multiRead result type {op}")
+
+
+def parse_multi(frame: bytes, offset: int) -> list[int | None]:
+    """Per-op outcome of a multi reply of creates: None = created, else the error code
+    (0 = rolled back because another op failed)."""
+    codes: list[int | None] = []
+    while True:
+        op, done, _err = _MULTI.unpack_from(frame, offset)
+        offset += _MULTI.size
+        if done:
+            return codes
+        if op == -1:
+            codes.append(_INT.unpack_from(frame, offset)[0])
+            offset += 4
+        elif op == OP_CREATE:
+            n = _INT.unpack_from(frame, offset)[0]
+            offset += 4 + max(n, 0)
+            codes.append(None)
+        else:
+            raise ConnectionLoss(f"unexpected multi result type {op}")
