@@ -25,7 +25,24 @@ _registered: dict[str, SourceBlock] = {}
 
 
 def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
-    rest = url[len("zk://") :]
+    """``zk://[user:password@]h:p[,h:p][/chroot][?timeout=SECONDS]``; ``timeout`` is the
+    connect timeout (default: the block's, 10 s)."""
+    rest, _, query_s = url[len("zk://") :].partition("?")
+    options: dict = {}
+    if query_s:
+        try:
+            query = parse_qs(query_s, keep_blank_values=True, strict_parsing=True)
+        except ValueError:
+            raise UsageError("bad query string in a zk:// URL") from None
+        unknown = set(query) - {"timeout"}
+        if unknown:
+            raise UsageError(f"unknown zk URL option(s): {', '.join(sorted(unknown))} (known: timeout)")
+        try:
+            options["connect_timeout"] = float(query["timeout"][-1])
+        except ValueError:
+            raise UsageError("?timeout= takes a number of seconds") from None
+        if not 0 < options["connect_timeout"] <= 3600:
+            raise UsageError("?timeout= takes a number of seconds between 0 and 3600")
     userinfo = None
     if "@" in rest.split("/", 1)[0]:
         userinfo, rest = rest.split("@", 1)
@@ -41,7 +58,7 @@ def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
         user, _, password = userinfo.partition(":")
         kwargs["digest_user"] = unquote(user)
         kwargs["digest_password"] = SecretStr(unquote(password))
-    return ZooKeeperCluster(**kwargs)
+    return ZooKeeperCluster(**kwargs, **options)
 
 
 _HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")

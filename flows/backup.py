@@ -27,7 +27,7 @@ def _run_name() -> str:
     ref = str(params.get("source", "source"))
     scheme = ref.split("://", 1)[0].lower() if "://" in ref else ""
     tag = {"zk": "zk", "etcd": "etcd", "etcds": "etcd", "consul": "consul", "consuls": "consul"}.get(scheme, "block")
-    name = params.get("name") or ref
+    name = params.get("name") or ref.split("://", 1)[-1].split("?", 1)[0]  # the URL: scheme is in the tag
     return f"backup-{tag}-{naming.slug(str(name))}-{naming.stamp()}"
 
 
@@ -68,7 +68,8 @@ def backup(
             src = src.model_copy(update={"include_leased": True})
         dst = store_from_ref(store)
         dst.check(writable=True)  # fail before touching the cluster
-        source_name = naming.check_source_name(name or source)
+        # default: the block's name, or the URL as the block describes it (no credentials or options)
+        source_name = naming.check_source_name(name or (src.describe() if "://" in source else source))
         summary.update(service=src.service, source=source_name, source_url=src.describe(), store=dst.describe())
         refs = KeyRefs(
             key_files=[key_file] if key_file else [], key_env=key_env, recipients=list(recipients or []),
