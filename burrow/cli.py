@@ -231,7 +231,11 @@ def _report_restore(summary: dict[str, Any], dry_run: bool) -> int:
         "conflicts", "outside_subtree", "metadata_not_carried",
     ]
     print(", ".join(f"{k}={summary[k]}" for k in keys if k in summary))
-    if summary.get("conflicts"):
+    if summary.get("conflicts") and dry_run:
+        # A dry run skipped nothing: it succeeded, and says what a restore would leave alone.
+        print(f"burrow: {summary['conflicts']} existing keys differ from the archive and would be left as they are",
+              file=sys.stderr)
+    elif summary.get("conflicts"):
         print(
             f"burrow: {summary['conflicts']} existing keys differ from the archive and were left as they are",
             file=sys.stderr,

@@ -1,0 +1,158 @@
+"""The CLI contract, through the real ``burrow`` console script: backup prints the archive
+URL last, list/inspect/verify/dump read it back, restore reports conflicts with exit 3 and
+--dry-run writes nothing, usage errors exit 2. Independent commands run concurrently to keep
+the suite fast."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
+
+import pytest
+from conftest import run_cli
+from zkutil import full_snapshot, kazoo, unique_root
+
+SECRET_VALUE = b"s3cr3t-value-never-printed-by-restore"
+
+
+def last_stderr_line(r) -> str:
+    lines = r.err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def concurrently(*calls: tuple[str, ...]) -> list:
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return list(pool.map(lambda args: run_cli(*args), calls))
+
+
+@pytest.fixture(scope="module")
+def backed_up(zk_a, tmp_path_factory):
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root, b"top")
+        c.create(root + "/text", b"hello world")
+        c.create(root + "/bin", b"\x00\x01\xfe\xff")
+        c.create(root + "/empty", b"")
+        c.create(root + "/uni", "grüße ☃".encode())
+        c.create(root + "/secret", SECRET_VALUE)
+        c.create(root + "/dir/leaf", b"leaf", makepath=True)
+    store = tmp_path_factory.mktemp("cli-store")
+    r = run_cli("backup", f"zk://{zk_a.url}", "--to", str(store), "--name", "dc-cli", "--root", root,
+                "--no-encryption")
+    return root, store, r
+
+
+def test_backup_last_stdout_line_is_the_archive_url(backed_up):
+    root, store, r = backed_up
+    assert r.code == 0, r
+    url = r.last_line
+    assert url.startswith("file://") and url.endswith(".burrow"), r
+    path = unquote(url.removeprefix("file://"))
+    assert path.startswith(str(store.resolve())) and "/dc-cli/" in path
+    with open(path, "rb") as f:
+        assert f.read(4) == b"\x5b\x2a\x4d\x18"  # a zstd skippable frame: the header
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in-process (same code as the console script, without a new interpreter)."""
+    from burrow.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse usage errors
+        code = int(exc.code)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_list_inspect_verify_dump_read_it_back(backed_up, zk_a, capsys):
+    root, store, r = backed_up
+    url = r.last_line
+    ls_json, insp_json, dump = concurrently(
+        ("list", str(store), "--json"),
+        ("inspect", url, "--json", "--keys"),
+        ("dump", f"zk://{zk_a.url}", "--subtree", root),
+    )
+    for res in (ls_json, insp_json, dump):
+        assert res.code == 0, res
+    rows = json.loads(ls_json.out)
+    assert len(rows) == 1 and rows[0]["url"] == url
+    assert rows[0]["source"] == "dc-cli" and rows[0]["keys"] == 8 and rows[0]["service"] == "zookeeper"
+    assert rows[0]["encrypted"] is False
+
+    info = json.loads(insp_json.out)
+    assert info["source"] == "dc-cli" and info["keys"] == 8 and info["version"] == 1
+    assert info["service"] == "zookeeper" and info["root"] == root
+    assert sorted(info["key_list"]) == sorted(
+        [root] + [f"{root}/{n}" for n in ("text", "bin", "empty", "uni", "secret", "dir", "dir/leaf")]
+    )
+    assert SECRET_VALUE.decode() not in insp_json.out  # inspect shows no values
+
+    lines = {ln.split("  ")[0]: ln for ln in dump.out.splitlines()}
+    assert "'hello world'" in lines[f"{root}/text"]
+    assert "hex:0001feff" in lines[f"{root}/bin"]
+    assert "(empty)" in lines[f"{root}/empty"]
+    assert "grüße ☃" in lines[f"{root}/uni"]
+    assert "[4 B]" in lines[f"{root}/bin"]
+    assert "8 keys" in dump.err
+
+    code, out, _ = run_main(capsys, "list", f"file://{store}")
+    assert code == 0 and url in out and "dc-cli" in out and "keys=8" in out and "plain" in out
+    code, out, _ = run_main(capsys, "inspect", url)
+    assert code == 0 and "source: dc-cli" in out and "keys: 8" in out
+    code, out, _ = run_main(capsys, "verify", url)
+    assert code == 0 and out.strip().splitlines()[-1].startswith(f"ok: {url}: 8 keys")
+    code, out, _ = run_main(capsys, "dump", f"zk://{zk_a.url}", "--subtree", root + "/dir", "--no-values")
+    assert code == 0 and out.splitlines() == [f"{root}/dir  [0 B]", f"{root}/dir/leaf  [4 B]"]
+
+
+def test_restore_dry_run_writes_nothing_and_conflicts_exit_3(backed_up, zk_b):
+    root, store, r = backed_up
+    url = r.last_line
+    with kazoo(zk_b.url) as c:
+        c.create(root, b"top")  # identical
+        c.create(root + "/secret", b"target's own value")  # conflict
+        before = full_snapshot(c, root)
+
+        dry = run_cli("restore", url, "--into", f"zk://{zk_b.url}", "--dry-run")
+        assert dry.code == 0, dry
+        assert full_snapshot(c, root) == before
+        assert dry.out.startswith(f"dry run: nothing was written to zk://{zk_b.url}")
+        creates = {ln.split(None, 1)[1] for ln in dry.out.splitlines() if ln.startswith("create ")}
+        assert creates == {f"{root}/{n}" for n in ("text", "bin", "empty", "uni", "dir", "dir/leaf")}
+        assert f"conflict {root}/secret" in dry.out.splitlines()
+        assert "planned_create=6" in dry.last_line and "created=0" in dry.last_line
+
+        res = run_cli("restore", url, "--into", f"zk://{zk_b.url}")
+        assert res.code == 3, res
+        after = full_snapshot(c, root)
+        assert {p: after[p] for p in before} == before  # not a byte changed
+        assert c.get(root + "/text")[0] == b"hello world" and c.get(root + "/dir/leaf")[0] == b"leaf"
+    assert f"conflict {root}/secret" in res.out.splitlines()
+    assert "created=6" in res.last_line and "identical=1" in res.last_line and "conflicts=1" in res.last_line
+    assert "1 existing keys differ" in last_stderr_line(res)
+    assert SECRET_VALUE.decode() not in res.out + res.err and "target's own value" not in res.out + res.err
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    res = run_cli("backup", "foo://somewhere", "--to", str(tmp_path), "--no-encryption")
+    assert res.code == 2, res
+    assert last_stderr_line(res).startswith("burrow: error: unknown source URL scheme foo://"), res
+    for args, needle in [
+        (("restore", f"file://{tmp_path}/x.burrow", "--into", "ftp://host:21"), "unknown source URL scheme ftp://"),
+        (("restore", f"file://{tmp_path}/x.burrow", "--into", "zk://127.0.0.1:1", "--map", "no-equals-sign"),
+         "--map takes OLD=NEW"),
+        (("restore", f"{tmp_path}/not-an-archive.txt", "--into", "zk://127.0.0.1:1"), "does not name a .burrow"),
+        (("list", "ftp://host/dir"), "unknown store URL scheme ftp://"),
+        (("backup", "zk://127.0.0.1:1?bogus=1", "--to", str(tmp_path), "--no-encryption"), "unknown zk URL option"),
+        (("backup", "zk://127.0.0.1:1", "--to", str(tmp_path), "--level", "99", "--no-encryption"), "--level"),
+        (("backup", "zk://127.0.0.1:1"), "--to"),
+        (("frobnicate",), "invalid choice"),
+    ]:
+        code, out, err = run_main(capsys, *args)
+        assert code == 2, (args, out, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("burrow: error:") and needle in last, (args, err)
+    assert list(tmp_path.iterdir()) == []
