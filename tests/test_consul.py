@@ -23,6 +23,7 @@ from burrow.records import Record
 from burrow.resolve import register
 from flows.backup import backup
 from flows.restore import restore
+from tasks.extract import extract
 
 MASTER_TOKEN = "6e1c2b1a-0000-4000-8000-burrowmaster1"
 
@@ -118,6 +119,8 @@ def test_server_dying_mid_backup_fails_and_leaves_no_archive(tmp_path, store, mo
             yield from real_walk(self, root_b, stats)
 
         monkeypatch.setattr(ConsulSession, "walk", dying_walk)
+        # The extract task still retries this transient error twice, just without the 1 s + 5 s pauses.
+        monkeypatch.setattr("flows.backup.extract", extract.with_options(retry_delay_seconds=[0, 0]))
         with pytest.raises(SourceUnavailable, match="Consul"):
             backup(source=source_url("consul", server), store=str(store), **backup_kwargs())
         assert LocalStore(path=str(store)).list() == []
