@@ -114,11 +114,18 @@ class EtcdCluster(SourceBlock):
     window: int = Field(default=8, description="Requests in flight at once on restore and lookup")
 
     def uses_tls(self) -> bool:
-        return bool(self.tls or self.ca_cert or self.client_cert or self.client_key)
+        return bool(
+            self.tls or self.ca_cert or self.client_cert or self.client_key
+            or any(e.startswith("https://") for e in self.endpoints)
+        )
+
+    def hostports(self) -> list[str]:
+        """The endpoints as host:port (an ``http://`` or ``https://`` in front is accepted)."""
+        return [e.split("://", 1)[-1].rstrip("/") for e in self.endpoints]
 
     def describe(self) -> str:
         scheme = "etcds" if self.uses_tls() else "etcd"
-        base = f"{scheme}://{','.join(self.endpoints)}"
+        base = f"{scheme}://{','.join(self.hostports())}"
         p = _normalize_prefix(self.prefix).decode("utf-8")
         if not p:
             return base
@@ -190,7 +197,7 @@ class EtcdSession:
         if not b.endpoints:
             raise UsageError("an etcd cluster needs at least one endpoint")
         failures: list[str] = []
-        for endpoint in b.endpoints:
+        for endpoint in b.hostports():
             if creds is not None:
                 channel = grpc.secure_channel(endpoint, creds, options=options)
             else:
