@@ -171,9 +171,9 @@ def test_no_secret_leaks_anywhere(
         result = run(fn, **kw)
         assert isinstance(result, kind), result
 
+    root = "/secrets-" + TAG
     try:
         # -- ZooKeeper with digest auth: the canary value sits on a node only the canary user may read
-        root = "/secrets-" + TAG
         with kazoo(zk_a.url, auth=("canary", ZK_PASSWORD)) as c:
             acl = [make_digest_acl("canary", ZK_PASSWORD, all=True)]
             c.create(root + "/app", b"open", makepath=True)
@@ -257,6 +257,12 @@ def test_no_secret_leaks_anywhere(
     finally:
         for lg in unpropagated:
             lg.removeHandler(caplog.handler)
+        # the canary nodes are readable by the canary user only: remove them, so that walks of
+        # "/" by other tests (without that user's credentials) are not denied
+        for server in (zk_a, zk_b):
+            with kazoo(server.url, auth=("canary", ZK_PASSWORD)) as c:
+                if c.exists(root):
+                    c.delete(root, recursive=True)
 
     # ------------------------------------------------------------------ where secrets must not be
     from prefect.client.orchestration import get_client
