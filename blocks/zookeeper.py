@@ -136,6 +136,7 @@ class ZooKeeperSession:
             list(OPEN_ACL_UNSAFE) if block.default_acl == "open" else [ACL(Permissions.ALL, Id("auth", ""))]
         )
         self._default_acl_tuples = tuple((a.perms, a.id.scheme, a.id.id) for a in self._default_acl)
+        self._acl_seen: dict[tuple, tuple[tuple[int, str, str], ...]] = {}
 
     # -- errors -------------------------------------------------------------------------
     def _wrap(self, exc: BaseException, path: str, action: str) -> Exception:
@@ -448,7 +449,17 @@ class ZooKeeperSession:
         meta = record.meta.get("acl")
         if not meta:
             return self._default_acl_tuples
-        return tuple((int(p), str(s), str(i)) for p, s, i in meta)
+        try:
+            key: tuple | None = tuple(map(tuple, meta))
+            hit = self._acl_seen.get(key)  # most nodes share a handful of ACLs
+        except TypeError:
+            key = hit = None
+        if hit is not None:
+            return hit
+        acl = tuple((int(p), str(s), str(i)) for p, s, i in meta)
+        if key is not None and len(self._acl_seen) < 10000:
+            self._acl_seen[key] = acl
+        return acl
 
     def _wire_session(self) -> zkwire.WireSession:
         """The pipelined connection for bulk reads and creates (opened on first use)."""

@@ -167,6 +167,9 @@ def test_redacted_acls_are_reported_and_never_restored_verbatim(zk_a, zk_b, stor
             make_digest_acl("admin", "admin-pw", all=True),
         ])
         c.create(root + "/open", b"open")
+        # where the backup user has ADMIN the hash is visible: that ACL is restored exactly
+        full_acl = [make_digest_acl("backup", "backup-pw", all=True), make_acl("world", "anyone", read=True)]
+        c.create(root + "/adminable", b"adm", acl=full_acl)
     ref = register(ZooKeeperCluster(hosts=[zk_a.url], digest_user="backup", digest_password=SecretStr("backup-pw")))
     assert "backup-pw" not in ref
     s = backup(source=ref, store=str(store), root=root, encryption=False)
@@ -180,13 +183,16 @@ def test_redacted_acls_are_reported_and_never_restored_verbatim(zk_a, zk_b, stor
     assert {e[2] for e in locked.meta["acl"]} == {"backup:x", "admin:x"}
 
     r = restore(archive=s["url"], into=f"zk://{zk_b.url}")
-    assert r["created"] == 3 and r["conflicts"] == 0
+    assert r["created"] == 4 and r["conflicts"] == 0
     assert r["metadata_not_carried"] == {"acl (redacted by the source)": 1}
     with kazoo(zk_b.url) as c:
         data, _ = c.get(root + "/locked")
         acl, _ = c.get_acls(root + "/locked")
     assert data == secret
     assert list(acl) == list(OPEN_ACL_UNSAFE)  # the target block's default ACL, not "digest backup:x"
+    with kazoo(zk_b.url, auth=("backup", "backup-pw")) as c:
+        acl, _ = c.get_acls(root + "/adminable")
+    assert sorted(acl) == sorted(full_acl)
 
 
 def test_walk_modes_agree_on_a_larger_tree(zk_a):
