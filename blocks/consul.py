@@ -240,9 +240,14 @@ class ConsulSession:
             return SourceUnavailable(f"Consul at {self.label} failed {action} ({code}: {_safe(text)})")
         return SourceError(f"Consul at {self.label} failed {action} ({code}: {_safe(text)})")
 
-    def _txn(self, ops: list[dict[str, Any]], action: str) -> tuple[list[Any] | None, list[dict[str, Any]]]:
-        """Run one /v1/txn; returns (results, []) when it committed, (None, errors) when rolled back."""
+    def _txn(
+        self, ops: list[dict[str, Any]], action: str, *, results: bool = True
+    ) -> tuple[list[Any] | None, list[dict[str, Any]]]:
+        """Run one /v1/txn; returns (results, []) when it committed, (None, errors) when rolled
+        back. With ``results=False`` a committed txn's answer is not even parsed."""
         resp = self._request("PUT", "/v1/txn", action, content=orjson.dumps(ops), ok=(200, 409))
+        if resp.status_code == 200 and not results:
+            return [], []
         body = orjson.loads(resp.content) if resp.content else {}
         if resp.status_code == 200:
             return body.get("Results") or [], []
@@ -472,7 +477,7 @@ class ConsulSession:
             batches.append(cur)
 
         def run(batch: list[int]) -> list[tuple[int, bool]]:
-            got, errors = self._txn([self._op(records[i]) for i in batch], "creating keys")
+            got, errors = self._txn([self._op(records[i]) for i in batch], "creating keys", results=False)
             if got is not None:
                 return [(i, True) for i in batch]
             existed: set[int] = set()
@@ -495,7 +500,7 @@ class ConsulSession:
         return [bool(x) for x in results]
 
     def _create_one(self, r: Record) -> bool:
-        got, errors = self._txn([self._op(r)], "creating " + display_key(r.key))
+        got, errors = self._txn([self._op(r)], "creating " + display_key(r.key), results=False)
         if got is not None:
             return True
         what = str(errors[0].get("What", "")) if errors else ""
