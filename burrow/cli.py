@@ -66,13 +66,9 @@ def _read_refs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _keyring(refs: dict[str, Any]) -> Any:
-    from burrow.keys import KeyRefs, resolve_keyring
     from tasks.encrypt import ArchiveKeys
 
-    return ArchiveKeys(resolve_keyring(KeyRefs(
-        key_files=refs["key_files"] or [], identity_files=refs["identity_files"] or [],
-        passphrase_env=refs["passphrase_env"], key_env=refs["key_env"], block=refs["key_block"],
-    )))
+    return ArchiveKeys.from_refs(**refs)
 
 
 def build_parser() -> argparse.ArgumentParser:

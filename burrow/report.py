@@ -6,8 +6,12 @@ Summaries hold counts, sizes, checksums, locations and paths: never values or se
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from burrow.errors import BurrowError
 from burrow.runlog import logger
 
 _KEY_RE = re.compile(r"[^a-z0-9-]+")
@@ -51,3 +55,18 @@ def publish(key: str, title: str, rows: dict[str, Any], lists: dict[str, list[st
         create_markdown_artifact(markdown=md, key=artifact_key(key), description=title)
     except Exception as exc:  # noqa: BLE001 - a summary must never fail the run it describes
         logger().warning("could not publish the run summary artifact: %s", type(exc).__name__)
+
+
+@contextmanager
+def recorded(summary: dict[str, Any], publish_summary: Callable[[], None]) -> Iterator[None]:
+    """Run a flow body: time it, note a BurrowError's one-line message in ``summary``, and
+    always publish the run's artifact (failed runs leave one too)."""
+    started = time.monotonic()
+    try:
+        yield
+    except BurrowError as exc:
+        summary["error"] = str(exc)
+        raise
+    finally:
+        summary["duration_s"] = round(time.monotonic() - started, 3)
+        publish_summary()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +57,17 @@ def backup(
     Returns the run summary; its ``url`` is the archive's location.
     """
     log = logger()
-    started = time.monotonic()
     summary: dict[str, Any] = {"status": "failed", "source": name or source}
-    try:
+
+    def _publish() -> None:
+        report.publish(
+            f"backup-{summary.get('source', 'source')}",
+            f"Burrow backup of {summary.get('source')}: {summary['status']}",
+            {k: v for k, v in summary.items() if k != "warnings"},
+            {"Warnings": summary.get("warnings", [])},
+        )
+
+    with report.recorded(summary, _publish):
         src = source_from_ref(source)
         if include_leased:
             if "include_leased" not in type(src).model_fields:
@@ -127,14 +134,3 @@ def backup(
             warnings=m.get("warnings", []),
         )
         return summary
-    except BurrowError as exc:
-        summary["error"] = str(exc)
-        raise
-    finally:
-        summary["duration_s"] = round(time.monotonic() - started, 3)
-        report.publish(
-            f"backup-{summary.get('source', 'source')}",
-            f"Burrow backup of {summary.get('source')}: {summary['status']}",
-            {k: v for k, v in summary.items() if k != "warnings"},
-            {"Warnings": summary.get("warnings", [])},
-        )

@@ -9,17 +9,15 @@ The restore itself follows the safety rule: only missing keys are created.
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from burrow import naming
+from burrow import naming, report
 from burrow.catalog import describe_archives
-from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatch
-from burrow.keys import KeyRefs, resolve_keyring
+from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch
 from burrow.resolve import source_from_ref, store_from_ref
 from burrow.runlog import logger
 from burrow.staging import staging_dir
@@ -60,18 +58,19 @@ def failover(
     """Restore the newest verifiable archive of ``source`` (the source name recorded in the
     manifests) from ``store`` into ``into``. Returns the run summary."""
     log = logger()
-    started = time.monotonic()
     summary: dict[str, Any] = {"status": "failed", "source": source, "dry_run": dry_run}
     lists: dict[str, list[str]] = {}
     skipped: list[str] = []
-    try:
+
+    def _publish() -> None:
+        lists["Archives skipped (failed verification)"] = skipped
+        publish_summary("failover", summary, lists, dry_run)
+
+    with report.recorded(summary, _publish):
         st = store_from_ref(store)
         target = source_from_ref(into)
         summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
-        keys = ArchiveKeys(resolve_keyring(KeyRefs(
-            key_files=list(key_files or []), identity_files=list(identity_files or []),
-            passphrase_env=passphrase_env, key_env=key_env, block=key_block,
-        )))
+        keys = ArchiveKeys.from_refs(key_files, identity_files, passphrase_env, key_env, key_block)
         candidates = _newest_first([r for r in describe_archives(st) if r.get("source") == source])
         if not candidates:
             raise ArchiveNotFound(f"no archive of source {source!r} in {st.describe()}")
@@ -104,10 +103,3 @@ def failover(
                 summary["decrypted_with"] = keys.opened_by
             plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
         return summary
-    except BurrowError as exc:
-        summary["error"] = str(exc)
-        raise
-    finally:
-        summary["duration_s"] = round(time.monotonic() - started, 3)
-        lists["Archives skipped (failed verification)"] = skipped
-        publish_summary("failover", summary, lists, dry_run)

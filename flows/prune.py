@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
@@ -10,7 +9,6 @@ from prefect.runtime import flow_run
 
 from burrow import naming, report
 from burrow.catalog import describe_archives
-from burrow.errors import BurrowError
 from burrow.resolve import store_from_ref
 from burrow.runlog import logger
 from tasks.retention import delete_archive, select_expired
@@ -31,11 +29,20 @@ def prune(
     """Delete archives beyond the newest ``keep_last`` per source (and older than
     ``max_age_days`` when given). Returns the run summary."""
     log = logger()
-    started = time.monotonic()
     summary: dict[str, Any] = {"status": "failed", "store": store, "dry_run": dry_run}
     deleted: list[str] = []
     unreadable: list[str] = []
-    try:
+
+    def _publish() -> None:
+        summary["deleted_urls"] = deleted
+        report.publish(
+            f"prune-{naming.slug(store)}",
+            f"Burrow prune of {store}: {summary['status']}",
+            {k: v for k, v in summary.items() if k != "deleted_urls"},
+            {("Would delete" if dry_run else "Deleted"): deleted, "Unreadable (kept)": unreadable},
+        )
+
+    with report.recorded(summary, _publish):
         st = store_from_ref(store)
         rows = describe_archives(st)
         unreadable = [r["url"] for r in rows if r.get("error")]
@@ -51,15 +58,3 @@ def prune(
             keep_last=keep_last, max_age_days=max_age_days, unreadable=len(unreadable),
         )
         return summary
-    except BurrowError as exc:
-        summary["error"] = str(exc)
-        raise
-    finally:
-        summary["duration_s"] = round(time.monotonic() - started, 3)
-        summary["deleted_urls"] = deleted
-        report.publish(
-            f"prune-{naming.slug(store)}",
-            f"Burrow prune of {store}: {summary['status']}",
-            {k: v for k, v in summary.items() if k != "deleted_urls"},
-            {("Would delete" if dry_run else "Deleted"): deleted, "Unreadable (kept)": unreadable},
-        )

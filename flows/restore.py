@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,6 @@ from prefect.runtime import flow_run
 
 from blocks.source import SourceBlock
 from burrow import naming, report
-from burrow.errors import BurrowError
-from burrow.keys import KeyRefs, resolve_keyring
 from burrow.resolve import archive_from_ref, source_from_ref
 from burrow.runlog import logger
 from burrow.staging import staging_dir
@@ -53,17 +50,17 @@ def restore(
 
     Returns the run summary; ``conflicts`` > 0 means existing keys differed and were kept.
     """
-    started = time.monotonic()
     summary: dict[str, Any] = {"status": "failed", "archive": archive, "dry_run": dry_run}
     lists: dict[str, list[str]] = {}
-    try:
+
+    def _publish() -> None:
+        publish_summary("restore", summary, lists, dry_run)
+
+    with report.recorded(summary, _publish):
         store, name = archive_from_ref(archive)
         target = source_from_ref(into)
         summary.update(target=target.describe(), target_service=target.service)
-        keys = ArchiveKeys(resolve_keyring(KeyRefs(
-            key_files=list(key_files or []), identity_files=list(identity_files or []),
-            passphrase_env=passphrase_env, key_env=key_env, block=key_block,
-        )))
+        keys = ArchiveKeys.from_refs(key_files, identity_files, passphrase_env, key_env, key_block)
         with staging_dir() as work:
             local = download(store, name, str(work))
             manifest = validate(local, keys, label=store.url(name))
@@ -80,12 +77,6 @@ def restore(
             )
             plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
         return summary
-    except BurrowError as exc:
-        summary["error"] = str(exc)
-        raise
-    finally:
-        summary["duration_s"] = round(time.monotonic() - started, 3)
-        publish_summary("restore", summary, lists, dry_run)
 
 
 def plan_and_replay(

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 from burrow import naming, report
-from burrow.errors import BurrowError
-from burrow.keys import KeyRefs, resolve_keyring
 from burrow.resolve import archive_from_ref
 from burrow.staging import staging_dir
 from tasks.encrypt import ArchiveKeys
@@ -38,16 +35,16 @@ def verify(
     Keys are given as references, as for the restore flow. ``structure_only`` checks what
     needs no key (framing, header hash, sizes, body SHA-256, chunk layout) and decrypts nothing.
     """
-    started = time.monotonic()
     summary: dict[str, Any] = {"status": "failed", "archive": archive}
-    try:
+
+    def _publish() -> None:
+        report.publish(f"verify-{summary.get('source') or 'archive'}", f"Burrow verify: {summary['status']}", summary)
+
+    with report.recorded(summary, _publish):
         store, name = archive_from_ref(archive)
         keys = None
         if not structure_only:
-            keys = ArchiveKeys(resolve_keyring(KeyRefs(
-                key_files=list(key_files or []), identity_files=list(identity_files or []),
-                passphrase_env=passphrase_env, key_env=key_env, block=key_block,
-            )))
+            keys = ArchiveKeys.from_refs(key_files, identity_files, passphrase_env, key_env, key_block)
         with staging_dir() as work:
             if structure_only:
                 m = verify_structure_task(store, name, str(work))
@@ -70,9 +67,3 @@ def verify(
         if enc.get("encrypted"):
             summary.update(encryption=enc.get("mode"), key_fingerprints=enc.get("fingerprints"))
         return summary
-    except BurrowError as exc:
-        summary["error"] = str(exc)
-        raise
-    finally:
-        summary["duration_s"] = round(time.monotonic() - started, 3)
-        report.publish(f"verify-{summary.get('source') or 'archive'}", f"Burrow verify: {summary['status']}", summary)
