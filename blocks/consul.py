@@ -4,6 +4,8 @@
   the leader after confirming leadership, so the archive is the KV store at one raft
   index (recorded as X-Consul-Index). Flags, empty values and folder keys (trailing
   ``/``) are kept; keys held by a session lock keep the session id in their metadata.
+  The answer (one JSON array) is read as a stream and parsed a few hundred entries at a
+  time, so memory does not grow with the store's size (see ``_json_array_batches``).
 * Restore uses /v1/txn in batches of at most 64 ``cas`` ops with index 0 (create only if
   absent). When a batch fails, Consul names the ops whose key exists; the others are
   created one ``cas`` each. Flags are restored; sessions never are (reported instead).
@@ -17,16 +19,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import os
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
+import ijson
 import orjson
 from pydantic import Field, SecretStr
 
@@ -205,8 +210,17 @@ class ConsulSession:
         ok: tuple[int, ...] = (200,),
     ) -> httpx.Response:
         merged = {**self.params, **(params or {})}
-        try:
+        with self._guard(action):
             resp = self.http.request(method, path, params=merged, content=content, extensions=self._extensions)
+        if resp.status_code in ok:
+            return resp
+        raise self._http_error(resp, action)
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        """Turn httpx's transport errors into Burrow's (unreachable, timed out, TLS, cut off)."""
+        try:
+            yield
         except httpx.ConnectError as exc:
             if _is_tls(exc):
                 raise SourceError(
@@ -222,9 +236,6 @@ class ConsulSession:
             raise SourceUnavailable(
                 f"lost the connection to Consul at {self.label} while {action} ({type(exc).__name__})"
             ) from None
-        if resp.status_code in ok:
-            return resp
-        raise self._http_error(resp, action)
 
     def _http_error(self, resp: httpx.Response, action: str) -> BurrowError:
         text = resp.text.strip().replace("\n", " ")[:200]
@@ -281,10 +292,24 @@ class ConsulSession:
         else:
             full_root = ""
             ask = p + "/" if p else ""
-        resp = self._request(
-            "GET", "/v1/kv/" + quote(ask, safe="/"), "reading " + (ask or "the KV store"),
-            params={"recurse": "", "consistent": ""}, ok=(200, 404),
+        action = "reading " + (ask or "the KV store")
+        request = self.http.build_request(
+            "GET", "/v1/kv/" + quote(ask, safe="/"), params={**self.params, "recurse": "", "consistent": ""},
+            extensions=self._extensions,
         )
+        with self._guard(action):
+            resp = self.http.send(request, stream=True)  # headers now, the body as it is read
+        try:
+            if resp.status_code != 200:
+                with self._guard(action):
+                    resp.read()  # 404 (nothing under the prefix) has an empty body; errors, a message
+                if resp.status_code != 404:
+                    raise self._http_error(resp, action)
+            yield from self._walk_entries(resp, action, full_root, stats)
+        finally:
+            resp.close()
+
+    def _walk_entries(self, resp: httpx.Response, action: str, full_root: str, stats: WalkStats) -> Iterator[Record]:
         index = resp.headers.get("X-Consul-Index")
         stats.info.update(
             consul_index=int(index) if index and index.isdigit() else None,
@@ -299,40 +324,58 @@ class ConsulSession:
                 "reading with the anonymous ACL token: Consul silently leaves out of recursive reads the keys "
                 "a token may not read; give a token (block or CONSUL_HTTP_TOKEN) that can read the whole prefix"
             )
-        entries = orjson.loads(resp.content) if resp.status_code == 200 and resp.content else []
-        resp = None  # type: ignore[assignment]  # free the raw body before yielding
+        p = self.prefix
         cut = len(p) + 1 if p else 0
         exact_child = full_root + "/"
         locked = 0
         a2b = binascii.a2b_base64
-        for e in entries:
-            key: str = e["Key"]
-            if full_root and key != full_root and not key.startswith(exact_child):
-                continue  # a sibling sharing the raw prefix (``ab`` when asking for ``a``)
-            rel = key[cut:] if cut else key
-            if not rel:
-                stats.skipped_excluded += 1
-                stats.warn(f"the key {key} equals the prefix folder itself and is not below it: not backed up")
-                continue
-            value = e.get("Value")
-            # Only what a restore needs (flags) or must report (a session lock): per-key
-            # indexes are left out, the read's index is in the manifest (consul_index).
-            meta: dict[str, Any] = {}
-            flags = e.get("Flags")
-            if flags:
-                meta["flags"] = flags
-            session = e.get("Session")
-            if session:
-                locked += 1
-                meta["session"] = session
-                meta["lock_index"] = e.get("LockIndex")
-            yield Record(rel.encode("utf-8"), a2b(value) if value else b"", meta)
+        batches = _json_array_batches(self._body(resp, action)) if resp.status_code == 200 else iter(())
+        while True:
+            try:
+                entries = next(batches, None)
+            except (ValueError, ijson.JSONError):  # orjson.JSONDecodeError is a ValueError
+                raise SourceError(f"Consul at {self.label} answered {action} with malformed JSON") from None
+            if entries is None:
+                break
+            for e in entries:
+                key: str = e["Key"]
+                if full_root and key != full_root and not key.startswith(exact_child):
+                    continue  # a sibling sharing the raw prefix (``ab`` when asking for ``a``)
+                rel = key[cut:] if cut else key
+                if not rel:
+                    stats.skipped_excluded += 1
+                    stats.warn(f"the key {key} equals the prefix folder itself and is not below it: not backed up")
+                    continue
+                value = e.get("Value")
+                # Only what a restore needs (flags) or must report (a session lock): per-key
+                # indexes are left out, the read's index is in the manifest (consul_index).
+                meta: dict[str, Any] = {}
+                flags = e.get("Flags")
+                if flags:
+                    meta["flags"] = flags
+                session = e.get("Session")
+                if session:
+                    locked += 1
+                    meta["session"] = session
+                    meta["lock_index"] = e.get("LockIndex")
+                yield Record(rel.encode("utf-8"), a2b(value) if value else b"", meta)
         stats.info["locked_keys"] = locked
         if locked:
             stats.warn(
                 f"{locked} keys are held by a session lock: backed up with the session noted, "
                 "restored without it"
             )
+
+    def _body(self, resp: httpx.Response, action: str) -> Iterator[bytes]:
+        """The response body as it arrives (transport errors mapped like ``_request``'s)."""
+        chunks = resp.iter_bytes()
+        while True:
+            with self._guard(action):
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            if chunk:
+                yield chunk
 
     # -- restore ------------------------------------------------------------------------
     def lookup(self, keys: list[bytes]) -> list[bytes | None]:
@@ -525,6 +568,77 @@ class ConsulSession:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.http.close()
+
+
+_WS = b" \t\r\n"
+_SCAN = 64  # "}" looked at per chunk when looking for the end of the last complete element
+_FAILS = 8  # failed guesses (a "}" inside a string) before the rest goes to ijson
+
+
+def _json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
+    """The elements of the JSON array whose text arrives as ``chunks``, a batch per chunk.
+
+    orjson parses everything up to the last complete element of what has arrived: a "}"
+    followed by "," or "]" is a guess at the end of an element, checked by parsing (text
+    cut inside a string or a nested value is not valid JSON). What follows the cut stays
+    for the next chunk. Held at once: about one chunk and its parsed elements, or one
+    element when it is larger. If guesses keep failing (keys full of "}," say), the rest
+    is parsed by ijson's incremental parser instead: slower, same elements.
+    """
+    it = iter(chunks)
+    buf = b""
+    head = b""  # b"[" until the first batch, then b"[0" (a dummy element before the leading comma)
+    fails = 0
+    for chunk in it:
+        buf = buf + chunk if buf else chunk
+        if not head:
+            buf = buf.lstrip(_WS)
+            if not buf:
+                continue
+            if buf[:1] != b"[":
+                raise ValueError("not a JSON array")
+            head, buf = b"[", buf[1:]
+        cut = buf.rfind(b"}")
+        for _ in range(_SCAN):
+            if cut < 0:
+                break
+            if buf[cut + 1 : cut + 33].lstrip(_WS)[:1] in (b"", b",", b"]"):
+                try:
+                    batch = orjson.loads(head + buf[: cut + 1] + b"]")
+                except orjson.JSONDecodeError:
+                    fails += 1
+                else:
+                    buf = buf[cut + 1 :]
+                    yield batch if head == b"[" else batch[1:]
+                    head, fails = b"[0", 0
+                    break
+            if fails >= _FAILS:
+                yield from _ijson_batches(itertools.chain([head + buf], it), skip=0 if head == b"[" else 1)
+                return
+            cut = buf.rfind(b"}", 0, cut)
+    if not head:
+        return  # an empty body: no entries
+    batch = orjson.loads(head + buf)
+    yield batch if head == b"[" else batch[1:]
+
+
+def _ijson_batches(chunks: Iterable[bytes], skip: int) -> Iterator[list[Any]]:
+    """``_json_array_batches`` with ijson (its C backend), leaving out the first ``skip`` elements."""
+    out = ijson.sendable_list()
+    # Not use_float=True: with it the C backend fails on integers above 2**63 (Flags are
+    # uint64). Consul's entries hold no fractions, so no Decimal turns up either way.
+    parser = ijson.items_coro(out, "item")
+    for chunk in chunks:
+        parser.send(chunk)
+        if out:
+            batch = out[skip:]
+            skip = max(0, skip - len(out))
+            del out[:]
+            if batch:
+                yield batch
+    parser.close()
+    if out[skip:]:
+        yield out[skip:]
 
 
 def _is_tls(exc: BaseException) -> bool:

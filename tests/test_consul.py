@@ -1,12 +1,16 @@
 """Consul KV: the no-overwrite rule and its per-key fallback, prefixes and empty backups,
-Consul's value limit, a server that dies mid-backup, and ACL token / TLS failures."""
+Consul's value limit, a server that dies mid-backup, ACL token / TLS failures, and the
+backup's recursive read parsed as a stream."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import ijson
 import pytest
 from certs import Pki, make_pki
 from conftest import SESSION_DIR
@@ -14,7 +18,8 @@ from kvutil import Etcd, backup_kwargs, consul_client, consul_snapshot, unique
 from pydantic import SecretStr
 from services import source_url
 
-from blocks.consul import ConsulCluster, ConsulSession
+import blocks.consul as consul_block
+from blocks.consul import ConsulCluster, ConsulSession, _json_array_batches
 from blocks.local import LocalStore
 from blocks.source import WalkStats
 from burrow.errors import AuthError, SourceError, SourceUnavailable
@@ -127,6 +132,63 @@ def test_server_dying_mid_backup_fails_and_leaves_no_archive(tmp_path, store, mo
         assert not [p for p in store.rglob("*") if p.is_file()]
     finally:
         server.stop()
+
+
+def _in_pieces(data: bytes, rnd: random.Random, most: int) -> list[bytes]:
+    pieces, i = [], 0
+    while i < len(data):
+        n = rnd.randint(1, most)
+        pieces.append(data[i : i + n])
+        i += n
+    return pieces
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_the_read_is_parsed_as_it_arrives_whatever_the_keys_hold(monkeypatch, fallback) -> None:
+    """The streaming parse gives exactly orjson's elements, however the answer is cut and
+    whatever "}", "," or quotes the keys hold; also when it falls back to ijson."""
+    if fallback:
+        monkeypatch.setattr(consul_block, "_FAILS", 1)
+    rnd = random.Random(7)
+    parts = ["}", ",", "]", "{", '"', "\\", " ", "\n", "a", "é", "/", '},{"', "}, ", "}]", "\u2028", "x" * 40]
+
+    def text() -> str:
+        return "".join(rnd.choice(parts) for _ in range(rnd.randint(0, 10)))
+
+    for _ in range(300):
+        entries = []
+        for _ in range(rnd.choice([0, 1, 3, 40])):
+            e = {"LockIndex": 0, "Key": text(), "Flags": rnd.choice([0, 7, 2**64 - 1]),
+                 "Value": rnd.choice([None, "", "aGVsbG8="]), "CreateIndex": 5, "ModifyIndex": 9}
+            if rnd.random() < 0.2:
+                e["Session"] = text()
+            entries.append(e)
+        data = json.dumps(entries, indent=rnd.choice([None, 4]), ensure_ascii=rnd.random() < 0.5).encode()
+        for most in (1, 16, 300, len(data) + 1):
+            got = [e for batch in _json_array_batches(_in_pieces(data, rnd, most)) for e in batch]
+            assert got == entries
+    assert list(_json_array_batches([])) == []
+    for bad in (b"{}", b"[{]", b'[{"a":1}', b'[{"a":1}]x', b'[{"a":1},]', b"nope"):
+        with pytest.raises((ValueError, ijson.JSONError)):
+            list(_json_array_batches(_in_pieces(bad, rnd, 3)))
+
+
+def test_backup_read_keeps_odd_keys_flags_and_empty_values(consul_a) -> None:
+    root = unique("stream")
+    c = consul_client(consul_a.url)
+    keys = {f"{root}/a}},{{\"b": b"1", f"{root}/c}}]": b"", f"{root}/d/": b"", f"{root}/e f": b"x" * 70_000}
+    for k, v in keys.items():
+        c.kv.put(k, v, flags=2**64 - 1 if k.endswith("]") else None)
+    c.kv.put(root + "x/sibling", "not below the root")
+    session = ConsulCluster(address=f"127.0.0.1:{consul_a.port}").connect()
+    try:
+        stats = WalkStats()
+        got = list(session.walk(root.encode(), stats))
+    finally:
+        session.close()
+    assert [(r.key.decode(), r.value) for r in got] == sorted(keys.items())
+    assert [r.meta for r in got] == [{}, {"flags": 2**64 - 1}, {}, {}]
+    assert isinstance(stats.info["consul_index"], int) and stats.info["point_in_time"]
 
 
 @pytest.fixture(scope="module")
