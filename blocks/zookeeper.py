@@ -37,6 +37,7 @@ from pydantic import Field, SecretStr
 from blocks import zkwire
 from blocks.source import SourceBlock, WalkStats
 from burrow.errors import AuthError, SourceError, SourceUnavailable
+from burrow.paths import foreign_metadata
 from burrow.records import Record, display_key
 
 log = logging.getLogger("burrow.zookeeper")
@@ -358,7 +359,7 @@ class ZooKeeperSession:
             dropped.append("acl (redacted by the source)")
             acl_meta = None
         if source_service != "zookeeper":
-            dropped.extend(_foreign_meta(record.meta))
+            dropped.extend(foreign_metadata(record.meta, source_service))
         return Record(record.key, record.value, {"acl": acl_meta or None}), dropped
 
     def _acl(self, record: Record) -> list[ACL]:
@@ -507,14 +508,3 @@ class ZooKeeperSession:
         finally:
             self.client.close()
 
-
-def _foreign_meta(meta: dict[str, Any]) -> list[str]:
-    """Names of another service's metadata that ZooKeeper cannot hold."""
-    dropped = []
-    if meta.get("flags"):
-        dropped.append("flags")
-    if meta.get("session"):
-        dropped.append("session")
-    if meta.get("lease") or meta.get("ttl"):
-        dropped.append("lease")
-    return dropped
