@@ -36,6 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from childproc import run_child  # noqa: E402  (bench/ is the script's directory)
+
 BACKUP_TARGET = 80_000
 RESTORE_TARGET = 15_000
 
@@ -166,14 +168,8 @@ PHASES = {"backup": phase_backup, "restore": phase_restore}
 
 def run_phase(name: str, address: str, workdir: Path) -> tuple[dict, float]:
     """Run one phase in a child process; return its JSON result and its peak RSS in MiB."""
-    out = workdir / f"result-{name}.json"
-    cmd = [sys.executable, __file__, "--phase", name, "--address", address, "--workdir", str(workdir),
-           "--result", str(out)]
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"bench phase {name} failed")
-    return json.loads(out.read_text()), usage.ru_maxrss / 1024  # KiB on Linux
+    result, rss, _cpu = run_child(__file__, name, ["--address", address, "--workdir", str(workdir)])
+    return result, rss
 
 
 def main() -> int:

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from childproc import run_child  # noqa: E402  (bench/ is the script's directory)
 
 BACKUP_TARGET = 15_000
 RESTORE_TARGET = 30_000
@@ -166,17 +167,7 @@ def phase_flows(source_hosts: str, target_hosts: str, workdir: Path) -> dict:
 def run_phase(name: str, *args: str, env: dict[str, str] | None = None) -> tuple[dict, float, float]:
     """Run one phase in a child process; return its JSON result, its peak RSS in MiB and
     its CPU seconds."""
-    out = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".json", delete=False)
-    out.close()
-    cmd = [sys.executable, __file__, "--phase", name, "--result", out.name, *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench phase {name} failed with exit code {proc.returncode}")
-    result = json.loads(Path(out.name).read_text())
-    os.unlink(out.name)
-    return result, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss is in KiB on Linux
+    return run_child(__file__, name, list(args), env)
 
 
 # --------------------------------------------------------------------------- main
