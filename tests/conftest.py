@@ -13,8 +13,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="burrow-tests-"))
 sys.path.insert(0, str(REPO))
 
-from burrow.localservers import LocalServer, free_port, start_zookeeper  # noqa: E402
+from burrow.localservers import (  # noqa: E402
+    LocalServer,
+    free_port,
+    start_consul,
+    start_etcd,
+    start_zookeeper,
+)
 
 PREFECT_PORT = free_port()
 os.environ["PREFECT_HOME"] = str(SESSION_DIR / "prefect-home")
@@ -67,54 +74,24 @@ def prefect_server() -> Iterator[str]:
         proc.kill()
 
 
-@pytest.fixture(scope="session")
-def zk_a() -> Iterator[LocalServer]:
-    server = start_zookeeper(SESSION_DIR / "zk-a")
-    yield server
-    server.stop()
+def _session_server(name: str, start: Callable[[Path], LocalServer]) -> Any:
+    """A session-scoped fixture ``name`` running one real server (it fails, never skips)."""
+
+    @pytest.fixture(scope="session", name=name)
+    def server_fixture() -> Iterator[LocalServer]:
+        server = start(SESSION_DIR / name.replace("_", "-"))
+        yield server
+        server.stop()
+
+    return server_fixture
 
 
-@pytest.fixture(scope="session")
-def zk_b() -> Iterator[LocalServer]:
-    server = start_zookeeper(SESSION_DIR / "zk-b")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def etcd_a() -> Iterator[LocalServer]:
-    from burrow.localservers import start_etcd
-
-    server = start_etcd(SESSION_DIR / "etcd-a")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def etcd_b() -> Iterator[LocalServer]:
-    from burrow.localservers import start_etcd
-
-    server = start_etcd(SESSION_DIR / "etcd-b")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def consul_a() -> Iterator[LocalServer]:
-    from burrow.localservers import start_consul
-
-    server = start_consul(SESSION_DIR / "consul-a")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def consul_b() -> Iterator[LocalServer]:
-    from burrow.localservers import start_consul
-
-    server = start_consul(SESSION_DIR / "consul-b")
-    yield server
-    server.stop()
+zk_a = _session_server("zk_a", start_zookeeper)
+zk_b = _session_server("zk_b", start_zookeeper)
+etcd_a = _session_server("etcd_a", start_etcd)
+etcd_b = _session_server("etcd_b", start_etcd)
+consul_a = _session_server("consul_a", start_consul)
+consul_b = _session_server("consul_b", start_consul)
 
 
 @pytest.fixture
