@@ -32,14 +32,6 @@ class WalkStats:
             self.warnings.append(message)
 
 
-@dataclass
-class CreateOutcome:
-    """What a target did with one record in a create batch."""
-
-    created: bool
-    note: str | None = None
-
-
 class SourceSession(Protocol):
     """An open connection to a cluster."""
 

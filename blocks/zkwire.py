@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Any
 
-from kazoo.exceptions import EXCEPTIONS, AuthFailedError, ConnectionLoss, SessionExpiredError
+from kazoo.exceptions import AuthFailedError, ConnectionLoss, SessionExpiredError
 from kazoo.protocol.serialization import Connect
 
 _INT = struct.Struct("!i")
@@ -31,15 +31,16 @@ _STAT = struct.Struct("!qqqqiiiqiiq")
 _MULTI = struct.Struct("!iBi")  # type, done, err
 STAT_SIZE = _STAT.size
 
-OP_CREATE, OP_DELETE, OP_GETDATA, OP_GETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 2, 4, 6, 8, 14, -11, 100
+OP_CREATE, OP_GETDATA, OP_GETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 4, 6, 8, 14, -11, 100
 OP_MULTI_READ = 22  # ZooKeeper 3.6+: many getData/getChildren in one request
 AUTH_XID = -4
 NO_WATCH = b"\x00"
 RECV_SIZE = 1 << 18
 MAX_FRAME = 1 << 30
 
-#: Stat tuple indexes (ZooKeeper's field order).
-CZXID, MZXID, CTIME, MTIME, VERSION, CVERSION, AVERSION, EPHEMERAL_OWNER, DATA_LENGTH, NUM_CHILDREN, PZXID = range(11)
+#: Stat tuple indexes Burrow reads (ZooKeeper's field order: czxid, mzxid, ctime, mtime, version,
+#: cversion, aversion, ephemeralOwner, dataLength, numChildren, pzxid).
+VERSION, EPHEMERAL_OWNER, NUM_CHILDREN = 4, 7, 9
 
 
 def _string(s: str) -> bytes:
@@ -49,11 +50,6 @@ def _string(s: str) -> bytes:
 
 def _buffer(b: bytes | None) -> bytes:
     return _INT.pack(-1) if b is None else _INT.pack(len(b)) + b
-
-
-def error_for(code: int) -> Exception:
-    """The kazoo exception for a ZooKeeper error code."""
-    return EXCEPTIONS[code]()
 
 
 class WireSession:
@@ -249,7 +245,7 @@ class WireSession:
 
     def reply(self) -> tuple[bytes, int, int]:
         """The next reply: ``(frame, err, offset of the body)``. ``err`` is 0 or a ZooKeeper
-        error code (see :func:`error_for`)."""
+        error code (kazoo's ``EXCEPTIONS`` maps it to an exception)."""
         if self._out:
             self.flush()
         expected = self._expect.popleft()

@@ -55,10 +55,6 @@ class StoreError(PermanentError):
     """The archive store is missing, unwritable or refused an operation."""
 
 
-class StoreUnavailable(TransientError):
-    """The archive store could not be reached (a retry may help)."""
-
-
 class ArchiveNotFound(StoreError):
     """No archive by that name exists in the store."""
 
@@ -69,10 +65,6 @@ class ArchiveError(PermanentError):
 
 class KeyMismatch(ArchiveError):
     """The archive was encrypted for a key we do not hold."""
-
-
-class RestoreFailed(PermanentError):
-    """Some nodes could not be created for a reason other than a conflict."""
 
 
 def exception_from_state(state: Any) -> BaseException | None:

@@ -38,5 +38,3 @@ def check_source_name(name: str) -> str:
         raise UsageError("--name must not contain credentials")
     return name
 
-
-SERVICE_TAGS = {"zookeeper": "zk", "etcd": "etcd", "consul": "consul"}
