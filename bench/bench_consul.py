@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_consul.py [--n 100000] [--value-size 100]
 
-Starts two local Consul agents (burrow.localservers, dev mode), seeds N keys
+Starts two local Consul agents (burrow.testing.servers, dev mode), seeds N keys
 ``bench/pNNNN/cNNN`` (100 per "folder") with fixed-size values through Consul's own
 /v1/txn, then measures, each phase in its own child process so that its peak RSS is its
 own (os.wait4 rusage):
@@ -65,7 +65,7 @@ class ServerAgent:
     """A single-node Consul server agent (not -dev): data on disk, compact JSON answers."""
 
     def __init__(self, workdir: Path) -> None:
-        from burrow.localservers import HOST, consul_binary, free_port
+        from burrow.testing.servers import HOST, consul_binary, free_port
 
         workdir.mkdir(parents=True, exist_ok=True)
         self.host, self.port = HOST, free_port()
@@ -116,7 +116,7 @@ def count(url: str) -> int:
 
 
 def time_export(url: str) -> float:
-    from burrow.localservers import consul_binary
+    from burrow.testing.servers import consul_binary
 
     env = {**os.environ, "CONSUL_HTTP_ADDR": url.split("://", 1)[1]}
     t0 = time.monotonic()
@@ -189,7 +189,7 @@ def main() -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
 
-    from burrow.localservers import start_consul
+    from burrow.testing.servers import start_consul
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="burrow-bench-consul-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@
    AES-256-GCM STREAM) get the same blocks in turn, each write timed on its own (wall and
    thread CPU), so background load hits both alike. Then the encryption stage alone, and a
    read back (decrypt + decompress + every checksum) from a temporary file.
-2. End to end: a local ZooKeeper (burrow.localservers) seeded with ``--znodes`` znodes
+2. End to end: a local ZooKeeper (burrow.testing.servers) seeded with ``--znodes`` znodes
    (1,000 x 100, 100-byte values), backed up with the task functions: extract (walk + spool),
    compress (+ encrypt), upload to a local store, verify (re-read; full decrypt for a
    symmetric key, structure-only for X25519 recipients). Each round walks the tree once (the
@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from burrow.archive import ArchiveReader, ArchiveWriter  # noqa: E402
+from burrow.crypto import ArchiveKeys, StreamEncryptor  # noqa: E402
 from burrow.keys import Keyring, SymmetricKey, WriteKeys, X25519Identity  # noqa: E402
-from tasks.encrypt import ArchiveKeys, StreamEncryptor  # noqa: E402
 
 MB = 1_000_000
 BLOCK = 1 << 20
@@ -197,7 +197,7 @@ def bench_zk(znodes: int, rounds: int) -> dict[str, dict[str, float]]:
 
     from blocks.local import LocalStore
     from blocks.zookeeper import ZooKeeperCluster
-    from burrow.localservers import start_zookeeper
+    from burrow.testing.servers import start_zookeeper
     from tasks.compress import compress_spool
     from tasks.extract import extract_records
     from tasks.upload import upload_archive

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_etcd.py [--n 200000] [--also-n 1000000] [--value-size 100]
 
-Starts two local etcd servers (burrow.localservers), seeds N keys ``/bench/pNNNNN/cNNN``
+Starts two local etcd servers (burrow.testing.servers), seeds N keys ``/bench/pNNNNN/cNNN``
 (100 per "directory") with fixed-size values through etcd's own gRPC API, then measures,
 each phase in its own child process so that its peak RSS is its own (os.wait4 rusage):
 
@@ -151,7 +151,7 @@ def main() -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
 
-    from burrow.localservers import start_etcd
+    from burrow.testing.servers import start_etcd
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="burrow-bench-etcd-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,7 @@ def main() -> int:
     from bench_etcd import seed
 
     import blocks.etcd  # noqa: F401 - imports Prefect (seconds): not part of any timing
-    from burrow.localservers import start_etcd
+    from burrow.testing.servers import start_etcd
 
     workdir = Path(tempfile.mkdtemp(prefix="burrow-bench-clients-"))
     server = start_etcd(workdir / "etcd")

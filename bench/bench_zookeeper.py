@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_zookeeper.py [--n 100000] [--fanout 100] [--value-size 100]
 
-Starts two local ZooKeeper servers (burrow.localservers), seeds N znodes in a
+Starts two local ZooKeeper servers (burrow.testing.servers), seeds N znodes in a
 (N / fanout) x fanout tree under /bench with fixed-size values, then measures, each phase
 in its own child process so that its peak RSS is its own (os.wait4 rusage):
 
@@ -204,7 +204,7 @@ def main() -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
 
-    from burrow.localservers import start_prefect, start_zookeeper
+    from burrow.testing.servers import start_prefect, start_zookeeper
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="burrow-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

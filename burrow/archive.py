@@ -56,7 +56,7 @@ def canonical_json(obj: Any) -> bytes:
 
 
 class BodyEncryptor(Protocol):
-    """An encryption stage between compression and storage (see tasks/encrypt.py)."""
+    """An encryption stage between compression and storage (see burrow/crypto.py)."""
 
     def header_params(self) -> dict[str, Any]:
         """Public parameters recorded in the header (recipients, salts, fingerprints)."""
@@ -84,7 +84,7 @@ class BodyDecryptor(Protocol):
 
 
 class DecryptorFactory(Protocol):
-    """A keyring: builds the BodyDecryptor of one archive from its header (see tasks/encrypt.py)."""
+    """A keyring: builds the BodyDecryptor of one archive from its header (see burrow/crypto.py)."""
 
     def bind_header(self, params: Any, label: str) -> BodyDecryptor:
         """Return the archive's decryptor; raise KeyMismatch when no held key opens it."""

@@ -66,9 +66,9 @@ def _read_refs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _keyring(refs: dict[str, Any]) -> Any:
-    from tasks.encrypt import ArchiveKeys
+    from blocks.keys import archive_keys
 
-    return ArchiveKeys.from_refs(**refs)
+    return archive_keys(**refs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,12 +156,12 @@ def _print_summary(summary: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    from blocks.resolve import secure_source_ref, store_from_ref
     from burrow.naming import check_source_name
-    from burrow.resolve import secure_source_ref, store_from_ref
 
     ref = secure_source_ref(args.source)
     if args.include_leased:
-        from burrow.resolve import source_from_ref
+        from blocks.resolve import source_from_ref
 
         if source_from_ref(ref).service != "etcd":
             raise UsageError("--include-leased applies to etcd sources only")
@@ -170,7 +170,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 22:
         raise UsageError("--level must be between 1 and 22")
     store_from_ref(args.store).check(writable=True)
-    from burrow.keys import KeyRefs, backup_write_keys
+    from blocks.keys import backup_write_keys
+    from burrow.keys import KeyRefs
 
     def absolute(p: str) -> str:
         return os.path.abspath(os.path.expanduser(p))
@@ -196,8 +197,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from blocks.resolve import archive_from_ref, secure_source_ref
     from burrow.paths import KeyMapper
-    from burrow.resolve import archive_from_ref, secure_source_ref
 
     KeyMapper(args.subtree, args.map)  # usage errors before a flow starts
     archive_from_ref(args.archive)
@@ -241,8 +242,8 @@ def _report_restore(summary: dict[str, Any], dry_run: bool) -> int:
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
+    from blocks.resolve import secure_source_ref, store_from_ref
     from burrow.paths import KeyMapper
-    from burrow.resolve import secure_source_ref, store_from_ref
 
     KeyMapper(args.subtree, args.map)
     if args.candidates < 1:
@@ -262,7 +263,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from burrow.resolve import store_from_ref
+    from blocks.resolve import store_from_ref
 
     if args.keep < 1:
         raise UsageError("--keep must be at least 1: the newest archive of a source is never pruned")
@@ -281,7 +282,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from burrow.resolve import archive_from_ref
+    from blocks.resolve import archive_from_ref
 
     archive_from_ref(args.archive)
     refs = _read_refs(args)
@@ -302,8 +303,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from burrow.catalog import describe_archives
-    from burrow.resolve import store_from_ref
+    from blocks.resolve import store_from_ref
+    from tasks.catalog import describe_archives
 
     store = store_from_ref(args.store)
     rows = describe_archives(store)
@@ -323,9 +324,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from burrow.catalog import open_archive
+    from burrow.crypto import encryption_summary
     from burrow.records import display_key
-    from tasks.encrypt import encryption_summary
+    from tasks.catalog import open_archive
 
     refs = _read_refs(args)
     keys = _keyring(refs)
@@ -355,9 +356,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    from blocks.resolve import source_from_ref
     from blocks.source import WalkStats
     from burrow.preview import preview
-    from burrow.resolve import source_from_ref
 
     source = source_from_ref(args.source)
     session = source.connect()

@@ -22,9 +22,10 @@ The text forms are one line each, so a key file (or a keyring file) may hold sev
     BURROW-X25519-SECRET-KEY:<base64url, 32 bytes>
     burrow-x25519:<base64url, 32 bytes>            (a public key: safe to share)
 
-Where the keys come from (files, environment variables, a Prefect block) is resolved here too,
-from *references* (paths, variable names, block names) so that flow parameters never hold key
-material. Messages name paths, variable names and fingerprints only.
+Where the keys come from is described by *references* (:class:`KeyRefs`: paths, variable names,
+block names) so that flow parameters never hold key material; ``blocks/keys.py`` turns them into
+keys, because one kind of reference is a saved Prefect block. Messages name paths, variable
+names and fingerprints only.
 """
 
 from __future__ import annotations
@@ -514,15 +515,6 @@ class KeyRefs:
         return refs
 
 
-def _load_block(name: str) -> Any:
-    from blocks.keys import EncryptionKeys
-
-    try:
-        return EncryptionKeys.load(name)
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"no saved encryption-keys block named {name!r}: {type(exc).__name__}") from None
-
-
 @dataclass
 class WriteKeys:
     """What a backup encrypts to: one mode, one or more recipients."""
@@ -544,88 +536,6 @@ class WriteKeys:
         if self.can_decrypt():
             ring.add(r for r in self.recipients if not isinstance(r, X25519Recipient))
         return ring
-
-
-def _write_keys_from(refs: KeyRefs, origin: str) -> WriteKeys | None:
-    modes: list[WriteKeys] = []
-    if refs.key_files or refs.key_env:
-        keys: list[SymmetricKey | X25519Identity] = []
-        for f in refs.key_files:
-            keys += read_key_file(f)
-        if refs.key_env:
-            keys += key_from_env(refs.key_env)
-        sym = [k for k in keys if isinstance(k, SymmetricKey)]
-        if not sym:
-            raise UsageError(
-                "the key file holds no symmetric key; to encrypt to an X25519 key pass its public key with --recipient"
-            )
-        modes.append(WriteKeys("symmetric", [sym[0]], origin))  # the first key is the current one
-    if refs.recipients:
-        recips: list[Recipient] = []
-        for r in refs.recipients:
-            recips += load_recipients(r)
-        uniq: dict[str, Recipient] = {}
-        for r in recips:
-            uniq.setdefault(r.fingerprint, r)
-        modes.append(WriteKeys("x25519", list(uniq.values()), origin))
-    if refs.passphrase_env:
-        modes.append(WriteKeys("passphrase", [passphrase_from_env(refs.passphrase_env)], origin))
-    if refs.block:
-        b = _load_block(refs.block)
-        modes += b.write_keys(refs.block)
-    if len(modes) > 1:
-        raise UsageError(
-            f"{origin} configures more than one way to encrypt ({', '.join(m.mode for m in modes)}); choose one"
-        )
-    return modes[0] if modes else None
-
-
-def resolve_write_keys(refs: KeyRefs) -> WriteKeys | None:
-    """The keys a backup encrypts to: the explicit references, else the BURROW_* environment.
-    None when nothing is configured."""
-    if refs.any():
-        return _write_keys_from(refs, "the command line")
-    return _write_keys_from(KeyRefs.from_env(writing=True), "the BURROW_* environment")
-
-
-NO_KEY_MESSAGE = (
-    "no encryption key is configured, so Burrow refuses to write the archive: pass --key-file PATH, "
-    "--recipient PUBKEY or --passphrase-env VAR (or set BURROW_KEY_FILE, BURROW_RECIPIENTS, "
-    "BURROW_PASSPHRASE_ENV or BURROW_KEY_BLOCK), or --no-encryption to write it unencrypted on purpose"
-)
-
-
-def backup_write_keys(encryption: bool, refs: KeyRefs) -> WriteKeys | None:
-    """The keys a backup must encrypt to; None only when encryption was turned off explicitly."""
-    if not encryption:
-        if refs.any():
-            raise UsageError("--no-encryption cannot be combined with a key, recipient, passphrase or key block")
-        return None
-    keys = resolve_write_keys(refs)
-    if keys is None:
-        raise UsageError(NO_KEY_MESSAGE)
-    return keys
-
-
-def resolve_keyring(refs: KeyRefs) -> Keyring:
-    """The keys a reader holds: the explicit references (else the BURROW_* environment), plus
-    the retired keys of $BURROW_KEYRING."""
-    source = refs if refs.any() else KeyRefs.from_env(writing=False)
-    ring = Keyring()
-    for f in source.key_files + source.identity_files:
-        ring.add(read_key_file(f))
-    if source.key_env:
-        ring.add(key_from_env(source.key_env))
-    if source.passphrase_env:
-        ring.add([passphrase_from_env(source.passphrase_env)])
-    if source.block:
-        held = _load_block(source.block).read_keys(source.block)
-        ring.add(held.keys)
-        ring.add(held.passphrases)
-    for f in os.environ.get(ENV_KEYRING, "").split(os.pathsep):
-        if f.strip():
-            ring.add(read_key_file(f))
-    return ring
 
 
 # ---------------------------------------------------------------------------- keygen

@@ -8,14 +8,15 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from blocks.keys import backup_write_keys
+from blocks.resolve import source_from_ref, store_from_ref
 from burrow import naming, report
+from burrow.crypto import ArchiveKeys, StreamEncryptor
 from burrow.errors import BurrowError, UsageError
-from burrow.keys import KeyRefs, backup_write_keys
-from burrow.resolve import source_from_ref, store_from_ref
+from burrow.keys import KeyRefs
 from burrow.runlog import logger
 from burrow.staging import staging_dir
 from tasks.compress import compress
-from tasks.encrypt import ArchiveKeys, StreamEncryptor
 from tasks.extract import extract
 from tasks.upload import upload
 from tasks.verify import verify, verify_structure_task

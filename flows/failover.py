@@ -15,15 +15,15 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from blocks.keys import archive_keys
+from blocks.resolve import source_from_ref, store_from_ref
 from burrow import naming, report
-from burrow.catalog import describe_archives
 from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch
-from burrow.resolve import source_from_ref, store_from_ref
 from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.restore import plan_and_replay, publish_summary
+from tasks.catalog import catalog
 from tasks.download import download
-from tasks.encrypt import ArchiveKeys
 from tasks.validate import validate
 
 
@@ -70,8 +70,8 @@ def failover(
         st = store_from_ref(store)
         target = source_from_ref(into)
         summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
-        keys = ArchiveKeys.from_refs(key_files, identity_files, passphrase_env, key_env, key_block)
-        candidates = _newest_first([r for r in describe_archives(st) if r.get("source") == source])
+        keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
+        candidates = _newest_first([r for r in catalog(st) if r.get("source") == source])
         if not candidates:
             raise ArchiveNotFound(f"no archive of source {source!r} in {st.describe()}")
         with staging_dir() as work:

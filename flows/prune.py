@@ -7,10 +7,10 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from blocks.resolve import store_from_ref
 from burrow import naming, report
-from burrow.catalog import describe_archives
-from burrow.resolve import store_from_ref
 from burrow.runlog import logger
+from tasks.catalog import catalog
 from tasks.retention import delete_archive, select_expired
 
 
@@ -44,7 +44,7 @@ def prune(
 
     with report.recorded(summary, _publish):
         st = store_from_ref(store)
-        rows = describe_archives(st)
+        rows = catalog(st)
         unreadable = [r["url"] for r in rows if r.get("error")]
         for url in unreadable:
             log.warning("prune: %s has an unreadable manifest and is left alone", url)

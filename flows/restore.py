@@ -8,13 +8,14 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from blocks.keys import archive_keys
+from blocks.resolve import archive_from_ref, source_from_ref
 from blocks.source import SourceBlock
 from burrow import naming, report
-from burrow.resolve import archive_from_ref, source_from_ref
+from burrow.crypto import ArchiveKeys
 from burrow.runlog import logger
 from burrow.staging import staging_dir
 from tasks.download import download
-from tasks.encrypt import ArchiveKeys
 from tasks.plan import plan as plan_task
 from tasks.replay import replay
 from tasks.validate import validate
@@ -60,7 +61,7 @@ def restore(
         store, name = archive_from_ref(archive)
         target = source_from_ref(into)
         summary.update(target=target.describe(), target_service=target.service)
-        keys = ArchiveKeys.from_refs(key_files, identity_files, passphrase_env, key_env, key_block)
+        keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
         with staging_dir() as work:
             local = download(store, name, str(work))
             manifest = validate(local, keys, label=store.url(name))

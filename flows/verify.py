@@ -7,10 +7,10 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from blocks.keys import archive_keys
+from blocks.resolve import archive_from_ref
 from burrow import naming, report
-from burrow.resolve import archive_from_ref
 from burrow.staging import staging_dir
-from tasks.encrypt import ArchiveKeys
 from tasks.verify import verify as verify_task
 from tasks.verify import verify_structure_task
 
@@ -44,7 +44,7 @@ def verify(
         store, name = archive_from_ref(archive)
         keys = None
         if not structure_only:
-            keys = ArchiveKeys.from_refs(key_files, identity_files, passphrase_env, key_env, key_block)
+            keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
         with staging_dir() as work:
             if structure_only:
                 m = verify_structure_task(store, name, str(work))

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 from kazoo.client import KazooClient  # noqa: E402
 from kazoo.security import make_digest_acl  # noqa: E402
 
-from burrow.localservers import start_prefect, start_zookeeper  # noqa: E402
+from burrow.testing.servers import start_prefect, start_zookeeper  # noqa: E402
 
 WORK = REPO / "demo-work"
 BURROW = str(Path(sys.executable).parent / "burrow")

@@ -32,7 +32,7 @@ def select_expired(
     source: str | None = None,
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """The catalog rows (from burrow.catalog.describe_archives) that retention removes."""
+    """The catalog rows (from tasks.catalog.describe_archives) that retention removes."""
     if keep_last < 1:
         raise UsageError("keep_last must be at least 1: a prune never removes a source's newest archive")
     now = now or datetime.now(UTC)

@@ -10,10 +10,10 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.store import ArchiveStore
 from burrow.archive import ArchiveReader, BodyDecryptor
+from burrow.crypto import check_layout
 from burrow.errors import should_retry
 from burrow.runlog import logger
 from tasks.download import download_archive
-from tasks.encrypt import check_layout
 from tasks.validate import validate_archive
 
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="burrow-tests-"))
 sys.path.insert(0, str(REPO))
 
-from burrow.localservers import (  # noqa: E402
+from burrow.testing.servers import (  # noqa: E402
     LocalServer,
     free_port,
     start_consul,

@@ -21,11 +21,11 @@ from services import source_url
 import blocks.consul as consul_block
 from blocks.consul import ConsulCluster, ConsulSession, _json_array_batches
 from blocks.local import LocalStore
+from blocks.resolve import register
 from blocks.source import WalkStats
 from burrow.errors import AuthError, SourceError, SourceUnavailable
-from burrow.localservers import LocalServer, free_port, start_consul
 from burrow.records import Record
-from burrow.resolve import register
+from burrow.testing.servers import LocalServer, free_port, start_consul
 from flows.backup import backup
 from flows.restore import restore
 from tasks.extract import extract

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from zkutil import kazoo, snapshot, unique_root
 
-from blocks.keys import EncryptionKeys
+from blocks.keys import EncryptionKeys, resolve_keyring, resolve_write_keys
+from blocks.resolve import register
 from blocks.zookeeper import ZooKeeperCluster
 from burrow.archive import ArchiveReader, ArchiveWriter
+from burrow.crypto import TAG_LEN, ArchiveKeys, StreamEncryptor, check_layout, parse_params
 from burrow.errors import ArchiveError, KeyMismatch, UsageError
 from burrow.keys import (
     ENV_KEYRING,
@@ -28,15 +30,11 @@ from burrow.keys import (
     X25519Identity,
     keygen,
     read_key_file,
-    resolve_keyring,
-    resolve_write_keys,
 )
 from burrow.records import Record
-from burrow.resolve import register
 from flows.backup import backup
 from flows.restore import restore
 from flows.verify import verify
-from tasks.encrypt import TAG_LEN, ArchiveKeys, StreamEncryptor, check_layout, parse_params
 
 # ------------------------------------------------------------------ in-process archives
 
@@ -118,7 +116,7 @@ def test_stream_detects_truncation_reordering_and_appended_chunks_even_with_fixe
         with pytest.raises(ArchiveError):
             read_all(rebuilt(new), ring)
     # With the manifest's checks out of the way, the chunk layer still refuses every case on its own.
-    from tasks import encrypt
+    from burrow import crypto as encrypt
 
     monkeypatch.setattr(encrypt.StreamDecryptor, "check_manifest", lambda *a, **k: None)
     monkeypatch.setattr(ArchiveReader, "_check_unkeyed", lambda self: None)
@@ -360,7 +358,7 @@ def test_chunking_is_canonical_whatever_the_write_sizes():
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from tasks.encrypt import _DecryptingReader, _EncryptingWriter
+    from burrow.crypto import _DecryptingReader, _EncryptingWriter
 
     rng = random.Random(5)
     aead, prefix = AESGCM(os.urandom(32)), os.urandom(7)

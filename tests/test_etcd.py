@@ -22,12 +22,12 @@ from services import read, source_url
 
 from blocks.etcd import EtcdCluster, EtcdSession
 from blocks.local import LocalStore
+from blocks.resolve import register
 from blocks.source import WalkStats
 from burrow.archive import ArchiveReader
 from burrow.errors import AuthError, SourceError, SourceUnavailable
-from burrow.localservers import LocalServer, free_port, start_etcd
 from burrow.records import Record
-from burrow.resolve import register
+from burrow.testing.servers import LocalServer, free_port, start_etcd
 from flows.backup import backup
 from flows.restore import restore
 from tasks.extract import extract

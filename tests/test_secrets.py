@@ -34,6 +34,7 @@ from zkutil import kazoo, snapshot
 
 from blocks.consul import ConsulCluster
 from blocks.etcd import EtcdCluster
+from blocks.resolve import register
 from blocks.zookeeper import ZooKeeperCluster
 from burrow.archive import (
     FOOTER_MAGIC,
@@ -46,14 +47,13 @@ from burrow.archive import (
     _frame,
     canonical_json,
 )
+from burrow.crypto import TAG_LEN, ArchiveKeys, StreamEncryptor, _mac
 from burrow.errors import ArchiveError, BurrowError, KeyMismatch
 from burrow.keys import Keyring, Passphrase, SymmetricKey, WriteKeys, X25519Identity, keygen, read_key_file
 from burrow.records import Record
-from burrow.resolve import register
 from flows.backup import backup
 from flows.restore import restore
 from flows.verify import verify
-from tasks.encrypt import TAG_LEN, ArchiveKeys, StreamEncryptor, _mac
 
 TAG = uuid.uuid4().hex[:12]
 ZK_PASSWORD = f"CANARY-zk-password-{TAG}"
@@ -90,7 +90,7 @@ def find_leaks(haystack: str | bytes, secrets: dict[str, bytes]) -> list[str]:
 @pytest.fixture(scope="module")
 def etcd_auth(tmp_path_factory: pytest.TempPathFactory):
     """A private etcd with authentication on (root user, canary password)."""
-    from burrow.localservers import start_etcd
+    from burrow.testing.servers import start_etcd
 
     server = start_etcd(tmp_path_factory.mktemp("etcd-auth"))
     http = httpx.Client(base_url=server.url, timeout=30, trust_env=False)

@@ -8,10 +8,10 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_acl, make_digest_acl
 from pydantic import SecretStr
 from zkutil import kazoo, unique_root
 
+from blocks.resolve import register
 from blocks.source import WalkStats
 from blocks.zookeeper import ZooKeeperCluster
-from burrow.catalog import open_archive
-from burrow.resolve import register
+from tasks.catalog import open_archive
 
 UNUSUAL = [
     "with space", "ünïcødé-☃", "per%cent", "hash#tag", "q?mark", "star*", "colon:x", "eq=amp&plus+",

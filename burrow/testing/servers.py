@@ -1,4 +1,4 @@
-"""Start real ZooKeeper, etcd, Consul and moto (S3) servers as local processes.
+"""Start real ZooKeeper, etcd, Consul, moto (S3) and Prefect servers as local processes.
 
 Used by the test-suite, the demo and the benchmarks.  Every server listens on
 127.0.0.1 only, on free ports, and keeps all of its state and its log file
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 JAVA_DIR = Path("/usr/share/java")
 _LOG_TAIL_LINES = 40
 _START_ATTEMPTS = 3  # only retried when we picked the port and it turned out to be taken
@@ -144,10 +144,6 @@ class LocalServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=30)
         _forget(self)
-
-    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        """The last ``lines`` lines this server wrote to its log since it was started."""
-        return _read_tail(self.log_path, self._log_offset, lines)
 
     def _signal(self, sig: signal.Signals) -> None:
         # Each server runs in its own session/process group, so signal the group:

@@ -1,5 +1,5 @@
-"""Reading what is in a store: archive listings with manifest summaries, and opening one
-archive for inspection."""
+"""Catalog: what is in a store, as archive listings with manifest summaries (the ``catalog``
+task that prune and failover start with), and opening one archive for inspection."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from blocks.local import LocalStore
+from blocks.resolve import archive_from_ref
 from blocks.store import ArchiveStore
 from burrow.archive import ArchiveReader
-from burrow.errors import ArchiveError, ArchiveNotFound
-from burrow.resolve import archive_from_ref
+from burrow.crypto import encryption_summary
+from burrow.errors import ArchiveError, ArchiveNotFound, should_retry
+from burrow.runlog import logger
 
 SUMMARY_FIELDS = ("service", "source", "keys", "raw_bytes", "created", "encrypted", "content_sha256")
 
@@ -46,11 +51,19 @@ def describe_archives(store: ArchiveStore) -> list[dict[str, Any]]:
                 m = reader.manifest
                 row.update({k: m.get(k) for k in SUMMARY_FIELDS})
                 if reader.encrypted:
-                    from tasks.encrypt import encryption_summary
-
                     enc = encryption_summary(reader.header.get("encryption"))
                     row.update(encryption_mode=enc.get("mode"), fingerprints=enc.get("fingerprints", []))
         except ArchiveError as exc:
             row["error"] = str(exc)
         rows.append(row)
+    return rows
+
+
+@task(name="catalog", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+def catalog(store: ArchiveStore) -> list[dict[str, Any]]:
+    """Prefect task wrapper of :func:`describe_archives`."""
+    rows = describe_archives(store)
+    logger().info(
+        "catalog: %d archives in %s (%d unreadable)", len(rows), store.describe(), sum(1 for r in rows if r.get("error"))
+    )
     return rows

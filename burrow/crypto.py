@@ -1,4 +1,4 @@
-"""Encrypt: the streaming authenticated-encryption stage between compress and upload.
+"""The streaming authenticated encryption of archive bodies (used between compress and upload).
 
 The construction (see docs/ENCRYPTION.md) follows the STREAM online-AE scheme of Hoang,
 Reyhanitabar, Rogaway and Vizár, as Tink's AES-GCM-HKDF streaming AEAD and age do:
@@ -30,15 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from burrow.errors import ArchiveError
-from burrow.keys import (
-    MAX_STANZAS,
-    KeyRefs,
-    Keyring,
-    WriteKeys,
-    _hkdf,
-    new_file_key,
-    resolve_keyring,
-)
+from burrow.keys import MAX_STANZAS, Keyring, WriteKeys, _hkdf, new_file_key
 
 SCHEME = "burrow-stream-aes256gcm-hkdf-sha256-v1"
 DEFAULT_CHUNK = 64 * 1024
@@ -341,22 +333,6 @@ class ArchiveKeys:
     def __init__(self, keyring: Keyring | None = None) -> None:
         self.keyring = keyring or Keyring()
         self.opened_by: str | None = None
-
-    @classmethod
-    def from_refs(
-        cls,
-        key_files: list[str] | None = None,
-        identity_files: list[str] | None = None,
-        passphrase_env: str | None = None,
-        key_env: str | None = None,
-        key_block: str | None = None,
-    ) -> ArchiveKeys:
-        """The keyring named by flow parameters (paths, variable and block names) plus what
-        the BURROW_* environment configures."""
-        return cls(resolve_keyring(KeyRefs(
-            key_files=list(key_files or []), identity_files=list(identity_files or []),
-            passphrase_env=passphrase_env, key_env=key_env, block=key_block,
-        )))
 
     def __repr__(self) -> str:
         return f"ArchiveKeys({self.keyring!r})"
