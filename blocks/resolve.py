@@ -20,14 +20,17 @@ from blocks.source import SourceBlock
 from blocks.store import ArchiveStore
 from blocks.zookeeper import ZooKeeperCluster
 from burrow.errors import UsageError
+from burrow.naming import has_userinfo, redact_url, split_userinfo
 
 _registered: dict[str, SourceBlock] = {}
+_HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
 
 
 def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
     """``zk://[user:password@]h:p[,h:p][/chroot][?timeout=SECONDS]``; ``timeout`` is the
     connect timeout (default: the block's, 10 s)."""
-    rest, _, query_s = url[len("zk://") :].partition("?")
+    userinfo, bare = split_userinfo(url)
+    rest, _, query_s = bare[len("zk://") :].partition("?")
     options: dict = {}
     if query_s:
         try:
@@ -43,16 +46,15 @@ def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
             raise UsageError("?timeout= takes a number of seconds") from None
         if not 0 < options["connect_timeout"] <= 3600:
             raise UsageError("?timeout= takes a number of seconds between 0 and 3600")
-    userinfo = None
-    if "@" in rest.split("/", 1)[0]:
-        userinfo, rest = rest.split("@", 1)
     hosts_part, _, chroot = rest.partition("/")
     hosts = [h for h in hosts_part.split(",") if h]
     if not hosts:
         raise UsageError("a zk:// URL needs at least one host:port")
     for h in hosts:
-        if not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d+$", h):
-            raise UsageError(f"bad ZooKeeper host {h!r} (expected host:port)")
+        if not _HOSTPORT.match(h):
+            # never quote a host list that may hold a piece of a password
+            shown = "" if userinfo is not None or "@" in url else f" {h!r}"
+            raise UsageError(f"bad ZooKeeper host{shown} (expected host:port[,host:port...])")
     kwargs: dict = {"hosts": hosts, "chroot": "/" + unquote(chroot).strip("/") if chroot.strip("/") else None}
     if userinfo:
         user, _, password = userinfo.partition(":")
@@ -61,14 +63,11 @@ def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
     return ZooKeeperCluster(**kwargs, **options)
 
 
-_HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
-
-
 def _split_service_url(url: str, what: str) -> tuple[str, list[str], str, dict[str, list[str]]]:
     """(scheme, host:port list, unquoted path without its leading '/', query) of an etcd/consul URL."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if "@" in parts.netloc:
+    if has_userinfo(url) or "@" in parts.netloc:
         raise UsageError(
             f"{scheme}:// URLs never carry credentials; give them in a saved block or the environment "
             f"(see the README, {what})"
@@ -78,7 +77,8 @@ def _split_service_url(url: str, what: str) -> tuple[str, list[str], str, dict[s
         raise UsageError(f"a {scheme}:// URL needs at least one host:port")
     for h in hosts:
         if not _HOSTPORT.match(h):
-            raise UsageError(f"bad {what} host {h!r} (expected host:port)")
+            shown = "" if "@" in url else f" {h!r}"
+            raise UsageError(f"bad {what} host{shown} (expected host:port)")
     try:
         query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
@@ -129,6 +129,9 @@ SOURCE_SCHEMES = {
 
 #: Block classes tried when a source is given by a saved block's name.
 SOURCE_BLOCKS: list[type[SourceBlock]] = [ZooKeeperCluster, EtcdCluster, ConsulCluster]
+#: Block classes tried when a store is given by a saved block's name (each is saved under its
+#: own block type, so the base class's slug would find none of them).
+STORE_BLOCKS: list[type[ArchiveStore]] = [LocalStore]
 
 
 def scheme_of(ref: str) -> str | None:
@@ -195,7 +198,7 @@ def store_from_ref(ref: str) -> ArchiveStore:
     if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists():
         return LocalStore(path=ref)
     try:
-        return _load_block(ref, [ArchiveStore], "store")
+        return _load_block(ref, STORE_BLOCKS, "store")
     except UsageError:
         # Not a block either: treat it as a (missing) directory so the error says so.
         return LocalStore(path=ref)
@@ -207,6 +210,6 @@ def archive_from_ref(ref: str) -> tuple[ArchiveStore, str]:
     if scheme == "file" or scheme is None:
         path = Path(unquote(urlsplit(ref).path) if scheme == "file" else ref).expanduser()
         if not path.name.endswith(".burrow"):
-            raise UsageError(f"{ref!r} does not name a .burrow archive")
+            raise UsageError(f"{redact_url(ref)!r} does not name a .burrow archive")
         return LocalStore(path=str(path.parent)), path.name
     raise UsageError(f"unknown archive URL scheme {scheme}:// (known: file://)")

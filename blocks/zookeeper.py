@@ -10,6 +10,7 @@ reports connection and auth trouble, and does the single creates of the fallback
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import warnings
 from collections import deque
@@ -53,6 +54,11 @@ def _has_redacted(acl: list[list[Any]]) -> bool:
         if entry[1] == "digest" and str(entry[2]).endswith(":x"):
             return True
     return False
+
+
+#: Digest credentials for a session whose block (or URL) names none: never in a URL or parameter.
+ENV_USER = "BURROW_ZK_USER"
+ENV_PASSWORD = "BURROW_ZK_PASSWORD"
 
 
 def _join(parent: str, child: str) -> str:
@@ -105,9 +111,13 @@ class ZooKeeperSession:
         self._use_chroot = chroot
         self._wire: zkwire.WireSession | None = None
         auth = None
-        if block.digest_user:
-            password = block.digest_password.get_secret_value() if block.digest_password else ""
-            auth = [("digest", f"{block.digest_user}:{password}")]
+        user = block.digest_user or os.environ.get(ENV_USER) or None
+        if user:
+            if block.digest_password is not None:
+                password = block.digest_password.get_secret_value()
+            else:
+                password = os.environ.get(ENV_PASSWORD, "")
+            auth = [("digest", f"{user}:{password}")]
         hosts = ",".join(block.hosts)
         if chroot and block.chroot and block.chroot != "/":
             hosts += "/" + block.chroot.strip("/")

@@ -390,22 +390,27 @@ def load_recipients(ref: str) -> list[X25519Recipient]:
     return out
 
 
+def _env_value(var: str | None, flag: str, what: str) -> str:
+    """The value of the environment variable a ``--...-env`` flag names. A user may type the
+    secret itself by mistake, so no message quotes what was given."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var or ""):
+        raise UsageError(f"{flag} takes the name of an environment variable holding {what}; "
+                         "what was given is not one (it is not shown, in case it is the secret itself)")
+    value = os.environ.get(var or "")
+    if not value:
+        raise UsageError(f"the environment variable named by {flag} (holding {what}) is not set or empty "
+                         "(its name is not shown, in case it is the secret itself)")
+    return value
+
+
 def passphrase_from_env(var: str) -> Passphrase:
     """The passphrase held in environment variable ``var`` (the name, never the value, is passed around)."""
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var or ""):
-        raise UsageError(f"--passphrase-env takes an environment variable name, got {var!r}")
-    value = os.environ.get(var)
-    if not value:
-        raise UsageError(f"environment variable {var} (the passphrase) is not set or empty")
-    return Passphrase(value.encode("utf-8"))
+    return Passphrase(_env_value(var, "--passphrase-env", "the passphrase").encode("utf-8"))
 
 
 def key_from_env(var: str) -> list[SymmetricKey | X25519Identity]:
     """The key(s) held in environment variable ``var`` (text form or 64 hex digits)."""
-    value = os.environ.get(var)
-    if not value:
-        raise UsageError(f"environment variable {var} (a key) is not set or empty")
-    return parse_key_text(value, f"environment variable {var}")
+    return parse_key_text(_env_value(var, "--key-env", "a key"), "the environment variable named by --key-env")
 
 
 # ---------------------------------------------------------------------------- keyring

@@ -9,11 +9,58 @@ from datetime import UTC, datetime
 from burrow.errors import UsageError
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9._-]+")
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.S)
+_HOSTS_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+(,[A-Za-z0-9.\-\[\]:]+:\d+)*,?([/?#].*)?$", re.S)
+
+#: Where credentials go instead of a URL or a flow parameter.
+CREDENTIAL_ALTERNATIVES = (
+    "save them in a block and pass the block's name, or give them through the environment "
+    "(ZooKeeper: BURROW_ZK_USER and BURROW_ZK_PASSWORD; etcd: BURROW_ETCD_USER and BURROW_ETCD_PASSWORD; "
+    "Consul: CONSUL_HTTP_TOKEN)"
+)
+
+
+def split_userinfo(ref: str) -> tuple[str | None, str]:
+    """``(user-info, the reference without it)`` of a URL; ``(None, ref)`` when it has none.
+
+    A password may hold ``@``, ``/`` or ``:`` unescaped, so the user-info ends at the last ``@``
+    that a host list (``host:port[,host:port]``) follows, else at the last ``@`` of the
+    authority. Callers must never show the user-info, or a message built from it."""
+    m = _URL_RE.match(ref)
+    if not m:
+        return None, ref
+    scheme, rest = m.groups()
+    for i in range(len(rest) - 1, -1, -1):
+        if rest[i] == "@" and _HOSTS_RE.match(rest[i + 1 :]):
+            return rest[:i], f"{scheme}://{rest[i + 1:]}"
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        userinfo, _, hosts = authority.rpartition("@")
+        return userinfo, f"{scheme}://{hosts}{rest[len(authority):]}"
+    return None, ref
+
+
+def has_userinfo(ref: str) -> bool:
+    """True when ``ref`` is a URL that carries credentials."""
+    return split_userinfo(ref)[0] is not None
+
+
+def redact_url(ref: str) -> str:
+    """``ref`` without the user-info of its URL."""
+    return split_userinfo(ref)[1]
+
+
+def refuse_credentials(what: str) -> UsageError:
+    """The error for a URL with credentials where none may go; it never quotes the URL."""
+    return UsageError(
+        f"{what} is a URL with credentials in it, and flow parameters are kept in the run history: "
+        + CREDENTIAL_ALTERNATIVES
+    )
 
 
 def slug(text: str) -> str:
-    """A filesystem- and URL-safe rendering of a name."""
-    s = text
+    """A filesystem- and URL-safe rendering of a name (never with a URL's credentials)."""
+    s = redact_url(text)
     for prefix in ("zk://", "etcd://", "consul://"):
         if s.startswith(prefix):
             s = prefix[:-3] + "-" + s[len(prefix):]
@@ -34,7 +81,7 @@ def archive_name(source_name: str) -> str:
 def check_source_name(name: str) -> str:
     if not name or len(name) > 200 or any(ord(c) < 32 for c in name):
         raise UsageError("--name must be 1 to 200 printable characters")
-    if "@" in name and "://" in name:
+    if has_userinfo(name):
         raise UsageError("--name must not contain credentials")
     return name
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from blocks.keys import backup_write_keys
@@ -16,6 +15,7 @@ from burrow.errors import BurrowError, UsageError
 from burrow.keys import KeyRefs
 from burrow.runlog import logger
 from burrow.staging import staging_dir
+from flows.common import Ref, burrow_flow
 from tasks.compress import compress
 from tasks.extract import extract
 from tasks.upload import upload
@@ -31,10 +31,10 @@ def _run_name() -> str:
     return f"backup-{tag}-{naming.slug(str(name))}-{naming.stamp()}"
 
 
-@flow(name="backup", flow_run_name=_run_name, persist_result=False, log_prints=False)
+@burrow_flow(name="backup", flow_run_name=_run_name, persist_result=False, log_prints=False)
 def backup(
-    source: str,
-    store: str,
+    source: Ref,
+    store: Ref,
     name: str | None = None,
     root: str = "/",
     compression_level: int = 3,

@@ -12,7 +12,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from blocks.keys import archive_keys
@@ -21,6 +20,7 @@ from burrow import naming, report
 from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch
 from burrow.runlog import logger
 from burrow.staging import staging_dir
+from flows.common import Ref, burrow_flow
 from flows.restore import plan_and_replay, publish_summary
 from tasks.catalog import catalog
 from tasks.download import download
@@ -40,11 +40,11 @@ def _newest_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=created, reverse=True)
 
 
-@flow(name="failover", flow_run_name=_run_name, persist_result=False)
+@burrow_flow(name="failover", flow_run_name=_run_name, persist_result=False)
 def failover(
     source: str,
-    store: str,
-    into: str,
+    store: Ref,
+    into: Ref,
     dry_run: bool = False,
     subtree: str | None = None,
     maps: list[str] | None = None,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from blocks.resolve import store_from_ref
 from burrow import naming, report
 from burrow.runlog import logger
+from flows.common import Ref, burrow_flow
 from tasks.catalog import catalog
 from tasks.retention import delete_archive, select_expired
 
@@ -18,9 +18,9 @@ def _run_name() -> str:
     return f"prune-{naming.slug(str(flow_run.parameters.get('store', 'store')))}-{naming.stamp()}"
 
 
-@flow(name="prune", flow_run_name=_run_name, persist_result=False)
+@burrow_flow(name="prune", flow_run_name=_run_name, persist_result=False)
 def prune(
-    store: str,
+    store: Ref,
     keep_last: int = 24,
     max_age_days: float | None = None,
     source: str | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from blocks.keys import archive_keys
@@ -15,6 +14,7 @@ from burrow import naming, report
 from burrow.crypto import ArchiveKeys
 from burrow.runlog import logger
 from burrow.staging import staging_dir
+from flows.common import Ref, burrow_flow
 from tasks.download import download
 from tasks.plan import plan as plan_task
 from tasks.replay import replay
@@ -28,10 +28,10 @@ def _run_name() -> str:
     return f"{kind}-{naming.slug(into)}-{naming.stamp()}"
 
 
-@flow(name="restore", flow_run_name=_run_name, persist_result=False)
+@burrow_flow(name="restore", flow_run_name=_run_name, persist_result=False)
 def restore(
-    archive: str,
-    into: str,
+    archive: Ref,
+    into: Ref,
     dry_run: bool = False,
     subtree: str | None = None,
     maps: list[str] | None = None,

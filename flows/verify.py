@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from blocks.keys import archive_keys
 from blocks.resolve import archive_from_ref
 from burrow import naming, report
 from burrow.staging import staging_dir
+from flows.common import Ref, burrow_flow
 from tasks.verify import verify as verify_task
 from tasks.verify import verify_structure_task
 
@@ -20,9 +20,9 @@ def _run_name() -> str:
     return f"verify-{naming.slug(ref.rsplit('/', 1)[-1].removesuffix('.burrow'))}"
 
 
-@flow(name="verify", flow_run_name=_run_name, persist_result=False)
+@burrow_flow(name="verify", flow_run_name=_run_name, persist_result=False)
 def verify(
-    archive: str,
+    archive: Ref,
     key_files: list[str] | None = None,
     identity_files: list[str] | None = None,
     passphrase_env: str | None = None,

@@ -38,6 +38,8 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
 os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
 os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
+# the server's scheduler looks for deployments to schedule every 2 s (default 60 s)
+os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "2"
 os.environ.setdefault("BURROW_STAGING_DIR", str(SESSION_DIR / "staging"))
 
 BURROW = str(Path(sys.executable).parent / "burrow")
