@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 from burrow.errors import EXIT_CONFLICTS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BurrowError, UsageError
@@ -73,6 +75,8 @@ def _keyring(refs: dict[str, Any]) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="burrow", description="Backup, verify and safe restore for ZooKeeper, etcd v3 and Consul KV.")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Prefect's engine errors and tracebacks on the terminal")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("backup", help="back up a cluster into a store; prints the archive URL last")
@@ -141,11 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("source")
     d.add_argument("--subtree", default="/", help="start here (default: /)")
     d.add_argument("--no-values", action="store_true", help="print paths and sizes only")
+    for sp in sub.choices.values():  # -v works after the command too
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also show Prefect's engine errors and tracebacks on the terminal")
     return p
 
 
 def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune")
+
+
+class _NoTracebacksOnConsole(logging.Filter):
+    """On the terminal, an expected failure is one ``burrow: error:`` line: this drops the
+    engine's error records and every traceback from the console handler only. The flow run's
+    logs on the server (Prefect's API handler) still receive all of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text:
+            return False
+        return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
+
+
+def _quiet_console() -> None:
+    """Attach :class:`_NoTracebacksOnConsole` to Prefect's console handler (set up on import)."""
+    import prefect.main  # noqa: F401 - configures Prefect's logging (handlers on the root logger)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _NoTracebacksOnConsole) for f in handler.filters
+        ):
+            handler.addFilter(_NoTracebacksOnConsole())
 
 
 def _print_summary(summary: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
@@ -405,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``burrow`` console script."""
     args = build_parser().parse_args(argv)
     _quiet_prefect()
+    if args.command in FLOW_COMMANDS and not args.verbose:
+        _quiet_console()
     if sys.stderr.isatty() and args.command in ("backup", "restore", "verify", "failover"):
         from burrow import progress
 
@@ -418,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         print("burrow: interrupted", file=sys.stderr)
         code = EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, never a value
+        if args.verbose:
+            traceback.print_exc()
         print(f"burrow: error: unexpected {type(exc).__name__}", file=sys.stderr)
         code = EXIT_FAILURE
     sys.stdout.flush()
