@@ -21,6 +21,8 @@ import base64
 import binascii
 import itertools
 import os
+import re
+import socket
 import ssl
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -37,6 +39,7 @@ from pydantic import Field, SecretStr
 
 from blocks.source import SourceBlock, WalkStats
 from burrow.errors import AuthError, BurrowError, SourceError, SourceUnavailable, UsageError
+from burrow.hosts import is_transient_resolution_failure
 from burrow.paths import foreign_metadata
 from burrow.records import Record, display_key
 
@@ -51,6 +54,18 @@ ENV_SERVER_NAME = "CONSUL_TLS_SERVER_NAME"
 MAX_TXN_OPS = 64  # Consul's hard limit per /v1/txn
 ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"
 _OP_OVERHEAD = 96  # JSON bytes of one cas op besides its key and value
+
+# A rolled-back /v1/txn answers 409 with {"Errors": [{"OpIndex": i, "What": text}]}. Which
+# op failed is OpIndex; why is the form of What, which Consul builds with Go's %q for the key
+# (state store, txn.go): a key cannot fake these forms, since %q escapes any quote in it.
+_GO_STRING = r'"((?:[^"\\]|\\.)*)"'
+_STALE = re.compile(r"failed to set key " + _GO_STRING + r", index is stale")  # cas: the key exists
+_ABSENT = re.compile(r"key " + _GO_STRING + r" doesn't exist")  # get: no such key (or not readable)
+# ACL refusals: "Permission denied" (Consul 1.8), "Permission denied: token with AccessorID
+# '...' lacks permission 'key:write' on <the key>" (1.11 and later), "ACL not found".
+_DENIED = re.compile(r"(?:rpc error making call: )?(?:Permission denied|ACL not found)(?::.*)?", re.DOTALL)
+_GO_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+               "\\": "\\", '"': '"', "'": "'"}
 
 
 def _normalize_prefix(prefix: str | None) -> str:
@@ -226,6 +241,15 @@ class ConsulSession:
                 raise SourceError(
                     f"TLS with Consul at {self.label} failed while {action} "
                     "(check the CA, client certificate and key, and the server name)"
+                ) from None
+            gai = _gaierror(exc)
+            if gai is not None and not is_transient_resolution_failure(gai):
+                raise SourceError(
+                    f"the Consul host name of {self.label} does not exist ({gai.strerror or gai}); check the address"
+                ) from None
+            if gai is not None:
+                raise SourceUnavailable(
+                    f"cannot resolve the Consul host name of {self.label} for now while {action} ({gai.strerror or gai})"
                 ) from None
             raise SourceUnavailable(f"cannot reach Consul at {self.label} while {action}") from None
         except httpx.TimeoutException:
@@ -436,24 +460,42 @@ class ConsulSession:
             ops = [{"KV": {"Verb": "get", "Key": full[i]}} for i in pending]
             results, errors = self._txn(ops, "reading keys")
             if results is not None:
+                if len(results) != len(pending):
+                    # Consul leaves out of a txn's results the keys the token may not read.
+                    got = {(r.get("KV") or {}).get("Key") for r in results}
+                    hidden = [full[i] for i in pending if full[i] not in got]
+                    raise AuthError(
+                        f"Consul at {self.label} left {len(hidden) or 'some'} keys out of its answer that the ACL "
+                        f"token may not read (such as {hidden[0] if hidden else '?'}); check the ACL token "
+                        "(block token or CONSUL_HTTP_TOKEN)"
+                    )
                 for i, r in zip(pending, results, strict=True):
                     v = (r.get("KV") or {}).get("Value")
                     values[i] = base64.b64decode(v) if v else b""
                 return values
-            missing = set()
-            for err in errors:
-                what = str(err.get("What", ""))
-                if "doesn't exist" not in what and "does not exist" not in what:
-                    raise self._txn_error(what, "reading keys")
-                missing.add(int(err.get("OpIndex", -1)))
+            missing = self._failed_ops(errors, [full[i] for i in pending], _ABSENT, "reading keys")
             # A failed read-only txn returns no results: ask again for the keys that exist.
             pending = [i for j, i in enumerate(pending) if j not in missing]
         else:
             raise SourceUnavailable(f"keys at Consul {self.label} kept changing while being read")
         return values
 
+    def _failed_ops(self, errors: list[dict[str, Any]], keys: list[str], expected: re.Pattern[str],
+                    action: str) -> set[int]:
+        """The ops of a rolled-back txn (indexes into ``keys``) that failed in the ``expected``
+        way for their own key; any other error fails the run with its own class."""
+        failed: set[int] = set()
+        for err in errors:
+            what = str(err.get("What", ""))
+            i = err.get("OpIndex")
+            m = expected.fullmatch(what)
+            if not (isinstance(i, int) and 0 <= i < len(keys) and m and _go_unquote(m.group(1)) == keys[i]):
+                raise self._txn_error(what, action)
+            failed.add(i)
+        return failed
+
     def _txn_error(self, what: str, action: str) -> BurrowError:
-        if "permission denied" in what.lower() or "acl" in what.lower():
+        if _DENIED.fullmatch(what):
             return AuthError(
                 f"Consul at {self.label} denied {action}: {_safe(what)}; check the ACL token "
                 "(block token or CONSUL_HTTP_TOKEN)"
@@ -523,12 +565,7 @@ class ConsulSession:
             got, errors = self._txn([self._op(records[i]) for i in batch], "creating keys", results=False)
             if got is not None:
                 return [(i, True) for i in batch]
-            existed: set[int] = set()
-            for err in errors:
-                what = str(err.get("What", ""))
-                if "index is stale" not in what and "cas" not in what.lower():
-                    raise self._txn_error(what, "creating keys")
-                existed.add(int(err.get("OpIndex", -1)))
+            existed = self._failed_ops(errors, [self.full_key(records[i].key) for i in batch], _STALE, "creating keys")
             # Rolled back: keys that exist stay as they are; the others are created one by one.
             out = []
             for j, i in enumerate(batch):
@@ -543,13 +580,14 @@ class ConsulSession:
         return [bool(x) for x in results]
 
     def _create_one(self, r: Record) -> bool:
-        got, errors = self._txn([self._op(r)], "creating " + display_key(r.key), results=False)
+        action = "creating " + display_key(r.key)
+        got, errors = self._txn([self._op(r)], action, results=False)
         if got is not None:
             return True
-        what = str(errors[0].get("What", "")) if errors else ""
-        if "index is stale" in what or "cas" in what.lower():
-            return False
-        raise self._txn_error(what, "creating " + display_key(r.key))
+        if not errors:
+            raise self._txn_error("", action)
+        self._failed_ops(errors, [self.full_key(r.key)], _STALE, action)
+        return False  # the key exists
 
     def _put_large(self, r: Record) -> bool:
         key = self.full_key(r.key)
@@ -639,6 +677,50 @@ def _ijson_batches(chunks: Iterable[bytes], skip: int) -> Iterator[list[Any]]:
     parser.close()
     if out[skip:]:
         yield out[skip:]
+
+
+def _go_unquote(body: str) -> str | None:
+    """The text a Go ``%q`` literal (``body``: between its quotes) stands for; None if malformed."""
+    out = bytearray()
+    i, n = 0, len(body)
+    while i < n:
+        c = body[i]
+        if c != "\\":
+            out += c.encode("utf-8", "surrogateescape")
+            i += 1
+            continue
+        e = body[i + 1 : i + 2]
+        if e in _GO_ESCAPES:
+            out += _GO_ESCAPES[e].encode("ascii")
+            i += 2
+        elif e in ("x", "u", "U"):
+            width = {"x": 2, "u": 4, "U": 8}[e]
+            digits = body[i + 2 : i + 2 + width]
+            try:
+                v = int(digits, 16) if len(digits) == width else -1
+                out += bytes([v]) if e == "x" else chr(v).encode("utf-8", "surrogatepass")
+            except ValueError:
+                return None
+            i += 2 + width
+        elif e and e in "01234567" and len(body) >= i + 4:
+            try:
+                out.append(int(body[i + 1 : i + 4], 8))
+            except ValueError:
+                return None
+            i += 4
+        else:
+            return None
+    return out.decode("utf-8", "surrogateescape")
+
+
+def _gaierror(exc: BaseException) -> socket.gaierror | None:
+    """The name-resolution failure behind a connection error, if that is what it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _is_tls(exc: BaseException) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from pydantic import Field, SecretStr
 
 from blocks.source import SourceBlock, WalkStats
 from burrow.errors import AuthError, BurrowError, SourceError, SourceUnavailable, UsageError
+from burrow.hosts import check_resolvable
 from burrow.paths import foreign_metadata
 from burrow.records import Record, display_key
 
@@ -51,8 +53,22 @@ _TRANSIENT_CODES = {
     grpc.StatusCode.CANCELLED,
 }
 _TLS_MARKERS = ("ssl", "handshake", "certificate", "tsi_", "x509", "tls")
-_AUTH_MARKERS = ("authentication failed", "user name is empty", "permission denied", "invalid auth token",
-                 "auth: ", "not capable")
+#: etcd's own auth errors that come with a code other than UNAUTHENTICATED / PERMISSION_DENIED
+#: (etcdserver/api/v3rpc/rpctypes: INVALID_ARGUMENT or FAILED_PRECONDITION, fixed texts).
+_AUTH_DETAILS = (
+    "etcdserver: authentication failed, invalid user id or password",
+    "etcdserver: user name is empty",
+    "etcdserver: user name not found",
+    "etcdserver: authentication is not enabled",
+)
+_AUTH_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+#: RESOURCE_EXHAUSTED is four different things; etcd's two are fixed texts (rpctypes).
+_NOSPACE = "etcdserver: mvcc: database space exceeded"  # the NOSPACE alarm: the backend quota is full
+_TOO_MANY_REQUESTS = "etcdserver: too many requests"  # the apply loop is behind: back off and retry
+#: Pauses before re-sending a request etcd refused as "too many requests". etcd refuses it
+#: before proposing it to raft, so re-sending is safe for writes too (and a replay, which
+#: no task retries, gets through a short overload).
+TOO_MANY_BACKOFF = (0.1, 0.2, 0.5, 1.0, 2.0, 2.0)
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -197,7 +213,9 @@ class EtcdSession:
         if not b.endpoints:
             raise UsageError("an etcd cluster needs at least one endpoint")
         failures: list[str] = []
-        for endpoint in b.hostports():
+        # A host name that does not exist fails here, at once and for good (gRPC would report
+        # UNAVAILABLE, which is retried like a member that is down).
+        for endpoint in check_resolvable(b.hostports(), "etcd", self.label):
             if creds is not None:
                 channel = grpc.secure_channel(endpoint, creds, options=options)
             else:
@@ -220,7 +238,7 @@ class EtcdSession:
             )
         except grpc.RpcError as exc:
             err = self._wrap(exc, f"authenticating user {self.user!r}")
-            if isinstance(err, SourceUnavailable):
+            if not isinstance(err, AuthError):
                 raise err from None
             raise AuthError(
                 f"etcd at {self.label} refused user {self.user!r}: authentication failed "
@@ -240,32 +258,72 @@ class EtcdSession:
                 f"TLS with etcd at {self.label} failed while {action} (check the CA, client certificate "
                 f"and key, and the server name): {name}"
             )
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or any(
-            m in low for m in _AUTH_MARKERS
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
+            code in _AUTH_CODES and low.strip().startswith(_AUTH_DETAILS)
         ):
             who = f"user {self.user!r}" if self.user else "an anonymous client (no user set)"
             return AuthError(f"etcd at {self.label} denied {action} to {who}: {_short(details)}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return _TooLarge(f"etcd at {self.label}: an answer was larger than max_message_bytes while {action}")
+            return self._exhausted(low, details, action)
         if code == grpc.StatusCode.OUT_OF_RANGE or "compacted" in low:
             return SourceUnavailable(
                 f"etcd at {self.label} compacted the backup's revision while {action}; a retry starts over"
             )
         if code in _TRANSIENT_CODES:
+            if low.startswith("etcdserver:"):  # the member answered: no leader, not capable (yet), ...
+                return SourceUnavailable(f"etcd at {self.label} is unavailable while {action} ({_short(details)})")
             return SourceUnavailable(f"lost the connection to etcd at {self.label} while {action} ({name})")
         return SourceError(f"etcd at {self.label} failed {action}: {name}: {_short(details)}")
 
+    def _exhausted(self, low: str, details: str, action: str) -> BurrowError:
+        """RESOURCE_EXHAUSTED: etcd out of space, etcd overloaded, or a message over a size limit."""
+        text = low.strip()
+        if text == _NOSPACE:
+            return SourceError(
+                f"etcd at {self.label} is out of space (NOSPACE alarm: the database reached its quota, "
+                f"--quota-backend-bytes) while {action}; keys created before this stay. Free space (compact "
+                "and defragment), disarm the alarm (etcdctl alarm disarm), then run the restore again: it "
+                "creates only what is still missing"
+            )
+        if text == _TOO_MANY_REQUESTS:
+            return SourceUnavailable(f"etcd at {self.label} is overloaded (too many requests) while {action}")
+        if "grpc: received message larger than max" in low:
+            return SourceError(
+                f"etcd at {self.label} refused a request as too large while {action} (its --max-request-bytes); "
+                "lower txn_bytes on the block"
+            )
+        if "sent message larger than max" in low:
+            return SourceError(
+                f"a request to etcd at {self.label} was larger than max_message_bytes "
+                f"({self.block.max_message_bytes} bytes) while {action}; lower txn_bytes or raise max_message_bytes"
+            )
+        if "received message larger than max" in low or "send message larger than max" in low:
+            return _TooLarge(f"etcd at {self.label}: an answer was larger than max_message_bytes while {action}")
+        return SourceError(f"etcd at {self.label} failed {action}: RESOURCE_EXHAUSTED: {_short(details)}")
+
     def _call(self, method: Callable[..., Any], request: Any, action: str, timeout: float | None = None) -> Any:
-        """One unary call with the auth token; re-authenticates once when the token expired."""
-        for attempt in (0, 1):
+        """One unary call with the auth token; re-authenticates once when the token expired,
+        and backs off and re-sends while etcd answers "too many requests" (TOO_MANY_BACKOFF)."""
+        reauthed = False
+        pauses = iter(TOO_MANY_BACKOFF)
+        while True:
             try:
                 return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if attempt == 0 and self._expired(exc):
+                if not reauthed and self._expired(exc):
+                    reauthed = True
                     self._reauth()
                     continue
+                if _too_many(exc):
+                    pause = next(pauses, None)
+                    if pause is not None:
+                        time.sleep(pause)
+                        continue
+                    raise SourceUnavailable(
+                        f"etcd at {self.label} is overloaded (too many requests) while {action}, still after "
+                        f"backing off for {sum(TOO_MANY_BACKOFF):g}s"
+                    ) from None
                 raise self._wrap(exc, action) from None
-        raise AssertionError("unreachable")
 
     def _expired(self, exc: grpc.RpcError) -> bool:
         return bool(self.user) and "invalid auth token" in ((exc.details() or "").lower())
@@ -287,9 +345,10 @@ class EtcdSession:
             try:
                 out[i] = fut.result()
             except grpc.RpcError as exc:
-                if self._expired(exc):
-                    self._reauth()
-                    out[i] = self._call(method, req, action)
+                if self._expired(exc) or _too_many(exc):
+                    if self._expired(exc):
+                        self._reauth()
+                    out[i] = self._call(method, req, action)  # backs off while etcd is overloaded
                     return
                 for _, other, _ in inflight:
                     other.cancel()
@@ -413,20 +472,24 @@ class EtcdSession:
             try:
                 return pending.result(), req
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and req.limit > 1:
-                    # Larger than max_message_bytes (values grew suddenly): same page, fewer keys.
-                    req = rpc.RangeRequest(
-                        key=req.key, range_end=req.range_end, limit=max(1, req.limit // 4), revision=req.revision
-                    )
-                elif self._expired(exc):
+                if self._expired(exc):
                     self._reauth()
-                elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    pending = self._range_future(req)
+                    continue
+                if _too_many(exc):
+                    return self._call(self.kv.Range, req, "reading " + display_key(req.key)), req
+                err = self._wrap(exc, "reading " + display_key(req.key))
+                if not isinstance(err, _TooLarge):
+                    raise err from None
+                if req.limit <= 1:
                     raise SourceError(
                         f"a single etcd key at {self.label} is larger than max_message_bytes "
                         f"({self.block.max_message_bytes} bytes); raise it on the block"
                     ) from None
-                else:
-                    raise self._wrap(exc, "reading " + display_key(req.key)) from None
+                # Larger than max_message_bytes (values grew suddenly): same page, fewer keys.
+                req = rpc.RangeRequest(
+                    key=req.key, range_end=req.range_end, limit=max(1, req.limit // 4), revision=req.revision
+                )
                 pending = self._range_future(req)
 
     def _note_prefix_key(self, revision: int, stats: WalkStats) -> None:
@@ -631,6 +694,13 @@ class EtcdSession:
 
 class _TooLarge(SourceError):
     """An answer exceeded the gRPC receive limit (asked for too much at once)."""
+
+
+def _too_many(exc: grpc.RpcError) -> bool:
+    """etcd refused the request because its apply loop is behind (safe to re-send)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.strip().lower() == _TOO_MANY_REQUESTS
 
 
 def _reason(exc: grpc.RpcError) -> str:

@@ -1,10 +1,18 @@
-"""A directory on local disk (or a mounted share) as an archive store."""
+"""A directory on local disk (or a mounted share) as an archive store.
+
+I/O errors are classified by errno (``burrow.errors.store_os_error``): a transient one (EIO,
+ETIMEDOUT, ESTALE, EAGAIN, ...) raises StoreUnavailable, which the upload, download, catalog
+and delete tasks retry; a permanent one (ENOENT, EACCES, EROFS, ENOSPC, ...) raises StoreError.
+A file that is not an addressable, complete archive (``copy of x.burrow``, a dangling link,
+a FIFO) is skipped by ``list`` with a warning: one stray file never breaks the store.
+"""
 
 from __future__ import annotations
 
 import builtins
 import os
 import shutil
+import stat
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +20,8 @@ from typing import ClassVar
 from urllib.parse import quote
 
 from blocks.store import ARCHIVE_SUFFIX, ArchiveInfo, ArchiveStore, check_name
-from burrow.errors import ArchiveNotFound, StoreError
+from burrow.errors import ArchiveNotFound, StoreError, UsageError, os_error_is_transient, store_os_error
+from burrow.runlog import logger
 
 
 class LocalStore(ArchiveStore):
@@ -34,8 +43,14 @@ class LocalStore(ArchiveStore):
 
     def check(self, *, writable: bool = False) -> None:
         root = self.root
-        if not root.is_dir():
-            raise StoreError(f"store directory {root} does not exist")
+        try:
+            st = root.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise StoreError(f"store directory {root} does not exist") from None
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot open store directory {root}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"store directory {root} does not exist (it is not a directory)")
         if writable and not os.access(root, os.W_OK | os.X_OK):
             raise StoreError(f"store directory {root} is not writable")
 
@@ -45,17 +60,30 @@ class LocalStore(ArchiveStore):
     def _file(self, name: str) -> Path:
         return self.root / check_name(name)
 
-    def _info(self, name: str, p: Path) -> ArchiveInfo:
-        st = p.stat()
+    def _stat(self, name: str, p: Path) -> os.stat_result:
+        """The archive's stat; ArchiveNotFound when there is no regular file by that name."""
+        try:
+            st = p.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ArchiveNotFound(f"archive {name} not found in {self.describe()}") from None
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot read archive {name} in {self.describe()}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ArchiveNotFound(f"archive {name} not found in {self.describe()} (not a regular file)")
+        return st
+
+    def _info(self, name: str, st: os.stat_result) -> ArchiveInfo:
         modified = datetime.fromtimestamp(st.st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return ArchiveInfo(name=name, size=st.st_size, modified=modified, url=self.url(name))
 
     def put(self, name: str, source: Path) -> ArchiveInfo:
         self.check(writable=True)
         final = self._file(name)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        where = f"cannot write archive {name} to {self.describe()}"
         tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.partial"
+        linked = False
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
             with open(source, "rb") as src, open(tmp, "xb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
@@ -64,51 +92,95 @@ class LocalStore(ArchiveStore):
                 os.link(tmp, final)  # atomic, and never replaces an existing archive
             except FileExistsError:
                 raise StoreError(f"archive {name} already exists in {self.describe()}") from None
+            linked = True
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+            info = self._info(name, final.stat())
         except OSError as exc:
-            raise StoreError(f"cannot write archive {name} to {self.describe()}: {exc.strerror}") from None
+            if linked:
+                # Not known to be durable: take it back, so a retry writes it again instead of
+                # finding "already exists".
+                final.unlink(missing_ok=True)
+            raise store_os_error(exc, where) from None
         finally:
             tmp.unlink(missing_ok=True)
-        return self._info(name, final)
+        return info
 
     def get(self, name: str, dest: Path) -> Path:
         src = self._file(name)
-        if not src.is_file():
-            raise ArchiveNotFound(f"archive {name} not found in {self.describe()}")
+        self._stat(name, src)
         try:
             shutil.copyfile(src, dest)
+        except FileNotFoundError as exc:
+            if exc.filename == str(src):
+                raise ArchiveNotFound(f"archive {name} not found in {self.describe()}") from None
+            raise store_os_error(exc, f"cannot read archive {name} from {self.describe()}") from None
         except OSError as exc:
-            raise StoreError(f"cannot read archive {name}: {exc.strerror}") from None
+            raise store_os_error(exc, f"cannot read archive {name} from {self.describe()}") from None
         return dest
 
     def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
         self.check()
         out = []
         root = self.root
-        for dirpath, dirnames, filenames in os.walk(root):
+        log = logger()
+
+        def walk_error(exc: OSError) -> None:
+            # The store itself, or any transient failure, fails the listing (the catalog task
+            # retries StoreUnavailable); a subdirectory we may not read is skipped, as a stray.
+            if exc.filename in (str(root), None) or os_error_is_transient(exc):
+                raise store_os_error(exc, f"cannot list {exc.filename or root}") from None
+            log.warning("store %s: skipping directory %s: %s", self.describe(), exc.filename, exc.strerror)
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in filenames:
+            for fn in sorted(filenames):
                 if fn.startswith(".") or not fn.endswith(ARCHIVE_SUFFIX):
                     continue
                 name = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
-                if name.startswith(prefix):
-                    out.append(self._info(name, Path(dirpath) / fn))
+                if not name.startswith(prefix):
+                    continue
+                info = self._listed(name, Path(dirpath) / fn)
+                if info is None:
+                    continue
+                out.append(info)
         out.sort(key=lambda a: (a.modified, a.name))
         return out
 
+    def _listed(self, name: str, p: Path) -> ArchiveInfo | None:
+        """The listing entry of one file, or None (with a warning) for a stray that is not an
+        addressable archive: a name Burrow never writes, a dangling link, a non-regular file."""
+        why = None
+        try:
+            check_name(name)
+            st = p.stat()
+        except UsageError:
+            why = "not an archive name Burrow writes (letters, digits, '.', '_', '-' and '/' only)"
+        except FileNotFoundError:
+            why = "it vanished while listing, or is a dangling link"
+        except OSError as exc:
+            if os_error_is_transient(exc):
+                raise store_os_error(exc, f"cannot read {name} in {self.describe()}") from None
+            why = exc.strerror or type(exc).__name__
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                why = "not a regular file"
+        if why is not None:
+            logger().warning("store %s: skipping %r: %s", self.describe(), name, why)
+            return None
+        return self._info(name, st)
+
     def head(self, name: str) -> ArchiveInfo:
-        p = self._file(name)
-        if not p.is_file():
-            raise ArchiveNotFound(f"archive {name} not found in {self.describe()}")
-        return self._info(name, p)
+        return self._info(name, self._stat(name, self._file(name)))
 
     def delete(self, name: str) -> None:
         p = self._file(name)
         try:
-            p.unlink()
+            os.unlink(p)
         except FileNotFoundError:
             raise ArchiveNotFound(f"archive {name} not found in {self.describe()}") from None
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot delete archive {name} from {self.describe()}") from None

@@ -1,6 +1,11 @@
 """The one narrow interface every archive store implements (local directory, S3, ...).
 
-An archive appears in ``list`` only once it is complete: ``put`` is atomic.
+An archive appears in ``list`` only once it is complete: ``put`` is atomic. Anything else in
+the store (``notes.txt``, ``copy of x.burrow``, a dangling link) is skipped by ``list`` with a
+warning, never an error.
+
+Errors: StoreUnavailable (transient: the tasks retry it) when a retry may help, StoreError
+(permanent) otherwise, ArchiveNotFound when the name is not there.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ class ArchiveStore(Block):
         raise NotImplementedError
 
     def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
-        """Complete archives whose name starts with ``prefix``, oldest first."""
+        """Complete archives whose name starts with ``prefix``, oldest first; entries that are
+        not addressable archives are skipped with a warning."""
         raise NotImplementedError
 
     def head(self, name: str) -> ArchiveInfo:

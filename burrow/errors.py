@@ -10,6 +10,7 @@ Messages never carry secrets or stored values: they name paths, hosts and finger
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 #: Exit codes of the ``burrow`` command, as documented in the README.
@@ -17,6 +18,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFLICTS = 3
+EXIT_STALE = 5  # burrow status --max-age: a source's newest archive is too old
 
 
 class BurrowError(Exception):
@@ -48,11 +50,15 @@ class AuthError(PermanentError):
 
 
 class SourceError(PermanentError):
-    """The cluster answered, but not in a way we can work with."""
+    """The cluster answered, but not in a way we can work with (or its host name does not exist)."""
 
 
 class StoreError(PermanentError):
     """The archive store is missing, unwritable or refused an operation."""
+
+
+class StoreUnavailable(TransientError):
+    """The archive store failed an operation in a way a retry may fix (I/O error, busy, timed out)."""
 
 
 class ArchiveNotFound(StoreError):
@@ -65,6 +71,41 @@ class ArchiveError(PermanentError):
 
 class KeyMismatch(ArchiveError):
     """The archive was encrypted for a key we do not hold."""
+
+
+#: errno values of a store operation that a retry may fix: interrupted or busy calls, a
+#: network share that timed out or lost its server (ESTALE, EHOSTDOWN, ...), and EIO, which
+#: is how network and FUSE mounts report a failed round trip (on a local disk it means a
+#: failing device, which a few retries do not make worse). Everything else (ENOENT, EACCES,
+#: EROFS, ENOSPC, EDQUOT, ENAMETOOLONG, ...) is permanent.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EAGAIN", "EWOULDBLOCK", "EINTR", "EBUSY", "ETIMEDOUT", "EIO", "ESTALE", "ENOLCK", "EREMOTEIO",
+        "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "ENETDOWN", "ENETUNREACH", "ENETRESET",
+        "EHOSTDOWN", "EHOSTUNREACH", "ENOBUFS", "ENOMEM", "EMFILE", "ENFILE",
+    )
+    if hasattr(errno, name)
+)
+
+
+def os_error_is_transient(exc: OSError) -> bool:
+    """True when a retry of the failed file operation may succeed (see TRANSIENT_ERRNOS)."""
+    return exc.errno in TRANSIENT_ERRNOS or isinstance(exc, (TimeoutError, InterruptedError, BlockingIOError))
+
+
+def store_os_error(exc: OSError, what: str) -> StoreError | StoreUnavailable:
+    """The Burrow error for an ``OSError`` of a store operation, classified by errno.
+
+    ``what`` says what failed ("cannot write archive x to file:///s"); the message adds the
+    system's reason (``strerror``), never file contents.
+    """
+    reason = exc.strerror or type(exc).__name__
+    if os_error_is_transient(exc):
+        return StoreUnavailable(f"{what}: {reason} (a retry may help)")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"{what}: {reason} (the store is full)")
+    return StoreError(f"{what}: {reason}")
 
 
 def exception_from_state(state: Any) -> BaseException | None:

@@ -13,9 +13,10 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from blocks.store import ArchiveStore
-from burrow.errors import UsageError, should_retry
+from burrow.errors import ArchiveNotFound, UsageError, should_retry
 from burrow.runlog import logger
 
 
@@ -54,6 +55,13 @@ def select_expired(
 
 @task(name="delete-archive", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
 def delete_archive(store: ArchiveStore, name: str) -> None:
-    """Remove one archive from its store."""
-    store.delete(name)
+    """Remove one archive from its store (a transient StoreUnavailable is retried)."""
+    try:
+        store.delete(name)
+    except ArchiveNotFound:
+        if task_run.get_run_count() <= 1:
+            raise
+        # A retry after a transient failure: the failed attempt's delete went through after all.
+        logger().info("prune: %s is gone (removed by the attempt that reported an error)", store.url(name))
+        return
     logger().info("prune: deleted %s", store.url(name))
