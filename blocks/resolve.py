@@ -129,9 +129,19 @@ SOURCE_SCHEMES = {
 
 #: Block classes tried when a source is given by a saved block's name.
 SOURCE_BLOCKS: list[type[SourceBlock]] = [ZooKeeperCluster, EtcdCluster, ConsulCluster]
-#: Block classes tried when a store is given by a saved block's name (each is saved under its
-#: own block type, so the base class's slug would find none of them).
-STORE_BLOCKS: list[type[ArchiveStore]] = [LocalStore]
+def store_blocks() -> list[type[ArchiveStore]]:
+    """Block classes tried when a store is given by a saved block's name (each is saved under
+    its own block type, so the base class's slug would find none of them). The S3 store is
+    imported only when needed: boto3 and prefect-aws take a while to load."""
+    from blocks.s3 import S3Store
+
+    return [LocalStore, S3Store]
+
+
+def _s3_from_url(url: str) -> ArchiveStore:
+    from blocks.s3 import S3Store
+
+    return S3Store.from_url(url)
 
 
 def scheme_of(ref: str) -> str | None:
@@ -193,12 +203,14 @@ def store_from_ref(ref: str) -> ArchiveStore:
     scheme = scheme_of(ref)
     if scheme == "file":
         return LocalStore(path=unquote(urlsplit(ref).path))
+    if scheme == "s3":
+        return _s3_from_url(ref)
     if scheme is not None:
-        raise UsageError(f"unknown store URL scheme {scheme}:// (known: file://, or a directory path)")
+        raise UsageError(f"unknown store URL scheme {scheme}:// (known: file://, s3://, or a directory path)")
     if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists():
         return LocalStore(path=ref)
     try:
-        return _load_block(ref, STORE_BLOCKS, "store")
+        return _load_block(ref, store_blocks(), "store")
     except UsageError:
         # Not a block either: treat it as a (missing) directory so the error says so.
         return LocalStore(path=ref)
@@ -212,4 +224,12 @@ def archive_from_ref(ref: str) -> tuple[ArchiveStore, str]:
         if not path.name.endswith(".burrow"):
             raise UsageError(f"{redact_url(ref)!r} does not name a .burrow archive")
         return LocalStore(path=str(path.parent)), path.name
-    raise UsageError(f"unknown archive URL scheme {scheme}:// (known: file://)")
+    if scheme == "s3":
+        parts = urlsplit(ref)
+        key = unquote(parts.path).strip("/")
+        prefix, _, name = key.rpartition("/")
+        if not name.endswith(".burrow"):
+            raise UsageError(f"{redact_url(ref)!r} does not name a .burrow archive")
+        store = _s3_from_url(f"s3://{parts.netloc}/{prefix}" + (f"?{parts.query}" if parts.query else ""))
+        return store, name
+    raise UsageError(f"unknown archive URL scheme {scheme}:// (known: file://, s3://)")

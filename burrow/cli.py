@@ -14,7 +14,16 @@ import sys
 import traceback
 from typing import Any
 
-from burrow.errors import EXIT_CONFLICTS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, BurrowError, UsageError
+from burrow.errors import (
+    EXIT_CONFLICTS,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_STALE,
+    EXIT_USAGE,
+    ArchiveNotFound,
+    BurrowError,
+    UsageError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_write_keys(b)
 
     r = sub.add_parser("restore", help="create the archived keys that are missing in a cluster")
-    r.add_argument("archive", help="the archive URL that backup printed")
+    r.add_argument("archive", help="the archive URL that backup printed (with --latest: the store)")
+    r.add_argument("--latest", action="store_true",
+                   help="restore the newest good archive of --source from the store given as ARCHIVE")
+    r.add_argument("--source", help="with --latest: the source name recorded in the archives")
     r.add_argument("--into", required=True, help="target cluster URL or saved source block name")
     r.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     r.add_argument("--subtree", help="restore only this path and below")
@@ -130,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list the complete archives in a store")
     ls.add_argument("store")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument("--latest", action="store_true",
+                    help="print only the URL of the newest good archive of --source")
+    ls.add_argument("--source", help="only this source (the name backup recorded)")
+    _add_read_keys(ls)
+
+    st = sub.add_parser("status", help="freshness per source: newest and newest verified archive, and their ages")
+    st.add_argument("store")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--source", help="only this source")
+    st.add_argument("--max-age", metavar="DURATION",
+                    help="exit 5 when a source's newest archive is older than this (90s, 30m, 26h, 7d)")
+    st.add_argument("--no-verify", action="store_true", help="do not download and verify the newest archives")
+    _add_read_keys(st)
 
     i = sub.add_parser("inspect", help="show an archive's manifest and stats")
     i.add_argument("archive")
@@ -234,10 +259,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from burrow.paths import KeyMapper
 
     KeyMapper(args.subtree, args.map)  # usage errors before a flow starts
+    refs = _read_refs(args)
+    keys = _keyring(refs)  # a missing or malformed key file is a usage error before a flow starts
+    if args.latest:
+        if not args.source:
+            raise UsageError("--latest needs --source NAME (the source name recorded in the archives)")
+        args.archive = _latest(args.archive, args.source, keys)
+        print(f"restoring the newest good archive of {args.source}: {args.archive}", file=sys.stderr)
+    elif args.source:
+        raise UsageError("--source goes with --latest")
     archive_from_ref(args.archive)
     ref = secure_source_ref(args.into)
-    refs = _read_refs(args)
-    _keyring(refs)  # a missing or malformed key file is a usage error before a flow starts
     from flows.restore import restore
 
     summary = restore(
@@ -335,25 +367,148 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _catalog_rows(store_ref: str, keys: Any) -> tuple[Any, list[dict[str, Any]]]:
     from blocks.resolve import store_from_ref
     from tasks.catalog import describe_archives
 
-    store = store_from_ref(args.store)
-    rows = describe_archives(store)
+    store = store_from_ref(store_ref)
+    return store, describe_archives(store, keys if keys.keyring else None)
+
+
+def _latest(store_ref: str, source: str, keys: Any) -> str:
+    """The URL of the newest archive of ``source`` whose claims can be trusted."""
+    from tasks.catalog import newest_first
+
+    store, rows = _catalog_rows(store_ref, keys)
+    good = newest_first(rows, source, keyed=bool(keys.keyring))
+    if not good:
+        sources = sorted({str(r.get("source")) for r in rows if r.get("source")})
+        held = f" (the store holds: {', '.join(sources)})" if sources else " (the store holds no readable archive)"
+        raise ArchiveNotFound(f"no good archive of source {source!r} in {store.describe()}{held}")
+    return good[0]["url"]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tasks.catalog import distrust
+
+    keys = _keyring(_read_refs(args))
+    if args.latest:
+        if not args.source:
+            raise UsageError("--latest needs --source NAME")
+        print(_latest(args.store, args.source, keys))
+        return EXIT_OK
+    _, rows = _catalog_rows(args.store, keys)
+    if args.source:
+        rows = [r for r in rows if r.get("source") == args.source]
+    keyed = bool(keys.keyring)
+    for r in rows:
+        why = distrust(r, keyed=keyed)
+        if why and not r.get("error"):
+            r["flagged"] = why
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for r in rows:
+        if r.get("error"):
+            continue  # not a readable archive: the catalog warned about it on stderr
         enc = "plain"
         if r.get("encrypted"):
             fps = ",".join(fp[:16] for fp in r.get("fingerprints") or [])
             enc = f"encrypted({r.get('encryption_mode', '?')}{':' + fps if fps else ''})"
+        auth = {True: "  authenticated", False: "  UNAUTHENTICATED"}.get(r.get("authenticated"), "")
+        flag = f"  FLAGGED: {r['flagged']}" if r.get("flagged") else ""
         print(
             f"{r['url']}  {r['size']:>12} B  {r['modified']}  {r.get('service', '?')}  "
-            f"{r.get('source', '?')}  keys={r.get('keys', '?')}  {enc}"
+            f"{r.get('source', '?')}  keys={r.get('keys', '?')}  {enc}{auth}{flag}"
         )
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import tempfile
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from burrow.naming import age_text, parse_duration
+    from tasks.catalog import created_at, distrust, newest_first
+    from tasks.download import download_archive
+    from tasks.validate import validate_archive
+
+    max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
+    keys = _keyring(_read_refs(args))
+    keyed = bool(keys.keyring)
+    store, rows = _catalog_rows(args.store, keys)
+    now = datetime.now(UTC)
+    sources = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
+    if args.source:
+        sources = [s for s in sources if s == args.source]
+        if not sources:
+            raise ArchiveNotFound(f"no archive of source {args.source!r} in {store.describe()}")
+    report: list[dict[str, Any]] = []
+    stale = []
+    for source in sources:
+        mine = [r for r in rows if r.get("source") == source]
+        good = newest_first(mine, source, keyed=keyed)
+        entry: dict[str, Any] = {
+            "source": source, "archives": len(mine), "stored_bytes": sum(int(r.get("size") or 0) for r in mine),
+            "flagged": sum(1 for r in mine if distrust(r, keyed=keyed, now=now)),
+        }
+        if good:
+            newest = good[0]
+            age = now - created_at(newest)  # type: ignore[operator]
+            entry.update(newest=newest["url"], newest_created=newest["created"], newest_age_s=int(age.total_seconds()))
+            if max_age is not None and age > max_age:
+                stale.append(source)
+        verified = None
+        if not args.no_verify:
+            for row in good[:3]:
+                with tempfile.TemporaryDirectory(prefix="burrow-status-") as tmp:
+                    try:
+                        local = download_archive(store, row["name"], Path(tmp))
+                        if keyed or not row.get("encrypted"):
+                            validate_archive(local, keys if keyed else None, label=row["url"])
+                        else:
+                            from burrow.archive import ArchiveReader
+
+                            with open(local, "rb") as f:
+                                ArchiveReader(f, label=row["url"]).check_stored()
+                    except BurrowError as exc:
+                        entry.setdefault("failed_verification", []).append(f"{row['url']}: {exc}")
+                        continue
+                verified = row
+                break
+            if verified is not None:
+                vage = now - created_at(verified)  # type: ignore[operator]
+                entry.update(newest_verified=verified["url"], newest_verified_created=verified["created"],
+                             newest_verified_age_s=int(vage.total_seconds()),
+                             verified_fully=bool(keyed or not verified.get("encrypted")))
+        report.append(entry)
+    unreadable = sum(1 for r in rows if r.get("error"))
+    if args.json:
+        print(json.dumps({"store": store.describe(), "sources": report, "unreadable": unreadable,
+                          "stale": stale}, indent=2))
+    else:
+        print(f"store {store.describe()}: {len(rows)} archives, {unreadable} unreadable")
+        for e in report:
+            newest = f"newest {age_text(timedelta_s(e['newest_age_s']))} old" if "newest" in e else "no good archive"
+            ver = ""
+            if not args.no_verify:
+                ver = (f", newest verified {age_text(timedelta_s(e['newest_verified_age_s']))} old"
+                       + ("" if e.get("verified_fully") else " (structure only: no key)")
+                       if "newest_verified" in e else ", NONE verified")
+            flag = f", {e['flagged']} flagged" if e["flagged"] else ""
+            mark = "  STALE" if e["source"] in stale else ""
+            print(f"{e['source']}: {e['archives']} archives, {e['stored_bytes']} B, {newest}{ver}{flag}{mark}")
+    if stale:
+        print(f"burrow: newest archive older than {args.max_age} for: {', '.join(stale)}", file=sys.stderr)
+        return EXIT_STALE
+    return EXIT_OK
+
+
+def timedelta_s(seconds: int) -> Any:
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -430,7 +585,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 COMMANDS = {
     "keygen": cmd_keygen,
     "backup": cmd_backup, "restore": cmd_restore, "verify": cmd_verify, "list": cmd_list,
-    "inspect": cmd_inspect, "dump": cmd_dump, "failover": cmd_failover, "prune": cmd_prune,
+    "inspect": cmd_inspect, "dump": cmd_dump, "failover": cmd_failover, "prune": cmd_prune, "status": cmd_status,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from burrow.errors import UsageError
 
@@ -85,3 +85,27 @@ def check_source_name(name: str) -> str:
         raise UsageError("--name must not contain credentials")
     return name
 
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.I)
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, what: str = "a duration") -> timedelta:
+    """``90s``, ``30m``, ``26h``, ``7d``, ``2w`` as a timedelta."""
+    m = _DURATION_RE.match(text or "")
+    if not m:
+        raise UsageError(f"{what} takes a number and a unit: 90s, 30m, 26h, 7d or 2w")
+    return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()])
+
+
+def age_text(delta: timedelta) -> str:
+    """A short human rendering of an age: 45s, 12m, 5h 3m, 2d 4h."""
+    s = int(max(0, delta.total_seconds()))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"

@@ -28,6 +28,7 @@ from burrow.testing.servers import (  # noqa: E402
     free_port,
     start_consul,
     start_etcd,
+    start_moto,
     start_zookeeper,
 )
 
@@ -94,6 +95,7 @@ etcd_a = _session_server("etcd_a", start_etcd)
 etcd_b = _session_server("etcd_b", start_etcd)
 consul_a = _session_server("consul_a", start_consul)
 consul_b = _session_server("consul_b", start_consul)
+moto = _session_server("moto", start_moto)
 
 
 @pytest.fixture

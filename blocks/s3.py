@@ -1,0 +1,662 @@
+"""AWS S3 and S3-compatible object storage (MinIO, Ceph RGW, Cloudflare R2, ...) as an archive store.
+
+Credentials come from prefect-aws's ``AwsCredentials`` or ``MinIOCredentials`` block (the
+``credentials`` field, or ``?credentials=BLOCK`` in a URL), else from the standard AWS
+environment and files; they never appear in a URL, a parameter, a log or an artifact. The
+client is always built by the credentials block's ``get_s3_client()``, so its
+``endpoint_url`` and ``aws_client_parameters`` apply; the store only adds its own endpoint,
+addressing style, TLS and checksum settings on top.
+
+Publishing is atomic and never replaces anything: an archive is uploaded as a multipart
+upload (parts sent as they are read, a bounded number in flight) and becomes visible only
+when ``CompleteMultipartUpload`` succeeds with ``If-None-Match: *``. A failed or interrupted
+upload is aborted; ``check(writable=True)`` and prune abort stray uploads older than a day.
+
+Integrity end to end: Burrow computes the full-object CRC32 itself, stores it with the object
+(as the S3 full-object checksum where the store accepts checksums, and always as the
+``x-amz-meta-burrow-crc32`` metadata), and compares it with what a download received before
+the archive's own SHA-256 checks run.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import io
+import os
+import socket
+import threading
+import uuid
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from prefect_aws import AwsCredentials, MinIOCredentials
+from pydantic import Field, PrivateAttr
+
+from blocks.store import ARCHIVE_SUFFIX, ArchiveInfo, ArchiveStore, check_name
+from burrow.errors import ArchiveError, ArchiveNotFound, StoreError, StoreUnavailable, UsageError
+from burrow.runlog import logger
+
+MiB = 1024 * 1024
+MIN_PART = 5 * MiB  # S3's minimum for every part but the last
+CRC_META = "burrow-crc32"
+TOKEN_META = "burrow-upload"
+STRAY_UPLOAD_AGE = timedelta(days=1)
+#: ClientError codes a retry may fix (5xx, throttling, conflicting concurrent requests).
+_TRANSIENT_CODES = {
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+    "Throttling", "ThrottlingException", "TooManyRequests", "OperationAborted", "ConditionalRequestConflict",
+    "500", "502", "503", "504",
+}
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+
+#: URL query options: name -> model field.
+URL_OPTIONS = {
+    "endpoint": "endpoint_url", "region": "region", "addressing": "addressing_style", "verify": "verify_tls",
+    "sse": "sse", "kms_key_id": "kms_key_id", "storage_class": "storage_class", "object_lock": "object_lock_mode",
+    "retain_days": "retain_days", "checksum": "checksum", "credentials": "credentials_block",
+    "part_size_mib": "part_size_mib", "concurrency": "concurrency",
+}
+
+
+def _b64crc(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+def _utc(ts: Any) -> str:
+    if isinstance(ts, datetime):
+        return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(ts)
+
+
+class S3Store(ArchiveStore):
+    """Archives as objects below ``prefix`` in an S3 bucket (AWS or any S3-compatible endpoint)."""
+
+    _block_type_name: ClassVar[str] = "Burrow S3 Store"
+    _block_type_slug: ClassVar[str] = "burrow-s3-store"
+    _description: ClassVar[str] = "An S3 (or S3-compatible: MinIO, Ceph RGW, R2) bucket holding Burrow archives."
+
+    bucket: str = Field(description="Bucket name")
+    prefix: str = Field(default="", description="Key prefix the archives live below")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (default: AWS, or the credentials block's)")
+    region: str | None = Field(default=None, description="Region (default: the credentials block's or the environment's)")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(default="auto", description="Bucket addressing style")
+    verify_tls: bool = Field(default=True, description="Verify the endpoint's TLS certificate")
+    sse: Literal["AES256", "aws:kms"] | None = Field(default=None, description="Server-side encryption")
+    kms_key_id: str | None = Field(default=None, description="KMS key id for sse=aws:kms")
+    storage_class: str | None = Field(default=None, description="Storage class, e.g. STANDARD_IA")
+    object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = Field(
+        default=None, description="Object Lock retention mode for new archives (the bucket needs Object Lock)"
+    )
+    retain_days: int | None = Field(default=None, ge=1, description="Object Lock retention in days")
+    checksum: Literal["when_required", "when_supported", "off"] | None = Field(
+        default=None,
+        description=(
+            "boto3's request checksums: 'when_supported' (AWS default), 'when_required' (default for "
+            "non-AWS endpoints, which often reject the new default checksums), or 'off' (no S3 checksum "
+            "headers at all; Burrow's CRC32 still travels as metadata)"
+        ),
+    )
+    part_size_mib: int = Field(default=16, ge=5, le=5120, description="Multipart part size in MiB")
+    concurrency: int = Field(default=4, ge=1, le=32, description="Parts in flight at once")
+    credentials: AwsCredentials | MinIOCredentials | None = Field(
+        default=None, description="An AwsCredentials or MinIOCredentials block (default: the AWS environment)"
+    )
+    credentials_block: str | None = Field(
+        default=None, description="Name of a saved AwsCredentials or MinIOCredentials block (URL form)"
+    )
+
+    _client: Any = PrivateAttr(default=None)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ configuration
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Store:
+        """``s3://bucket[/prefix][?endpoint=...&region=...&addressing=path&verify=false&sse=...
+        &kms_key_id=...&storage_class=...&object_lock=GOVERNANCE&retain_days=30&checksum=...
+        &credentials=BLOCK]``. Credentials never go in the URL: name a credentials block."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "s3":
+            raise UsageError("an S3 store URL starts with s3://")
+        if "@" in parts.netloc:
+            raise UsageError("s3:// URLs never carry credentials; name a credentials block (?credentials=NAME) "
+                             "or use the AWS environment")
+        if not parts.netloc:
+            raise UsageError("an s3:// URL needs a bucket: s3://bucket[/prefix]")
+        try:
+            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError:
+            raise UsageError("bad query string in an s3:// URL") from None
+        unknown = set(query) - set(URL_OPTIONS)
+        if unknown:
+            raise UsageError(f"unknown s3 URL option(s): {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(sorted(URL_OPTIONS))})")
+        kw: dict[str, Any] = {"bucket": parts.netloc, "prefix": unquote(parts.path).strip("/")}
+        for key, values in query.items():
+            value = values[-1]
+            field = URL_OPTIONS[key]
+            if field == "verify_tls":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise UsageError("?verify= takes true or false")
+                kw[field] = value.lower() in ("true", "1", "yes")
+            elif field == "endpoint_url":
+                ep = urlsplit(value)
+                if ep.scheme not in ("http", "https") or not ep.netloc or "@" in ep.netloc:
+                    raise UsageError("?endpoint= takes http(s)://host[:port] (no credentials)")
+                kw[field] = value.rstrip("/")
+            else:
+                kw[field] = value or None
+        try:
+            return cls(**kw)
+        except ValueError as exc:
+            fields = sorted({".".join(str(x) for x in e["loc"]) for e in getattr(exc, "errors", lambda: [])()})
+            raise UsageError(f"bad s3 URL option(s): {', '.join(fields) or 'invalid value'}") from None
+
+    def _query(self) -> str:
+        q = []
+        endpoint = self.endpoint_url or self._credentials_endpoint()
+        if endpoint:
+            q.append("endpoint=" + quote(endpoint, safe=":/"))
+        if self.region:
+            q.append("region=" + quote(self.region))
+        if self.addressing_style != "auto":
+            q.append("addressing=" + self.addressing_style)
+        if not self.verify_tls:
+            q.append("verify=false")
+        if self.checksum:
+            q.append("checksum=" + self.checksum)
+        name = self.credentials_block or self._saved_credentials_name()
+        if name:
+            q.append("credentials=" + quote(name, safe="/"))
+        return ("?" + "&".join(q)) if q else ""
+
+    def _credentials_endpoint(self) -> str | None:
+        params = getattr(self.credentials, "aws_client_parameters", None)
+        return getattr(params, "endpoint_url", None)
+
+    def _saved_credentials_name(self) -> str | None:
+        creds = self.credentials
+        name = getattr(creds, "_block_document_name", None) if creds is not None else None
+        slug = getattr(type(creds), "get_block_type_slug", lambda: None)() if creds is not None else None
+        if name and not str(name).startswith("anonymous-") and slug:
+            return f"{slug}/{name}"
+        return None
+
+    @property
+    def is_aws(self) -> bool:
+        endpoint = self.endpoint_url or self._credentials_endpoint()
+        if not endpoint:
+            return True
+        host = urlsplit(endpoint).hostname or ""
+        return host.endswith(".amazonaws.com") or host == "amazonaws.com"
+
+    @property
+    def checksum_mode(self) -> str:
+        return self.checksum or ("when_supported" if self.is_aws else "when_required")
+
+    @property
+    def part_size(self) -> int:
+        return max(MIN_PART, self.part_size_mib * MiB)
+
+    def describe(self) -> str:
+        path = f"/{quote(self.prefix.strip('/'))}" if self.prefix.strip("/") else ""
+        return f"s3://{self.bucket}{path}{self._query()}"
+
+    def _key(self, name: str) -> str:
+        p = self.prefix.strip("/")
+        return f"{p}/{check_name(name)}" if p else check_name(name)
+
+    def url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{quote(self._key(name))}{self._query()}"
+
+    def _credentials(self) -> Any:
+        if self.credentials is not None:
+            return self.credentials
+        if self.credentials_block:
+            from prefect.blocks.core import Block
+
+            try:
+                if "/" in self.credentials_block:
+                    block = Block.load(self.credentials_block)
+                else:
+                    block = None
+                    for cls in (AwsCredentials, MinIOCredentials):
+                        try:
+                            block = cls.load(self.credentials_block)
+                            break
+                        except ValueError:
+                            continue
+            except (ValueError, RuntimeError):
+                block = None
+            if not isinstance(block, (AwsCredentials, MinIOCredentials)):
+                raise UsageError(f"no saved AwsCredentials or MinIOCredentials block named {self.credentials_block!r}")
+            return block
+        return AwsCredentials()  # the standard AWS environment, config and credential files
+
+    def client(self) -> Any:
+        """The boto3 S3 client, built by the credentials block's ``get_s3_client()``."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self) -> Any:
+        creds = self._credentials()
+        params = creds.aws_client_parameters
+        config = dict(params.config or {})
+        s3cfg = dict(config.get("s3") or {})
+        if self.addressing_style != "auto":
+            s3cfg["addressing_style"] = self.addressing_style
+        if s3cfg:
+            config["s3"] = s3cfg
+        mode = "when_required" if self.checksum_mode == "off" else self.checksum_mode
+        config["request_checksum_calculation"] = mode
+        config["response_checksum_validation"] = mode
+        config.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
+        config.setdefault("connect_timeout", 10)
+        config.setdefault("read_timeout", 60)
+        config.setdefault("max_pool_connections", max(10, self.concurrency * 2))
+        update: dict[str, Any] = {"config": config}
+        if self.endpoint_url:
+            update["endpoint_url"] = self.endpoint_url
+        if not self.verify_tls:
+            update["verify"] = False
+            update["verify_cert_path"] = None
+        creds_update: dict[str, Any] = {"aws_client_parameters": params.model_copy(update=update)}
+        if self.region:
+            creds_update["region_name"] = self.region
+        elif getattr(creds, "region_name", None) is None and not os.environ.get("AWS_DEFAULT_REGION") \
+                and not os.environ.get("AWS_REGION"):
+            creds_update["region_name"] = "us-east-1"
+        return creds.model_copy(update=creds_update).get_s3_client()
+
+    # ------------------------------------------------------------------ errors
+
+    def _error(self, exc: Exception, what: str) -> Exception:
+        """The Burrow error for a botocore failure; messages name the operation and the S3
+        error code, never credentials."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        where = f"{what} ({self.describe()})"
+        if isinstance(exc, ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _NOT_FOUND_CODES:
+                return ArchiveNotFound(f"{where}: not found")
+            if code == "NoSuchBucket":
+                return StoreError(f"{where}: bucket {self.bucket} does not exist")
+            if code in _AUTH_CODES:
+                return StoreError(f"{where}: access denied ({code}); check the credentials block or AWS environment")
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return StoreUnavailable(f"{where}: {code or status} (a retry may help)")
+            return StoreError(f"{where}: {code or status}")
+        if isinstance(exc, NoCredentialsError):
+            return StoreError(f"{where}: no AWS credentials (give a credentials block, or set the AWS environment)")
+        if isinstance(exc, EndpointConnectionError):
+            cause: BaseException | None = exc
+            while cause is not None:
+                if isinstance(cause, socket.gaierror) and cause.errno not in (socket.EAI_AGAIN,):
+                    return StoreError(f"{where}: the endpoint's host name does not resolve")
+                cause = cause.__cause__ or cause.__context__
+            return StoreUnavailable(f"{where}: cannot reach the endpoint (a retry may help)")
+        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+            return StoreUnavailable(f"{where}: timed out (a retry may help)")
+        if isinstance(exc, BotoCoreError):
+            return StoreUnavailable(f"{where}: {type(exc).__name__} (a retry may help)")
+        if isinstance(exc, OSError):
+            return StoreUnavailable(f"{where}: {exc.strerror or type(exc).__name__} (a retry may help)")
+        return exc
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - classified into Burrow's hierarchy
+            err = self._error(exc, what)
+            if err is exc:
+                raise
+            raise err from None
+
+    # ------------------------------------------------------------------ store operations
+
+    def check(self, *, writable: bool = False) -> None:
+        self._call(f"cannot open bucket {self.bucket}", self.client().head_bucket, Bucket=self.bucket)
+        if writable:
+            self.abort_stray_uploads()
+
+    def put(self, name: str, source: Path) -> ArchiveInfo:
+        with open(source, "rb") as f:
+            crc = 0
+            while chunk := f.read(4 * MiB):
+                crc = zlib.crc32(chunk, crc)
+            f.seek(0)
+            self._upload(name, f, crc)
+        return self.head(name)
+
+    def _upload(self, name: str, f: Any, crc: int) -> None:
+        """Multipart upload of the open file ``f`` (whose CRC32 is ``crc``) published with
+        ``If-None-Match: *``; aborted on any failure."""
+        client, key = self.client(), self._key(name)
+        checksums = self.checksum_mode != "off"
+        token = uuid.uuid4().hex  # tells our own completed upload from another writer's object
+        create: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                                  "Metadata": {CRC_META: f"{crc:08x}", TOKEN_META: token}}
+        if checksums:
+            create.update(ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
+        if self.sse:
+            create["ServerSideEncryption"] = self.sse
+            if self.sse == "aws:kms" and self.kms_key_id:
+                create["SSEKMSKeyId"] = self.kms_key_id
+        if self.storage_class:
+            create["StorageClass"] = self.storage_class
+        retain = self._retain_until()
+        if retain is not None:
+            create.update(ObjectLockMode=self.object_lock_mode, ObjectLockRetainUntilDate=retain)
+        upload_id = self._call(f"cannot start uploading {name}", client.create_multipart_upload, **create)["UploadId"]
+        done = False
+        try:
+            parts = self._send_parts(client, key, upload_id, f, checksums, name)
+            complete: dict[str, Any] = {
+                "Bucket": self.bucket, "Key": key, "UploadId": upload_id, "IfNoneMatch": "*",
+                "MultipartUpload": {"Parts": parts},
+            }
+            if checksums:
+                complete.update(ChecksumCRC32=_b64crc(crc), ChecksumType="FULL_OBJECT")
+            try:
+                client.complete_multipart_upload(**complete)
+            except Exception as exc:  # noqa: BLE001
+                from botocore.exceptions import ClientError
+
+                code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+                # A retried complete whose first answer was lost finds the upload gone (NoSuchUpload)
+                # or the object there (PreconditionFailed): it is ours if it carries our token.
+                if code in ("PreconditionFailed", "NoSuchUpload") and self._token_of(key) == token:
+                    done = True
+                elif code == "PreconditionFailed":
+                    raise StoreError(f"archive {name} already exists in {self.describe()}") from None
+                else:
+                    raise self._error(exc, f"cannot publish {name}") from None
+            done = True
+        finally:
+            if not done:
+                try:
+                    client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                except Exception as exc:  # noqa: BLE001 - the upload failed already; say so, keep its error
+                    logger().warning("store %s: could not abort the upload of %s (%s); prune will",
+                                     self.describe(), name, type(exc).__name__)
+        if retain is not None:
+            self._lock_object(name, key, retain)
+
+    def _token_of(self, key: str) -> str | None:
+        try:
+            head = self.client().head_object(Bucket=self.bucket, Key=key)
+        except Exception:  # noqa: BLE001 - absent or unreadable: not ours
+            return None
+        return (head.get("Metadata") or {}).get(TOKEN_META)
+
+    def _send_parts(self, client: Any, key: str, upload_id: str, f: Any, checksums: bool, name: str) -> list[dict]:
+        """Read ``f`` part by part and upload with at most ``concurrency`` parts in flight
+        (memory: concurrency x part size)."""
+        parts: list[dict] = []
+        inflight: deque[tuple[int, str | None, Future]] = deque()
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="burrow-s3") as pool:
+            number = 0
+            while True:
+                data = f.read(self.part_size)
+                if not data and number > 0:
+                    break
+                number += 1
+                part_crc = _b64crc(zlib.crc32(data)) if checksums else None
+                kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
+                                          "PartNumber": number, "Body": data}
+                if part_crc:
+                    kwargs["ChecksumCRC32"] = part_crc
+                fut = pool.submit(self._call, f"cannot upload part {number} of {name}", client.upload_part, **kwargs)
+                inflight.append((number, part_crc, fut))
+                while len(inflight) >= self.concurrency:
+                    parts.append(self._part(*inflight.popleft()))
+                if len(data) < self.part_size:
+                    break
+            while inflight:
+                parts.append(self._part(*inflight.popleft()))
+        return parts
+
+    @staticmethod
+    def _part(number: int, crc: str | None, fut: Future) -> dict:
+        part = {"PartNumber": number, "ETag": fut.result()["ETag"]}
+        if crc:
+            part["ChecksumCRC32"] = crc
+        return part
+
+    def _retain_until(self) -> datetime | None:
+        if not self.object_lock_mode:
+            return None
+        if not self.retain_days:
+            raise UsageError("object_lock needs retain_days (how long archives stay locked)")
+        return datetime.now(UTC) + timedelta(days=self.retain_days)
+
+    def _lock_object(self, name: str, key: str, retain: datetime) -> None:
+        """Make sure the new version carries its retention (some S3-compatible servers ignore
+        the lock headers of CreateMultipartUpload)."""
+        client = self.client()
+        head = self._call(f"cannot read {name}", client.head_object, Bucket=self.bucket, Key=key)
+        if head.get("ObjectLockRetainUntilDate") and head.get("ObjectLockMode"):
+            return
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                                  "Retention": {"Mode": self.object_lock_mode, "RetainUntilDate": retain}}
+        if head.get("VersionId") and head["VersionId"] != "null":
+            kwargs["VersionId"] = head["VersionId"]
+        self._call(f"cannot set Object Lock retention on {name}", client.put_object_retention, **kwargs)
+
+    def get(self, name: str, dest: Path) -> Path:
+        from boto3.s3.transfer import TransferConfig
+
+        client, key = self.client(), self._key(name)
+        head = self._call(f"cannot read archive {name}", client.head_object, Bucket=self.bucket, Key=key,
+                          **({"ChecksumMode": "ENABLED"} if self.checksum_mode != "off" else {}))
+        expected = self._stored_crc(head)
+        # the version HEAD described, so size and checksum belong to the bytes downloaded
+        extra = {"VersionId": head["VersionId"]} if head.get("VersionId") not in (None, "null") else {}
+        config = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
+                                max_concurrency=self.concurrency)
+        self._call(f"cannot download archive {name}", client.download_file, Bucket=self.bucket, Key=key,
+                   Filename=str(dest), Config=config, ExtraArgs=extra)
+        size = dest.stat().st_size
+        if size != head["ContentLength"]:
+            raise StoreUnavailable(f"download of {name} was cut short ({size} of {head['ContentLength']} bytes)")
+        if expected is not None:
+            crc = 0
+            with open(dest, "rb") as f:
+                while chunk := f.read(4 * MiB):
+                    crc = zlib.crc32(chunk, crc)
+            if crc != expected:
+                raise ArchiveError(
+                    f"{self.url(name)} failed its end-to-end checksum: the CRC32 stored with the object does not "
+                    "match the bytes downloaded (corrupt in the store or in transit)"
+                )
+        return dest
+
+    @staticmethod
+    def _stored_crc(head: dict) -> int | None:
+        meta = (head.get("Metadata") or {}).get(CRC_META)
+        if meta:
+            try:
+                return int(meta, 16)
+            except ValueError:
+                return None
+        if head.get("ChecksumCRC32") and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+            return int.from_bytes(base64.b64decode(head["ChecksumCRC32"]), "big")
+        return None
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        """``length`` bytes of an archive from offset ``start`` (negative: from the end)."""
+        rng = f"bytes=-{length}" if start < 0 else f"bytes={start}-{start + length - 1}"
+        resp = self._call(f"cannot read archive {name}", self.client().get_object,
+                          Bucket=self.bucket, Key=self._key(name), Range=rng)
+        return resp["Body"].read()
+
+    def open_ranged(self, name: str, size: int | None = None) -> io.BufferedReader:
+        """A seekable read-only file over the archive, read with ranged GETs: the catalog reads
+        header, footer and manifest (two requests for most archives) instead of the whole."""
+        if size is None:
+            size = self.head(name).size
+        return io.BufferedReader(RangedFile(self, name, size), buffer_size=RangedFile.BLOCK)
+
+    def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
+        base = self.prefix.strip("/")
+        base = base + "/" if base else ""
+        client = self.client()
+        out: builtins.list[ArchiveInfo] = []
+        token = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"cannot list {self.describe()}", client.list_objects_v2, **kw)
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(base):]
+                if not name.endswith(ARCHIVE_SUFFIX):
+                    continue  # not an archive (a sidecar, a note): not ours to list
+                try:
+                    check_name(name)
+                except UsageError:
+                    logger().warning("store %s: skipping %r: not an archive name Burrow writes",
+                                     self.describe(), name)
+                    continue
+                out.append(ArchiveInfo(name=name, size=obj["Size"], modified=_utc(obj["LastModified"]),
+                                       url=self.url(name)))
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        out.sort(key=lambda a: (a.modified, a.name))
+        return out
+
+    def head(self, name: str) -> ArchiveInfo:
+        h = self._call(f"cannot read archive {name}", self.client().head_object,
+                       Bucket=self.bucket, Key=self._key(name))
+        return ArchiveInfo(name=name, size=h["ContentLength"], modified=_utc(h["LastModified"]), url=self.url(name))
+
+    def locked_until(self, name: str) -> datetime | None:
+        """The Object Lock retain-until date of the archive's current version, if it is in force
+        (read from HEAD: not every server implements GetObjectRetention)."""
+        h = self._call(f"cannot read archive {name}", self.client().head_object,
+                       Bucket=self.bucket, Key=self._key(name))
+        until = h.get("ObjectLockRetainUntilDate")
+        if until is not None and until > datetime.now(UTC):
+            return until
+        if h.get("ObjectLockLegalHoldStatus") == "ON":
+            return datetime.max.replace(tzinfo=UTC)
+        return None
+
+    def delete(self, name: str) -> None:
+        client, key = self.client(), self._key(name)
+        h = self._call(f"cannot read archive {name}", client.head_object, Bucket=self.bucket, Key=key)
+        until = h.get("ObjectLockRetainUntilDate")
+        if until is not None and until > datetime.now(UTC):
+            raise StoreError(f"archive {name} is under Object Lock until {_utc(until)}; it cannot be deleted before")
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if h.get("VersionId") and h["VersionId"] != "null":
+            kwargs["VersionId"] = h["VersionId"]  # delete the version itself, not hide it behind a marker
+        self._call(f"cannot delete archive {name}", client.delete_object, **kwargs)
+
+    def abort_stray_uploads(self, older_than: timedelta = STRAY_UPLOAD_AGE) -> builtins.list[str]:
+        """Abort multipart uploads below this store's prefix started more than ``older_than``
+        ago (interrupted backups); returns their keys."""
+        base = self.prefix.strip("/")
+        client = self.client()
+        cutoff = datetime.now(UTC) - older_than
+        aborted = []
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + "/" if base else ""}
+        while True:
+            page = self._call(f"cannot list uploads in {self.describe()}", client.list_multipart_uploads, **kw)
+            for up in page.get("Uploads", []):
+                if up["Initiated"] < cutoff:
+                    self._call(f"cannot abort a stray upload in {self.describe()}", client.abort_multipart_upload,
+                               Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    aborted.append(up["Key"])
+            if not page.get("IsTruncated"):
+                break
+            kw.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+        if aborted:
+            logger().warning("store %s: aborted %d stray multipart upload(s) older than %s",
+                             self.describe(), len(aborted), older_than)
+        return aborted
+
+
+class RangedFile(io.RawIOBase):
+    """Seekable reads of a stored archive through ``store.read_range``, in blocks with a small
+    cache. A small archive is fetched whole by the first read; a larger one is read where the
+    reader looks (the first read at the end fetches the last 128 KiB, which holds the footer
+    and, for all but huge archives, the manifest)."""
+
+    BLOCK = 64 * 1024
+    WHOLE = 256 * 1024
+    CACHE = 16
+
+    def __init__(self, store: S3Store, name: str, size: int) -> None:
+        super().__init__()
+        self.store, self.name, self.size = store, name, size
+        self.pos = 0
+        self.bytes_read = 0
+        self._blocks: dict[int, bytes] = {}
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def _fetch(self, first: int, count: int) -> None:
+        start = first * self.BLOCK
+        length = min(self.size, (first + count) * self.BLOCK) - start
+        data = self.store.read_range(self.name, start, length)
+        if len(data) != length:
+            raise StoreUnavailable(f"ranged read of {self.name} was cut short")
+        self.bytes_read += len(data)
+        if len(self._blocks) + count > self.CACHE:
+            self._blocks.clear()
+        for i in range(count):
+            self._blocks[first + i] = data[i * self.BLOCK : (i + 1) * self.BLOCK]
+
+    def _block(self, index: int) -> bytes:
+        if index not in self._blocks:
+            last = (self.size - 1) // self.BLOCK
+            if self.size <= self.WHOLE:
+                self._fetch(0, last + 1)
+            elif index >= last - 1:
+                self._fetch(max(0, last - 1), last - max(0, last - 1) + 1)
+            else:
+                self._fetch(index, min(4, last - index + 1))
+        return self._blocks[index]
+
+    def readinto(self, b: Any) -> int:
+        if self.pos >= self.size:
+            return 0
+        index, offset = divmod(self.pos, self.BLOCK)
+        block = self._block(index)
+        n = min(len(b), len(block) - offset)
+        b[:n] = block[offset : offset + n]
+        self.pos += n
+        return n
