@@ -6,12 +6,15 @@ from typing import Any
 
 from prefect.runtime import flow_run
 
+from blocks.keys import archive_keys
 from blocks.resolve import store_from_ref
+from blocks.retention import RetentionPolicy
 from burrow import naming, report
+from burrow.errors import UsageError
 from burrow.runlog import logger
 from flows.common import Ref, burrow_flow
 from tasks.catalog import catalog
-from tasks.retention import delete_archive, select_expired
+from tasks.retention import delete_archive, plan_retention
 
 
 def _run_name() -> str:
@@ -21,40 +24,93 @@ def _run_name() -> str:
 @burrow_flow(name="prune", flow_run_name=_run_name, persist_result=False)
 def prune(
     store: Ref,
-    keep_last: int = 24,
+    keep_last: int | None = None,
+    keep_hourly: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
+    keep_yearly: int | None = None,
+    keep_within: str | None = None,
+    policy_block: str | None = None,
     max_age_days: float | None = None,
     source: str | None = None,
     dry_run: bool = False,
+    key_files: list[str] | None = None,
+    identity_files: list[str] | None = None,
+    passphrase_env: str | None = None,
+    key_env: str | None = None,
+    key_block: str | None = None,
 ) -> dict[str, Any]:
-    """Delete archives beyond the newest ``keep_last`` per source (and older than
-    ``max_age_days`` when given). Returns the run summary."""
+    """Apply a GFS retention policy to ``store``: the ``keep_*`` parameters, or a saved
+    RetentionPolicy block (``policy_block``); with neither, ``keep_last=24``. Per source the
+    newest trusted archive is always kept; unreadable, future-dated, unauthenticated (when a
+    read key is configured) and Object-Locked archives are never deleted. Returns the summary,
+    with the rule(s) that kept every archive and the reason for every deletion."""
     log = logger()
     summary: dict[str, Any] = {"status": "failed", "store": store, "dry_run": dry_run}
     deleted: list[str] = []
-    unreadable: list[str] = []
+    left_alone: list[str] = []
+    kept: list[str] = []
 
     def _publish() -> None:
-        summary["deleted_urls"] = deleted
+        summary["deleted_urls"] = [u.split(": ", 1)[0] for u in deleted]
         report.publish(
             f"prune-{naming.slug(store)}",
             f"Burrow prune of {store}: {summary['status']}",
-            {k: v for k, v in summary.items() if k != "deleted_urls"},
-            {("Would delete" if dry_run else "Deleted"): deleted, "Unreadable (kept)": unreadable},
+            {k: v for k, v in summary.items() if k not in ("deleted_urls", "kept_because", "deleted_because")},
+            {("Would delete" if dry_run else "Deleted"): deleted, "Left alone (never deleted)": left_alone,
+             "Kept, and by which rule": kept},
         )
 
     with report.recorded(summary, _publish):
         st = store_from_ref(store)
-        rows = catalog(st)
-        unreadable = [r["url"] for r in rows if r.get("error")]
-        for url in unreadable:
-            log.warning("prune: %s has an unreadable manifest and is left alone", url)
-        expired = select_expired(rows, keep_last=keep_last, max_age_days=max_age_days, source=source)
-        for row in expired:
+        fields = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily, keep_weekly=keep_weekly,
+                      keep_monthly=keep_monthly, keep_yearly=keep_yearly, keep_within=keep_within)
+        if policy_block:
+            if any(v is not None for v in fields.values()):
+                raise UsageError("give either a retention policy block or keep-* rules, not both")
+            try:
+                policy = RetentionPolicy.load(policy_block)
+            except (ValueError, RuntimeError):
+                raise UsageError(f"no saved retention-policy block named {policy_block!r}") from None
+        else:
+            if all(v is None for v in fields.values()):
+                fields["keep_last"] = 24
+            policy = RetentionPolicy(**fields)
+        policy.within()  # a malformed duration is a usage error before anything is read
+        if keep_last is not None and keep_last < 1 and not policy_block:
+            raise UsageError("keep_last must be at least 1: a prune never removes a source's newest archive")
+        keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
+        keyed = bool(keys.keyring)
+        rows = catalog(st, keys if keyed else None)
+        locked_until = getattr(st, "locked_until", None)
+
+        def locked(row: dict[str, Any]) -> str | None:
+            if locked_until is None:
+                return None
+            until = locked_until(row["name"])
+            return f"under Object Lock until {until:%Y-%m-%dT%H:%M:%SZ}" if until else None
+
+        decision = plan_retention(rows, policy, keyed=keyed, source=source, max_age_days=max_age_days, locked=locked)
+        for row, why in decision.left_alone:
+            log.warning("prune: leaving %s alone: %s", row["url"], why)
+            left_alone.append(f"{row['url']}: {why}")
+        for url, rules in decision.keep.items():
+            kept.append(f"{url}: {'; '.join(rules)}")
+        for row, why in decision.delete:
             if not dry_run:
                 delete_archive(st, row["name"])
-            deleted.append(row["url"])
+            log.info("prune: %s %s: %s", "would delete" if dry_run else "deleted", row["url"], why)
+            deleted.append(f"{row['url']}: {why}")
+        aborted = []
+        if not dry_run and hasattr(st, "abort_stray_uploads"):
+            aborted = st.abort_stray_uploads()
         summary.update(
-            status="ok", archives=len(rows), deleted=len(deleted), kept=len(rows) - len(deleted),
-            keep_last=keep_last, max_age_days=max_age_days, unreadable=len(unreadable),
+            status="ok", policy=policy.describe(), archives=len(rows), deleted=len(deleted), kept=len(decision.keep),
+            left_alone=len(left_alone), unreadable=sum(1 for r in rows if r.get("error")),
+            locked=sum(1 for _, why in decision.left_alone if "Object Lock" in why),
+            stray_uploads_aborted=len(aborted), max_age_days=max_age_days,
+            kept_because={u: rules for u, rules in decision.keep.items()},
+            deleted_because={r["url"]: why for r, why in decision.delete},
         )
         return summary

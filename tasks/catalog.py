@@ -134,9 +134,9 @@ def _describe(store: ArchiveStore, info: ArchiveInfo, log: Any, keys: ArchiveKey
 
 
 @task(name="catalog", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
-def catalog(store: ArchiveStore) -> list[dict[str, Any]]:
+def catalog(store: ArchiveStore, keys: ArchiveKeys | None = None) -> list[dict[str, Any]]:
     """Prefect task wrapper of :func:`describe_archives`."""
-    rows = describe_archives(store)
+    rows = describe_archives(store, keys)
     logger().info(
         "catalog: %d archives in %s (%d unreadable)", len(rows), store.describe(), sum(1 for r in rows if r.get("error"))
     )
