@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
-BLOCK_MODULES = ["blocks.zookeeper", "blocks.local", "blocks.etcd", "blocks.consul", "blocks.keys", "blocks.s3"]
+BLOCK_MODULES = ["blocks.zookeeper", "blocks.local", "blocks.etcd", "blocks.consul", "blocks.keys", "blocks.s3", "blocks.retention"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
