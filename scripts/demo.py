@@ -1,7 +1,10 @@
-"""Burrow demo: DC-US's ZooKeeper backed up (encrypted), verified, and rebuilt in DC-EU.
+"""Burrow demo: DC-US's ZooKeeper backed up (encrypted) into object storage in DC-EU, verified,
+and rebuilt in DC-EU from there.
 
-Everything is real: two ZooKeeper servers, a Prefect API server (so every run lands in run
-history), and the ``burrow`` command. Work files go to ./demo-work (removed on the next run).
+Everything is real: two ZooKeeper servers, an S3 server playing "object storage in DC-EU"
+(moto's server over HTTP, since no MinIO installs here: the same commands work against MinIO or
+AWS), a Prefect API server (so every run lands in run history), and the ``burrow`` command.
+Work files go to ./demo-work (removed on the next run).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ sys.path.insert(0, str(REPO))
 from kazoo.client import KazooClient  # noqa: E402
 from kazoo.security import make_digest_acl  # noqa: E402
 
-from burrow.testing.servers import start_prefect, start_zookeeper  # noqa: E402
+from burrow.testing.servers import start_moto, start_prefect, start_zookeeper  # noqa: E402
 
 WORK = REPO / "demo-work"
 BURROW = str(Path(sys.executable).parent / "burrow")
@@ -92,21 +95,34 @@ def count_nodes(hosts: str, root: str) -> dict[str, bytes]:
 def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir()
-    banner("Starting servers: Prefect API, ZooKeeper dc-us, ZooKeeper dc-eu")
+    banner("Starting servers: Prefect API, ZooKeeper dc-us, ZooKeeper dc-eu, S3 object storage in dc-eu")
     prefect = start_prefect(WORK / "prefect")
     us = start_zookeeper(WORK / "zk-us")
     eu = start_zookeeper(WORK / "zk-eu")
+    s3 = start_moto(WORK / "s3-eu")
     os.environ.update(
         PREFECT_API_URL=prefect.url + "/api",
         PREFECT_HOME=str(WORK / "prefect" / "prefect-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
-    print(f"Prefect API {prefect.url}/api, dc-us zk://{us.url}, dc-eu zk://{eu.url}")
+    print(f"Prefect API {prefect.url}/api, dc-us zk://{us.url}, dc-eu zk://{eu.url}, dc-eu S3 {s3.url}")
     try:
         banner("Seeding dc-us with a sample tree")
         seed(us.url)
-        store = WORK / "store"
-        store.mkdir()
+        banner("Object storage in dc-eu: a bucket, and the S3 credentials in a Prefect block (never in a URL)")
+        import boto3
+        from botocore.config import Config
+        from prefect_aws import MinIOCredentials
+        from prefect_aws.client_parameters import AwsClientParameters
+        from pydantic import SecretStr
+
+        boto3.client("s3", endpoint_url=s3.url, aws_access_key_id="demo", aws_secret_access_key="demo-secret",
+                     region_name="us-east-1", config=Config(request_checksum_calculation="when_required")
+                     ).create_bucket(Bucket="burrow-dc-eu")
+        MinIOCredentials(minio_root_user="demo", minio_root_password=SecretStr("demo-secret"),
+                         aws_client_parameters=AwsClientParameters(endpoint_url=s3.url)).save("s3-dc-eu", overwrite=True)
+        store = "s3://burrow-dc-eu/zookeeper?credentials=s3-dc-eu&addressing=path&checksum=when_required"
+        print(f"store: {store}")
         banner("Creating a backup key (0600; only the fingerprint is printed)")
         key = WORK / "keys" / "backup.key"
         key.parent.mkdir()
@@ -114,13 +130,14 @@ def main() -> int:
 
         banner("Backing up dc-us (the digest credentials come from the URL and never reach logs)")
         out = burrow(
-            "backup", f"zk://ops:demo-password@{us.url}", "--to", str(store), "--name", "dc-us",
+            "backup", f"zk://ops:demo-password@{us.url}", "--to", store, "--name", "dc-us",
             "--key-file", str(key),
         )
         url = out.stdout.strip().splitlines()[-1]
 
-        banner("The catalog and the archive's manifest")
-        burrow("list", str(store))
+        banner("The catalog (manifests read by range, authenticated with the key) and freshness per source")
+        burrow("list", store, "--key-file", str(key))
+        burrow("status", store, "--key-file", str(key), "--max-age", "1h")
         burrow("inspect", url, "--key-file", str(key))
 
         banner("Verifying the stored archive end to end")
@@ -129,8 +146,9 @@ def main() -> int:
         banner("DC-US is down: what would a restore into dc-eu do? (dry run writes nothing)")
         burrow("restore", url, "--into", f"zk://ops:demo-password@{eu.url}", "--dry-run", "--key-file", str(key))
 
-        banner("Rebuilding dc-eu from the verified backup")
-        burrow("restore", url, "--into", f"zk://ops:demo-password@{eu.url}", "--key-file", str(key))
+        banner("Rebuilding dc-eu from the newest good backup in dc-eu's object storage")
+        burrow("restore", store, "--latest", "--source", "dc-us", "--into", f"zk://ops:demo-password@{eu.url}",
+               "--key-file", str(key))
 
         banner("dc-eu now (live tree, values shown safely)")
         burrow("dump", f"zk://ops:demo-password@{eu.url}", "--subtree", "/app/config")
@@ -159,7 +177,7 @@ def main() -> int:
             return 1
         return 0
     finally:
-        for s in (us, eu, prefect):
+        for s in (us, eu, s3, prefect):
             s.stop()
 
 
