@@ -33,7 +33,13 @@ class WalkStats:
 
 
 class SourceSession(Protocol):
-    """An open connection to a cluster."""
+    """An open connection to a cluster.
+
+    A session may also have ``plan_warnings() -> list[str]`` (called once planning ends: what
+    would make the restore fail although nothing is written yet) and ``finish() -> dict`` (called
+    once every planned create succeeded; returns what it adds to the restore report). ZooKeeper
+    has both (ACLs); planning and replay look them up with ``getattr``.
+    """
 
     service: str
 

@@ -1,5 +1,5 @@
 """A minimal, single-threaded ZooKeeper client connection for bulk work: pipelined reads
-(getData, getACL, getChildren) and multi creates.
+(getData, getACL, getChildren), multi creates and pipelined setACL.
 
 Why not kazoo for these: kazoo runs every request through its I/O thread, with a select(),
 a wake-up write and a condition variable per request, which caps a walk at a few thousand
@@ -31,7 +31,7 @@ _STAT = struct.Struct("!qqqqiiiqiiq")
 _MULTI = struct.Struct("!iBi")  # type, done, err
 STAT_SIZE = _STAT.size
 
-OP_CREATE, OP_GETDATA, OP_GETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 4, 6, 8, 14, -11, 100
+OP_CREATE, OP_GETDATA, OP_GETACL, OP_SETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 4, 6, 7, 8, 14, -11, 100
 OP_MULTI_READ = 22  # ZooKeeper 3.6+: many getData/getChildren in one request
 AUTH_XID = -4
 NO_WATCH = b"\x00"
@@ -50,6 +50,11 @@ def _string(s: str) -> bytes:
 
 def _buffer(b: bytes | None) -> bytes:
     return _INT.pack(-1) if b is None else _INT.pack(len(b)) + b
+
+
+def _acl_bytes(acl: tuple[tuple[int, str, str], ...]) -> bytes:
+    """An ACL vector on the wire: ``((perms, scheme, id), ...)``."""
+    return _INT.pack(len(acl)) + b"".join(_INT.pack(perms) + _string(scheme) + _string(ident) for perms, scheme, ident in acl)
 
 
 class WireSession:
@@ -153,6 +158,10 @@ class WireSession:
     def get_children(self, path: str) -> None:
         self._queue(OP_GETCHILDREN, _string(self._path(path)) + NO_WATCH)
 
+    def set_acl(self, path: str, acl: tuple[tuple[int, str, str], ...], version: int) -> None:
+        """Queue a setACL, applied only while the node's ACL version (aversion) is ``version``."""
+        self._queue(OP_SETACL, _string(self._path(path)) + _acl_bytes(acl) + _INT.pack(version))
+
     def multi_read(self, op: int, paths: list[str]) -> None:
         """Queue one multiRead of getData (``op=OP_GETDATA``) or getChildren ops."""
         head = _MULTI.pack(op, 0, -1)
@@ -170,9 +179,7 @@ class WireSession:
         for path, data, acl in ops:
             acl_bytes = acl_cache.get(acl)
             if acl_bytes is None:
-                acl_bytes = _INT.pack(len(acl)) + b"".join(
-                    _INT.pack(perms) + _string(scheme) + _string(ident) for perms, scheme, ident in acl
-                )
+                acl_bytes = _acl_bytes(acl)
                 if len(acl_cache) < 10000:
                     acl_cache[acl] = acl_bytes
             p = (prefix + path).encode("utf-8")

@@ -9,11 +9,12 @@ reports connection and auth trouble, and does the single creates of the fallback
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import struct
-import warnings
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
@@ -31,13 +32,15 @@ from kazoo.exceptions import (
     SessionExpiredError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
-from kazoo.security import ACL, OPEN_ACL_UNSAFE, Id, Permissions
+from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 from pydantic import Field, SecretStr
 
 from blocks import zkwire
 from blocks.source import SourceBlock, WalkStats
 from burrow.errors import AuthError, SourceError, SourceUnavailable
+from burrow.hosts import check_resolvable, unreachable_reason
 from burrow.paths import foreign_metadata
 from burrow.records import Record, display_key
 
@@ -46,6 +49,36 @@ log = logging.getLogger("burrow.zookeeper")
 READ_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # a walk asks for fewer nodes at once when values are big
 
 _TRANSIENT = (ConnectionLoss, SessionExpiredError, OperationTimeoutError, KazooTimeoutError)
+
+
+def _start_session(client: KazooClient, timeout: float) -> str | None:
+    """Start ``client``; None once connected, else why not: "auth", "gave up" or "timeout".
+
+    Unlike ``KazooClient.start``, which waits out the whole timeout even after its connection
+    retry policy is spent (its connection thread has ended and nothing will connect), this
+    returns as soon as the connection thread ends. The client is stopped and closed unless
+    connected.
+    """
+    live = client.start_async()
+    routine = getattr(getattr(client, "_connection", None), "_connection_routine", None)
+    deadline = time.monotonic() + timeout
+    why = "timeout"
+    while not live.wait(max(0.0, min(0.05, deadline - time.monotonic()))):
+        if client.client_state == KeeperState.AUTH_FAILED:
+            why = "auth"
+            break
+        if routine is not None and not routine.is_alive():
+            why = "gave up"
+            break
+        if time.monotonic() >= deadline:
+            break
+    if client.connected:
+        return None
+    if client.client_state == KeeperState.AUTH_FAILED:
+        why = "auth"
+    client.stop()
+    client.close()
+    return why
 
 
 def _has_redacted(acl: list[list[Any]]) -> bool:
@@ -59,6 +92,40 @@ def _has_redacted(acl: list[list[Any]]) -> bool:
 #: Digest credentials for a session whose block (or URL) names none: never in a URL or parameter.
 ENV_USER = "BURROW_ZK_USER"
 ENV_PASSWORD = "BURROW_ZK_PASSWORD"
+
+
+#: An ACL as Burrow handles it: ``((perms, scheme, id), ...)``.
+Acl = tuple[tuple[int, str, str], ...]
+
+#: Only the restoring session's identity: ZooKeeper's ``auth`` scheme, which the server turns into
+#: the session's authenticated ids (``digest:user:hash``), with every permission.
+RESTORER_ONLY: Acl = ((Permissions.ALL, "auth", ""),)
+WORLD_OPEN: Acl = ((Permissions.ALL, "world", "anyone"),)
+_WORLD_READ: Acl = ((Permissions.READ, "world", "anyone"),)
+_OPEN_CHOICE: tuple[Acl, None, None] = (WORLD_OPEN, None, None)
+
+#: Why a node got the restorer-only ACL (the restore report lists each such node with its reason).
+NOTE_REDACTED = "archived ACL redacted"
+NOTE_INTERMEDIATE = "intermediate"
+NOTE_FOREIGN = "no ZooKeeper ACL in the archive"
+NOTE_CHROOT = "chroot"
+
+REPORT_LIMIT = 1000  # paths listed per report list
+_MEMORY = 100_000  # entries kept by a session's bounded memories
+
+
+def _acl_tuple(acl: Any) -> Acl:
+    return tuple((int(p), str(s), str(i)) for p, s, i in acl)
+
+
+def _kazoo_acl(acl: Acl) -> list[ACL]:
+    return [ACL(p, Id(s, i)) for p, s, i in acl]
+
+
+_CREDENTIALS_FIX = (
+    "Restore with digest credentials (zk://USER:PASSWORD@HOST:PORT on the command line, a ZooKeeperCluster "
+    f"block's digest_user and digest_password, or {ENV_USER} and {ENV_PASSWORD})"
+)
 
 
 def _join(parent: str, child: str) -> str:
@@ -88,8 +155,13 @@ class ZooKeeperCluster(SourceBlock):
     multi_ops: int = Field(default=1000, description="Creates per multi transaction")
     multi_bytes: int = Field(default=512 * 1024, description="Payload bytes per multi transaction")
     multi_window: int = Field(default=8, description="Multi transactions in flight at once")
-    default_acl: Literal["open", "creator"] = Field(
-        default="open", description="ACL for nodes whose archived ACL cannot be used (redacted, foreign)"
+    default_acl: Literal["creator", "open"] = Field(
+        default="creator",
+        description=(
+            "ACL of the nodes a restore creates without a usable archived ACL (redacted by the source, empty "
+            "parents, the chroot, keys from etcd or Consul): 'creator' gives them to the restoring identity only "
+            "(auth scheme, all permissions); 'open' gives them world:anyone with every permission, on purpose"
+        ),
     )
 
     def describe(self) -> str:
@@ -130,24 +202,50 @@ class ZooKeeperSession:
             logger=logging.getLogger("burrow.kazoo"),
         )
         self._auth = auth
+        # A host name that does not exist fails here, at once and for good; kazoo would skip
+        # it and retry as if a server were down.
+        check_resolvable(block.hosts, "ZooKeeper", self.label)
+        started = time.monotonic()
         try:
-            with warnings.catch_warnings():
-                # restoring into a chroot that does not exist yet is fine: ensure_root creates it
-                warnings.filterwarnings("ignore", message="No chroot path exists")
-                self.client.start(timeout=block.connect_timeout)
-        except KazooTimeoutError:
-            self.client.close()
-            raise SourceUnavailable(
-                f"cannot connect to ZooKeeper at {self.label} within {block.connect_timeout:g}s"
-            ) from None
+            why = _start_session(self.client, block.connect_timeout)
         except KazooException as exc:
             self.client.close()
             raise AuthError(f"ZooKeeper at {self.label} refused the session: {type(exc).__name__}") from None
-        self._default_acl = (
-            list(OPEN_ACL_UNSAFE) if block.default_acl == "open" else [ACL(Permissions.ALL, Id("auth", ""))]
-        )
-        self._default_acl_tuples = tuple((a.perms, a.id.scheme, a.id.id) for a in self._default_acl)
-        self._acl_seen: dict[tuple, tuple[tuple[int, str, str], ...]] = {}
+        if why == "auth":
+            raise AuthError(f"ZooKeeper at {self.label} rejected the credentials (AUTH_FAILED)")
+        if why is not None:
+            # kazoo's connection retries (3 rounds over the hosts) are spent, or connect_timeout
+            # is: say what the servers do and how long this took. (The task that opened the
+            # session may retry it: each attempt says its own time.)
+            took = time.monotonic() - started
+            reason = unreachable_reason(block.hosts, 2181, timeout=min(1.0, block.connect_timeout))
+            when = f"(gave up after {took:.1f}s)" if why == "gave up" else f"within {block.connect_timeout:g}s"
+            raise SourceUnavailable(f"cannot connect to ZooKeeper at {self.label} {when}: {reason}")
+        # Who this session is, for reading ACLs: anyone, plus its digest identity when it has one.
+        # (ZooKeeper may know more: a super user, an ip or sasl identity. Burrow only warns from
+        # what it can tell, and where it cannot tell it takes the path that works for everyone.)
+        ids = {("world", "anyone")}
+        redacted_ids = set()  # what a reader without ADMIN sees of an entry for this identity
+        for scheme, credential in auth or []:
+            if scheme == "digest":
+                user, _, secret = credential.partition(":")
+                ids.add(("digest", make_digest_acl_credential(user, secret)))
+                redacted_ids.add(("digest", user + ":x"))
+        self._ids = frozenset(ids)
+        self._redacted_ids = frozenset(redacted_ids)
+        self._identified = len(ids) > 1
+        self._local_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self._acl_seen: dict[tuple, tuple[Acl, Acl | None, None]] = {}
+        self._grant_seen: dict[tuple, bool] = {}
+        self._inherit: OrderedDict[bytes, Acl] = OrderedDict()  # anonymous: ACL new nodes below a path get
+        self._restrictive: set[bytes] = set()  # anonymous planning: archived ACL lets it create no children
+        self._has_children: set[bytes] = set()  # anonymous planning: parents of planned keys
+        self._parents_checked: OrderedDict[bytes, bool] = OrderedDict()
+        self._denied: list[str] = []  # existing parents this identity may not create children under
+        self._denied_count = 0
+        self._restricted: list[str] = []  # nodes created with RESTORER_ONLY, with the reason
+        self._restricted_count = 0
+        self._deferred: list[tuple[str, Acl]] = []  # created with RESTORER_ONLY; archived ACL set by finish()
 
     # -- errors -------------------------------------------------------------------------
     def _wrap(self, exc: BaseException, path: str, action: str) -> Exception:
@@ -302,7 +400,8 @@ class ZooKeeperSession:
                             stats.redacted_acls += 1
                             stats.warn(
                                 "ZooKeeper redacted digest ACLs (user:x) because the reader lacks ADMIN on some "
-                                "nodes; those ACLs cannot be restored verbatim and will get the target's default ACL"
+                                "nodes; those ACLs cannot be restored verbatim: a restore gives those nodes an ACL only the "
+                                "restoring identity holds (the target block's default_acl) and lists them"
                             )
                             break
                     if mzxid > max_zxid or pzxid > max_zxid or czxid > max_zxid:
@@ -347,52 +446,292 @@ class ZooKeeperSession:
                 chunk = keys[start : start + window]
                 for key in chunk:
                     wire.get_data(key.decode("utf-8"))
-                for key in chunk:
+                for n, key in enumerate(chunk):
                     frame, err, off = wire.reply()
                     if err == no_node:
                         out.append(None)
                     elif err:
+                        if n + 1 < len(chunk):
+                            self._drop_wire()  # replies still in flight: this connection is out of step
                         raise self._wrap(EXCEPTIONS[err](), display_key(key), "reading")
                     else:
                         out.append(zkwire.parse_data(frame, off)[0])
+            self._check_parents(keys, out)
         except KazooException as exc:
             self._drop_wire()
             raise self._wrap(exc, display_key(keys[0]) if keys else "", "reading") from None
         return out
 
+    def _check_parents(self, keys: list[bytes], found: list[bytes | None]) -> None:
+        """Note the existing nodes that missing keys would be created under and that do not let
+        this session create children (planning reports them: the creates would be refused).
+
+        A parent that is itself missing is created by the restore (with an ACL that lets the
+        restorer create below it), so only parents that exist now are asked for their ACL.
+        """
+        missing = {k for k, v in zip(keys, found, strict=True) if v is None}
+        if not missing:
+            return
+        checked = self._parents_checked
+        ask: list[bytes] = []
+        for k, v in zip(keys, found, strict=True):
+            if v is not None:
+                continue
+            parent = k.rsplit(b"/", 1)[0] or b"/"
+            if parent in missing or parent in checked:
+                continue
+            checked[parent] = True  # (settled below)
+            ask.append(parent)
+        if not ask:
+            return
+        wire = self._wire_session()
+        for parent in ask:
+            wire.get_acl(parent.decode("utf-8"))
+        no_node, no_auth = NoNodeError.code, NoAuthError.code
+        for parent in ask:
+            frame, err, off = wire.reply()
+            if err == no_node:
+                continue  # missing too: this restore creates it
+            if err and err != no_auth:
+                raise EXCEPTIONS[err]()
+            # NoAuth: not even READ or ADMIN on it, so almost surely no CREATE either
+            if err or not self._grants(_acl_tuple(zkwire.parse_acl(frame, off)), Permissions.CREATE):
+                checked[parent] = False
+                self._denied_count += 1
+                if len(self._denied) < REPORT_LIMIT:
+                    self._denied.append(display_key(parent))
+        while len(checked) > _MEMORY:
+            checked.popitem(last=False)
+
+    def plan_warnings(self) -> list[str]:
+        """What planning found that would make the restore fail although it writes nothing
+        yet: existing nodes (the chroot's parent included) under which this session's identity
+        may not create the missing keys. A dry run reports them instead of "0 conflicts"."""
+        self._check_chroot_parent()
+        if not self._denied_count:
+            return []
+        shown = ", ".join(self._denied[:5]) + (", ..." if self._denied_count > 5 else "")
+        return [
+            f"this session's identity lacks CREATE on {self._denied_count} existing ZooKeeper node(s) that the "
+            f"restore would create keys under ({shown}): ZooKeeper would refuse those creates and the restore "
+            "would stop there. Restore as an identity that holds CREATE on them (README, ZooKeeper notes)"
+        ]
+
+    def _check_chroot_parent(self) -> None:
+        """When the chroot does not exist yet, whether this identity may create it."""
+        chroot = (self.block.chroot or "").strip("/")
+        if not chroot or not self._use_chroot:
+            return
+        ancestor = "/" + chroot
+        try:
+            if self.client.exists("/") is not None:
+                return
+            root = ZooKeeperSession(self.block, chroot=False)
+            try:
+                while ancestor != "/" and root.client.exists(ancestor) is None:
+                    ancestor = ancestor.rsplit("/", 1)[0] or "/"
+                acl, _ = root.client.get_acls(ancestor)
+            finally:
+                root.close()
+        except NoAuthError:
+            acl = []
+        except KazooException as exc:
+            raise self._wrap(exc, "/" + chroot, "reading") from None
+        if not self._grants(tuple((a.perms, a.id.scheme, a.id.id) for a in acl), Permissions.CREATE):
+            self._denied_count += 1
+            self._denied.append(f"{ancestor} (to create the chroot /{chroot})")
+
+    def _grants(self, acl: Acl, perm: int) -> bool:
+        """Whether ``acl`` gives this session ``perm``, as far as Burrow can tell (world, its
+        digest identity, its address)."""
+        for perms, scheme, ident in acl:
+            if not perms & perm:
+                continue
+            if (scheme, ident) in self._ids or (scheme, ident) in self._redacted_ids:
+                return True
+            if scheme == "ip" and self._ip_matches(ident):
+                return True
+        return False
+
+    def _ip_matches(self, ident: str) -> bool:
+        if self._local_ip is None:
+            try:
+                self._local_ip = ipaddress.ip_address(self._wire_session().sock.getsockname()[0])
+            except (OSError, ValueError, KazooException):
+                return False
+        try:
+            return self._local_ip in ipaddress.ip_network(ident, strict=False)
+        except ValueError:
+            return False
+
     def prepare(self, record: Record, source_service: str) -> tuple[Record, list[str]]:
         dropped: list[str] = []
-        acl_meta = record.meta.get("acl") if source_service == "zookeeper" else None
-        if acl_meta and _has_redacted(acl_meta):
-            # Keeping only the readable entries could leave a node nobody may write or
-            # administer: the whole ACL gives way to the target's default ACL.
-            dropped.append("acl (redacted by the source)")
-            acl_meta = None
-        if source_service != "zookeeper":
+        meta: dict[str, Any] = {"acl": None}
+        if source_service == "zookeeper":
+            acl_meta = record.meta.get("acl")
+            if acl_meta and _has_redacted(acl_meta):
+                # Keeping only the readable entries could leave a node nobody may write or
+                # administer, and the target's default ACL (world:anyone) would leave protected
+                # data the most exposed: the node goes to the restoring identity only.
+                dropped.append("acl (redacted by the source)")
+                meta["acl_note"] = NOTE_REDACTED
+                if self.block.default_acl == "creator" and not self._identified:
+                    raise AuthError(self._anonymous_refusal(display_key(record.key)))
+            elif acl_meta:
+                meta["acl"] = acl_meta
+        else:
             dropped.extend(foreign_metadata(record.meta, source_service))
-        return Record(record.key, record.value, {"acl": acl_meta or None}), dropped
+            meta["acl_note"] = NOTE_FOREIGN
+        if not self._identified:
+            self._track_restrictive(record.key, meta["acl"])
+        return Record(record.key, record.value, meta), dropped
 
-    def _acl(self, record: Record) -> list[ACL]:
-        meta = record.meta.get("acl")
-        if not meta:
-            return self._default_acl
-        return [ACL(int(p), Id(str(s), str(i))) for p, s, i in meta]
+    def _anonymous_refusal(self, path: str) -> str:
+        return (
+            f"{path}: the source redacted its ACL (ZooKeeper hid the digest hashes from the backup user), so "
+            "a restore gives it an ACL only the restoring identity holds, but this session to ZooKeeper at "
+            f"{self.label} has no identity. {_CREDENTIALS_FIX}, or set the target block's default_acl to "
+            "'open' to give such nodes world:anyone on purpose. Nothing was written"
+        )
+
+    def _track_restrictive(self, key: bytes, acl_meta: Any) -> None:
+        """Anonymous planning: a node whose archived ACL lets no anonymous session create
+        children, that the restore must create, and that has children to restore, is refused
+        (prepare sees parents and children in any order: either may come first)."""
+        parent = key.rsplit(b"/", 1)[0]
+        if parent:
+            if parent in self._restrictive:
+                self._refuse_if_missing(parent)
+            elif len(self._has_children) < _MEMORY:
+                self._has_children.add(parent)
+        if not acl_meta:
+            return
+        if acl_meta[0][1] == "world" and acl_meta[0][0] & Permissions.CREATE:
+            return  # (the common case, and cheap)
+        try:
+            seen: tuple | None = tuple(map(tuple, acl_meta))
+            ok = self._grant_seen.get(seen)
+        except TypeError:
+            seen = ok = None
+        if ok is None:
+            ok = self._grants(_acl_tuple(acl_meta), Permissions.CREATE)
+            if seen is not None and len(self._grant_seen) < 10000:
+                self._grant_seen[seen] = ok
+        if ok:
+            return
+        if key in self._has_children:
+            self._refuse_if_missing(key)
+        elif len(self._restrictive) < _MEMORY:
+            self._restrictive.add(key)
+
+    def _refuse_if_missing(self, parent: bytes) -> None:
+        self._restrictive.discard(parent)
+        try:
+            exists = self.client.exists(parent.decode("utf-8")) is not None
+        except KazooException as exc:
+            raise self._wrap(exc, display_key(parent), "reading") from None
+        if not exists:
+            raise AuthError(
+                f"cannot restore below {display_key(parent)} into ZooKeeper at {self.label} without an "
+                "identity: its archived ACL lets no anonymous session create children, and Burrow creates "
+                "such a node with a temporary ACL that only the restoring identity holds, creates its "
+                f"children, then sets the archived ACL. {_CREDENTIALS_FIX}. Nothing was written"
+            )
 
     def parent_key(self, key: bytes) -> bytes | None:
         parent = key.rsplit(b"/", 1)[0]
         return parent or None
 
     def ensure_root(self) -> None:
+        """Create the chroot when it does not exist, each missing level with the ACL of a node
+        Burrow invents (restorer-only by default; the restore report lists them)."""
         chroot = self.block.chroot
         if not chroot or chroot == "/":
             return
         root = ZooKeeperSession(self.block, chroot=False)
+        path = ""
         try:
-            root.client.ensure_path("/" + chroot.strip("/"))
+            acl: Acl | None = None
+            for part in chroot.strip("/").split("/"):
+                parent, path = path or "/", path + "/" + part
+                if root.client.exists(path) is not None:
+                    continue
+                if acl is None:
+                    acl = self._new_node_acl(root, parent)
+                try:
+                    root.client.create(path, b"", acl=_kazoo_acl(acl))
+                except NodeExistsError:
+                    continue
+                if acl is RESTORER_ONLY:
+                    self._note_restricted(path, NOTE_CHROOT)
         except KazooException as exc:
-            raise self._wrap(exc, chroot, "creating chroot") from None
+            raise self._wrap(exc, path or chroot, "creating chroot") from None
         finally:
             root.close()
+
+    def _new_node_acl(self, root: ZooKeeperSession, parent: str) -> Acl:
+        if self.block.default_acl == "open":
+            return WORLD_OPEN
+        if self._identified:
+            return RESTORER_ONLY
+        got, _ = root.client.get_acls(parent)
+        return tuple((a.perms, a.id.scheme, a.id.id) for a in got)
+
+    def _choose(self, record: Record) -> tuple[Acl, Acl | None, str | None]:
+        """How to create ``record``'s node: ``(ACL to create it with, archived ACL to set once
+        its children exist, or None; why it gets the restorer-only ACL, or None)``."""
+        meta = record.meta
+        acl_meta = meta.get("acl")
+        if acl_meta:
+            try:
+                key: tuple | None = tuple(map(tuple, acl_meta))
+                hit = self._acl_seen.get(key)  # most nodes share a handful of ACLs
+            except TypeError:
+                key = hit = None
+            if hit is None:
+                acl = _acl_tuple(acl_meta)
+                if not self._identified or self._grants(acl, Permissions.CREATE):
+                    hit = (acl, None, None)
+                else:
+                    # The archived ACL denies this identity CREATE, so no child could be created
+                    # under it: the node starts restorer-only and gets its ACL in finish().
+                    hit = (RESTORER_ONLY, acl, None)
+                if key is not None and len(self._acl_seen) < 10000:
+                    self._acl_seen[key] = hit
+            return hit
+        if self.block.default_acl == "open":
+            return _OPEN_CHOICE
+        note = meta.get("acl_note")
+        if note != NOTE_REDACTED and meta.get("intermediate"):
+            note = NOTE_INTERMEDIATE
+        if self._identified:
+            return (RESTORER_ONLY, None, note or NOTE_FOREIGN)
+        if note == NOTE_REDACTED:  # planning refuses this first; never fall back to a wider ACL
+            raise AuthError(self._anonymous_refusal(display_key(record.key)))
+        return (self._inherited(record.key), None, None)
+
+    def _inherited(self, key: bytes) -> Acl:
+        """Anonymous session: a node Burrow invents gets the ACL of the existing node it is
+        created under (that ACL let this session create there; the restore opens nothing more)."""
+        parent = key.rsplit(b"/", 1)[0] or b"/"
+        acl = self._inherit.get(parent)
+        if acl is None:
+            try:
+                got, _ = self.client.get_acls(parent.decode("utf-8"))
+                acl = tuple((a.perms, a.id.scheme, a.id.id) for a in got)
+            except NoNodeError:
+                acl = _WORLD_READ  # the parent is gone: creating the node fails on that anyway
+            except KazooException as exc:
+                raise self._wrap(exc, display_key(parent), "reading the ACL of") from None
+        self._inherit[key] = acl
+        if len(self._inherit) > _MEMORY:
+            self._inherit.popitem(last=False)  # the oldest: long created, never a batch in flight
+        return acl
+
+    def _note_restricted(self, path: str, why: str) -> None:
+        self._restricted_count += 1
+        if len(self._restricted) < REPORT_LIMIT:
+            self._restricted.append(f"{path} ({why})")
 
     def create(self, records: list[Record]) -> list[bool]:
         results = [False] * len(records)
@@ -400,6 +739,7 @@ class ZooKeeperSession:
         no_node, exists = NoNodeError.code, NodeExistsError.code
         inflight: deque[range] = deque()
         failed: list[range] = []
+        choices = [self._choose(r) for r in records]  # may refuse: before anything is sent
 
         def settle(batch: range) -> None:
             frame, err, off = wire.reply()
@@ -416,14 +756,13 @@ class ZooKeeperSession:
 
         try:
             wire = self._wire_session()
-            acl_of = self._acl_tuples
             start = 0
             # A sliding window of multi transactions: ZooKeeper applies them in order, so a
             # batch may hold the children of the batch before it.
             for size in self._batch_sizes(records):
                 batch = range(start, start + size)
                 start += size
-                wire.multi_create([(records[i].key.decode("utf-8"), records[i].value, acl_of(records[i])) for i in batch])
+                wire.multi_create([(records[i].key.decode("utf-8"), records[i].value, choices[i][0]) for i in batch])
                 inflight.append(batch)
                 if len(inflight) >= window:
                     settle(inflight.popleft())
@@ -438,10 +777,67 @@ class ZooKeeperSession:
             raise
         # A batch hit an existing node (or a parent from an earlier failed batch): fall back
         # to one atomic create per node, in order, so the rest of it is still created.
-        for batch in failed:
-            for i in batch:
-                results[i] = self._create_one(records[i])
+        try:
+            for batch in failed:
+                for i in batch:
+                    results[i] = self._create_one(records[i], choices[i][0])
+        finally:
+            self._note_created(records, results, choices)
         return results
+
+    def _note_created(self, records: list[Record], results: list[bool], choices: list[tuple]) -> None:
+        """Remember what finish() sets and the report lists: only nodes this run created."""
+        for r, ok, (_, final, note) in zip(records, results, choices, strict=True):
+            if not ok or (final is None and note is None):
+                continue
+            if final is not None:
+                self._deferred.append((r.key.decode("utf-8"), final))
+            else:
+                self._note_restricted(display_key(r.key), note)
+
+    def finish(self) -> dict[str, Any]:
+        """Complete a restore whose creates all succeeded: set the archived ACL on the nodes
+        this run created with a temporary restorer-only ACL (an archived ACL that denies this
+        identity CREATE), now that their children exist. The only change Burrow makes to a
+        node after creating it, and only to a node it created in this run: each setACL is
+        guarded by ACL version 0, so an ACL someone changed meanwhile is left alone.
+
+        Returns the ACL part of the restore report."""
+        deferred, self._deferred = self._deferred, []
+        applied = 0
+        not_applied: list[str] = []
+        failures = 0
+        if deferred:
+            window = max(1, self.block.read_window)
+            try:
+                wire = self._wire_session()
+                for start in range(0, len(deferred), window):
+                    chunk = deferred[start : start + window]
+                    for path, acl in chunk:
+                        wire.set_acl(path, acl, 0)
+                    for path, _ in chunk:
+                        _, err, _ = wire.reply()
+                        if not err:
+                            applied += 1
+                            continue
+                        failures += 1
+                        if len(not_applied) < REPORT_LIMIT:
+                            not_applied.append(f"{display_key(path.encode('utf-8'))} ({EXCEPTIONS[err].__name__})")
+            except KazooException as exc:
+                self._drop_wire()
+                raise self._wrap(exc, "", "setting archived ACLs") from None
+            if failures:
+                log.warning(
+                    "%d node(s) created with a temporary restorer-only ACL kept it: their archived ACL "
+                    "could not be set (listed in the restore report)", failures,
+                )
+        return {
+            "acl_restricted": self._restricted_count,
+            "acl_restricted_paths": list(self._restricted),
+            "acl_set_after_children": applied,
+            "acl_not_applied": failures,
+            "acl_not_applied_paths": not_applied,
+        }
 
     def _batch_sizes(self, records: list[Record]) -> Iterator[int]:
         n = size = 0
@@ -456,21 +852,25 @@ class ZooKeeperSession:
         if n:
             yield n
 
-    def _acl_tuples(self, record: Record) -> tuple[tuple[int, str, str], ...]:
-        meta = record.meta.get("acl")
-        if not meta:
-            return self._default_acl_tuples
+    def acl_accepted(self, scheme: str, ident: str) -> bool:
+        """Whether this server takes an ACL entry ``scheme``/``ident`` (its auth providers
+        decide), asked without writing anything: a multi that creates a node below a parent
+        that does not exist (ZooKeeper checks the ACL first), then checks a version the new
+        node cannot have, so it rolls back even should that parent exist. (Used by the
+        restore planner, tasks/plan.py, for schemes it cannot judge itself.)"""
+        import uuid
+
+        from kazoo.exceptions import InvalidACLError
+
+        probe = f"/.burrow-acl-probe-{uuid.uuid4().hex}/p"
+        txn = self.client.transaction()
+        txn.create(probe, b"", acl=[ACL(Permissions.READ, Id(scheme, ident))])
+        txn.check(probe, 1)
         try:
-            key: tuple | None = tuple(map(tuple, meta))
-            hit = self._acl_seen.get(key)  # most nodes share a handful of ACLs
-        except TypeError:
-            key = hit = None
-        if hit is not None:
-            return hit
-        acl = tuple((int(p), str(s), str(i)) for p, s, i in meta)
-        if key is not None and len(self._acl_seen) < 10000:
-            self._acl_seen[key] = acl
-        return acl
+            results = txn.commit()
+        except KazooException as exc:
+            raise self._wrap(exc, "an ACL", "checking") from None
+        return not isinstance(results[0], InvalidACLError)
 
     def _wire_session(self) -> zkwire.WireSession:
         """The pipelined connection for bulk reads and creates (opened on first use)."""
@@ -492,10 +892,10 @@ class ZooKeeperSession:
             except OSError:
                 pass
 
-    def _create_one(self, r: Record) -> bool:
+    def _create_one(self, r: Record, acl: Acl) -> bool:
         path = r.key.decode("utf-8")
         try:
-            self.client.create(path, r.value, acl=self._acl(r))
+            self.client.create(path, r.value, acl=_kazoo_acl(acl))
             return True
         except NodeExistsError:
             return False

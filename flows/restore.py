@@ -40,6 +40,7 @@ def restore(
     passphrase_env: str | None = None,
     key_env: str | None = None,
     key_block: str | None = None,
+    allow_unencrypted: bool = False,
 ) -> dict[str, Any]:
     """Restore ``archive`` into the cluster ``into``, creating only missing keys.
 
@@ -47,7 +48,8 @@ def restore(
     (paths), ``passphrase_env``/``key_env`` (environment variable names) or ``key_block``
     (a saved EncryptionKeys block), else by the BURROW_* environment, plus the retired keys
     of $BURROW_KEYRING. Every check (key, manifest MAC, every chunk, checksums, counts)
-    passes before anything is written to the cluster.
+    passes before anything is written to the cluster. When any read key is configured, an
+    unencrypted archive is refused unless ``allow_unencrypted`` (it could have been planted).
 
     Returns the run summary; ``conflicts`` > 0 means existing keys differed and were kept.
     """
@@ -64,7 +66,7 @@ def restore(
         keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
         with staging_dir() as work:
             local = download(store, name, str(work))
-            manifest = validate(local, keys, label=store.url(name))
+            manifest = validate(local, keys, label=store.url(name), allow_unencrypted=allow_unencrypted)
             if keys.opened_by:
                 summary["decrypted_with"] = keys.opened_by
             elif not manifest.get("encrypted"):
@@ -100,6 +102,8 @@ def plan_and_replay(
         conflicts=p.conflicts, outside_subtree=p.outside_subtree,
         metadata_not_carried=p.dropped_metadata,
     )
+    if p.warnings:
+        summary["warnings"] = p.warnings
     conflict_paths = list(p.conflict_paths)
     lists["Planned creates (first 1000)" if dry_run else "Created (first 1000)"] = p.create_paths
     if dry_run:
@@ -114,6 +118,11 @@ def plan_and_replay(
             identical=p.identical + done.identical,
             conflicts=p.conflicts + done.conflicts,
         )
+        summary.update(done.target_report)
+        lists["Created with an ACL only the restorer holds (first 1000)"] = done.target_report.get(
+            "acl_restricted_paths", []
+        )
+        lists["Archived ACL not applied (first 1000)"] = done.target_report.get("acl_not_applied_paths", [])
     lists["Conflicts (kept as they are)"] = conflict_paths
     summary["conflict_paths"] = conflict_paths
     summary["planned_paths"] = p.create_paths
@@ -121,7 +130,7 @@ def plan_and_replay(
 
 def publish_summary(kind: str, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool) -> None:
     """The markdown artifact of a restore or failover run."""
-    rows = {k: v for k, v in summary.items() if k not in ("conflict_paths", "planned_paths")}
+    rows = {k: v for k, v in summary.items() if not k.endswith("_paths")}
     report.publish(
         f"{kind}-{naming.slug(str(summary.get('target', 'target')))}",
         f"Burrow {kind}{' (dry run)' if dry_run else ''} into {summary.get('target')}: {summary['status']}",

@@ -1,15 +1,29 @@
 """Plan: decide, for every archived key, whether the target needs it created, already has
 it identical, or holds something different (a conflict). Writes the creates, parents first,
-to a private spool for replay. Writes nothing to the cluster; --dry-run stops here."""
+to a private spool for replay. Writes nothing to the cluster; --dry-run stops here.
+
+Everything replay will hand the target is checked here, before the first write: keys the
+target cannot hold, malformed metadata, ACLs the target would refuse. A restore stops while
+planning on any of them, never halfway through replay.
+
+Into a tree (ZooKeeper) the creates must come parents first, whatever ``--map``,
+``--subtree`` or the translation between services did to the archive's own order, and a
+parent the restore has to create gets its archived value and metadata whenever the archive
+holds it. So the planned records are sorted by path, component by component (a bounded
+external sort: runs of at most ``RUN_BYTES`` are sorted in memory and spilled to sealed
+spools, then merged). In that order every node comes right before its subtree, so one stack
+of the current node's ancestors is all the planner keeps to know which parents exist, are
+planned, come from the archive, or must be created empty. Flat stores (etcd, Consul) have no
+parents and are planned in archive order."""
 
 from __future__ import annotations
 
-import os
+import heapq
 import time
-from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -17,16 +31,32 @@ from prefect.cache_policies import NO_CACHE
 from blocks.source import SourceBlock, SourceSession
 from burrow import progress
 from burrow.archive import ArchiveReader, BodyDecryptor
-from burrow.errors import should_retry
-from burrow.paths import KeyMapper, folded_folder, translate
+from burrow.errors import ArchiveError, SourceError, should_retry
+from burrow.paths import (
+    KeyMapper,
+    folded_folder,
+    metadata_problem,
+    related,
+    translate,
+    zookeeper_acl_problem,
+    zookeeper_path_problem,
+)
 from burrow.perf import gc_paused
-from burrow.records import Record, display_key, encode_record
+from burrow.records import Record, decode_record, display_key, encode_record
 from burrow.runlog import logger
+from burrow.staging import discard_spool, open_spool_reader, open_spool_writer, scratch_writes
 
 BATCH = 1000
-KNOWN_LIMIT = 200_000
 LIST_LIMIT = 1000
+#: Bytes of planned records sorted in memory at once; beyond that, sorted runs spill to disk.
+RUN_BYTES = 32 * 1024 * 1024
 MISSING, PRESENT = 0, 1
+#: How records that land on one target key rank (the first one decides, see _TreePlanner).
+SELECTED, FOLDER, OUTSIDE = 0, 1, 2
+#: What a planned item is: an archived key, a folded folder key, a parent the archive holds
+#: outside the selection, an empty intermediate parent, or a second key landing on a planned one.
+CREATE, FOLDED, PARENT, GAP, DUP = range(5)
+_CHECK_CACHE = 10_000
 
 
 @dataclass
@@ -43,92 +73,325 @@ class Plan:
     conflict_paths: list[str] = field(default_factory=list)
     create_paths: list[str] = field(default_factory=list)
     dropped_metadata: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the target says would fail (no write yet)
     seconds: float = 0.0
 
+    def conflict(self, key: bytes) -> None:
+        self.conflicts += 1
+        if len(self.conflict_paths) < LIST_LIMIT:
+            self.conflict_paths.append(display_key(key))
 
-class _Known:
-    """A bounded memory of which target keys exist (or will be created)."""
+    def compare(self, key: bytes, archived: bytes, current: bytes) -> None:
+        if archived == current:
+            self.identical += 1
+        else:
+            self.conflict(key)
 
-    def __init__(self, limit: int = KNOWN_LIMIT) -> None:
-        self.limit = limit
-        self.data: OrderedDict[bytes, int] = OrderedDict()
-
-    def get(self, key: bytes) -> int | None:
-        return self.data.get(key)
-
-    def set(self, key: bytes, state: int) -> None:
-        self.data[key] = state
-        self.data.move_to_end(key)
-        if len(self.data) > self.limit:
-            self.data.popitem(last=False)
+    def dropped(self, names: list[str]) -> None:
+        for d in names:
+            self.dropped_metadata[d] = self.dropped_metadata.get(d, 0) + 1
 
 
-class Planner:
-    """Streams archived records against a live target in batches."""
+class _Checker:
+    """Checks, while planning, what replay will hand the target: the key (ZooKeeper paths
+    have rules), the metadata, and ZooKeeper ACLs (asking the target about schemes only it
+    can judge). Raises a one-line error naming the key; never shows a value or an ACL id."""
 
-    def __init__(self, session: SourceSession, source_service: str, out: Any, plan: Plan) -> None:
+    def __init__(self, session: SourceSession, source_service: str, target: SourceBlock) -> None:
+        self.source = source_service
+        self.target = target.service
+        self.label = target.describe()
+        self.zk = target.service == "zookeeper"
+        self.acls = self.zk and source_service == "zookeeper"
+        # metadata_problem has rules of its own for a restore into the same service, else it
+        # only looks for the planner's mark
+        self.meta_rules = source_service == target.service != "zookeeper"  # (ZooKeeper's: the ACL)
+        self._ask = getattr(session, "acl_accepted", None)
+        self._acl_ok: set[Any] = set()  # ACLs found fine (most nodes share a handful)
+        self._last_acl: Any = None  # ... and runs of nodes share one
+        self._asked: dict[tuple[str, str], bool] = {}
+
+    def path_ok(self, key: bytes) -> bool:
+        return not self.zk or zookeeper_path_problem(key) is None
+
+    def check(self, key: bytes, meta: dict[str, Any]) -> None:
+        if self.zk:
+            problem = zookeeper_path_problem(key)
+            if problem:
+                raise SourceError(
+                    f"{display_key(key)} cannot be restored into ZooKeeper at {self.label}: {problem}; "
+                    "nothing was written"
+                )
+        if not meta:
+            return
+        if self.meta_rules or "intermediate" in meta:
+            self._check_meta(key, meta)
+        if self.acls:
+            acl = meta.get("acl")
+            if acl is not None and acl != self._last_acl:
+                self._check_acl(key, acl)
+                self._last_acl = acl
+
+    def _check_meta(self, key: bytes, meta: dict[str, Any]) -> None:
+        problem = metadata_problem(meta, self.source, self.target)
+        if problem:
+            raise ArchiveError(
+                f"the archived metadata of {display_key(key)} is malformed: {problem}; nothing was written"
+            )
+
+    def _check_acl(self, key: bytes, acl: Any) -> None:
+        try:
+            seen: Any = tuple(map(tuple, acl))
+            if seen in self._acl_ok:
+                return
+        except TypeError:
+            seen = None
+        problem = zookeeper_acl_problem(acl, self._accepted if self._ask else None)
+        if problem:
+            raise SourceError(
+                f"the archived ACL of {display_key(key)} cannot be restored into ZooKeeper at {self.label}: "
+                f"{problem}; nothing was written"
+            )
+        if seen is not None and len(self._acl_ok) < _CHECK_CACHE:
+            self._acl_ok.add(seen)
+
+    def _accepted(self, scheme: str, ident: str) -> bool:
+        ok = self._asked.get((scheme, ident))
+        if ok is None:
+            ok = bool(self._ask(scheme, ident))  # type: ignore[misc]
+            if len(self._asked) < _CHECK_CACHE:
+                self._asked[(scheme, ident)] = ok
+        return ok
+
+
+# ---------------------------------------------------------------------------- flat stores
+
+
+class _FlatPlanner:
+    """Plans a flat store (no parents): records in archive order, looked up in batches."""
+
+    def __init__(self, session: SourceSession, out: BinaryIO, plan: Plan) -> None:
         self.session = session
-        self.source_service = source_service
         self.out = out
         self.plan = plan
-        self.known = _Known()
+        self.batch: list[Record] = []
 
-    def _ancestors(self, key: bytes, batch_keys: set[bytes]) -> list[bytes]:
-        """Missing-or-unknown ancestors of ``key`` not in this batch, top-down."""
-        chain = []
-        parent = self.session.parent_key(key)
-        while parent is not None and parent not in batch_keys and self.known.get(parent) is None:
-            chain.append(parent)
-            parent = self.session.parent_key(parent)
-        chain.reverse()
-        return chain
+    def add(self, record: Record) -> None:
+        self.batch.append(record)
+        if len(self.batch) >= BATCH:
+            self.flush()
 
-    def run_batch(self, records: list[Record]) -> None:
-        batch_keys = {r.key for r in records}
-        items: list[tuple[Record, bool]] = []  # (record, is_intermediate)
-        seen_intermediate: set[bytes] = set()
-        seen: set[bytes] = set()
-        for r in records:
-            # A record marked intermediate (a folder key folded onto its directory's node)
-            # only needs its key to exist: skip it when the key is already planned or known.
-            marked = bool(r.meta.get("intermediate"))
-            if marked and (r.key in seen or r.key in seen_intermediate or self.known.get(r.key) is not None):
-                continue
-            for a in self._ancestors(r.key, batch_keys):
-                if a not in seen_intermediate:
-                    seen_intermediate.add(a)
-                    items.append((Record(a, b"", {"intermediate": True}), True))
-            seen.add(r.key)
-            items.append((r, marked))
-        # A key whose parent is known to be missing is missing too: no need to ask.
-        need = []
-        for r, _ in items:
-            parent = self.session.parent_key(r.key)
-            if parent is None or self.known.get(parent) != MISSING:
-                need.append(r.key)
-        found = dict(zip(need, self.session.lookup(need), strict=True)) if need else {}
+    def flush(self) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
         plan = self.plan
-        for r, intermediate in items:
-            current = found.get(r.key)  # keys not looked up sit below a missing parent
+        found = self.session.lookup([r.key for r in batch])
+        for r, current in zip(batch, found, strict=True):
             if current is None:
-                self.known.set(r.key, MISSING)
-                if intermediate:
-                    plan.intermediate += 1
-                else:
-                    plan.to_create += 1
+                plan.to_create += 1
                 if len(plan.create_paths) < LIST_LIMIT:
-                    plan.create_paths.append(display_key(r.key) + (" (intermediate)" if intermediate else ""))
+                    plan.create_paths.append(display_key(r.key))
                 self.out.write(encode_record(r))
             else:
-                self.known.set(r.key, PRESENT)
-                if intermediate:
-                    continue
-                if current == r.value:
-                    plan.identical += 1
+                plan.compare(r.key, r.value, current)
+
+
+# ---------------------------------------------------------------------------- trees
+
+
+def _sort_line(key: bytes, rank: int, seq: int, body: bytes) -> bytes:
+    """One line of the sort: plain byte order of these lines is path order, component by
+    component (``/`` becomes 0x01, the key ends with 0x00: valid ZooKeeper paths hold
+    neither), then rank, then archive order."""
+    return b"%b\x00%d%012d%b" % (key.replace(b"/", b"\x01"), rank, seq, body)
+
+
+class _Sorter:
+    """A bounded external sort of byte lines (each ends with a newline)."""
+
+    def __init__(self, workdir: Path, run_bytes: int) -> None:
+        self.workdir = workdir
+        self.run_bytes = run_bytes
+        self.lines: list[bytes] = []
+        self.size = 0
+        self.runs: list[Path] = []
+        self.readers: list[BinaryIO] = []
+
+    def add(self, line: bytes) -> None:
+        self.lines.append(line)
+        self.size += len(line) + 48  # (a bytes object and its list slot cost about 48 bytes more)
+        if self.size >= self.run_bytes:
+            self._spill()
+
+    def _spill(self) -> None:
+        self.lines.sort()
+        path = self.workdir / f"plan-run-{len(self.runs):05d}.sealed"
+        self.runs.append(path)
+        with scratch_writes("restore plan", self.workdir), open_spool_writer(path) as out:
+            out.writelines(self.lines)
+        self.lines, self.size = [], 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        if not self.runs:
+            self.lines.sort()
+            lines, self.lines = self.lines, []
+            return iter(lines)
+        if self.lines:
+            self._spill()
+        self.readers = [open_spool_reader(p) for p in self.runs]
+        return heapq.merge(*self.readers)
+
+    def close(self) -> None:
+        self.lines = []
+        for r in self.readers:
+            r.close()
+        for p in self.runs:
+            discard_spool(p)
+
+
+# A node of the path from the top of the tree to the key being planned, as a list (the
+# planner makes one per record): its key, its rank (SELECTED, FOLDER, OUTSIDE, or GAP: no
+# record holds it), its record line (OUTSIDE: as archived, not yet prepared) and its state
+# (MISSING or PRESENT once known, else None).
+_KEY, _RANK, _BODY, _STATE = range(4)
+
+_LABEL = {
+    CREATE: "", FOLDED: " (intermediate)", GAP: " (intermediate)", PARENT: " (parent, from the archive)",
+}
+
+
+class _TreePlanner:
+    """Plans a tree from records sorted by path (see _sort_line).
+
+    In that order a node comes right before its subtree, so ``stack`` (the current key's
+    ancestors, top first) tells everything about its parents. Records landing on one key
+    come together, best rank first: the first one decides, a later archived key (a
+    collision, etcd ``x`` and ``/x``) is identical or a conflict, and a later folder key
+    or outside record adds nothing. A record outside the selection (``--subtree``) waits
+    on the stack and is planned only when a selected key below it needs its parent; a level
+    no record holds is planned as an empty intermediate node. A node below a missing one is
+    missing too: only the others are looked up, a batch at a time.
+    """
+
+    def __init__(
+        self, session: SourceSession, out: BinaryIO, plan: Plan, checker: _Checker, source_service: str
+    ) -> None:
+        self.session = session
+        self.out = out
+        self.plan = plan
+        self.checker = checker
+        self.source_service = source_service
+        self.stack: list[list[Any]] = []
+        self.planned = 0  # stack[:planned] are planned
+        self.batch: list[tuple[int, list[Any], bytes]] = []
+
+    def add(self, line: bytes) -> None:
+        cut = line.index(b"\x00")
+        key = line[:cut].replace(b"\x01", b"/")
+        rank = line[cut + 1] - 48
+        body = line[cut + 14 :]
+        stack = self.stack
+        while stack:
+            top = stack[-1][_KEY]
+            n = len(top)
+            if key.startswith(top) and (len(key) == n or key[n] == 47):  # 47: "/"
+                break
+            stack.pop()
+        if self.planned > len(stack):
+            self.planned = len(stack)
+        if stack and stack[-1][_KEY] == key:
+            if rank == SELECTED:  # a second archived key on a planned one: never created
+                self.batch.append((DUP, stack[-1], body))
+                if len(self.batch) >= BATCH:
+                    self.flush()
+            return
+        cut = key.rfind(b"/")
+        parent = key[:cut] if cut > 0 else None
+        if parent is not None and (not stack or parent != stack[-1][_KEY]):
+            base = stack[-1][_KEY] if stack else None
+            gaps = []
+            while parent is not None and parent != base:
+                gaps.append(parent)
+                cut = parent.rfind(b"/")
+                parent = parent[:cut] if cut > 0 else None
+            for g in reversed(gaps):
+                stack.append([g, GAP, None, None])
+        node = [key, rank, body, None]
+        stack.append(node)
+        if rank == OUTSIDE:
+            return
+        batch = self.batch
+        last = len(stack) - 1
+        if self.planned == last and rank == SELECTED:  # the usual case: every parent is planned
+            if last and stack[last - 1][_STATE] == MISSING:
+                node[_STATE] = MISSING  # below a missing parent: missing too, no need to ask
+            batch.append((CREATE, node, body))
+            self.planned = last + 1
+            if len(batch) >= BATCH:
+                self.flush()
+            return
+        for i in range(self.planned, len(stack)):
+            node = stack[i]
+            r = node[_RANK]
+            if r == SELECTED:
+                kind = CREATE
+            elif r == FOLDER:
+                kind = FOLDED
+            elif r == OUTSIDE:
+                kind, node[_BODY] = PARENT, self._outside_parent(node[_BODY])
+            else:
+                kind, node[_BODY] = GAP, encode_record(Record(node[_KEY], b"", {"intermediate": True}))
+            if i and stack[i - 1][_STATE] == MISSING:
+                node[_STATE] = MISSING  # below a missing parent: missing too, no need to ask
+            batch.append((kind, node, node[_BODY]))
+        self.planned = len(stack)
+        if len(batch) >= BATCH:
+            self.flush()
+
+    def _outside_parent(self, body: bytes) -> bytes:
+        """The record of a parent the archive holds outside the selection: checked and
+        prepared like any other, and marked: it only needs to exist."""
+        rec = decode_record(body)
+        self.checker.check(rec.key, rec.meta)
+        prepared, dropped = self.session.prepare(rec, self.source_service)
+        self.plan.dropped(dropped)
+        prepared.meta["intermediate"] = True
+        return encode_record(prepared)
+
+    def flush(self) -> None:
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        need = [node[_KEY] for _, node, _ in batch if node[_STATE] != MISSING]
+        found = dict(zip(need, self.session.lookup(need), strict=True)) if need else {}
+        plan = self.plan
+        paths = plan.create_paths
+        creates: list[bytes] = []
+        for kind, node, body in batch:
+            current = None if node[_STATE] == MISSING else found.get(node[_KEY])
+            if kind == DUP:
+                if current is None:  # the first record on this key is about to create it
+                    current = decode_record(node[_BODY]).value
+                plan.compare(node[_KEY], decode_record(body).value, current)
+            elif current is None:
+                node[_STATE] = MISSING
+                if kind == CREATE:
+                    plan.to_create += 1
                 else:
-                    plan.conflicts += 1
-                    if len(plan.conflict_paths) < LIST_LIMIT:
-                        plan.conflict_paths.append(display_key(r.key))
+                    plan.intermediate += 1
+                if len(paths) < LIST_LIMIT:
+                    paths.append(display_key(node[_KEY]) + _LABEL[kind])
+                creates.append(body)
+            else:
+                node[_STATE] = PRESENT
+                if kind == CREATE:
+                    plan.compare(node[_KEY], decode_record(body).value, current)
+                # a parent (intermediate, folder key, outside the selection) only needs to exist
+        self.out.writelines(creates)
+
+
+# ---------------------------------------------------------------------------- the stage
 
 
 @gc_paused
@@ -148,39 +411,61 @@ def plan_restore(
     ops_path = workdir / "plan.jsonl"
     plan = Plan(ops_path=str(ops_path), target=target.describe())
     session = target.connect()
+    sorter = _Sorter(workdir, RUN_BYTES)
     try:
-        fd = os.open(ops_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(archive_path, "rb") as f, os.fdopen(fd, "wb") as out:
+        tree = session.parent_key(b"/a/b") is not None
+        with open(archive_path, "rb") as f, open_spool_writer(ops_path) as out:  # sealed: no plaintext on disk
             reader = ArchiveReader(f)
             source_service = reader.manifest["service"]
-            planner = Planner(session, source_service, out, plan)
-            batch: list[Record] = []
+            checker = _Checker(session, source_service, target)
+            flat = None if tree else _FlatPlanner(session, out, plan)
+            # Outside --subtree, only keys that may be parents of selected ones are kept.
+            outside = tree and mapper.subtree is not None
+            roots = mapper.selection_roots(source_service, target.service) if outside else None
             with progress.stage("plan", total=reader.manifest.get("keys")) as advance:
-                for rec in reader.records(decryptor):
+                for seq, rec in enumerate(reader.records(decryptor)):
                     advance(1)
-                    key = mapper(rec.key)
-                    if key is None:
+                    mapped = mapper(rec.key)
+                    if mapped is None:
                         plan.outside_subtree += 1
+                        if outside and (renamed := mapper.rename(rec.key)) is not None:
+                            key = translate(renamed, source_service, target.service)
+                            if (roots is None or related(key, roots)) and checker.path_ok(key):
+                                body = encode_record(Record(key, rec.value, rec.meta))
+                                sorter.add(_sort_line(key, OUTSIDE, seq, body))
                         continue
-                    mapped, key = key, translate(key, source_service, target.service)
+                    key = translate(mapped, source_service, target.service)
+                    checker.check(key, rec.meta)
                     prepared, dropped = session.prepare(Record(key, rec.value, rec.meta), source_service)
+                    plan.dropped(dropped)
+                    rank = SELECTED
                     if not prepared.value and folded_folder(mapped, key):
                         prepared.meta["intermediate"] = True
-                    for d in dropped:
-                        plan.dropped_metadata[d] = plan.dropped_metadata.get(d, 0) + 1
-                    batch.append(prepared)
-                    if len(batch) >= BATCH:
-                        planner.run_batch(batch)
-                        batch = []
-                if batch:
-                    planner.run_batch(batch)
+                        rank = FOLDER
+                    if flat is not None:
+                        flat.add(prepared)
+                    else:
+                        sorter.add(_sort_line(key, rank, seq, encode_record(prepared)))
+            if flat is not None:
+                flat.flush()
+            else:
+                planner = _TreePlanner(session, out, plan, checker, source_service)
+                for line in sorter:
+                    planner.add(line)
+                planner.flush()
+        plan_warnings = getattr(session, "plan_warnings", None)  # ZooKeeper: parents it may not create under
+        if plan_warnings is not None:
+            plan.warnings = plan_warnings()
     finally:
+        sorter.close()
         session.close()
     plan.seconds = time.monotonic() - started
     log.info(
         "plan: %d to create (+%d intermediate), %d identical, %d conflicts, %d outside subtree, in %.2fs",
         plan.to_create, plan.intermediate, plan.identical, plan.conflicts, plan.outside_subtree, plan.seconds,
     )
+    for warning in plan.warnings:
+        log.warning("plan: %s", warning)
     for name, n in sorted(plan.dropped_metadata.items()):
         log.warning("plan: %s cannot be carried over to %s for %d keys", name, target.service, n)
     return plan

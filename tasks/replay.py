@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +17,7 @@ from burrow import progress
 from burrow.perf import gc_paused
 from burrow.records import Record, display_key, read_records
 from burrow.runlog import logger
+from burrow.staging import open_spool_reader
 from tasks.plan import LIST_LIMIT, Plan
 
 BATCH = 20_000  # records handed to the target at once (it pipelines them in transactions)
@@ -31,6 +33,7 @@ class Replayed:
     identical: int = 0
     conflicts: int = 0
     conflict_paths: list[str] = field(default_factory=list)
+    target_report: dict[str, Any] = field(default_factory=dict)  # e.g. ZooKeeper's ACL counts and lists
     seconds: float = 0.0
 
 
@@ -44,7 +47,7 @@ def replay_plan(plan: Plan, target: SourceBlock) -> Replayed:
     try:
         session.ensure_root()
         total = plan.to_create + plan.intermediate
-        with open(plan.ops_path, "rb") as f, progress.stage(f"restore into {plan.target}", total=total) as advance:
+        with open_spool_reader(plan.ops_path) as f, progress.stage(f"restore into {plan.target}", total=total) as advance:
             batch: list[Record] = []
             size = 0
             for rec in read_records(f):
@@ -57,6 +60,9 @@ def replay_plan(plan: Plan, target: SourceBlock) -> Replayed:
             if batch:
                 _apply(session, batch, done)
                 advance(len(batch))
+        finish = getattr(session, "finish", None)  # ZooKeeper: archived ACLs set once the children exist
+        if finish is not None:
+            done.target_report = finish()
     finally:
         session.close()
     done.seconds = time.monotonic() - started

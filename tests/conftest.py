@@ -77,6 +77,19 @@ def prefect_server() -> Iterator[str]:
         proc.kill()
 
 
+@pytest.fixture(autouse=True)
+def _registered_blocks_stay_in_their_test() -> Iterator[None]:
+    """``blocks.resolve.register`` keeps a configured block for the process, keyed by its
+    credential-free URL: a block a test registers (say, with digest credentials for zk_b) must
+    not answer for the plain ``zk://host`` URL in later tests."""
+    from blocks import resolve
+
+    saved = dict(resolve._registered)
+    yield
+    resolve._registered.clear()
+    resolve._registered.update(saved)
+
+
 def _session_server(name: str, start: Callable[[Path], LocalServer]) -> Any:
     """A session-scoped fixture ``name`` running one real server (it fails, never skips)."""
 

@@ -92,11 +92,11 @@ def test_subtree_and_map(archive, zk_b):
     url, root, source = archive
     s = restore(archive=url, into=f"zk://{zk_b.url}", subtree=root + "/a", maps=[f"{root}={root}-mapped"])
     assert s["created"] == 3 and s["outside_subtree"] == len(source) - 3
-    assert s["intermediate_created"] == 1  # the mapped root, created empty so /a has a parent
+    assert s["intermediate_created"] == 1  # the mapped root, so /a has a parent: with its archived value
     with kazoo(zk_b.url) as c:
         got = snapshot(c, root + "-mapped")
     assert got == {
-        root + "-mapped": b"",
+        root + "-mapped": b"root",
         root + "-mapped/a": b"alpha",
         root + "-mapped/a/x": b"x-data",
         root + "-mapped/a/x/deep": b"\x00\xff",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from kazoo.security import OPEN_ACL_UNSAFE, make_acl, make_digest_acl
+from kazoo.security import make_acl, make_digest_acl
 from pydantic import SecretStr
 from zkutil import kazoo, unique_root
 
@@ -157,7 +157,7 @@ def test_backup_manifest_records_counts_zxid_and_name(zk_a, store):
 
 def test_redacted_acls_are_reported_and_never_restored_verbatim(zk_a, zk_b, store):
     """The backup user may READ the node but not ADMIN it: ZooKeeper hides the digest
-    hashes (user:x). The backup warns; the restore gives the node the default ACL."""
+    hashes (user:x). The backup warns; the restore gives the node to the restoring identity only."""
     from flows.backup import backup
     from flows.restore import restore
 
@@ -185,14 +185,18 @@ def test_redacted_acls_are_reported_and_never_restored_verbatim(zk_a, zk_b, stor
     assert locked.value == secret and locked.meta.get("acl_redacted") is True
     assert {e[2] for e in locked.meta["acl"]} == {"backup:x", "admin:x"}
 
-    r = restore(archive=s["url"], into=f"zk://{zk_b.url}")
+    into = "walk-restorer-" + root.strip("/")  # saved, not registered: the plain zk_b URL stays anonymous
+    ZooKeeperCluster(hosts=[zk_b.url], digest_user="backup", digest_password=SecretStr("backup-pw")).save(into)
+    r = restore(archive=s["url"], into=into)
     assert r["created"] == 4 and r["conflicts"] == 0
     assert r["metadata_not_carried"] == {"acl (redacted by the source)": 1}
-    with kazoo(zk_b.url) as c:
+    assert r["acl_restricted_paths"] == [root + "/locked (archived ACL redacted)"]
+    with kazoo(zk_b.url, auth=("backup", "backup-pw")) as c:
         data, _ = c.get(root + "/locked")
         acl, _ = c.get_acls(root + "/locked")
     assert data == secret
-    assert list(acl) == list(OPEN_ACL_UNSAFE)  # the target block's default ACL, not "digest backup:x"
+    # only the restoring identity: never the target's world:anyone, never "digest backup:x"
+    assert list(acl) == [make_digest_acl("backup", "backup-pw", all=True)]
     with kazoo(zk_b.url, auth=("backup", "backup-pw")) as c:
         acl, _ = c.get_acls(root + "/adminable")
     assert sorted(acl) == sorted(full_acl)
