@@ -6,7 +6,8 @@ Starts two local ZooKeeper servers (burrow.testing.servers), seeds N znodes in a
 (N / fanout) x fanout tree under /bench with fixed-size values, then measures, each phase
 in its own child process so that its peak RSS is its own (os.wait4 rusage):
 
-* backup:  extract_records + compress_spool (walk the live tree, spool, zstd) -> znodes/s
+* backup:  extract_records + compress_spool (walk the live tree, sealed spool, zstd) -> znodes/s,
+           in a staging directory whose disk use is measured after each stage (peak scratch disk)
 * restore: plan_restore + replay_plan into the second, empty server          -> znodes/s
 
 With ``--flows`` it also starts a Prefect server and times the full ``backup`` and
@@ -114,21 +115,33 @@ def znode_count(hosts: str) -> int:
 # --------------------------------------------------------------------------- phases (child processes)
 
 
+def disk_use(d: Path) -> int:
+    """Bytes of disk the files below ``d`` take (allocated blocks)."""
+    return sum(p.stat().st_blocks * 512 for p in d.rglob("*") if p.is_file())
+
+
 def phase_backup(hosts: str, workdir: Path) -> dict:
     from blocks.zookeeper import ZooKeeperCluster
+    from burrow.staging import discard_spool, staging_dir
     from tasks.compress import compress_spool
     from tasks.extract import extract_records
 
     source = ZooKeeperCluster(hosts=[hosts])
-    t0 = time.monotonic()
-    ex = extract_records(source, "/bench", workdir)
-    t1 = time.monotonic()
-    comp = compress_spool(ex, workdir / "bench.burrow", source_name="bench", level=3)
-    t2 = time.monotonic()
-    os.unlink(ex.spool)
+    with staging_dir(parent=str(workdir)) as work:  # as the backup flow does
+        t0 = time.monotonic()
+        ex = extract_records(source, "/bench", work)
+        t1 = time.monotonic()
+        after_extract = disk_use(work)
+        comp = compress_spool(ex, work / "bench.burrow", source_name="bench", level=3)
+        t2 = time.monotonic()
+        after_compress = disk_use(work)
+        spool_bytes = Path(ex.spool).stat().st_size
+        discard_spool(ex.spool)
+        os.replace(comp.path, workdir / "bench.burrow")
     return {
         "keys": ex.keys, "extract_s": t1 - t0, "compress_s": t2 - t1, "seconds": t2 - t0,
-        "archive_bytes": comp.size, "raw_bytes": ex.raw_bytes,
+        "archive_bytes": comp.size, "raw_bytes": ex.raw_bytes, "content_bytes": ex.content_bytes,
+        "spool_bytes": spool_bytes, "scratch_peak": max(after_extract, after_compress),
     }
 
 
@@ -237,6 +250,8 @@ def main() -> int:
                     label, bk["keys"], bk["seconds"], bk_rss, BACKUP_TARGET,
                     f"walk {bk['extract_s']:.2f}s, zstd {bk['compress_s']:.2f}s, "
                     f"{bk['raw_bytes'] / 1e6:.1f} MB raw -> {bk['archive_bytes'] / 1e6:.2f} MB; "
+                    f"scratch disk peak {bk['scratch_peak'] / 1e6:.1f} MB (sealed spool "
+                    f"{bk['spool_bytes'] / 1e6:.1f} MB + archive); "
                     f"CPU: burrow {bk_cpu:.1f}s (with imports), ZooKeeper {bk_zk:.1f}s",
                 ))
             print(f"backup pass {i + 1}: {bk['keys'] / bk['seconds']:,.0f} znodes/s", flush=True)

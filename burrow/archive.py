@@ -12,6 +12,11 @@ Skippable frames are ignored by every zstd decoder, so an unencrypted archive re
 ``zstd -dc archive.burrow``. The footer has a fixed size, so a reader finds the manifest
 from the end without scanning. The manifest is written last: a file without a valid footer
 is truncated, never mistaken for a complete archive.
+
+A reader is bounded whatever the bytes it is given (docs/FORMAT.md, "Bounds"): the header,
+the manifest, every record line, the zstd window, and the ratio of the record stream to the
+stored body all have hard limits, checked before the bytes they cover are buffered, so a
+crafted archive is refused in constant memory and in time proportional to its size.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import orjson
 import zstandard
 
 from burrow.errors import ArchiveError
-from burrow.records import Record, decode_record, encode_record
+from burrow.records import MAX_LINE_BYTES, Record, RecordTooLarge, decode_record, encode_record
 from burrow.version import __version__
 
 FORMAT_NAME = "burrow-archive"
@@ -40,19 +45,45 @@ HEADER_PREFIX = b"BURROW\n"
 FOOTER_PREFIX = b"BURROW-END "
 FOOTER_DATA_LEN = len(FOOTER_PREFIX) + 16 + 1 + 16 + 1
 FOOTER_LEN = 8 + FOOTER_DATA_LEN
+PADDING_MAGIC = 0x184D2A5E
 FRAME_HEADER = struct.Struct("<II")
-MAX_META_FRAME = 16 * 1024 * 1024
+#: The largest header frame payload (64 stanzas take about 16 KiB).
+MAX_HEADER_BYTES = 64 * 1024
+#: The largest manifest frame payload (a manifest is usually under 2 KiB; warnings are capped).
+MAX_MANIFEST_BYTES = 1024 * 1024
+#: The record stream may be at most CONTENT_ALLOWANCE + MAX_RATIO x the stored body: a writer
+#: pads the body (a skippable frame) when its stream compresses better than that, and a reader
+#: refuses an archive whose manifest claims more, and stops as soon as the stream holds more
+#: than the manifest says. Rejecting a crafted archive costs time in proportion to its size.
+MAX_RATIO = 1024
+CONTENT_ALLOWANCE = 4 * 1024 * 1024
+#: The largest zstd window a reader accepts (what level 22 uses); the writer's levels 1-22 fit.
+MAX_WINDOW = 1 << 27
 READ_CHUNK = 1 << 20
 DEFAULT_LEVEL = 3
+MANIFEST_DIGEST_PREFIX = b"burrow/v1/manifest-sha256\x00"
 
 
 def _frame(magic: int, data: bytes) -> bytes:
     return FRAME_HEADER.pack(magic, len(data)) + data
 
 
+def min_body_bytes(content_bytes: int) -> int:
+    """The smallest stored body the format allows for a record stream of ``content_bytes``."""
+    return max(0, -(-(content_bytes - CONTENT_ALLOWANCE) // MAX_RATIO))
+
+
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON (sorted keys) used for everything that is hashed or MACed."""
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The manifest's own checksum (``manifest_sha256``): SHA-256 over its canonical form
+    without ``manifest_sha256`` and ``manifest_mac``. It catches accidents (a flipped bit in an
+    unencrypted archive's manifest), not forgery: the manifest MAC does that."""
+    rest = {k: v for k, v in manifest.items() if k not in ("manifest_sha256", "manifest_mac")}
+    return hashlib.sha256(MANIFEST_DIGEST_PREFIX + canonical_json(rest)).hexdigest()
 
 
 class BodyEncryptor(Protocol):
@@ -110,6 +141,23 @@ class _HashingWriter(io.RawIOBase):
         return len(data)
 
 
+class _CountingWriter(io.RawIOBase):
+    """Counts the bytes on their way to ``sink`` (never closes it)."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = self.sink.write(b)
+        n = len(b) if n is None else n
+        self.count += n
+        return n
+
+
 class _BoundedHashingReader(io.RawIOBase):
     """Reads exactly ``length`` bytes of ``source`` and hashes them."""
 
@@ -164,8 +212,13 @@ class ArchiveWriter:
             "service": service,
             "compression": {"algorithm": "zstd", "level": level},
             "encryption": encryptor.header_params() if encryptor else None,
+            # The manifest carries manifest_sha256; the header (hashed in the manifest) says so,
+            # so that a reader requires it and a damaged field name cannot pass for an old archive.
+            "manifest_checksum": "sha256",
         }
         self.header_bytes = canonical_json(header)
+        if len(self.header_bytes) + len(HEADER_PREFIX) + 1 > MAX_HEADER_BYTES:
+            raise ArchiveError(f"the archive header would be larger than {MAX_HEADER_BYTES} bytes (too many recipients?)")
         out.write(_frame(HEADER_MAGIC, HEADER_PREFIX + self.header_bytes + b"\n"))
         self.body_start = 8 + len(HEADER_PREFIX) + len(self.header_bytes) + 1
         self._body = _HashingWriter(out)
@@ -174,6 +227,8 @@ class ArchiveWriter:
         if encryptor is not None:
             self._enc_writer = encryptor.wrap_writer(self._body)  # type: ignore[arg-type]
             target = self._enc_writer
+        self._compressed = _CountingWriter(target)  # the zstd stream, before any encryption
+        target = self._compressed
         cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
         self._zw = cctx.stream_writer(target, closefd=False, write_size=READ_CHUNK)
         self._content_sha = hashlib.sha256()
@@ -201,6 +256,15 @@ class ArchiveWriter:
         self._finished = True
         self._zw.flush(zstandard.FLUSH_FRAME)
         self._zw.close()
+        # A stream that compresses better than the format's ratio bound (zeros, repeated
+        # values) gets a padded body: skippable frames, which every zstd decoder skips.
+        zeros = b""
+        while (short := min_body_bytes(self.content_bytes) - self._compressed.count) > 0:
+            pad = min(max(0, short - FRAME_HEADER.size), 1 << 30)
+            self._compressed.write(FRAME_HEADER.pack(PADDING_MAGIC, pad))
+            zeros = zeros or bytes(min(pad, READ_CHUNK))
+            while pad > 0:
+                pad -= self._compressed.write(zeros[:pad])
         if self._enc_writer is not None:
             self._enc_writer.close()
         manifest: dict[str, Any] = {
@@ -219,11 +283,14 @@ class ArchiveWriter:
             "encrypted": self.encryptor is not None,
         }
         manifest.update(manifest_fields)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         body = canonical_json(manifest)
         if self.encryptor is not None:
             manifest["manifest_mac"] = self.encryptor.seal_manifest(body)
             body = canonical_json(manifest)
         manifest_offset = self.body_start + self._body.count
+        if len(body) + 2 > MAX_MANIFEST_BYTES:
+            raise ArchiveError(f"the archive manifest would be larger than {MAX_MANIFEST_BYTES} bytes")
         frame = _frame(MANIFEST_MAGIC, b"\n" + body + b"\n")
         self.out.write(frame)
         footer = FOOTER_PREFIX + b"%016x %016x\n" % (manifest_offset, len(frame))
@@ -251,8 +318,10 @@ class ArchiveReader:
             raise ArchiveError(f"{label} is not a Burrow archive (too short, possibly truncated)")
         f.seek(0)
         magic, hlen = FRAME_HEADER.unpack(_read_exact(f, 8, "header"))
-        if magic != HEADER_MAGIC or hlen > MAX_META_FRAME:
+        if magic != HEADER_MAGIC:
             raise ArchiveError(f"{label} is not a Burrow archive (bad header magic)")
+        if hlen > MAX_HEADER_BYTES or hlen > self.size - 8 - FOOTER_LEN:
+            raise ArchiveError(f"{label} has a header frame of {hlen} bytes, beyond the format's limit (corrupt)")
         hdata = _read_exact(f, hlen, "header")
         if not hdata.startswith(HEADER_PREFIX) or not hdata.endswith(b"\n"):
             raise ArchiveError(f"{label} has a malformed header")
@@ -278,6 +347,10 @@ class ArchiveReader:
             raise ArchiveError(f"{label} has a corrupt footer")
         if self.manifest_offset < self.body_start or self.manifest_offset + mframe_len != self.size - FOOTER_LEN:
             raise ArchiveError(f"{label} is truncated or has a corrupt footer")
+        if mframe_len > MAX_MANIFEST_BYTES + 8:
+            raise ArchiveError(
+                f"{label} has a manifest of {mframe_len} bytes, beyond the format's limit of {MAX_MANIFEST_BYTES}"
+            )
         f.seek(self.manifest_offset)
         mmagic, mlen = FRAME_HEADER.unpack(_read_exact(f, 8, "manifest"))
         if mmagic != MANIFEST_MAGIC or mlen + 8 != mframe_len:
@@ -294,6 +367,12 @@ class ArchiveReader:
         if mdata != b"\n" + canonical_json(self.manifest) + b"\n":
             # Writers emit canonical JSON only, so any edit that still parses is caught here.
             raise ArchiveError(f"{label} has a corrupt manifest (not in canonical form: edited?)")
+        check = self.header.get("manifest_checksum")
+        if check is not None:  # archives written before it have none
+            if check != "sha256":
+                raise ArchiveError(f"{label} has a corrupt header (unknown manifest checksum {str(check)[:20]!r})")
+            if self.manifest.get("manifest_sha256") != manifest_digest(self.manifest):
+                raise ArchiveError(f"{label} has a corrupt manifest (its checksum does not match)")
         self.body_length = self.manifest_offset - self.body_start
         self._bound: tuple[Any, BodyDecryptor] | None = None
 
@@ -320,14 +399,32 @@ class ArchiveReader:
             self._bound = (decryptor, bind(self.header.get("encryption"), self.label))
         return self._bound[1]
 
+    def check_downgrade(self, decryptor: BodyDecryptor | DecryptorFactory | None, *, allow_unencrypted: bool) -> None:
+        """Refuse an unencrypted archive when read keys are configured, unless allowed.
+
+        With keys configured, every genuine archive is encrypted; an unencrypted one is what
+        anyone who can write to the store could plant (with a forged source and time).
+        """
+        if self.encrypted or allow_unencrypted or not holds_keys(decryptor):
+            return
+        raise ArchiveError(
+            f"{self.label} is not encrypted, but read keys are configured: refusing it, as anyone who can "
+            "write to the store could have planted it (pass --allow-unencrypted to read it anyway)"
+        )
+
     def _check_unkeyed(self) -> None:
-        """The checks that need no key: header hash, body length, encryption flags agree."""
+        """The checks that need no key: header hash, body length, encryption flags agree,
+        and the decompression bound."""
         m = self.manifest
         try:
             expected_header = m["header_sha256"]
-            body_bytes = int(m["body_bytes"])
-        except (KeyError, TypeError, ValueError):
+            body_bytes = m["body_bytes"]
+            content_bytes = m["content_bytes"]
+            keys = m["keys"]
+        except KeyError:
             raise ArchiveError(f"{self.label} has an incomplete manifest") from None
+        if not all(type(v) is int and v >= 0 for v in (body_bytes, content_bytes, keys)):
+            raise ArchiveError(f"{self.label} has a malformed manifest (sizes and counts must be integers)")
         if bool(m.get("encrypted")) != self.encrypted:
             raise ArchiveError(f"{self.label}: manifest and header disagree about encryption (tampered)")
         if hashlib.sha256(self.header_bytes).hexdigest() != expected_header:
@@ -335,6 +432,11 @@ class ArchiveReader:
         if body_bytes != self.body_length:
             raise ArchiveError(
                 f"{self.label} body is {self.body_length} bytes but the manifest says {body_bytes} (corrupt or truncated)"
+            )
+        if body_bytes < min_body_bytes(content_bytes):
+            raise ArchiveError(
+                f"{self.label} claims {content_bytes} bytes of records from a {body_bytes}-byte body, beyond the "
+                f"format's bound of {MAX_RATIO}:1 (refused as a possible decompression bomb)"
             )
 
     def check_metadata(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> None:
@@ -381,9 +483,10 @@ class ArchiveReader:
             bound = self._decryptor(decryptor)
             assert bound is not None
             source = bound.wrap_reader(source)
-        dctx = zstandard.ZstdDecompressor()
+        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
         content_sha = hashlib.sha256()
         content_bytes = 0
+        expected = self.manifest["content_bytes"]  # an int: checked by check_metadata
         try:
             reader = dctx.stream_reader(source, read_across_frames=True, closefd=False)
             while True:
@@ -392,6 +495,11 @@ class ArchiveReader:
                     break
                 content_sha.update(chunk)
                 content_bytes += len(chunk)
+                if content_bytes > expected:
+                    raise ArchiveError(
+                        f"{self.label} body decompresses to more than the {expected} bytes its manifest records "
+                        "(corrupt, or a decompression bomb)"
+                    )
                 yield chunk
         except zstandard.ZstdError as exc:
             raise ArchiveError(f"{self.label} body is corrupt (decompression failed: {exc})") from None
@@ -405,16 +513,33 @@ class ArchiveReader:
             raise ArchiveError(f"{self.label} content checksum mismatch (corrupt or tampered)")
 
     def records(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> Iterator[Record]:
-        """Yield every record; the checksums are checked when the stream ends."""
-        pending = b""
+        """Yield every record; the checksums are checked when the stream ends.
+
+        A line longer than MAX_LINE_BYTES, or more records than the manifest's count, is
+        refused as soon as it is seen, before more of it is buffered.
+        """
+        pending = bytearray()  # the start of a line that continues in the next chunk
         count = 0
+        expected = self.manifest.get("keys")  # an int once iter_content has yielded (check_metadata)
         for chunk in self.iter_content(decryptor):
-            pending += chunk
-            lines = pending.split(b"\n")
-            pending = lines.pop()
+            lines = chunk.split(b"\n")
+            tail = lines.pop()
+            if lines and pending:
+                pending += lines[0]
+                lines[0] = bytes(pending)
+                pending = bytearray()
+            if len(lines) + count > expected:
+                raise ArchiveError(
+                    f"{self.label} holds more records than the {expected} its manifest records (corrupt)"
+                )
             for line in lines:
+                if len(line) >= MAX_LINE_BYTES:
+                    raise self._long_line()
                 count += 1
                 yield decode_record(line + b"\n")
+            pending += tail
+            if len(pending) >= MAX_LINE_BYTES:
+                raise self._long_line()
         if pending:
             raise ArchiveError(f"{self.label} record stream ends in the middle of a record (corrupt)")
         if count != self.manifest.get("keys"):
@@ -422,9 +547,22 @@ class ArchiveReader:
                 f"{self.label} holds {count} records but the manifest says {self.manifest.get('keys')} (corrupt)"
             )
 
+    def _long_line(self) -> RecordTooLarge:
+        return RecordTooLarge(
+            f"{self.label} holds a record line longer than the format's limit of {MAX_LINE_BYTES} bytes (corrupt)"
+        )
+
     def validate(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> int:
         """Read the whole archive and check everything; return the record count."""
         n = 0
         for _ in self.records(decryptor):
             n += 1
         return n
+
+
+def holds_keys(decryptor: BodyDecryptor | DecryptorFactory | None) -> bool:
+    """True when a reader was given keys: a decryptor, or a keyring holding at least one key."""
+    if decryptor is None:
+        return False
+    keyring = getattr(decryptor, "keyring", None)
+    return True if keyring is None else bool(keyring)

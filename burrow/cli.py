@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--subtree", help="restore only this path and below")
     r.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
     _add_read_keys(r)
+    r.add_argument(
+        "--allow-unencrypted", action="store_true",
+        help="read an unencrypted archive even though read keys are configured (by default it is refused: "
+        "anyone who can write to the store could have planted it)",
+    )
 
     f = sub.add_parser("failover", help="rebuild a cluster from the newest archive of a source that verifies")
     f.add_argument("source", help="the source name recorded in the archives (backup --name)")
@@ -123,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
     f.add_argument("--candidates", type=int, default=5, help="how many of the newest archives to try (default 5)")
     _add_read_keys(f)
+    f.add_argument(
+        "--allow-unencrypted", action="store_true",
+        help="read an unencrypted archive even though read keys are configured (by default it is refused: "
+        "anyone who can write to the store could have planted it)",
+    )
 
     pr = sub.add_parser("prune", help="delete archives beyond a GFS retention policy (newest per source always kept)")
     pr.add_argument("store")
@@ -146,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="check framing, sizes and the body SHA-256 without a key (nothing decrypted or authenticated)",
     )
     _add_read_keys(v)
+    v.add_argument(
+        "--allow-unencrypted", action="store_true",
+        help="read an unencrypted archive even though read keys are configured (by default it is refused: "
+        "anyone who can write to the store could have planted it)",
+    )
 
     ls = sub.add_parser("list", help="list the complete archives in a store")
     ls.add_argument("store")
@@ -281,7 +296,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from flows.restore import restore
 
     summary = restore(
-        archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None, **refs
+        archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None,
+        allow_unencrypted=args.allow_unencrypted, **refs,
     )
     return _report_restore(summary, args.dry_run)
 
@@ -301,6 +317,18 @@ def _report_restore(summary: dict[str, Any], dry_run: bool) -> int:
         "conflicts", "outside_subtree", "metadata_not_carried",
     ]
     print(", ".join(f"{k}={summary[k]}" for k in keys if k in summary))
+    for w in summary.get("warnings") or []:
+        print(f"burrow: warning: {w}", file=sys.stderr)
+    if summary.get("acl_restricted"):
+        print(f"burrow: {summary['acl_restricted']} nodes were given an ACL only the restoring identity holds "
+              "(their archived ACL could not be used); re-apply the real ACL:", file=sys.stderr)
+        for p in summary.get("acl_restricted_paths") or []:
+            print(f"restricted {p}")
+    if summary.get("acl_not_applied"):
+        print(f"burrow: {summary['acl_not_applied']} nodes kept their restorer-only ACL because the archived ACL "
+              "could not be set after their children:", file=sys.stderr)
+        for p in summary.get("acl_not_applied_paths") or []:
+            print(f"acl-not-applied {p}")
     if summary.get("conflicts") and dry_run:
         # A dry run skipped nothing: it succeeded, and says what a restore would leave alone.
         print(f"burrow: {summary['conflicts']} existing keys differ from the archive and would be left as they are",
@@ -329,7 +357,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
     summary = failover(
         source=args.source, store=args.store, into=ref, dry_run=args.dry_run, subtree=args.subtree,
-        maps=args.map or None, max_candidates=args.candidates, **refs,
+        maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted, **refs,
     )
     print(f"failover from {summary['archive']} (created {summary['archive_created']})")
     return _report_restore(summary, args.dry_run)
@@ -374,7 +402,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _keyring(refs)
     from flows.verify import verify
 
-    summary = verify(archive=args.archive, structure_only=args.structure_only, **refs)
+    summary = verify(
+        archive=args.archive, structure_only=args.structure_only, allow_unencrypted=args.allow_unencrypted, **refs
+    )
     if args.structure_only:
         print(
             f"ok (structure only: nothing decrypted, manifest not authenticated): {summary['url']}: "

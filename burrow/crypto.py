@@ -248,6 +248,23 @@ class _DecryptingReader(io.RawIOBase):
         return n
 
 
+def stream_writer(sink: BinaryIO, key: bytes, nonce_prefix: bytes, chunk_size: int = DEFAULT_CHUNK) -> BinaryIO:
+    """A STREAM encryptor of everything written to it into ``sink`` under the 32-byte ``key``
+    (never reuse a key with the same ``nonce_prefix``); close() seals the final chunk and
+    leaves ``sink`` open. Archive bodies use it, and so do the sealed staging spools."""
+    if len(key) != 32 or len(nonce_prefix) != PREFIX_LEN:
+        raise ValueError("STREAM needs a 32-byte key and a 7-byte nonce prefix")
+    return _EncryptingWriter(sink, AESGCM(key), nonce_prefix, chunk_size)  # type: ignore[return-value]
+
+
+def stream_reader(
+    source: BinaryIO, key: bytes, nonce_prefix: bytes, chunk_size: int = DEFAULT_CHUNK, label: str = "stream"
+) -> BinaryIO:
+    """The reader of what :func:`stream_writer` wrote: raises ArchiveError (naming ``label``)
+    before it releases any byte of a chunk that fails authentication, or on truncation."""
+    return _DecryptingReader(source, AESGCM(key), nonce_prefix, chunk_size, label)  # type: ignore[return-value]
+
+
 def _subkeys(file_key: bytes, salt: bytes) -> tuple[bytes, bytes]:
     return _hkdf(file_key, salt, PAYLOAD_INFO), _hkdf(file_key, salt, MAC_INFO)
 

@@ -65,7 +65,7 @@ SCRYPT_LOG_N = 17  # 128 MiB, about a second: OWASP's minimum for scrypt
 SCRYPT_R = 8
 SCRYPT_P = 1
 SCRYPT_MIN_LOG_N = 10
-SCRYPT_MAX_LOG_N = 20  # never spend more than 1 GiB on a header someone else wrote
+SCRYPT_MAX_LOG_N = 18  # a header someone else wrote costs at most 256 MiB and ~2 s per archive (writers use 17)
 MAX_STANZAS = 64
 
 #: Environment variables that configure encryption when no flag, parameter or block does.

@@ -7,6 +7,10 @@ A record stream is JSON Lines. Each line is one object:
 ``k`` holds the key when it is valid UTF-8; otherwise the key is in ``k64`` as base64.
 Values are always base64, so any byte string (binary, empty, huge) round-trips exactly.
 This layer knows nothing of compression, encryption or storage.
+
+Lines are bounded (see docs/FORMAT.md, "Bounds"): a writer refuses a record whose key and
+value add up to more than :data:`MAX_RECORD_BYTES` or whose line is longer than
+:data:`MAX_LINE_BYTES`, and a reader refuses a longer line before it has buffered more.
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ from typing import Any, BinaryIO
 import orjson
 
 from burrow.errors import ArchiveError
+
+#: The largest key plus value one record may hold: above every service's own default value
+#: limit (ZooKeeper's jute.maxbuffer, 1 MiB; etcd's --max-request-bytes, 1.5 MiB, which etcd
+#: warns against raising above 10 MiB; Consul's kv_max_value_size, 512 KiB).
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+#: The longest record line, its newline included, that a writer emits and a reader accepts: a
+#: 16 MiB value in base64 is 21.3 MiB, which leaves 2.7 MiB for the key and the metadata.
+MAX_LINE_BYTES = 24 * 1024 * 1024
+
+
+class RecordTooLarge(ArchiveError):
+    """A record (or a line of a record stream) is beyond the format's bounds."""
 
 
 @dataclass(slots=True)
@@ -39,8 +55,19 @@ def display_key(key: bytes) -> str:
     return key.decode("utf-8", errors="backslashreplace")
 
 
+def _too_large(record: Record, size: int, what: str, limit: int) -> RecordTooLarge:
+    return RecordTooLarge(
+        f"key {display_key(record.key)[:200]!r} cannot be archived: its {what} is {size} bytes, above the "
+        f"archive format's limit of {limit} bytes (see docs/FORMAT.md, Bounds)"
+    )
+
+
 def encode_record(record: Record) -> bytes:
-    """Serialize one record as a JSON line (with trailing newline)."""
+    """Serialize one record as a JSON line (with trailing newline); raise RecordTooLarge when
+    it is beyond the format's bounds."""
+    size = len(record.key) + len(record.value)
+    if size > MAX_RECORD_BYTES:
+        raise _too_large(record, size, "key plus value", MAX_RECORD_BYTES)
     obj: dict[str, Any] = {}
     try:
         obj["k"] = record.key.decode("utf-8")
@@ -49,7 +76,10 @@ def encode_record(record: Record) -> bytes:
     obj["v"] = binascii.b2a_base64(record.value, newline=False).decode("ascii")
     if record.meta:
         obj["m"] = record.meta
-    return orjson.dumps(obj) + b"\n"
+    line = orjson.dumps(obj) + b"\n"
+    if len(line) > MAX_LINE_BYTES:
+        raise _too_large(record, len(line), "record line", MAX_LINE_BYTES)
+    return line
 
 
 def decode_record(line: bytes) -> Record:
@@ -79,8 +109,10 @@ def write_records(records: Iterable[Record], out: BinaryIO) -> int:
 
 
 def read_records(stream: BinaryIO) -> Iterator[Record]:
-    """Read records from a binary stream of JSON lines, one at a time."""
-    for line in stream:
+    """Read records from a binary stream of JSON lines, one at a time (lines are bounded)."""
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        if len(line) > MAX_LINE_BYTES:
+            raise RecordTooLarge(f"record stream holds a line longer than {MAX_LINE_BYTES} bytes (corrupt)")
         if not line.endswith(b"\n"):
             raise ArchiveError("record stream ends in the middle of a record (truncated archive)")
         yield decode_record(line)

@@ -54,9 +54,11 @@ def failover(
     passphrase_env: str | None = None,
     key_env: str | None = None,
     key_block: str | None = None,
+    allow_unencrypted: bool = False,
 ) -> dict[str, Any]:
     """Restore the newest verifiable archive of ``source`` (the source name recorded in the
-    manifests) from ``store`` into ``into``. Returns the run summary."""
+    manifests) from ``store`` into ``into``. Returns the run summary. When any read key is
+    configured, unencrypted archives are skipped (reported) unless ``allow_unencrypted``."""
     log = logger()
     summary: dict[str, Any] = {"status": "failed", "source": source, "dry_run": dry_run}
     lists: dict[str, list[str]] = {}
@@ -79,7 +81,7 @@ def failover(
             for row in candidates[: max(1, max_candidates)]:
                 try:
                     local = download(st, row["name"], str(work))
-                    manifest = validate(local, keys, label=row["url"])
+                    manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted)
                 except KeyMismatch:
                     raise
                 except ArchiveError as exc:

@@ -29,11 +29,13 @@ def verify(
     key_env: str | None = None,
     key_block: str | None = None,
     structure_only: bool = False,
+    allow_unencrypted: bool = False,
 ) -> dict[str, Any]:
     """Download ``archive`` and check it end to end. Returns the manifest summary.
 
     Keys are given as references, as for the restore flow. ``structure_only`` checks what
     needs no key (framing, header hash, sizes, body SHA-256, chunk layout) and decrypts nothing.
+    When any read key is configured, an unencrypted archive fails unless ``allow_unencrypted``.
     """
     summary: dict[str, Any] = {"status": "failed", "archive": archive}
 
@@ -49,7 +51,7 @@ def verify(
             if structure_only:
                 m = verify_structure_task(store, name, str(work))
             else:
-                m = verify_task(store, name, str(work), keys)
+                m = verify_task(store, name, str(work), keys, allow_unencrypted)
         summary.update(
             verified="structure-only" if structure_only else "full",
             decrypted_with=keys.opened_by if keys else None,

@@ -1,4 +1,5 @@
-"""Extract: walk a live cluster and spool its records to a private local file."""
+"""Extract: walk a live cluster and spool its records to a private local file, sealed under a
+key that lives only in this process's memory (burrow/staging.py): no plaintext reaches the disk."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from burrow.errors import should_retry
 from burrow.perf import gc_paused
 from burrow.records import encode_record
 from burrow.runlog import logger
+from burrow.staging import open_spool_writer, scratch_writes
 
 
 @dataclass
@@ -37,18 +39,23 @@ class Extracted:
 
 @gc_paused
 def extract_records(source: SourceBlock, root: str, workdir: Path) -> Extracted:
-    """Walk ``source`` below ``root`` and write every record to ``workdir``."""
+    """Walk ``source`` below ``root`` and write every record to a sealed spool in ``workdir``
+    (read it back with burrow.staging.open_spool_reader)."""
     log = logger()
     url = source.describe()
     log.info("extract: walking %s %s from %s", source.service, url, root)
     started = time.monotonic()
-    spool = workdir / "records.jsonl"
+    spool = workdir / "records.sealed"
     stats = WalkStats()
     sha = hashlib.sha256()
     keys = raw = content = 0
     session = source.connect()
     try:
-        with open(spool, "wb") as out, progress.stage(f"extract {url}") as advance:
+        with (
+            scratch_writes("record spool", workdir),
+            open_spool_writer(spool) as out,
+            progress.stage(f"extract {url}") as advance,
+        ):
             lines: list[bytes] = []  # written, hashed and counted 1000 lines at a time
             for record in session.walk(root.encode("utf-8"), stats):
                 lines.append(encode_record(record))

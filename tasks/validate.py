@@ -16,11 +16,19 @@ from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.runlog import logger
 
 
-def validate_archive(path: Path, decryptor: BodyDecryptor | None = None, label: str = "archive") -> dict[str, Any]:
-    """Return the manifest of a fully checked archive; raise ArchiveError otherwise."""
+def validate_archive(
+    path: Path, decryptor: BodyDecryptor | None = None, label: str = "archive", allow_unencrypted: bool = False
+) -> dict[str, Any]:
+    """Return the manifest of a fully checked archive; raise ArchiveError otherwise.
+
+    When ``decryptor`` holds keys (a non-empty keyring), an unencrypted archive is refused
+    unless ``allow_unencrypted``: with keys configured, a plaintext archive in the store is
+    what someone who can write to it could have planted (a downgrade).
+    """
     started = time.monotonic()
     with open(path, "rb") as f:
         reader = ArchiveReader(f, label=label)
+        reader.check_downgrade(decryptor, allow_unencrypted=allow_unencrypted)
         n = reader.validate(decryptor)
         manifest = reader.manifest
     logger().info(
@@ -31,6 +39,8 @@ def validate_archive(path: Path, decryptor: BodyDecryptor | None = None, label: 
 
 
 @task(name="validate", cache_policy=NO_CACHE)
-def validate(path: str, decryptor: BodyDecryptor | None = None, label: str = "archive") -> dict[str, Any]:
+def validate(
+    path: str, decryptor: BodyDecryptor | None = None, label: str = "archive", allow_unencrypted: bool = False
+) -> dict[str, Any]:
     """Prefect task wrapper of :func:`validate_archive`."""
-    return validate_archive(Path(path), decryptor, label)
+    return validate_archive(Path(path), decryptor, label, allow_unencrypted)

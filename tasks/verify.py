@@ -18,14 +18,16 @@ from tasks.validate import validate_archive
 
 
 def verify_stored(
-    store: ArchiveStore, name: str, workdir: Path, decryptor: BodyDecryptor | None = None
+    store: ArchiveStore, name: str, workdir: Path, decryptor: BodyDecryptor | None = None,
+    allow_unencrypted: bool = False,
 ) -> dict[str, Any]:
-    """Download ``name`` from ``store`` and validate it; return its manifest."""
+    """Download ``name`` from ``store`` and validate it; return its manifest. With keys in
+    ``decryptor``, an unencrypted archive is refused unless ``allow_unencrypted``."""
     sub = workdir / "verify"
     sub.mkdir(exist_ok=True)
     path = download_archive(store, name, sub)
     try:
-        return validate_archive(path, decryptor, label=store.url(name))
+        return validate_archive(path, decryptor, label=store.url(name), allow_unencrypted=allow_unencrypted)
     finally:
         path.unlink(missing_ok=True)
 
@@ -60,9 +62,12 @@ def verify_stored_structure(store: ArchiveStore, name: str, workdir: Path) -> di
 
 
 @task(name="verify", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
-def verify(store: ArchiveStore, name: str, workdir: str, decryptor: BodyDecryptor | None = None) -> dict[str, Any]:
+def verify(
+    store: ArchiveStore, name: str, workdir: str, decryptor: BodyDecryptor | None = None,
+    allow_unencrypted: bool = False,
+) -> dict[str, Any]:
     """Prefect task wrapper of :func:`verify_stored`."""
-    return verify_stored(store, name, Path(workdir), decryptor)
+    return verify_stored(store, name, Path(workdir), decryptor, allow_unencrypted)
 
 
 @task(

@@ -482,7 +482,9 @@ def start_etcd(
     """Start a single-member etcd 3.4; ``url`` is ``http://127.0.0.1:PORT`` (client URL).
 
     ``ports`` holds ``client`` and ``peer``.  Request size limit is 10 MiB and the
-    backend quota 8 GiB.
+    backend quota 8 GiB.  ``extra_args`` go last, so they override these (etcd takes the
+    last value of a flag): ``["--quota-backend-bytes", "1048576"]`` gives an etcd that runs
+    out of space (the NOSPACE alarm) after about a MiB.
     """
     workdir = _prepare_workdir(workdir)
     etcd = _require_binary("etcd", [Path("/usr/bin/etcd"), "etcd"], _INSTALL_HINT)
