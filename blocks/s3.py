@@ -29,10 +29,12 @@ import threading
 import uuid
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from prefect_aws import AwsCredentials, MinIOCredentials
@@ -347,15 +349,44 @@ class S3Store(ArchiveStore):
             self._upload(name, f, crc)
         return self.head(name)
 
+    @contextmanager
+    def writer(self, name: str) -> Iterator[BinaryIO]:
+        """Write an archive as it is produced: parts go out as soon as ``part_size`` bytes are
+        written (at most ``concurrency`` in flight), and the archive is published when the block
+        ends without an error (``If-None-Match: *``); on an error the upload is aborted and
+        nothing is visible. The full-object CRC32 is computed on the way and stored as the S3
+        full-object checksum (with ``checksum=off`` a streamed archive carries none)."""
+        w = _MultipartWriter(self, name)
+        try:
+            yield w  # type: ignore[misc]
+        except BaseException:
+            w.abort()
+            raise
+        w.complete()
+
     def _upload(self, name: str, f: Any, crc: int) -> None:
         """Multipart upload of the open file ``f`` (whose CRC32 is ``crc``) published with
         ``If-None-Match: *``; aborted on any failure."""
         client, key = self.client(), self._key(name)
         checksums = self.checksum_mode != "off"
         token = uuid.uuid4().hex  # tells our own completed upload from another writer's object
-        create: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
-                                  "Metadata": {CRC_META: f"{crc:08x}", TOKEN_META: token}}
-        if checksums:
+        create = self._create_args(key, {CRC_META: f"{crc:08x}", TOKEN_META: token})
+        retain = create.get("ObjectLockRetainUntilDate")
+        upload_id = self._call(f"cannot start uploading {name}", client.create_multipart_upload, **create)["UploadId"]
+        done = False
+        try:
+            parts = self._send_parts(client, key, upload_id, f, checksums, name)
+            self._complete(name, key, upload_id, parts, crc, token)
+            done = True
+        finally:
+            if not done:
+                self._abort(name, key, upload_id)
+        if retain is not None:
+            self._lock_object(name, key, retain)
+
+    def _create_args(self, key: str, metadata: dict[str, str]) -> dict[str, Any]:
+        create: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata}
+        if self.checksum_mode != "off":
             create.update(ChecksumAlgorithm="CRC32", ChecksumType="FULL_OBJECT")
         if self.sse:
             create["ServerSideEncryption"] = self.sse
@@ -366,40 +397,36 @@ class S3Store(ArchiveStore):
         retain = self._retain_until()
         if retain is not None:
             create.update(ObjectLockMode=self.object_lock_mode, ObjectLockRetainUntilDate=retain)
-        upload_id = self._call(f"cannot start uploading {name}", client.create_multipart_upload, **create)["UploadId"]
-        done = False
-        try:
-            parts = self._send_parts(client, key, upload_id, f, checksums, name)
-            complete: dict[str, Any] = {
-                "Bucket": self.bucket, "Key": key, "UploadId": upload_id, "IfNoneMatch": "*",
-                "MultipartUpload": {"Parts": parts},
-            }
-            if checksums:
-                complete.update(ChecksumCRC32=_b64crc(crc), ChecksumType="FULL_OBJECT")
-            try:
-                client.complete_multipart_upload(**complete)
-            except Exception as exc:  # noqa: BLE001
-                from botocore.exceptions import ClientError
+        return create
 
-                code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
-                # A retried complete whose first answer was lost finds the upload gone (NoSuchUpload)
-                # or the object there (PreconditionFailed): it is ours if it carries our token.
-                if code in ("PreconditionFailed", "NoSuchUpload") and self._token_of(key) == token:
-                    done = True
-                elif code == "PreconditionFailed":
-                    raise StoreError(f"archive {name} already exists in {self.describe()}") from None
-                else:
-                    raise self._error(exc, f"cannot publish {name}") from None
-            done = True
-        finally:
-            if not done:
-                try:
-                    client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-                except Exception as exc:  # noqa: BLE001 - the upload failed already; say so, keep its error
-                    logger().warning("store %s: could not abort the upload of %s (%s); prune will",
-                                     self.describe(), name, type(exc).__name__)
-        if retain is not None:
-            self._lock_object(name, key, retain)
+    def _complete(self, name: str, key: str, upload_id: str, parts: builtins.list[dict], crc: int, token: str) -> None:
+        """Publish the upload with ``If-None-Match: *``: never replacing an existing object."""
+        complete: dict[str, Any] = {
+            "Bucket": self.bucket, "Key": key, "UploadId": upload_id, "IfNoneMatch": "*",
+            "MultipartUpload": {"Parts": parts},
+        }
+        if self.checksum_mode != "off":
+            complete.update(ChecksumCRC32=_b64crc(crc), ChecksumType="FULL_OBJECT")
+        try:
+            self.client().complete_multipart_upload(**complete)
+        except Exception as exc:  # noqa: BLE001
+            from botocore.exceptions import ClientError
+
+            code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+            # A retried complete whose first answer was lost finds the upload gone (NoSuchUpload)
+            # or the object there (PreconditionFailed): it is ours if it carries our token.
+            if code in ("PreconditionFailed", "NoSuchUpload") and self._token_of(key) == token:
+                return
+            if code == "PreconditionFailed":
+                raise StoreError(f"archive {name} already exists in {self.describe()}") from None
+            raise self._error(exc, f"cannot publish {name}") from None
+
+    def _abort(self, name: str, key: str, upload_id: str) -> None:
+        try:
+            self.client().abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001 - the upload failed already; say so, keep its error
+            logger().warning("store %s: could not abort the upload of %s (%s); prune will",
+                             self.describe(), name, type(exc).__name__)
 
     def _token_of(self, key: str) -> str | None:
         try:
@@ -660,3 +687,84 @@ class RangedFile(io.RawIOBase):
         b[:n] = block[offset : offset + n]
         self.pos += n
         return n
+
+
+class _MultipartWriter(io.RawIOBase):
+    """The file object :meth:`S3Store.writer` yields: buffers one part, sends full parts with a
+    bounded number in flight, and keeps the running CRC32."""
+
+    def __init__(self, store: S3Store, name: str) -> None:
+        super().__init__()
+        self.store, self.name = store, name
+        self.key = store._key(name)
+        self.client = store.client()
+        self.token = uuid.uuid4().hex
+        create = store._create_args(self.key, {TOKEN_META: self.token})
+        self.retain = create.get("ObjectLockRetainUntilDate")
+        self.upload_id = store._call(f"cannot start uploading {name}", self.client.create_multipart_upload,
+                                     **create)["UploadId"]
+        self.checksums = store.checksum_mode != "off"
+        self.buf = bytearray()
+        self.crc = 0
+        self.size = 0
+        self.number = 0
+        self.parts: builtins.list[dict] = []
+        self.inflight: deque[tuple[int, str | None, Future]] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=store.concurrency, thread_name_prefix="burrow-s3")
+        self.finished = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        self.buf += data
+        while len(self.buf) >= self.store.part_size:
+            chunk = bytes(self.buf[: self.store.part_size])
+            del self.buf[: self.store.part_size]
+            self._send(chunk)
+        return len(data)
+
+    def _send(self, data: bytes) -> None:
+        self.number += 1
+        crc = _b64crc(zlib.crc32(data)) if self.checksums else None
+        kwargs: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key, "UploadId": self.upload_id,
+                                  "PartNumber": self.number, "Body": data}
+        if crc:
+            kwargs["ChecksumCRC32"] = crc
+        fut = self.pool.submit(self.store._call, f"cannot upload part {self.number} of {self.name}",
+                               self.client.upload_part, **kwargs)
+        self.inflight.append((self.number, crc, fut))
+        while len(self.inflight) >= self.store.concurrency:
+            self.parts.append(S3Store._part(*self.inflight.popleft()))
+
+    def complete(self) -> None:
+        try:
+            if self.buf or self.number == 0:
+                self._send(bytes(self.buf))
+                self.buf = bytearray()
+            while self.inflight:
+                self.parts.append(S3Store._part(*self.inflight.popleft()))
+            self.store._complete(self.name, self.key, self.upload_id, self.parts, self.crc, self.token)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.pool.shutdown(wait=True)
+        self.finished = True
+        if self.retain is not None:
+            self.store._lock_object(self.name, self.key, self.retain)
+
+    def abort(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for _, _, fut in self.inflight:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        self.store._abort(self.name, self.key, self.upload_id)
+
+    def flush(self) -> None:
+        pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect.runtime import flow_run
@@ -14,9 +13,9 @@ from burrow.crypto import ArchiveKeys, StreamEncryptor
 from burrow.errors import BurrowError, UsageError
 from burrow.keys import KeyRefs
 from burrow.runlog import logger
-from burrow.staging import staging_dir
+from burrow.staging import discard_spool, staging_dir
 from flows.common import Ref, burrow_flow
-from tasks.compress import compress
+from tasks.compress import compress, compress_upload
 from tasks.extract import extract
 from tasks.upload import upload
 from tasks.verify import verify, verify_structure_task
@@ -94,12 +93,15 @@ def backup(
         archive = naming.archive_name(source_name)
         with staging_dir() as work:
             ex = extract(src, root, str(work))
-            comp = compress(
-                ex, str(work / "archive.burrow"), source_name, compression_level, encryptor,
-                {"encryption": encryptor.summary()} if encryptor else None,
-            )
-            Path(ex.spool).unlink(missing_ok=True)
-            info = upload(dst, comp.path, archive)
+            extra = {"encryption": encryptor.summary()} if encryptor else None
+            if hasattr(dst, "writer"):
+                # object storage: parts leave as they are produced, no archive file on scratch disk
+                _, info = compress_upload(ex, dst, archive, source_name, compression_level, encryptor, extra)
+                discard_spool(ex.spool)
+            else:
+                comp = compress(ex, str(work / "archive.burrow"), source_name, compression_level, encryptor, extra)
+                discard_spool(ex.spool)
+                info = upload(dst, comp.path, archive)
             try:
                 if write_keys is not None and not write_keys.can_decrypt():
                     # Public keys only: this worker cannot decrypt what it wrote (by design).

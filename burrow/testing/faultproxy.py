@@ -8,7 +8,9 @@ forwarded untouched or meets one fault:
 * ``reset``: the connection is reset before the request reaches the server;
 * ``lost``: the request reaches the server and succeeds there, but the connection is reset
   before the answer gets back (the case that makes retries of non-idempotent calls hard);
-* ``stall``: the request waits ``stall_seconds`` before it is forwarded.
+* ``stall``: the request waits ``stall_seconds`` before it is forwarded;
+* ``flip`` (only when asked for): one bit of a GET answer's body is flipped on the way back,
+  as a faulty network card or middlebox would (the status and headers are untouched).
 
 Listens on 127.0.0.1 only. Only the standard library is used.
 """
@@ -106,6 +108,10 @@ class FaultProxy:
                 if fault == "lost":
                     self._reset()
                     return
+                if fault == "flip" and self.command == "GET" and data:
+                    flipped = bytearray(data)
+                    flipped[len(flipped) // 2] ^= 0x01
+                    data = bytes(flipped)
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
                     if k.lower() not in _HOP and (k.lower() != "content-length" or self.command == "HEAD"):
