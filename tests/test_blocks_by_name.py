@@ -70,9 +70,15 @@ def test_names_resolve_to_their_blocks(named):
 
 def test_every_block_type_by_name_through_the_cli(named, zk_b):
     names, store_dir, roots = named
+    from concurrent.futures import ThreadPoolExecutor
+
+    kinds = ("zk", "etcd", "consul")
+    with ThreadPoolExecutor(3) as pool:  # independent commands: run side by side to keep the suite fast
+        results = list(pool.map(
+            lambda kind: run_cli("backup", names[kind], "--to", names["store"], "--key-block", names["keys"]), kinds
+        ))
     urls = {}
-    for kind in ("zk", "etcd", "consul"):
-        r = run_cli("backup", names[kind], "--to", names["store"], "--key-block", names["keys"])
+    for kind, r in zip(kinds, results, strict=True):
         assert r.code == 0, r
         assert r.last_line.startswith("file://" + str(store_dir.resolve())), r
         urls[kind] = r.last_line

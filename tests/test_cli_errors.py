@@ -58,10 +58,15 @@ def _one_line(r) -> None:
 
 def test_expected_failures_print_one_line(archive):
     d, url = archive
-    wrong_key = run_cli("verify", url, "--key-file", str(d / "wrong.key"))
-    corrupt = run_cli("verify", str(_corrupt_copy(d, url)), "--key-file", str(d / "right.key"))
-    unreachable = run_cli("backup", f"zk://127.0.0.1:{_refused_port()}?timeout=2", "--to", str(d / "store"),
-                          "--no-encryption")
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [
+        ("verify", url, "--key-file", str(d / "wrong.key")),
+        ("verify", str(_corrupt_copy(d, url)), "--key-file", str(d / "right.key")),
+        ("backup", f"zk://127.0.0.1:{_refused_port()}?timeout=2", "--to", str(d / "store"), "--no-encryption"),
+    ]
+    with ThreadPoolExecutor(3) as pool:  # independent commands: side by side to keep the suite fast
+        wrong_key, corrupt, unreachable = pool.map(lambda args: run_cli(*args), calls)
     for r in (wrong_key, corrupt, unreachable):
         assert r.code == 1, r
         _one_line(r)
