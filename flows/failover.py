@@ -22,7 +22,7 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow
 from flows.restore import plan_and_replay, publish_summary
-from tasks.catalog import catalog
+from tasks.catalog import catalog, distrust
 from tasks.download import download
 from tasks.validate import validate
 
@@ -73,9 +73,36 @@ def failover(
         target = source_from_ref(into)
         summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
         keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
-        candidates = _newest_first([r for r in catalog(st) if r.get("source") == source])
+        keyed = bool(keys.keyring)
+        rows = catalog(st, keys if keyed else None)
+        mine = [r for r in rows if r.get("source") == source]
+        if not mine:
+            held = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
+            raise ArchiveNotFound(
+                f"no archive of source {source!r} in {st.describe()}"
+                + (f" (it holds: {', '.join(held)})" if held else " (it holds no readable archive)")
+            )
+        # Act only on manifests that can be trusted: with a key configured, the manifest's claims
+        # (source, created) are authenticated first, so a planted archive cannot pose as the newest.
+        candidates = []
+        for row in mine:
+            plain_ok = allow_unencrypted and not row.get("encrypted")
+            why = distrust(row, keyed=keyed and not plain_ok)
+            if why is None:
+                candidates.append(row)
+            else:
+                log.warning("failover: skipping %s: %s", row["url"], why)
+                skipped.append(f"{row['url']}: {why}")
+        if keyed and not candidates and any(
+            r.get("encrypted") and r.get("unauthenticated_reason") == "no configured key opens it" for r in mine
+        ):
+            raise KeyMismatch(
+                f"no configured key opens any archive of {source!r} in {st.describe()}; pass the right "
+                "--key-file, --identity or --passphrase-env (a failover never falls back to stale data over a key problem)"
+            )
+        candidates = _newest_first(candidates)
         if not candidates:
-            raise ArchiveNotFound(f"no archive of source {source!r} in {st.describe()}")
+            raise ArchiveError(f"no archive of {source!r} in {st.describe()} can be trusted ({len(skipped)} skipped)")
         with staging_dir() as work:
             chosen = None
             for row in candidates[: max(1, max_candidates)]:

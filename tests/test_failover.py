@@ -97,3 +97,26 @@ def test_prune_cli(cli, capsys, zk_a, store):
     assert len(list(store.rglob("*.burrow"))) == 1
     assert main(["prune", str(store), "--keep", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_failover_passes_over_an_archive_it_cannot_authenticate(zk_a, zk_b, store, tmp_path):
+    """Someone who can write to the store plants a newer archive of the same source, encrypted to
+    their own key: with a key configured, its claims are not trusted, so failover skips it (and
+    says why) and restores the newest archive it can authenticate; an unknown source name lists
+    the sources the store holds."""
+    key, theirs = tmp_path / "k.key", tmp_path / "theirs.key"
+    keygen(key, x25519=False)
+    keygen(theirs, x25519=False)
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/x", b"good", makepath=True)
+        good = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-z", root=root, key_file=str(key))
+        expected = snapshot(c, root)
+        c.set(root + "/x", b"planted")
+        backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-z", root=root, key_file=str(theirs))
+    done = failover(source="dc-z", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+    assert done["archive"] == good["url"] and done["skipped_archives"] == 1
+    with kazoo(zk_b.url) as c:
+        assert snapshot(c, root) == expected
+    with pytest.raises(ArchiveNotFound, match="dc-z"):
+        failover(source="dc-zz", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
