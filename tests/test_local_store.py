@@ -1,5 +1,7 @@
-"""The local directory store (put, get, list, head, delete) and the rule that only complete
-archives are ever listed, including when a backup fails after its upload."""
+"""What only the local directory store has: a missing directory, and the rule that only
+complete archives are ever listed when a backup fails after its upload. The contract every
+store passes (put, get, list, head, delete, no replacing, partials, unsafe names, strays) is in
+tests/test_stores.py."""
 
 from __future__ import annotations
 
@@ -9,42 +11,7 @@ import pytest
 from zkutil import kazoo, unique_root
 
 from blocks.local import LocalStore
-from burrow.errors import ArchiveError, ArchiveNotFound, StoreError, UsageError
-
-
-def test_put_get_list_head_delete(tmp_path):
-    root = tmp_path / "store"
-    root.mkdir()
-    store = LocalStore(path=str(root))
-    src = tmp_path / "a.burrow"
-    src.write_bytes(b"archive bytes")
-    info = store.put("src/src-1.burrow", src)
-    assert info.name == "src/src-1.burrow" and info.size == 13 and info.url == store.url("src/src-1.burrow")
-    assert store.head("src/src-1.burrow").size == 13
-    assert [a.name for a in store.list()] == ["src/src-1.burrow"]
-    assert [a.name for a in store.list("other/")] == []
-    out = store.get("src/src-1.burrow", tmp_path / "copy")
-    assert out.read_bytes() == b"archive bytes"
-    with pytest.raises(StoreError, match="already exists"):
-        store.put("src/src-1.burrow", src)  # never replaced
-    # leftovers of an interrupted put are hidden, and other files are not archives
-    (root / "src" / ".src-2.burrow.0123.partial").write_bytes(b"half")
-    (root / "src" / "notes.txt").write_text("x")
-    assert [a.name for a in store.list()] == ["src/src-1.burrow"]
-    store.delete("src/src-1.burrow")
-    assert store.list() == []
-    with pytest.raises(ArchiveNotFound):
-        store.head("src/src-1.burrow")
-    with pytest.raises(ArchiveNotFound):
-        store.delete("src/src-1.burrow")
-    with pytest.raises(ArchiveNotFound):
-        store.get("src/src-1.burrow", tmp_path / "x")
-
-
-@pytest.mark.parametrize("name", ["../escape.burrow", "/abs.burrow", "a/../b.burrow", ".hidden.burrow", "x.txt", "a//b.burrow"])
-def test_names_that_could_escape_or_look_incomplete_are_refused(tmp_path, name):
-    with pytest.raises(UsageError):
-        LocalStore(path=str(tmp_path)).url(name)
+from burrow.errors import ArchiveError, StoreError
 
 
 def test_missing_store_directory(tmp_path):
