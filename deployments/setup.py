@@ -34,6 +34,22 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def register_block_types() -> None:
+    """Register every Burrow block type with the server, in this process (one ``prefect block
+    register`` per module would start a new interpreter each time)."""
+    import importlib
+
+    from prefect.blocks.core import Block
+
+    for module in BLOCK_MODULES:
+        mod = importlib.import_module(module)
+        for obj in vars(mod).values():
+            if (isinstance(obj, type) and issubclass(obj, Block) and obj.__module__ == module
+                    and "_block_type_name" in obj.__dict__):
+                obj.register_type_and_schema()
+                print(f"registered block type {obj.get_block_type_slug()} ({module})", flush=True)
+
+
 def notify_block_id(name: str) -> str:
     sys.path.insert(0, str(REPO))
     from prefect.blocks.core import Block
@@ -48,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-deploy", action="store_true", help="register blocks and the pool only")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    import importlib.util
 
-    for module in BLOCK_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            run("block", "register", "-m", module)
+    register_block_types()
     pools = run("work-pool", "ls").stdout
     if "burrow" not in pools.split():
         run("work-pool", "create", "burrow", "--type", "process")

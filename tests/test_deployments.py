@@ -45,4 +45,7 @@ def test_setup_registers_pool_deployments_and_automations():
         assert "password" not in text and "token" not in text and "secret" not in text
     names = {a.name for a in automations}
     assert {"burrow-backup-failed", "burrow-backup-missing"} <= names
-    assert "burrow-zookeeper-cluster" in {b.slug for b in block_types}
+    assert {
+        "burrow-zookeeper-cluster", "burrow-etcd-cluster", "burrow-consul-cluster", "burrow-local-store",
+        "burrow-s3-store", "burrow-encryption-keys", "burrow-retention-policy",
+    } <= {b.slug for b in block_types}
