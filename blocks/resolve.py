@@ -156,10 +156,34 @@ def register(block: SourceBlock) -> str:
     return ref
 
 
+#: The form each URL scheme takes, for errors about a URL that is almost one.
+URL_FORMS = {
+    "zk": "zk://host:port[,host:port][/chroot]",
+    "etcd": "etcd://host:port[,host:port][/prefix]",
+    "etcds": "etcds://host:port[,host:port][/prefix]",
+    "consul": "consul://host:port[/prefix][?dc=DC]",
+    "consuls": "consuls://host:port[/prefix][?dc=DC]",
+    "s3": "s3://bucket[/prefix][?endpoint=...]",
+    "file": "file:///absolute/path",
+}
+_ALMOST_URL = re.compile(r"^(zk|etcds?|consuls?|s3|file)(:(?!//)|//|:/(?!/)|;//|:\\\\)", re.I)
+
+
+def check_not_almost_url(ref: str) -> None:
+    """A usage error naming the expected form for ``zk:/host:2181``, ``etcd//h:p`` and the like,
+    instead of looking them up as block names."""
+    m = _ALMOST_URL.match(ref)
+    if m and scheme_of(ref) is None:
+        form = URL_FORMS[m.group(1).lower()]
+        shown = "a reference" if "@" in ref else repr(ref)  # never quote what may hold a password
+        raise UsageError(f"{shown} looks like a malformed {m.group(1).lower()}:// URL; expected {form}")
+
+
 def source_from_ref(ref: str) -> SourceBlock:
     """Resolve a source reference: a registered block, a URL, or a saved block's name."""
     if ref in _registered:
         return _registered[ref]
+    check_not_almost_url(ref)
     scheme = scheme_of(ref)
     if scheme is not None:
         factory = SOURCE_SCHEMES.get(scheme)
@@ -193,6 +217,7 @@ def _load_block(name: str, classes: list, what: str):  # noqa: ANN202 - returns 
 
 def secure_source_ref(ref: str) -> str:
     """For the CLI: resolve ``ref`` now and return a reference safe to use as a flow parameter."""
+    check_not_almost_url(ref)
     if scheme_of(ref) is None:
         return ref
     return register(source_from_ref(ref))
@@ -200,6 +225,7 @@ def secure_source_ref(ref: str) -> str:
 
 def store_from_ref(ref: str) -> ArchiveStore:
     """Resolve a store reference: a directory path, a file:// URL, or a saved block's name."""
+    check_not_almost_url(ref)
     scheme = scheme_of(ref)
     if scheme == "file":
         return LocalStore(path=unquote(urlsplit(ref).path))

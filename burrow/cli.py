@@ -27,9 +27,47 @@ from burrow.errors import (
 
 
 class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 2 with one line and a suggestion; no abbreviated flags (``--no-encrypt``
+    must not silently mean ``--no-encryption``)."""
+
+    _seen: list[str] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def _suggestion(self, message: str) -> str:
+        """' (did you mean ...?)' for a mistyped command or flag, else ''."""
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            return f" (did you mean {close[0]!r}?)" if close else ""
+        known = {o for o in self._option_string_actions if o.startswith("--")}
+        for action in self._actions:  # the top-level parser reports its subcommands' leftovers too
+            if isinstance(action, argparse._SubParsersAction):
+                command = next((t for t in self._seen or [] if t in action.choices), None)
+                if command:
+                    known |= {o for o in action.choices[command]._option_string_actions if o.startswith("--")}
+        known = sorted(known)
+        for token in self._seen or []:
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if close:
+                    return f" (unknown option {flag}: did you mean {close[0]}?)"
+        return ""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        print(f"burrow: error: {message}", file=sys.stderr)
+        print(f"burrow: error: {message}{self._suggestion(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 

@@ -10,6 +10,7 @@ from burrow.errors import UsageError
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.S)
+_ALMOST_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(?::/?(?!/)|//|;//)(.*@.*)$", re.S)
 _HOSTS_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+(,[A-Za-z0-9.\-\[\]:]+:\d+)*,?([/?#].*)?$", re.S)
 
 #: Where credentials go instead of a URL or a flow parameter.
@@ -26,7 +27,7 @@ def split_userinfo(ref: str) -> tuple[str | None, str]:
     A password may hold ``@``, ``/`` or ``:`` unescaped, so the user-info ends at the last ``@``
     that a host list (``host:port[,host:port]``) follows, else at the last ``@`` of the
     authority. Callers must never show the user-info, or a message built from it."""
-    m = _URL_RE.match(ref)
+    m = _URL_RE.match(ref) or _ALMOST_URL_RE.match(ref)  # zk:/u:p@h:1 holds a password as well
     if not m:
         return None, ref
     scheme, rest = m.groups()

@@ -137,3 +137,19 @@ def test_cli_errors_never_echo_a_password(password, tmp_path):
     assert r.code == 2 and clean(r.out + r.err), r
     r = run_cli("backup", f"etcd://root:{password}@127.0.0.1:2379", "--to", str(tmp_path), "--no-encryption")
     assert r.code == 2 and clean(r.out + r.err), r
+
+
+@pytest.mark.parametrize("ref", ["zk:/127.0.0.1:2181", "etcd//127.0.0.1:2379", "consul:127.0.0.1:8500",
+                                 "zk:/backup:CANARY/pw@127.0.0.1:2181"])
+def test_an_almost_url_is_a_usage_error_naming_the_form(ref, tmp_path):
+    r = run_cli("backup", ref, "--to", str(tmp_path), "--no-encryption")
+    assert r.code == 2, r
+    assert "://host:port" in r.error_line and "saved" not in r.error_line, r.error_line
+    assert clean(r.out + r.err)
+
+
+def test_a_usage_error_suggests_the_closest_command_or_flag(tmp_path):
+    r = run_cli("restor", "x")
+    assert r.code == 2 and "did you mean 'restore'?" in r.error_line, r
+    r = run_cli("backup", "zk://127.0.0.1:1", "--to", str(tmp_path), "--no-encrypt")
+    assert r.code == 2 and "did you mean --no-encryption?" in r.error_line, r  # never an abbreviation
