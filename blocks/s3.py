@@ -341,48 +341,32 @@ class S3Store(ArchiveStore):
             self.abort_stray_uploads()
 
     def put(self, name: str, source: Path) -> ArchiveInfo:
+        """Upload a finished local archive: its CRC32 is known first, so it also travels as
+        metadata (a streamed write can only state it at completion)."""
         with open(source, "rb") as f:
             crc = 0
             while chunk := f.read(4 * MiB):
                 crc = zlib.crc32(chunk, crc)
             f.seek(0)
-            self._upload(name, f, crc)
+            with self.writer(name, metadata={CRC_META: f"{crc:08x}"}) as out:
+                while chunk := f.read(self.part_size):
+                    out.write(chunk)
         return self.head(name)
 
     @contextmanager
-    def writer(self, name: str) -> Iterator[BinaryIO]:
+    def writer(self, name: str, metadata: dict[str, str] | None = None) -> Iterator[BinaryIO]:
         """Write an archive as it is produced: parts go out as soon as ``part_size`` bytes are
         written (at most ``concurrency`` in flight), and the archive is published when the block
         ends without an error (``If-None-Match: *``); on an error the upload is aborted and
         nothing is visible. The full-object CRC32 is computed on the way and stored as the S3
         full-object checksum (with ``checksum=off`` a streamed archive carries none)."""
-        w = _MultipartWriter(self, name)
+        w = _MultipartWriter(self, name, metadata or {})
         try:
             yield w  # type: ignore[misc]
         except BaseException:
             w.abort()
             raise
         w.complete()
-
-    def _upload(self, name: str, f: Any, crc: int) -> None:
-        """Multipart upload of the open file ``f`` (whose CRC32 is ``crc``) published with
-        ``If-None-Match: *``; aborted on any failure."""
-        client, key = self.client(), self._key(name)
-        checksums = self.checksum_mode != "off"
-        token = uuid.uuid4().hex  # tells our own completed upload from another writer's object
-        create = self._create_args(key, {CRC_META: f"{crc:08x}", TOKEN_META: token})
-        retain = create.get("ObjectLockRetainUntilDate")
-        upload_id = self._call(f"cannot start uploading {name}", client.create_multipart_upload, **create)["UploadId"]
-        done = False
-        try:
-            parts = self._send_parts(client, key, upload_id, f, checksums, name)
-            self._complete(name, key, upload_id, parts, crc, token)
-            done = True
-        finally:
-            if not done:
-                self._abort(name, key, upload_id)
-        if retain is not None:
-            self._lock_object(name, key, retain)
 
     def _create_args(self, key: str, metadata: dict[str, str]) -> dict[str, Any]:
         create: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Metadata": metadata}
@@ -434,33 +418,6 @@ class S3Store(ArchiveStore):
         except Exception:  # noqa: BLE001 - absent or unreadable: not ours
             return None
         return (head.get("Metadata") or {}).get(TOKEN_META)
-
-    def _send_parts(self, client: Any, key: str, upload_id: str, f: Any, checksums: bool, name: str) -> list[dict]:
-        """Read ``f`` part by part and upload with at most ``concurrency`` parts in flight
-        (memory: concurrency x part size)."""
-        parts: list[dict] = []
-        inflight: deque[tuple[int, str | None, Future]] = deque()
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="burrow-s3") as pool:
-            number = 0
-            while True:
-                data = f.read(self.part_size)
-                if not data and number > 0:
-                    break
-                number += 1
-                part_crc = _b64crc(zlib.crc32(data)) if checksums else None
-                kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
-                                          "PartNumber": number, "Body": data}
-                if part_crc:
-                    kwargs["ChecksumCRC32"] = part_crc
-                fut = pool.submit(self._call, f"cannot upload part {number} of {name}", client.upload_part, **kwargs)
-                inflight.append((number, part_crc, fut))
-                while len(inflight) >= self.concurrency:
-                    parts.append(self._part(*inflight.popleft()))
-                if len(data) < self.part_size:
-                    break
-            while inflight:
-                parts.append(self._part(*inflight.popleft()))
-        return parts
 
     @staticmethod
     def _part(number: int, crc: str | None, fut: Future) -> dict:
@@ -693,13 +650,13 @@ class _MultipartWriter(io.RawIOBase):
     """The file object :meth:`S3Store.writer` yields: buffers one part, sends full parts with a
     bounded number in flight, and keeps the running CRC32."""
 
-    def __init__(self, store: S3Store, name: str) -> None:
+    def __init__(self, store: S3Store, name: str, metadata: dict[str, str]) -> None:
         super().__init__()
         self.store, self.name = store, name
         self.key = store._key(name)
         self.client = store.client()
-        self.token = uuid.uuid4().hex
-        create = store._create_args(self.key, {TOKEN_META: self.token})
+        self.token = uuid.uuid4().hex  # tells our own completed upload from another writer's object
+        create = store._create_args(self.key, {**metadata, TOKEN_META: self.token})
         self.retain = create.get("ObjectLockRetainUntilDate")
         self.upload_id = store._call(f"cannot start uploading {name}", self.client.create_multipart_upload,
                                      **create)["UploadId"]
