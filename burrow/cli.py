@@ -513,7 +513,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     import tempfile
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
     from pathlib import Path
 
     from burrow.naming import age_text, parse_duration
@@ -577,10 +577,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"store {store.describe()}: {len(rows)} archives, {unreadable} unreadable")
         for e in report:
-            newest = f"newest {age_text(timedelta_s(e['newest_age_s']))} old" if "newest" in e else "no good archive"
+            newest = f"newest {age_text(timedelta(seconds=e['newest_age_s']))} old" if "newest" in e else "no good archive"
             ver = ""
             if not args.no_verify:
-                ver = (f", newest verified {age_text(timedelta_s(e['newest_verified_age_s']))} old"
+                ver = (f", newest verified {age_text(timedelta(seconds=e['newest_verified_age_s']))} old"
                        + ("" if e.get("verified_fully") else " (structure only: no key)")
                        if "newest_verified" in e else ", NONE verified")
             flag = f", {e['flagged']} flagged" if e["flagged"] else ""
@@ -590,12 +590,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"burrow: newest archive older than {args.max_age} for: {', '.join(stale)}", file=sys.stderr)
         return EXIT_STALE
     return EXIT_OK
-
-
-def timedelta_s(seconds: int) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

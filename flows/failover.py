@@ -9,7 +9,6 @@ The restore itself follows the safety rule: only missing keys are created.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from prefect.runtime import flow_run
@@ -22,7 +21,7 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow
 from flows.restore import plan_and_replay, publish_summary
-from tasks.catalog import catalog, distrust
+from tasks.catalog import by_creation, catalog, distrust
 from tasks.download import download
 from tasks.validate import validate
 
@@ -31,13 +30,6 @@ def _run_name() -> str:
     p = flow_run.parameters
     kind = "failover-dry-run" if p.get("dry_run") else "failover"
     return f"{kind}-{naming.slug(str(p.get('source', 'source')))}-to-{naming.slug(str(p.get('into', 'target')))}"
-
-
-def _newest_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    def created(row: dict[str, Any]) -> datetime:
-        return datetime.fromisoformat(str(row.get("created") or row["modified"]).replace("Z", "+00:00"))
-
-    return sorted(rows, key=created, reverse=True)
 
 
 @burrow_flow(name="failover", flow_run_name=_run_name, persist_result=False)
@@ -100,7 +92,7 @@ def failover(
                 f"no configured key opens any archive of {source!r} in {st.describe()}; pass the right "
                 "--key-file, --identity or --passphrase-env (a failover never falls back to stale data over a key problem)"
             )
-        candidates = _newest_first(candidates)
+        candidates = by_creation(candidates)
         if not candidates:
             raise ArchiveError(f"no archive of {source!r} in {st.describe()} can be trusted ({len(skipped)} skipped)")
         with staging_dir() as work:

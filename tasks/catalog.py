@@ -172,5 +172,10 @@ def distrust(row: dict[str, Any], *, keyed: bool, now: datetime | None = None) -
 def newest_first(rows: list[dict[str, Any]], source: str | None = None, *, keyed: bool) -> list[dict[str, Any]]:
     """The rows of ``source`` (all sources when None) whose claims may be acted on, newest first."""
     now = datetime.now(UTC)
-    good = [r for r in rows if (source is None or r.get("source") == source) and distrust(r, keyed=keyed, now=now) is None]
-    return sorted(good, key=lambda r: (created_at(r), r["name"]), reverse=True)
+    return by_creation([r for r in rows
+                        if (source is None or r.get("source") == source) and distrust(r, keyed=keyed, now=now) is None])
+
+
+def by_creation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trusted rows (see :func:`distrust`), newest first."""
+    return sorted(rows, key=lambda r: (created_at(r), r["name"]), reverse=True)
