@@ -674,14 +674,20 @@ class _MultipartWriter(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        data = bytes(b)
+        data = bytes(b)  # the same object when it already is bytes
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
-        self.buf += data
-        while len(self.buf) >= self.store.part_size:
-            chunk = bytes(self.buf[: self.store.part_size])
-            del self.buf[: self.store.part_size]
-            self._send(chunk)
+        part, pos = self.store.part_size, 0
+        if self.buf:  # top up the part being gathered first
+            pos = min(len(data), part - len(self.buf))
+            self.buf += memoryview(data)[:pos]
+            if len(self.buf) == part:
+                self._send(bytes(self.buf))
+                self.buf = bytearray()
+        while len(data) - pos >= part:  # whole parts straight from the caller's bytes (no copy for one part)
+            self._send(data if pos == 0 and len(data) == part else data[pos : pos + part])
+            pos += part
+        self.buf += memoryview(data)[pos:]
         return len(data)
 
     def _send(self, data: bytes) -> None:
