@@ -1,0 +1,3 @@
+from burrow.cli import run
+
+run()

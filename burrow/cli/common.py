@@ -1,0 +1,181 @@
+"""Parts every command shares: the parser class, key flags, restore reports, catalog lookups."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from burrow.errors import (
+    EXIT_CONFLICTS,
+    EXIT_OK,
+    EXIT_USAGE,
+    ArchiveNotFound,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors exit 2 with one line and a suggestion; no abbreviated flags (``--no-encrypt``
+    must not silently mean ``--no-encryption``)."""
+
+    _seen: list[str] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def _suggestion(self, message: str) -> str:
+        """' (did you mean ...?)' for a mistyped command or flag, else ''."""
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            return f" (did you mean {close[0]!r}?)" if close else ""
+        known = {o for o in self._option_string_actions if o.startswith("--")}
+        for action in self._actions:  # the top-level parser reports its subcommands' leftovers too
+            if isinstance(action, argparse._SubParsersAction):
+                command = next((t for t in self._seen or [] if t in action.choices), None)
+                if command:
+                    known |= {o for o in action.choices[command]._option_string_actions if o.startswith("--")}
+        known = sorted(known)
+        for token in self._seen or []:
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag not in known:
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if close:
+                    return f" (unknown option {flag}: did you mean {close[0]}?)"
+        return ""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"burrow: error: {message}{self._suggestion(message)}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def add_write_keys(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "encryption (one of; default from BURROW_KEY_FILE, BURROW_KEY, BURROW_RECIPIENTS, "
+        "BURROW_PASSPHRASE_ENV or BURROW_KEY_BLOCK)"
+    )
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--key-file", metavar="PATH", help="encrypt with the symmetric key in this file (burrow keygen)")
+    x.add_argument("--key-env", metavar="VAR", help="encrypt with the symmetric key held in environment variable VAR")
+    x.add_argument(
+        "--recipient", action="append", default=[], metavar="PUBKEY_OR_FILE",
+        help="encrypt to this X25519 public key (or file of them); repeat for several recipients",
+    )
+    x.add_argument("--passphrase-env", metavar="VAR", help="encrypt with the passphrase held in environment variable VAR")
+    x.add_argument("--key-block", metavar="NAME", help="use a saved EncryptionKeys block")
+    x.add_argument("--no-encryption", action="store_true", help="write the archive unencrypted (explicit opt-out)")
+
+
+def add_read_keys(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "decryption (default from BURROW_KEY_FILE, BURROW_KEY, BURROW_IDENTITY_FILE, BURROW_PASSPHRASE_ENV "
+        "or BURROW_KEY_BLOCK; retired keys from BURROW_KEYRING)"
+    )
+    g.add_argument("--key-file", action="append", default=[], metavar="PATH", help="a symmetric key file (repeatable)")
+    g.add_argument(
+        "--identity", action="append", default=[], metavar="PRIVATE_KEY_FILE",
+        help="an X25519 private key file (repeatable)",
+    )
+    g.add_argument("--passphrase-env", metavar="VAR", help="the passphrase is in environment variable VAR")
+    g.add_argument("--key-env", metavar="VAR", help="a symmetric key is in environment variable VAR")
+    g.add_argument("--key-block", metavar="NAME", help="a saved EncryptionKeys block")
+
+
+def read_refs(args: argparse.Namespace) -> dict[str, Any]:
+    """Key references as flow parameters (paths and names only, never key material)."""
+    return {
+        "key_files": [os.path.abspath(os.path.expanduser(f)) for f in args.key_file] or None,
+        "identity_files": [os.path.abspath(os.path.expanduser(f)) for f in args.identity] or None,
+        "passphrase_env": args.passphrase_env,
+        "key_env": args.key_env,
+        "key_block": args.key_block,
+    }
+
+
+def keyring(refs: dict[str, Any]) -> Any:
+    from blocks.keys import archive_keys
+
+    return archive_keys(**refs)
+
+
+
+def print_summary(summary: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    for k, v in summary.items():
+        if k in skip or v in (None, [], {}):
+            continue
+        print(f"{k}: {v}", file=sys.stderr)
+
+
+
+def report_restore(summary: dict[str, Any], dry_run: bool) -> int:
+    """Print a restore or failover summary on stdout; return the exit code."""
+    if dry_run:
+        print(f"dry run: nothing was written to {summary['target']}")
+        for p in summary.get("planned_paths", []):
+            print(f"create   {p}")
+        if summary["planned_create"] + summary["planned_intermediate"] > len(summary.get("planned_paths", [])):
+            print("create   ... (list truncated)")
+    for p in summary.get("conflict_paths", []):
+        print(f"conflict {p}")
+    keys = [
+        "planned_create", "planned_intermediate", "created", "intermediate_created", "identical",
+        "conflicts", "outside_subtree", "metadata_not_carried",
+    ]
+    print(", ".join(f"{k}={summary[k]}" for k in keys if k in summary))
+    for w in summary.get("warnings") or []:
+        print(f"burrow: warning: {w}", file=sys.stderr)
+    if summary.get("acl_restricted"):
+        print(f"burrow: {summary['acl_restricted']} nodes were given an ACL only the restoring identity holds "
+              "(their archived ACL could not be used); re-apply the real ACL:", file=sys.stderr)
+        for p in summary.get("acl_restricted_paths") or []:
+            print(f"restricted {p}")
+    if summary.get("acl_not_applied"):
+        print(f"burrow: {summary['acl_not_applied']} nodes kept their restorer-only ACL because the archived ACL "
+              "could not be set after their children:", file=sys.stderr)
+        for p in summary.get("acl_not_applied_paths") or []:
+            print(f"acl-not-applied {p}")
+    if summary.get("conflicts") and dry_run:
+        # A dry run skipped nothing: it succeeded, and says what a restore would leave alone.
+        print(f"burrow: {summary['conflicts']} existing keys differ from the archive and would be left as they are",
+              file=sys.stderr)
+    elif summary.get("conflicts"):
+        print(
+            f"burrow: {summary['conflicts']} existing keys differ from the archive and were left as they are",
+            file=sys.stderr,
+        )
+        return EXIT_CONFLICTS
+    return EXIT_OK
+
+
+
+def catalog_rows(store_ref: str, keys: Any) -> tuple[Any, list[dict[str, Any]]]:
+    from blocks.resolve import store_from_ref
+    from tasks.catalog import describe_archives
+
+    store = store_from_ref(store_ref)
+    return store, describe_archives(store, keys if keys.keyring else None)
+
+
+def latest(store_ref: str, source: str, keys: Any) -> str:
+    """The URL of the newest archive of ``source`` whose claims can be trusted."""
+    from tasks.catalog import newest_first
+
+    store, rows = catalog_rows(store_ref, keys)
+    good = newest_first(rows, source, keyed=bool(keys.keyring))
+    if not good:
+        sources = sorted({str(r.get("source")) for r in rows if r.get("source")})
+        held = f" (the store holds: {', '.join(sources)})" if sources else " (the store holds no readable archive)"
+        raise ArchiveNotFound(f"no good archive of source {source!r} in {store.describe()}{held}")
+    return good[0]["url"]
+

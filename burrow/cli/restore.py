@@ -1,0 +1,63 @@
+"""``burrow restore``: create the archived keys that are missing in a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from burrow.cli.common import (
+    add_read_keys,
+    keyring,
+    latest,
+    read_refs,
+    report_restore,
+)
+from burrow.errors import (
+    UsageError,
+)
+
+
+def register(sub: Any) -> dict[str, Any]:
+    """Add this module's subcommands to ``sub``; return their handlers by name."""
+    r = sub.add_parser("restore", help="create the archived keys that are missing in a cluster")
+    r.add_argument("archive", help="the archive URL that backup printed (with --latest: the store)")
+    r.add_argument("--latest", action="store_true",
+                   help="restore the newest good archive of --source from the store given as ARCHIVE")
+    r.add_argument("--source", help="with --latest: the source name recorded in the archives")
+    r.add_argument("--into", required=True, help="target cluster URL or saved source block name")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    r.add_argument("--subtree", help="restore only this path and below")
+    r.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
+    add_read_keys(r)
+    r.add_argument(
+        "--allow-unencrypted", action="store_true",
+        help="read an unencrypted archive even though read keys are configured (by default it is refused: "
+        "anyone who can write to the store could have planted it)",
+    )
+    return {"restore": cmd_restore}
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from blocks.resolve import archive_from_ref, secure_source_ref
+    from burrow.paths import KeyMapper
+
+    KeyMapper(args.subtree, args.map)  # usage errors before a flow starts
+    refs = read_refs(args)
+    keys = keyring(refs)  # a missing or malformed key file is a usage error before a flow starts
+    if args.latest:
+        if not args.source:
+            raise UsageError("--latest needs --source NAME (the source name recorded in the archives)")
+        args.archive = latest(args.archive, args.source, keys)
+        print(f"restoring the newest good archive of {args.source}: {args.archive}", file=sys.stderr)
+    elif args.source:
+        raise UsageError("--source goes with --latest")
+    archive_from_ref(args.archive)
+    ref = secure_source_ref(args.into)
+    from flows.restore import restore
+
+    summary = restore(
+        archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None,
+        allow_unencrypted=args.allow_unencrypted, **refs,
+    )
+    return report_restore(summary, args.dry_run)
