@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import quote
 
-from blocks.store import ARCHIVE_SUFFIX, ArchiveInfo, ArchiveStore, check_name
+from blocks.store import (
+    ARCHIVE_SUFFIX,
+    MAX_SIDECAR_BYTES,
+    SIDECAR_SUFFIX,
+    ArchiveInfo,
+    ArchiveStore,
+    check_name,
+    check_sidecar_name,
+)
 from burrow.errors import ArchiveNotFound, StoreError, UsageError, os_error_is_transient, store_os_error
 from burrow.runlog import logger
 
@@ -184,3 +192,64 @@ class LocalStore(ArchiveStore):
             raise ArchiveNotFound(f"archive {name} not found in {self.describe()}") from None
         except OSError as exc:
             raise store_os_error(exc, f"cannot delete archive {name} from {self.describe()}") from None
+
+    # ------------------------------------------------------------------ sidecars
+
+    def put_sidecar(self, name: str, data: bytes) -> None:
+        if len(data) > MAX_SIDECAR_BYTES:
+            raise StoreError(f"sidecar {name} is larger than {MAX_SIDECAR_BYTES} bytes")
+        self.check(writable=True)
+        final = self.root / check_sidecar_name(name)
+        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.partial"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as dst:
+                dst.write(data)
+                dst.flush()
+                os.fsync(dst.fileno())
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                raise StoreError(f"{name} already exists in {self.describe()}") from None
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot write {name} to {self.describe()}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_sidecar(self, name: str) -> bytes:
+        p = self.root / check_sidecar_name(name)
+        try:
+            with open(p, "rb") as f:
+                data = f.read(MAX_SIDECAR_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ArchiveNotFound(f"{name} not found in {self.describe()}") from None
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot read {name} in {self.describe()}") from None
+        if len(data) > MAX_SIDECAR_BYTES:
+            raise StoreError(f"{name} in {self.describe()} is larger than {MAX_SIDECAR_BYTES} bytes")
+        return data
+
+    def list_sidecars(self, prefix: str = "") -> builtins.list[str]:
+        self.check()
+        root, out = self.root, []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in filenames:
+                if fn.startswith(".") or not fn.endswith(SIDECAR_SUFFIX):
+                    continue
+                name = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
+                if name.startswith(prefix):
+                    try:
+                        out.append(check_sidecar_name(name))
+                    except UsageError:
+                        continue
+        return sorted(out)
+
+    def delete_sidecar(self, name: str) -> None:
+        p = self.root / check_sidecar_name(name)
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            raise ArchiveNotFound(f"{name} not found in {self.describe()}") from None
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot delete {name} from {self.describe()}") from None

@@ -40,7 +40,15 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from prefect_aws import AwsCredentials, MinIOCredentials
 from pydantic import Field, PrivateAttr
 
-from blocks.store import ARCHIVE_SUFFIX, ArchiveInfo, ArchiveStore, check_name
+from blocks.store import (
+    ARCHIVE_SUFFIX,
+    MAX_SIDECAR_BYTES,
+    SIDECAR_SUFFIX,
+    ArchiveInfo,
+    ArchiveStore,
+    check_name,
+    check_sidecar_name,
+)
 from burrow.errors import ArchiveError, ArchiveNotFound, StoreError, StoreUnavailable, UsageError
 from burrow.runlog import logger
 
@@ -214,6 +222,10 @@ class S3Store(ArchiveStore):
     def _key(self, name: str) -> str:
         p = self.prefix.strip("/")
         return f"{p}/{check_name(name)}" if p else check_name(name)
+
+    def _sidecar_key(self, name: str) -> str:
+        p = self.prefix.strip("/")
+        return f"{p}/{check_sidecar_name(name)}" if p else check_sidecar_name(name)
 
     def url(self, name: str) -> str:
         return f"s3://{self.bucket}/{quote(self._key(name))}{self._query()}"
@@ -556,6 +568,65 @@ class S3Store(ArchiveStore):
         if h.get("VersionId") and h["VersionId"] != "null":
             kwargs["VersionId"] = h["VersionId"]  # delete the version itself, not hide it behind a marker
         self._call(f"cannot delete archive {name}", client.delete_object, **kwargs)
+
+    # ------------------------------------------------------------------ sidecars
+
+    def put_sidecar(self, name: str, data: bytes) -> None:
+        if len(data) > MAX_SIDECAR_BYTES:
+            raise StoreError(f"sidecar {name} is larger than {MAX_SIDECAR_BYTES} bytes")
+        key = self._sidecar_key(name)
+        try:
+            self.client().put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*",
+                                     Metadata={CRC_META: f"{zlib.crc32(data):08x}"})
+        except Exception as exc:  # noqa: BLE001 - classified below
+            from botocore.exceptions import ClientError
+
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed", "412"
+            ):
+                raise StoreError(f"{name} already exists in {self.describe()}") from None
+            err = self._error(exc, f"cannot write {name}")
+            if err is exc:
+                raise
+            raise err from None
+
+    def get_sidecar(self, name: str) -> bytes:
+        resp = self._call(f"cannot read {name}", self.client().get_object,
+                          Bucket=self.bucket, Key=self._sidecar_key(name))
+        if resp.get("ContentLength", 0) > MAX_SIDECAR_BYTES:
+            resp["Body"].close()
+            raise StoreError(f"{name} in {self.describe()} is larger than {MAX_SIDECAR_BYTES} bytes")
+        data = resp["Body"].read()
+        expected = (resp.get("Metadata") or {}).get(CRC_META)
+        if expected is not None and expected != f"{zlib.crc32(data):08x}":
+            raise StoreUnavailable(f"{name} in {self.describe()} failed its CRC32 check (a retry may help)")
+        return data
+
+    def list_sidecars(self, prefix: str = "") -> builtins.list[str]:
+        base = self.prefix.strip("/")
+        base = base + "/" if base else ""
+        client, out, token = self.client(), [], None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"cannot list {self.describe()}", client.list_objects_v2, **kw)
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(base):]
+                if name.endswith(SIDECAR_SUFFIX):
+                    try:
+                        out.append(check_sidecar_name(name))
+                    except UsageError:
+                        continue
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        return sorted(out)
+
+    def delete_sidecar(self, name: str) -> None:
+        client, key = self.client(), self._sidecar_key(name)
+        self._call(f"cannot read {name}", client.head_object, Bucket=self.bucket, Key=key)  # ArchiveNotFound
+        self._call(f"cannot delete {name}", client.delete_object, Bucket=self.bucket, Key=key)
 
     def abort_stray_uploads(self, older_than: timedelta = STRAY_UPLOAD_AGE) -> builtins.list[str]:
         """Abort multipart uploads below this store's prefix started more than ``older_than``

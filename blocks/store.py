@@ -19,6 +19,11 @@ from typing import Any, ClassVar
 from prefect.blocks.core import Block
 
 ARCHIVE_SUFFIX = ".burrow"
+#: Small objects Burrow keeps beside the archives (catalog index, rehearsal markers): never
+#: listed as archives, and written create-only like them.
+SIDECAR_SUFFIX = ".burrow-meta"
+#: The largest sidecar a store accepts or returns (an index of many manifests, compressed).
+MAX_SIDECAR_BYTES = 64 * 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
@@ -45,6 +50,19 @@ def check_name(name: str) -> str:
         from burrow.errors import UsageError
 
         raise UsageError(f"invalid archive name {name!r}")
+    return name
+
+
+def check_sidecar_name(name: str) -> str:
+    """Reject sidecar names that could escape the store or be taken for an archive."""
+    if (
+        not _NAME_RE.match(name)
+        or not name.endswith(SIDECAR_SUFFIX)
+        or any(part in ("", ".", "..") or part.startswith(".") for part in name.split("/"))
+    ):
+        from burrow.errors import UsageError
+
+        raise UsageError(f"invalid sidecar name {name!r}")
     return name
 
 
@@ -84,4 +102,23 @@ class ArchiveStore(Block):
 
     def delete(self, name: str) -> None:
         """Remove an archive; raises ArchiveNotFound."""
+        raise NotImplementedError
+
+    # Sidecars: small objects beside the archives (names end with SIDECAR_SUFFIX). They are
+    # untrusted caches or authenticated records: whoever reads one checks it.
+
+    def put_sidecar(self, name: str, data: bytes) -> None:
+        """Store ``data`` under ``name`` atomically; raises StoreError if ``name`` exists."""
+        raise NotImplementedError
+
+    def get_sidecar(self, name: str) -> bytes:
+        """The bytes of a sidecar; raises ArchiveNotFound."""
+        raise NotImplementedError
+
+    def list_sidecars(self, prefix: str = "") -> builtins.list[str]:
+        """Names of the sidecars whose name starts with ``prefix``, sorted."""
+        raise NotImplementedError
+
+    def delete_sidecar(self, name: str) -> None:
+        """Remove a sidecar; raises ArchiveNotFound."""
         raise NotImplementedError

@@ -16,13 +16,14 @@ so only a Python call or a deployment parameter ever meets the refusal.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from prefect import Flow
 from pydantic import Field
 
-from burrow.naming import has_userinfo, redact_url, refuse_credentials
+from burrow.naming import has_userinfo, redact_url, refuse_credentials, slug
 
 #: JSON-schema pattern of a reference parameter: no URL with user-info. The API server checks it
 #: when a deployment run is created with ``enforce_parameter_schema``, so such a run is refused
@@ -83,3 +84,74 @@ def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:
         return BurrowFlow(fn=fn, **options)
 
     return decorate
+
+
+# ---------------------------------------------------------------- events and per-source locks
+
+#: Summary fields that go into an event's payload (counts, times, status: never values).
+_EVENT_PAYLOAD = (
+    "status", "error", "duration_s", "keys", "created", "conflicts", "identical", "planned_create", "deleted",
+    "archives", "archive_created", "rpo_s", "rto_s", "stored_bytes", "dry_run", "verified", "drift",
+)
+
+
+def source_resource(source: str) -> dict[str, str]:
+    """The event resource of a source (a cluster by the name its backups record)."""
+    return {"prefect.resource.id": f"burrow.source.{source}", "prefect.resource.name": source}
+
+
+def emit_run_event(kind: str, outcome: str, summary: dict[str, Any]) -> None:
+    """Emit ``burrow.<kind>.<outcome>`` about ``summary['source']`` (``burrow.source.<name>``),
+    with the target, store and archive as related resources. URLs lose their user-info; the
+    payload holds counts, times and the one-line error. Never fails the run it describes."""
+    from burrow.runlog import logger
+
+    try:
+        from prefect.events import emit_event
+
+        source = str(summary.get("source") or "unknown")
+        related = []
+        for role in ("target", "store", "archive", "url", "scratch"):
+            value = summary.get(role)
+            if isinstance(value, str) and value:
+                related.append({"prefect.resource.id": f"burrow.{'archive' if role == 'url' else role}.{redact_url(value)}",
+                                "prefect.resource.role": "archive" if role == "url" else role})
+        payload = {k: summary[k] for k in _EVENT_PAYLOAD if k in summary}
+        emit_event(event=f"burrow.{kind}.{outcome}", resource=source_resource(source), related=related,
+                   payload=payload)
+    except Exception as exc:  # noqa: BLE001 - an event must never fail the run it describes
+        logger().warning("could not emit the burrow.%s.%s event: %s", kind, outcome, type(exc).__name__)
+
+
+@contextmanager
+def recorded_run(kind: str, summary: dict[str, Any], publish: Callable[[], None]) -> Iterator[None]:
+    """:func:`burrow.report.recorded` (timing, one-line error, the artifact) plus the run's
+    event: ``burrow.<kind>.completed`` or ``burrow.<kind>.failed``."""
+    from burrow import report
+
+    ok = False
+    try:
+        with report.recorded(summary, publish):
+            yield
+        ok = True
+    finally:
+        emit_run_event(kind, "completed" if ok else "failed", summary)
+
+
+def source_limit_name(source: str) -> str:
+    """The global concurrency limit that keeps one cluster to one backup or restore at a time."""
+    return f"burrow-source-{slug(source)}"
+
+
+@contextmanager
+def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold one slot of the source's global concurrency limit (``burrow-source-<slug>``, limit
+    1, created by ``deployments/setup.py``) across all workers. Under a deployment the limit
+    must exist (``strict=True``): a missing limit is an error, never silently unenforced. A
+    run outside a deployment (the CLI) uses the limit when it exists."""
+    from prefect.concurrency.sync import concurrency
+    from prefect.runtime import deployment
+
+    strict = bool(deployment.id)
+    with concurrency(source_limit_name(source), occupy=1, strict=strict, timeout_seconds=timeout_seconds):
+        yield

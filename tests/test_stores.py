@@ -193,6 +193,38 @@ def test_a_corrupted_object_is_caught_before_the_archive_checks(store_under_test
         store.get("src/c.burrow", tmp_path / "back")
 
 
+def test_sidecars_put_get_list_delete_and_never_replace(store_under_test, tmp_path):
+    store, raw = store_under_test
+    store.put("src/src-1.burrow", payload(tmp_path))
+    store.put_sidecar("src/src-1.burrow.rehearsal-1.burrow-meta", b"marker one")
+    store.put_sidecar("_catalog/0001-ab.index.burrow-meta", b"\x00index\xff")
+    raw.write("src/stray.burrow-meta~", b"not a sidecar name")
+    assert [a.name for a in store.list()] == ["src/src-1.burrow"]  # sidecars are never archives
+    assert store.list_sidecars() == ["_catalog/0001-ab.index.burrow-meta", "src/src-1.burrow.rehearsal-1.burrow-meta"]
+    assert store.list_sidecars("_catalog/") == ["_catalog/0001-ab.index.burrow-meta"]
+    assert store.get_sidecar("_catalog/0001-ab.index.burrow-meta") == b"\x00index\xff"
+    with pytest.raises(StoreError, match="already exists"):
+        store.put_sidecar("src/src-1.burrow.rehearsal-1.burrow-meta", b"marker two")
+    assert store.get_sidecar("src/src-1.burrow.rehearsal-1.burrow-meta") == b"marker one"
+    store.delete_sidecar("_catalog/0001-ab.index.burrow-meta")
+    assert store.list_sidecars("_catalog/") == []
+    with pytest.raises(ArchiveNotFound):
+        store.get_sidecar("_catalog/0001-ab.index.burrow-meta")
+    with pytest.raises(ArchiveNotFound):
+        store.delete_sidecar("_catalog/0001-ab.index.burrow-meta")
+    assert [a.name for a in store.list()] == ["src/src-1.burrow"]
+
+
+@pytest.mark.parametrize("name", ["../escape.burrow-meta", "/abs.burrow-meta", ".hidden.burrow-meta",
+                                  "x.burrow", "a//b.burrow-meta", "copy of x.burrow-meta"])
+def test_unsafe_sidecar_names_are_refused(store_under_test, name):
+    store, _ = store_under_test
+    with pytest.raises(UsageError):
+        store.put_sidecar(name, b"x")
+    with pytest.raises(UsageError):
+        store.get_sidecar(name)
+
+
 # ------------------------------------------------------------------------ S3 only
 
 
