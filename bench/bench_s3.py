@@ -45,10 +45,10 @@ def _env(endpoint: str) -> dict[str, str]:
             "BENCH_ENDPOINT": endpoint}
 
 
-def _store(bucket: str):  # noqa: ANN202
+def _store(bucket: str, prefix: str = ""):  # noqa: ANN202
     from blocks.s3 import S3Store
 
-    return S3Store(bucket=bucket, endpoint_url=os.environ["BENCH_ENDPOINT"], addressing_style="path")
+    return S3Store(bucket=bucket, prefix=prefix, endpoint_url=os.environ["BENCH_ENDPOINT"], addressing_style="path")
 
 
 def _boto3():  # noqa: ANN202
@@ -76,11 +76,11 @@ def phase(name: str, bucket: str, path: Path, key: str) -> dict:
     return {"seconds": time.perf_counter() - started}
 
 
-def phase_catalog(bucket: str) -> dict:
+def phase_catalog(bucket: str, prefix: str) -> dict:
     from blocks.s3 import S3Store
     from tasks.catalog import describe_archives
 
-    store = _store(bucket)
+    store = _store(bucket, prefix)
     store.client()
     read = {"bytes": 0, "requests": 0}
     real = S3Store.read_range
@@ -96,11 +96,13 @@ def phase_catalog(bucket: str) -> dict:
     rows = describe_archives(store)
     seconds = time.perf_counter() - started
     bad = [r for r in rows if r.get("error")]
-    return {"seconds": seconds, "archives": len(rows), "errors": len(bad), **read}
+    index = [n for n in store.list_sidecars("_catalog/")]
+    return {"seconds": seconds, "archives": len(rows), "errors": len(bad), "index_objects": len(index), **read}
 
 
-def make_archives(bucket: str, n: int, work: Path) -> None:
-    """N small real (encrypted) archives of a few keys each, uploaded with plain boto3 in parallel."""
+def make_archives(bucket: str, n: int, work: Path, prefix: str = "cat", index: bool = False) -> None:
+    """N small real (encrypted) archives of a few keys each, uploaded with plain boto3 in parallel;
+    with ``index``, each is then added to the catalog index the way a backup adds its archive."""
     from concurrent.futures import ThreadPoolExecutor
 
     from burrow.archive import ArchiveWriter
@@ -119,11 +121,17 @@ def make_archives(bucket: str, n: int, work: Path) -> None:
     data = path.read_bytes()
     client = _boto3()
 
+    store = _store(bucket, prefix) if index else None
+
     def put(i: int) -> None:
         src = f"src{i % 10}"
-        client.put_object(Bucket=bucket, Key=f"cat/{src}/{src}-{i:05d}.burrow", Body=data)
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{src}/{src}-{i:05d}.burrow", Body=data)
+        if store is not None:
+            from tasks.catalog import index_new_archive
 
-    with ThreadPoolExecutor(16) as pool:
+            index_new_archive(store, f"{src}/{src}-{i:05d}.burrow")
+
+    with ThreadPoolExecutor(1 if index else 16) as pool:  # one at a time, like successive backups
         list(pool.map(put, range(n)))
 
 
@@ -137,11 +145,12 @@ def main() -> int:
     p.add_argument("--bucket")
     p.add_argument("--path")
     p.add_argument("--key")
+    p.add_argument("--prefix", default="cat")
     args = p.parse_args()
 
     if args.phase:  # child process
         if args.phase == "catalog":
-            result = phase_catalog(args.bucket)
+            result = phase_catalog(args.bucket, args.prefix)
         else:
             result = phase(args.phase, args.bucket, Path(args.path), args.key)
         Path(args.result).write_text(json.dumps(result))
@@ -195,12 +204,18 @@ def main() -> int:
               f"= {bound:.0f} MiB, whatever the archive size (target ratio >= 0.9)")
 
         if args.archives:
-            make_archives(bucket, args.archives, work)
-            res, peak, _ = run_child(__file__, "catalog", ["--bucket", bucket], env)
-            print(f"catalog of {res['archives']} archives: {res['seconds']:.2f} s ({res['errors']} unreadable), "
-                  f"{res['bytes'] / max(1, res['archives']):,.0f} bytes and "
-                  f"{res['requests'] / max(1, res['archives']):.1f} ranged reads per archive, peak RSS {peak:.0f} MiB "
-                  f"(target: under 3 s)")
+            def catalog(prefix: str, what: str) -> None:
+                res, peak, _ = run_child(__file__, "catalog", ["--bucket", bucket, "--prefix", prefix], env)
+                print(f"catalog of {res['archives']} archives, {what}: {res['seconds']:.2f} s "
+                      f"({res['errors']} unreadable), {res['bytes'] / max(1, res['archives']):,.0f} bytes and "
+                      f"{res['requests'] / max(1, res['archives']):.2f} ranged reads per archive, "
+                      f"{res['index_objects']} index objects after, peak RSS {peak:.0f} MiB (target: under 3 s)")
+
+            make_archives(bucket, args.archives, work, prefix="cat")
+            catalog("cat", "never indexed (uploaded by another tool): every manifest read by range")
+            catalog("cat", "second listing, from the index the first one wrote")
+            make_archives(bucket, args.archives, work, prefix="backups", index=True)
+            catalog("backups", "written one by one the way backups write (each adds itself to the index)")
         load = os.getloadavg()
         print(f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         return 0

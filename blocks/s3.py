@@ -534,7 +534,7 @@ class S3Store(ArchiveStore):
                                      self.describe(), name)
                     continue
                 out.append(ArchiveInfo(name=name, size=obj["Size"], modified=_utc(obj["LastModified"]),
-                                       url=self.url(name)))
+                                       url=self.url(name), etag=obj.get("ETag")))
             if not page.get("IsTruncated"):
                 break
             token = page.get("NextContinuationToken")
@@ -544,7 +544,8 @@ class S3Store(ArchiveStore):
     def head(self, name: str) -> ArchiveInfo:
         h = self._call(f"cannot read archive {name}", self.client().head_object,
                        Bucket=self.bucket, Key=self._key(name))
-        return ArchiveInfo(name=name, size=h["ContentLength"], modified=_utc(h["LastModified"]), url=self.url(name))
+        return ArchiveInfo(name=name, size=h["ContentLength"], modified=_utc(h["LastModified"]), url=self.url(name),
+                           etag=h.get("ETag"))
 
     def locked_until(self, name: str) -> datetime | None:
         """The Object Lock retain-until date of the archive's current version, if it is in force

@@ -35,6 +35,8 @@ class ArchiveInfo:
     size: int
     modified: str
     url: str
+    #: The object store's entity tag, where it has one: it changes when the object is replaced.
+    etag: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

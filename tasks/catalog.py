@@ -5,12 +5,25 @@ A file in the store that does not open as a Burrow archive (half-written by anot
 truncated, not an archive at all) never fails the catalog: its row carries ``error``, a
 warning names it, and prune keeps it while failover passes it by. Only a transient store
 failure (StoreUnavailable) fails the catalog, and the task retries that.
+
+On object storage the catalog keeps an index beside the archives (``_catalog/*.index`` sidecars):
+for each archive, the exact bytes a ranged read would fetch (header frame, manifest frame and
+footer), bound to the object's size and entity tag. A listing then costs one LIST and a few
+index reads instead of one ranged GET per archive. The index is an untrusted cache: every entry
+goes through the same ArchiveReader checks and, with a key, the same manifest authentication as
+bytes read from the archive itself, and an entry whose size or tag differs from the listing is
+ignored. Backups add a one-entry index object for the archive they publish; a catalog that had
+to read archives by range, or found many index objects, writes one merged index and removes the
+objects it merged. Failing to write the index (a read-only credential) only costs speed.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -22,13 +35,28 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.local import LocalStore
 from blocks.resolve import archive_from_ref
-from blocks.store import ArchiveInfo, ArchiveStore
-from burrow.archive import ArchiveReader
+from blocks.store import SIDECAR_SUFFIX, ArchiveInfo, ArchiveStore
+from burrow.archive import ArchiveReader, canonical_json
 from burrow.crypto import ArchiveKeys, encryption_summary
-from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch, StoreError, should_retry, store_os_error
+from burrow.errors import (
+    ArchiveError,
+    ArchiveNotFound,
+    KeyMismatch,
+    StoreError,
+    StoreUnavailable,
+    should_retry,
+    store_os_error,
+)
 from burrow.runlog import logger
 
-SUMMARY_FIELDS = ("service", "source", "keys", "raw_bytes", "created", "encrypted", "content_sha256")
+SUMMARY_FIELDS = (
+    "service", "source", "keys", "raw_bytes", "created", "encrypted", "content_sha256", "manifest_sha256",
+)
+INDEX_PREFIX = "_catalog/"
+INDEX_SUFFIX = ".index" + SIDECAR_SUFFIX
+INDEX_FORMAT = "burrow-catalog-index/1"
+#: More index objects than this and the catalog merges them into one.
+INDEX_MAX_OBJECTS = 16
 
 
 @contextmanager
@@ -89,10 +117,167 @@ def describe_archives(store: ArchiveStore, keys: ArchiveKeys | None = None) -> l
     read as an archive gets an ``error`` (and a warning) instead of a summary."""
     log = logger()
     infos = store.list()
+    indexed = _indexed(store)
+    index_names, cached = _read_index(store) if indexed and infos else ([], {})
+    fresh: dict[str, dict[str, Any]] = {}
+
+    def describe(info: ArchiveInfo) -> dict[str, Any]:
+        entry = cached.get(info.name)
+        if entry is not None and (entry.get("size") != info.size or entry.get("etag") != info.etag):
+            entry = None  # replaced since it was indexed (or a stale or forged entry): read the archive
+        row, new_entry = _describe(store, info, log, keys, entry, want_entry=indexed and entry is None)
+        if entry is not None and (row.get("error") or row.get("authenticated") is False):
+            # a damaged (or forged) entry must not hide a good archive: judge the archive itself
+            row, new_entry = _describe(store, info, log, keys, None, want_entry=True)
+        if new_entry is not None:
+            fresh[info.name] = new_entry
+        return row
+
     # object stores answer one request at a time per connection: read several archives at once
-    workers = 1 if isinstance(store, LocalStore) or len(infos) < 2 else 8
+    workers = 1 if not indexed or len(infos) < 2 else 8
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="burrow-catalog") as pool:
-        return list(pool.map(lambda info: _describe(store, info, log, keys), infos))
+        rows = list(pool.map(describe, infos))
+    if indexed:
+        log.debug("catalog: %d archives from the index, %d read by range", len(infos) - len(fresh), len(fresh))
+        stale = len(cached.keys() - {i.name for i in infos})
+        if fresh or len(index_names) > INDEX_MAX_OBJECTS or stale > len(infos) // 4 + INDEX_MAX_OBJECTS:
+            listed = {i.name for i in infos}
+            entries = {n: e for n, e in cached.items() if n in listed and n not in fresh}
+            entries.update(fresh)
+            readable = {r["name"] for r in rows if not r.get("error")}
+            _write_index(store, [e for n, e in sorted(entries.items()) if n in readable], replaces=index_names)
+    return rows
+
+
+def _indexed(store: ArchiveStore) -> bool:
+    """Whether the store keeps a catalog index: object storage, where every read is a request."""
+    return getattr(store, "open_ranged", None) is not None and not isinstance(store, LocalStore)
+
+
+class _IndexedBytes:
+    """A read-only view of an archive made of the bytes its index entry holds (header frame at
+    the start, manifest frame and footer at the end). Reading anything else is an error: the
+    catalog never needs the body."""
+
+    def __init__(self, size: int, head: bytes, tail: bytes) -> None:
+        self.size, self.head, self.tail = size, head, tail
+        self.tail_start = size - len(tail)
+        self.pos = 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        if end <= len(self.head):
+            data = self.head[self.pos : end]
+        elif self.pos >= self.tail_start:
+            data = self.tail[self.pos - self.tail_start : end - self.tail_start]
+        else:
+            raise ArchiveError("catalog index entry does not hold the bytes the catalog needs")
+        self.pos = end
+        return data
+
+
+def _index_entry(info: ArchiveInfo, reader: ArchiveReader) -> dict[str, Any]:
+    """The bytes of ``reader``'s archive that the catalog reads, as an index entry."""
+    f = reader.f
+    f.seek(0)
+    head = f.read(reader.body_start)
+    f.seek(reader.manifest_offset)
+    tail = f.read(reader.size - reader.manifest_offset)
+    return {"name": info.name, "size": info.size, "etag": info.etag,
+            "head": base64.b64encode(head).decode(), "tail": base64.b64encode(tail).decode()}
+
+
+def _read_index(store: ArchiveStore) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The names of the store's index objects, and their entries by archive name. An index
+    object that cannot be read or parsed is ignored (its archives are read by range)."""
+    import orjson
+    import zstandard
+
+    log = logger()
+    try:
+        names = [n for n in store.list_sidecars(INDEX_PREFIX) if n.endswith(INDEX_SUFFIX)]
+    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
+        log.debug("catalog: no index (%s)", exc)
+        return [], {}
+
+    def load(name: str) -> list[dict[str, Any]]:
+        try:
+            data = zstandard.ZstdDecompressor().decompress(store.get_sidecar(name), max_output_size=256 << 20)
+            doc = orjson.loads(data)
+            if doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("entries"), list):
+                raise ValueError("not a catalog index")
+            return [e for e in doc["entries"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
+        except (StoreError, StoreUnavailable, ArchiveNotFound, ValueError, zstandard.ZstdError) as exc:
+            log.debug("catalog: ignoring index object %s: %s", name, exc)
+            return []
+
+    entries: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="burrow-index") as pool:
+        for got in pool.map(load, names):
+            for e in got:
+                entries[e["name"]] = e
+    return names, entries
+
+
+def _write_index(store: ArchiveStore, entries: list[dict[str, Any]], replaces: Sequence[str] = ()) -> None:
+    """Publish ``entries`` as one new index object, then remove the objects it ``replaces``.
+    Never fails the caller: without the index, listings are slower, not wrong."""
+    import zstandard
+
+    log = logger()
+    if not entries:
+        return
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"{INDEX_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}{INDEX_SUFFIX}"
+    data = zstandard.ZstdCompressor(level=3).compress(canonical_json({"format": INDEX_FORMAT, "entries": entries}))
+    try:
+        store.put_sidecar(name, data)
+    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
+        log.info("catalog: index not updated (%s); listings stay correct, only slower", exc)
+        return
+    for old in replaces:
+        if old != name:
+            try:
+                store.delete_sidecar(old)
+            except (StoreError, StoreUnavailable, ArchiveNotFound) as exc:  # already merged by someone else, or not ours to delete
+                log.debug("catalog: index object %s not removed: %s", old, exc)
+
+
+def index_new_archive(store: ArchiveStore, name: str) -> None:
+    """Add a just-published archive to the store's catalog index (a one-entry index object), so
+    the next listing need not read it. Never fails the backup."""
+    if not _indexed(store):
+        return
+    log = logger()
+    try:
+        info = store.head(name)
+        with open_stored(store, name, info.size) as reader:
+            entry = _index_entry(info, reader)
+        _write_index(store, [entry])
+    except (ArchiveError, StoreError, StoreUnavailable) as exc:
+        log.info("catalog: %s not indexed (%s); listings read it by range", name, exc)
+        return
+    # Keep the index a few objects, even in a store that is written often and listed rarely.
+    names, entries = _read_index(store) if _count_index(store) > INDEX_MAX_OBJECTS else ([], {})
+    if len(names) > INDEX_MAX_OBJECTS:
+        _write_index(store, [e for _, e in sorted(entries.items())], replaces=names)
+
+
+def _count_index(store: ArchiveStore) -> int:
+    try:
+        return sum(1 for n in store.list_sidecars(INDEX_PREFIX) if n.endswith(INDEX_SUFFIX))
+    except (StoreError, StoreUnavailable, NotImplementedError):
+        return 0
 
 
 def _authenticate(reader: ArchiveReader, keys: ArchiveKeys) -> tuple[bool, str | None]:
@@ -109,10 +294,16 @@ def _authenticate(reader: ArchiveReader, keys: ArchiveKeys) -> tuple[bool, str |
     return True, None
 
 
-def _describe(store: ArchiveStore, info: ArchiveInfo, log: Any, keys: ArchiveKeys | None = None) -> dict[str, Any]:
+def _describe(
+    store: ArchiveStore, info: ArchiveInfo, log: Any, keys: ArchiveKeys | None = None,
+    entry: dict[str, Any] | None = None, *, want_entry: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The catalog row of one archive (from its index ``entry`` when given, else from the
+    archive), and a new index entry when ``want_entry``."""
     row: dict[str, Any] = info.to_dict()
+    new_entry = None
     try:
-        with open_stored(store, info.name, info.size) as reader:
+        with _open_for_catalog(store, info, entry) as reader:
             m = reader.manifest
             problem = _summary_problem(m)
             if problem is not None:
@@ -125,12 +316,31 @@ def _describe(store: ArchiveStore, info: ArchiveInfo, log: Any, keys: ArchiveKey
                 row["authenticated"], why = _authenticate(reader, keys)
                 if why:
                     row["unauthenticated_reason"] = why
+            if want_entry:
+                new_entry = _index_entry(info, reader)
     except (ArchiveError, StoreError) as exc:
         # Not an archive (or gone, or unreadable for good): reported, never fatal. A
         # transient StoreUnavailable is not caught: the catalog task retries it.
         row = {**info.to_dict(), "error": str(exc)}
-        log.warning("catalog: skipping a file that is not a readable archive: %s", exc)
-    return row
+        if entry is None:  # (a bad index entry is retried against the archive itself)
+            log.warning("catalog: skipping a file that is not a readable archive: %s", exc)
+        new_entry = None
+    return row, new_entry
+
+
+@contextmanager
+def _open_for_catalog(store: ArchiveStore, info: ArchiveInfo, entry: dict[str, Any] | None) -> Iterator[ArchiveReader]:
+    if entry is not None:
+        try:
+            view = _IndexedBytes(info.size, base64.b64decode(entry["head"]), base64.b64decode(entry["tail"]))
+            reader = ArchiveReader(view, label=info.url)  # type: ignore[arg-type]
+        except (ArchiveError, KeyError, TypeError, ValueError):
+            reader = None  # a damaged entry: read the archive itself
+        if reader is not None:
+            yield reader
+            return
+    with open_stored(store, info.name, info.size) as reader:
+        yield reader
 
 
 @task(name="catalog", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry, cache_policy=NO_CACHE)

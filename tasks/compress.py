@@ -125,6 +125,9 @@ def compress_to_store(
                                  extra_manifest=extra_manifest)
     info = store.head(name)
     _log_done(extracted, info.size, level, encryptor, f", streamed to {info.url}")
+    from tasks.catalog import index_new_archive
+
+    index_new_archive(store, name)
     return Compressed(path="", manifest=manifest, size=info.size), info
 
 

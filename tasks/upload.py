@@ -15,6 +15,9 @@ from burrow.runlog import logger
 def upload_archive(store: ArchiveStore, path: Path, name: str) -> ArchiveInfo:
     info = store.put(name, path)
     logger().info("upload: stored %s (%d bytes)", info.url, info.size)
+    from tasks.catalog import index_new_archive
+
+    index_new_archive(store, name)
     return info
 
 

@@ -13,17 +13,23 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from burrow.archive import ArchiveReader, BodyDecryptor
+from burrow.errors import ArchiveError
 from burrow.runlog import logger
 
 
 def validate_archive(
-    path: Path, decryptor: BodyDecryptor | None = None, label: str = "archive", allow_unencrypted: bool = False
+    path: Path, decryptor: BodyDecryptor | None = None, label: str = "archive", allow_unencrypted: bool = False,
+    expect_manifest_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Return the manifest of a fully checked archive; raise ArchiveError otherwise.
 
     When ``decryptor`` holds keys (a non-empty keyring), an unencrypted archive is refused
     unless ``allow_unencrypted``: with keys configured, a plaintext archive in the store is
     what someone who can write to it could have planted (a downgrade).
+
+    ``expect_manifest_sha256`` is the manifest checksum of the catalog row the archive was
+    chosen by: an archive whose own manifest differs is not the one the choice was made on
+    (a forged catalog index entry), and is refused.
     """
     started = time.monotonic()
     with open(path, "rb") as f:
@@ -31,6 +37,11 @@ def validate_archive(
         reader.check_downgrade(decryptor, allow_unencrypted=allow_unencrypted)
         n = reader.validate(decryptor)
         manifest = reader.manifest
+    if expect_manifest_sha256 is not None and manifest.get("manifest_sha256") != expect_manifest_sha256:
+        raise ArchiveError(
+            f"{label} is not the archive its catalog entry describes (its manifest differs from the one it was "
+            "chosen by: a damaged or forged catalog index)"
+        )
     logger().info(
         "validate: %s ok: %d keys, content sha256 %s, checked in %.2fs",
         label, n, manifest["content_sha256"][:16], time.monotonic() - started,
@@ -40,7 +51,8 @@ def validate_archive(
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate(
-    path: str, decryptor: BodyDecryptor | None = None, label: str = "archive", allow_unencrypted: bool = False
+    path: str, decryptor: BodyDecryptor | None = None, label: str = "archive", allow_unencrypted: bool = False,
+    expect_manifest_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Prefect task wrapper of :func:`validate_archive`."""
-    return validate_archive(Path(path), decryptor, label, allow_unencrypted)
+    return validate_archive(Path(path), decryptor, label, allow_unencrypted, expect_manifest_sha256)
