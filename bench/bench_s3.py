@@ -57,7 +57,7 @@ def _boto3():  # noqa: ANN202
 
     return boto3.client("s3", endpoint_url=os.environ["BENCH_ENDPOINT"], config=Config(
         request_checksum_calculation="when_required", response_checksum_validation="when_required",
-        s3={"addressing_style": "path"}))
+        s3={"addressing_style": "path"}, max_pool_connections=16))
 
 
 def phase(name: str, bucket: str, path: Path, key: str) -> dict:
