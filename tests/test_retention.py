@@ -139,7 +139,9 @@ def test_prune_flow_gfs_on_s3_with_object_lock_and_a_policy_block(moto, tmp_path
     async def artifact() -> str:
         async with get_client() as client:
             arts = await client.read_artifacts()
-            return [a for a in arts if a.key and a.key.startswith("prune-")][-1].data
+            # this run's artifact: the newest prune artifact about this bucket
+            mine = [a for a in arts if a.key and a.key.startswith("prune-s3-") and bucket in (a.description or "")]
+            return max(mine, key=lambda a: a.created).data
 
     text = asyncio.run(artifact())
     assert names[2] in text and "kept by no rule" in text and "Object Lock" in text
