@@ -61,6 +61,7 @@ _OP_OVERHEAD = 96  # JSON bytes of one cas op besides its key and value
 _GO_STRING = r'"((?:[^"\\]|\\.)*)"'
 _STALE = re.compile(r"failed to set key " + _GO_STRING + r", index is stale")  # cas: the key exists
 _ABSENT = re.compile(r"key " + _GO_STRING + r" doesn't exist")  # get: no such key (or not readable)
+_DELETE_STALE = re.compile(r"failed to delete key " + _GO_STRING + r", index is stale")  # delete-cas: changed
 # ACL refusals: "Permission denied" (Consul 1.8), "Permission denied: token with AccessorID
 # '...' lacks permission 'key:write' on <the key>" (1.11 and later), "ACL not found".
 _DENIED = re.compile(r"(?:rpc error making call: )?(?:Permission denied|ACL not found)(?::.*)?", re.DOTALL)
@@ -606,6 +607,55 @@ class ConsulSession:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.http.close()
+
+    # -- cleanup (rehearsals) -------------------------------------------------------------
+    def delete_if_unchanged(self, records: list[Record]) -> list[bool]:
+        """Delete each record's key if it still holds exactly the record's value: read value
+        and ModifyIndex in one txn per batch, then ``delete-cas`` at that index (a key changed
+        meanwhile is left alone). True = deleted.
+
+        Added for rehearsals (tasks/rehearse.py), which remove what they restored into a
+        scratch prefix once compared: a restore itself never deletes anything."""
+        results = [False] * len(records)
+        n = max(1, min(self.block.txn_ops, MAX_TXN_OPS))
+        chunks = [list(range(i, min(i + n, len(records)))) for i in range(0, len(records), n)]
+
+        def run(chunk: list[int]) -> list[int]:
+            full = [self.full_key(records[i].key) for i in chunk]
+            index: dict[str, int] = {}  # key -> ModifyIndex, for the keys whose value is still the record's
+            pending = list(range(len(chunk)))
+            for _ in range(10):
+                if not pending:
+                    break
+                ops = [{"KV": {"Verb": "get", "Key": full[j]}} for j in pending]
+                got, errors = self._txn(ops, "reading keys to delete")
+                if got is not None:
+                    expected = {full[j]: records[chunk[j]].value for j in pending}
+                    for r in got:
+                        kv = r.get("KV") or {}
+                        key = str(kv.get("Key"))
+                        value = base64.b64decode(kv["Value"]) if kv.get("Value") else b""
+                        if key in expected and expected[key] == value and kv.get("ModifyIndex"):
+                            index[key] = int(kv["ModifyIndex"])
+                    break
+                missing = self._failed_ops(errors, [full[j] for j in pending], _ABSENT, "reading keys to delete")
+                pending = [j for k, j in enumerate(pending) if k not in missing]
+            todo = [j for j in range(len(chunk)) if full[j] in index]
+            for _ in range(10):
+                if not todo:
+                    break
+                ops = [{"KV": {"Verb": "delete-cas", "Key": full[j], "Index": index[full[j]]}} for j in todo]
+                got, errors = self._txn(ops, "deleting keys", results=False)
+                if got is not None:
+                    return [chunk[j] for j in todo]
+                stale = self._failed_ops(errors, [full[j] for j in todo], _DELETE_STALE, "deleting keys")
+                todo = [j for k, j in enumerate(todo) if k not in stale]
+            return []
+
+        for deleted in self._map(run, chunks):
+            for i in deleted:
+                results[i] = True
+        return results
 
 
 _WS = b" \t\r\n"

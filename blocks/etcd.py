@@ -691,6 +691,26 @@ class EtcdSession:
     def close(self) -> None:
         self.channel.close()
 
+    # -- cleanup (rehearsals) -------------------------------------------------------------
+    def delete_if_unchanged(self, records: list[Record]) -> list[bool]:
+        """Delete each record's key if it still holds exactly the record's value: one txn per
+        key guarding the delete with ``value == record.value`` (a key changed or gone meanwhile
+        is left alone), pipelined. True = deleted.
+
+        Added for rehearsals (tasks/rehearse.py), which remove what they restored into a
+        scratch prefix once compared: a restore itself never deletes anything."""
+
+        def guarded(r: Record) -> rpc.TxnRequest:
+            key = self.full_key(r.key)
+            return rpc.TxnRequest(
+                compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, value=r.value)],
+                success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))],
+            )
+
+        responses = self._many(self.kv.Txn, (guarded(r) for r in records), "deleting keys")
+        return [bool(resp.succeeded and resp.responses and resp.responses[0].response_delete_range.deleted)
+                for resp in responses]
+
 
 class _TooLarge(SourceError):
     """An answer exceeded the gRPC receive limit (asked for too much at once)."""

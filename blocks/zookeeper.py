@@ -918,3 +918,42 @@ class ZooKeeperSession:
         finally:
             self.client.close()
 
+
+    # -- cleanup (rehearsals) -------------------------------------------------------------
+    def delete_if_unchanged(self, records: list[Record]) -> list[bool]:
+        """Delete each record's node if it still holds exactly the record's data, guarded by
+        the version read just before (a node changed meanwhile is left alone). Records come
+        children first; a node that has children is left alone too. True = deleted.
+
+        Added for rehearsals (tasks/rehearse.py), which remove what they restored into a
+        scratch chroot once compared: a restore itself never deletes anything."""
+        from kazoo.exceptions import BadVersionError, NotEmptyError
+
+        results = [False] * len(records)
+        window = max(1, self.block.read_window)
+        wait = max(self.block.session_timeout, 1.0)
+        path = ""
+        try:
+            for start in range(0, len(records), window):
+                chunk = records[start : start + window]
+                gets = [self.client.get_async(r.key.decode("utf-8")) for r in chunk]
+                deletes = []
+                for n, (r, pending) in enumerate(zip(chunk, gets, strict=True)):
+                    path = r.key.decode("utf-8")
+                    try:
+                        data, stat = pending.get(timeout=wait)
+                    except NoNodeError:
+                        continue
+                    if (data or b"") != r.value or stat.ephemeralOwner:
+                        continue
+                    deletes.append((start + n, path, self.client.delete_async(path, version=stat.version)))
+                for i, deleting, pending in deletes:  # sent in order: children go before their parents
+                    path = deleting  # (named by the error, should this one fail)
+                    try:
+                        pending.get(timeout=wait)
+                        results[i] = True
+                    except (NoNodeError, BadVersionError, NotEmptyError):
+                        continue
+        except (KazooException, KazooTimeoutError) as exc:
+            raise self._wrap(exc, path, "deleting") from None
+        return results

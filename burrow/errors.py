@@ -18,6 +18,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFLICTS = 3
+EXIT_DRIFT = 4  # burrow verify --against: the live cluster differs from the archive
 EXIT_STALE = 5  # burrow status --max-age: a source's newest archive is too old
 
 
@@ -71,6 +72,13 @@ class ArchiveError(PermanentError):
 
 class KeyMismatch(ArchiveError):
     """The archive was encrypted for a key we do not hold."""
+
+
+class DriftFound(PermanentError):
+    """``burrow verify ARCHIVE --against SOURCE``: the live cluster differs from the archive
+    (keys added, removed or changed). Its message gives counts only, never a value."""
+
+    exit_code = EXIT_DRIFT
 
 
 #: errno values of a store operation that a retry may fix: interrupted or busy calls, a

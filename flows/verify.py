@@ -1,4 +1,5 @@
-"""The verify flow: re-read a stored archive and check manifest, checksums and counts."""
+"""The verify flow: re-read a stored archive and check manifest, checksums and counts; with
+``against``, also diff it with a live cluster (drift: keys added, removed and changed, by path)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ from typing import Any
 from prefect.runtime import flow_run
 
 from blocks.keys import archive_keys
-from blocks.resolve import archive_from_ref
+from blocks.resolve import archive_from_ref, source_from_ref
 from burrow import naming, report
+from burrow.errors import UsageError
 from burrow.staging import staging_dir
-from flows.common import Ref, burrow_flow
+from flows.common import Ref, burrow_flow, recorded_run
+from tasks.download import download
+from tasks.drift import drift as drift_task
+from tasks.validate import validate
 from tasks.verify import verify as verify_task
 from tasks.verify import verify_structure_task
 
@@ -30,32 +35,66 @@ def verify(
     key_block: str | None = None,
     structure_only: bool = False,
     allow_unencrypted: bool = False,
+    against: Ref | None = None,
+    root: str | None = None,
 ) -> dict[str, Any]:
     """Download ``archive`` and check it end to end. Returns the manifest summary.
 
     Keys are given as references, as for the restore flow. ``structure_only`` checks what
     needs no key (framing, header hash, sizes, body SHA-256, chunk layout) and decrypts nothing.
     When any read key is configured, an unencrypted archive fails unless ``allow_unencrypted``.
+
+    ``against`` (a cluster URL without credentials or a saved block's name): once the archive
+    passed every check, diff it with that live cluster, walked below ``root`` (default: the
+    archive's own root). The summary gets ``drift`` (keys that differ), ``added``, ``removed``
+    and ``changed`` with the paths (never values), status ``drift`` when any differ, and the
+    run leaves a drift artifact. Nothing is written to the cluster.
     """
     summary: dict[str, Any] = {"status": "failed", "archive": archive}
+    lists: dict[str, list[str]] = {}
 
     def _publish() -> None:
-        report.publish(f"verify-{summary.get('source') or 'archive'}", f"Burrow verify: {summary['status']}", summary)
+        rows = {k: v for k, v in summary.items() if not k.endswith("_paths")}
+        if against is not None:
+            report.publish(
+                f"drift-{summary.get('source') or 'archive'}",
+                f"Burrow drift of {summary.get('target', against)} from {summary.get('url', 'the archive')}: "
+                f"{summary['status']}",
+                rows, lists,
+            )
+            return
+        report.publish(f"verify-{summary.get('source') or 'archive'}", f"Burrow verify: {summary['status']}", rows)
 
-    with report.recorded(summary, _publish):
+    with recorded_run("verify", summary, _publish):
         store, name = archive_from_ref(archive)
+        if against is not None and structure_only:
+            raise UsageError("--against compares keys and values, so it cannot be --structure-only")
         keys = None
         if not structure_only:
             keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
+        target = source_from_ref(against) if against is not None else None
+        if target is not None:
+            summary.update(target=target.describe(), target_service=target.service)
         with staging_dir() as work:
             if structure_only:
                 m = verify_structure_task(store, name, str(work))
+            elif target is not None:
+                local = download(store, name, str(work))
+                m = validate(local, keys, label=store.url(name), allow_unencrypted=allow_unencrypted)
+                d = drift_task(local, target, str(work), keys, root, label=store.url(name))
+                summary.update(drift=d.total, added=d.added, removed=d.removed, changed=d.changed,
+                               unchanged=d.same, live_keys=d.live_keys,
+                               added_paths=d.added_paths, removed_paths=d.removed_paths,
+                               changed_paths=d.changed_paths)
+                lists.update({"Added (in the cluster, not in the archive)": d.added_paths,
+                              "Removed (in the archive, not in the cluster)": d.removed_paths,
+                              "Changed (value differs)": d.changed_paths})
             else:
                 m = verify_task(store, name, str(work), keys, allow_unencrypted)
         summary.update(
             verified="structure-only" if structure_only else "full",
             decrypted_with=keys.opened_by if keys else None,
-            status="ok",
+            status="drift" if summary.get("drift") else "ok",
             url=store.url(name),
             service=m.get("service"),
             source=m.get("source"),

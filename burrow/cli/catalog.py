@@ -48,8 +48,27 @@ def register(sub: Any) -> dict[str, Any]:
     return {"list": cmd_list, "status": cmd_status, "inspect": cmd_inspect}
 
 
+def _annotate(store: Any, rows: list[dict[str, Any]], keys: Any) -> None:
+    """Rehearsal markers onto the rows (``row["rehearsal"]``), unless the catalog did it already."""
+    from tasks.markers import annotate
+
+    if any("rehearsal" in r for r in rows):
+        return
+    annotate(store, rows, keys if keys.keyring else None)
+
+
+def newest_rehearsal(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The rehearsal to show for a source: the newest authenticated one of any of its archives,
+    else the newest unauthenticated one (shown as such), with the archive's URL."""
+    found = [dict(r["rehearsal"], archive=r["url"]) for r in rows if isinstance(r.get("rehearsal"), dict)]
+    if not found:
+        return None
+    return max(found, key=lambda x: (bool(x.get("authenticated")), str(x.get("at") or "")))
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from tasks.catalog import distrust
+    from tasks.markers import rehearsal_text
 
     keys = keyring(read_refs(args))
     if args.latest:
@@ -57,9 +76,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             raise UsageError("--latest needs --source NAME")
         print(latest(args.store, args.source, keys))
         return EXIT_OK
-    _, rows = catalog_rows(args.store, keys)
+    store, rows = catalog_rows(args.store, keys)
     if args.source:
         rows = [r for r in rows if r.get("source") == args.source]
+    _annotate(store, rows, keys)
     keyed = bool(keys.keyring)
     for r in rows:
         why = distrust(r, keyed=keyed)
@@ -77,9 +97,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             enc = f"encrypted({r.get('encryption_mode', '?')}{':' + fps if fps else ''})"
         auth = {True: "  authenticated", False: "  UNAUTHENTICATED"}.get(r.get("authenticated"), "")
         flag = f"  FLAGGED: {r['flagged']}" if r.get("flagged") else ""
+        rehearsed = f"  {rehearsal_text(r['rehearsal'])}" if r.get("rehearsal") else ""
         print(
             f"{r['url']}  {r['size']:>12} B  {r['modified']}  {r.get('service', '?')}  "
-            f"{r.get('source', '?')}  keys={r.get('keys', '?')}  {enc}{auth}{flag}"
+            f"{r.get('source', '?')}  keys={r.get('keys', '?')}  {enc}{auth}{flag}{rehearsed}"
         )
     return EXIT_OK
 
@@ -92,12 +113,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from burrow.naming import age_text, parse_duration
     from tasks.catalog import created_at, distrust, newest_first
     from tasks.download import download_archive
+    from tasks.markers import rehearsal_text
     from tasks.validate import validate_archive
 
     max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
     keys = keyring(read_refs(args))
     keyed = bool(keys.keyring)
     store, rows = catalog_rows(args.store, keys)
+    _annotate(store, rows, keys)
     now = datetime.now(UTC)
     sources = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
     if args.source:
@@ -112,6 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         entry: dict[str, Any] = {
             "source": source, "archives": len(mine), "stored_bytes": sum(int(r.get("size") or 0) for r in mine),
             "flagged": sum(1 for r in mine if distrust(r, keyed=keyed, now=now)),
+            "rehearsal": newest_rehearsal(mine),
         }
         if good:
             newest = good[0]
@@ -158,7 +182,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                        if "newest_verified" in e else ", NONE verified")
             flag = f", {e['flagged']} flagged" if e["flagged"] else ""
             mark = "  STALE" if e["source"] in stale else ""
-            print(f"{e['source']}: {e['archives']} archives, {e['stored_bytes']} B, {newest}{ver}{flag}{mark}")
+            rehearsed = ", " + rehearsal_text(e.get("rehearsal"))
+            print(f"{e['source']}: {e['archives']} archives, {e['stored_bytes']} B, {newest}{ver}{flag}{rehearsed}{mark}")
     if stale:
         print(f"burrow: newest archive older than {args.max_age} for: {', '.join(stale)}", file=sys.stderr)
         return EXIT_STALE

@@ -1,0 +1,221 @@
+"""The rehearse flow: prove that a backup restores.
+
+Restore an archive (the newest trusted one of ``source`` by default) into an empty scratch
+target, compare every key and value with the archive, measure how long the restore took
+(download, validation, plan and replay: the real RTO), clean the scratch target up, and
+record the result next to the archive as a marker (tasks/markers.py), authenticated with
+the archive's key where one opens it. ``burrow list``/``status`` show the markers, and
+failover prefers the newest archive with an authenticated, passing one.
+
+For backups encrypted to X25519 public keys, the backup worker can only check structure;
+a scheduled rehearsal where the identity lives is their full verification.
+
+Parameters are block-friendly and never secret: a store, a source name, a scratch target
+(URL without credentials or a saved block's name) and key references (paths, variable and
+block names).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect.runtime import flow_run
+
+from blocks.keys import archive_keys
+from blocks.resolve import archive_from_ref, source_from_ref, store_from_ref
+from burrow import naming, report
+from burrow.archive import ArchiveReader
+from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatch, UsageError
+from burrow.runlog import logger
+from burrow.staging import staging_dir
+from flows.common import Ref, burrow_flow, recorded_run, source_lock
+from flows.restore import plan_and_replay, target_lock_name
+from tasks.catalog import by_creation, catalog, distrust
+from tasks.download import download
+from tasks.markers import build_marker, marker_key, write_marker
+from tasks.rehearse import check_scratch, clean_scratch, compare_scratch
+from tasks.validate import validate
+
+
+def _run_name() -> str:
+    p = flow_run.parameters
+    return f"rehearse-{naming.slug(str(p.get('source', 'source')))}-{naming.stamp()}"
+
+
+@burrow_flow(name="rehearse", flow_run_name=_run_name, persist_result=False)
+def rehearse(
+    store: Ref,
+    source: str,
+    scratch: Ref,
+    archive: Ref | None = None,
+    key_files: list[str] | None = None,
+    identity_files: list[str] | None = None,
+    passphrase_env: str | None = None,
+    key_env: str | None = None,
+    key_block: str | None = None,
+    allow_unencrypted: bool = False,
+) -> dict[str, Any]:
+    """Rehearse a restore of ``source``'s newest trusted archive in ``store`` (or of
+    ``archive``) into the empty ``scratch`` target; returns the run summary.
+
+    The run fails (and the marker says so) when the archive does not validate, the restore
+    fails, or the scratch copy differs from the archive. A scratch target that holds keys is
+    refused before anything is written, and a key that opens no archive stops the run: in
+    both cases no marker is written (neither says anything about the archive)."""
+    log = logger()
+    summary: dict[str, Any] = {"status": "failed", "source": source}
+    lists: dict[str, list[str]] = {}
+
+    def _publish() -> None:
+        rows = {k: v for k, v in summary.items() if not k.endswith("_paths")}
+        report.publish(
+            f"rehearsal-{naming.slug(source)}", f"Burrow rehearsal of {source}: {summary['status']}", rows, lists
+        )
+
+    with recorded_run("rehearsal", summary, _publish):
+        st = store_from_ref(store)
+        target = source_from_ref(scratch)
+        summary.update(store=st.describe(), scratch=target.describe(), scratch_service=target.service)
+        keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
+        keyed = bool(keys.keyring)
+        if archive:
+            st, name = _in_store(st, *archive_from_ref(archive))
+            row: dict[str, Any] = {"name": name, "url": st.url(name)}
+        else:
+            row = _newest(st, source, keys if keyed else None, keyed, allow_unencrypted)
+            name = row["name"]
+        summary.update(archive=row["url"], archive_created=row.get("created"))
+        log.info("rehearse: %s into %s", row["url"], target.describe())
+        # The scratch target is locked (its per-cluster limit, as a restore target is) from the
+        # emptiness check to the end of the cleanup: two rehearsals never share it at once.
+        with source_lock(target_lock_name(scratch, target)):
+            prepared = check_scratch(target)  # refuses a scratch target that holds keys: nothing written
+
+            at = datetime.now(UTC)
+            outcome: dict[str, Any] = {"ok": False, "error": None, "restore_s": 0.0, "keys": 0}
+            manifest: dict[str, Any] = {k: row.get(k) for k in ("manifest_sha256", "content_sha256", "source")}
+            mark = True
+            touched = False
+            with staging_dir() as work:
+                local = None
+                started = time.monotonic()
+                try:
+                    local = download(st, name, str(work))
+                    manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted)
+                    if archive and manifest.get("source") != source:
+                        mark = False
+                        raise UsageError(
+                            f"{row['url']} is an archive of {manifest.get('source')!r}, not of {source!r}; nothing was written"
+                        )
+                    if keys.opened_by:
+                        summary["decrypted_with"] = keys.opened_by
+                    summary.update(service=manifest["service"], archive_keys=manifest["keys"], keys=manifest["keys"],
+                                   content_sha256=manifest["content_sha256"])
+                    touched = True
+                    plan_and_replay(local, target, work, keys, summary, lists, dry_run=False, subtree=None, maps=None)
+                    restore_s = time.monotonic() - started
+                    outcome.update(restore_s=restore_s, keys=manifest["keys"])
+                    summary.update(rto_s=round(restore_s, 3), restore_s=round(restore_s, 3))
+                    if summary.get("conflicts"):
+                        raise ArchiveError(
+                            f"the scratch target {target.describe()} held {summary['conflicts']} of the archive's keys "
+                            "with other values (written there during the rehearsal?): the rehearsal proves nothing"
+                        )
+                    cmp = compare_scratch(local, target, str(work), keys, int(summary.get("intermediate_created") or 0),
+                                          label=row["url"])
+                    d = cmp.drift
+                    summary.update(compared=d.archive_keys, scratch_missing=d.removed, scratch_changed=d.changed,
+                                   scratch_extra=d.added)
+                    lists["Missing in the scratch restore"] = d.removed_paths
+                    lists["Changed in the scratch restore"] = d.changed_paths
+                    lists["Extra in the scratch restore"] = d.added_paths
+                    if not cmp.ok:
+                        raise ArchiveError(f"the scratch restore of {row['url']} differs from the archive: {cmp.problem}")
+                    outcome["ok"] = True
+                except KeyMismatch:
+                    mark = False  # a key problem says nothing about the archive
+                    raise
+                except UsageError:
+                    mark = False
+                    raise
+                except BurrowError as exc:
+                    outcome["error"] = str(exc)
+                    raise
+                finally:
+                    if touched:
+                        _cleanup(target, prepared, work, summary, lists)
+                    if mark:
+                        _mark(st, name, row, manifest, local, keys, at, outcome, target.describe(), summary)
+        summary["status"] = "ok"
+        return summary
+
+
+def _in_store(st: Any, ast: Any, name: str) -> tuple[Any, str]:
+    """The archive ``name`` of ``ast`` as an archive of the store ``st`` when it is one (so its
+    marker is named as ``list`` names the archive), else as given."""
+    url = ast.url(name)
+    for info in st.list():
+        if info.url == url:
+            return st, info.name
+    return ast, name
+
+
+def _newest(st: Any, source: str, keys: Any, keyed: bool, allow_unencrypted: bool) -> dict[str, Any]:
+    """The newest archive of ``source`` whose claims can be trusted (as failover picks them)."""
+    rows = catalog(st, keys)
+    mine = [r for r in rows if r.get("source") == source]
+    trusted = [r for r in mine
+               if distrust(r, keyed=keyed and not (allow_unencrypted and not r.get("encrypted"))) is None]
+    if not trusted:
+        held = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
+        raise ArchiveNotFound(
+            f"no trusted archive of source {source!r} in {st.describe()}"
+            + (f" (it holds: {', '.join(held)})" if held else " (it holds no readable archive)")
+        )
+    return by_creation(trusted)[0]
+
+
+def _cleanup(target: Any, prepared: Any, work: Any, summary: dict[str, Any], lists: dict[str, list[str]]) -> None:
+    """Remove what the rehearsal restored; a failure is reported, never hides the run's outcome."""
+    # The restore's plan spool lists every key it created (tasks/plan.py names it plan.jsonl in
+    # the work directory): cleanup deletes exactly those.
+    restored = Path(work) / "plan.jsonl"
+    try:
+        cleaned = clean_scratch(target, prepared, str(work), str(restored) if restored.exists() else None)
+    except BurrowError as exc:
+        logger().error("rehearse: cleaning up %s failed: %s", target.describe(), exc)
+        summary["cleanup_error"] = str(exc)
+        return
+    summary.update(cleanup_deleted=cleaned["deleted"], cleanup_left=cleaned["left"])
+    lists["Left in the scratch target (changed or added meanwhile)"] = cleaned["left_paths"]
+
+
+def _mark(
+    st: Any, name: str, row: dict[str, Any], manifest: dict[str, Any], local: str | None, keys: Any,
+    at: datetime, outcome: dict[str, Any], scratch: str, summary: dict[str, Any],
+) -> None:
+    """Write the rehearsal's marker next to the archive (authenticated when a key opens it)."""
+    key = None
+    if local is not None:
+        try:
+            with open(local, "rb") as f:
+                key = marker_key(ArchiveReader(f, label=row["url"]), keys)
+        except (OSError, BurrowError):
+            key = None
+    details = {k: summary[k] for k in ("created", "intermediate_created", "compared", "scratch_missing",
+                                       "scratch_changed", "scratch_extra") if k in summary}
+    marker = build_marker(
+        name, manifest, at=at, ok=outcome["ok"], keys=outcome["keys"], restore_s=outcome["restore_s"],
+        scratch=scratch, error=outcome["error"], details=details, key=key,
+    )
+    try:
+        summary["marker"] = write_marker(st, name, marker)
+        summary["marker_authenticated"] = key is not None
+    except BurrowError as exc:
+        logger().error("rehearse: the marker could not be written next to %s: %s", row["url"], exc)
+        summary["marker_error"] = str(exc)
+        if outcome["ok"]:
+            raise  # a rehearsal whose result is not recorded proves nothing to list, status or failover

@@ -1,0 +1,245 @@
+"""Rehearse: the stages of a restore rehearsal around the restore itself (flows/rehearse.py).
+
+* :func:`check_scratch`: the scratch target (a ZooKeeper chroot, an etcd or Consul prefix,
+  or a whole scratch cluster) must be empty, so that everything found there afterwards is
+  what the rehearsal restored; which levels of a ZooKeeper chroot are missing is noted, so
+  cleanup removes exactly the ones the restore created.
+* :func:`compare_scratch`: re-read the scratch target with the service's own walk and diff
+  it, key by key, with the archive's records (tasks/drift.py: streaming, bounded memory,
+  by path and value digest, never printing a value). The only keys allowed in the target
+  that the archive lacks are the empty intermediate parents the restore created.
+* :func:`clean_scratch`: delete exactly what the restore created (the keys of its plan spool,
+  intermediate parents included), children first, each key only if it still holds the value
+  it was restored with (``delete_if_unchanged`` of the source sessions: a guarded, atomic
+  delete), then the chroot levels it created. Anything else (a key someone changed or added
+  meanwhile) is left alone and counted.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kazoo.exceptions import KazooException
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.source import SourceBlock, WalkStats
+from blocks.zookeeper import ZooKeeperCluster, ZooKeeperSession
+from burrow.archive import BodyDecryptor
+from burrow.errors import SourceError, UsageError, should_retry
+from burrow.records import Record, decode_record, display_key, encode_record, read_records
+from burrow.runlog import logger
+from burrow.staging import open_spool_reader
+from tasks.drift import Drift, diff_archive
+from tasks.plan import RUN_BYTES, _Sorter
+
+DELETE_BATCH = 1000
+LIST_LIMIT = 1000
+
+
+@dataclass
+class Scratch:
+    """A scratch target checked empty: its description and the chroot levels it lacks."""
+
+    target: str
+    missing_levels: list[str] = field(default_factory=list)  # ZooKeeper chroot levels, top first
+
+
+def _chroot_levels(target: SourceBlock) -> list[str]:
+    chroot = getattr(target, "chroot", None) if isinstance(target, ZooKeeperCluster) else None
+    if not chroot or chroot == "/":
+        return []
+    levels, path = [], ""
+    for part in chroot.strip("/").split("/"):
+        path += "/" + part
+        levels.append(path)
+    return levels
+
+
+def check_scratch_target(target: SourceBlock) -> Scratch:
+    """Refuse a scratch target that holds any key (nothing is written); note which levels of a
+    ZooKeeper chroot do not exist yet (the restore creates them, cleanup removes them)."""
+    session = target.connect()
+    try:
+        walker = session.walk(b"/", WalkStats())
+        try:
+            first = next(walker, None)
+        finally:
+            walker.close()
+    finally:
+        session.close()
+    if first is not None:
+        raise UsageError(
+            f"the scratch target {target.describe()} already holds keys: a rehearsal restores only into an empty "
+            "chroot, prefix or cluster (so that it can compare and clean up exactly what it restored); give an "
+            "empty one, such as a new chroot or prefix. Nothing was written"
+        )
+    missing: list[str] = []
+    levels = _chroot_levels(target)
+    if levels:
+        root = ZooKeeperSession(target, chroot=False)  # type: ignore[arg-type]
+        try:
+            missing = [p for p in levels if root.client.exists(p) is None]
+        except KazooException as exc:
+            raise root._wrap(exc, levels[0], "reading") from None
+        finally:
+            root.close()
+    logger().info(
+        "rehearse: scratch target %s is empty%s", target.describe(),
+        f" ({len(missing)} chroot level(s) to create)" if missing else "",
+    )
+    return Scratch(target=target.describe(), missing_levels=missing)
+
+
+@task(name="check-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
+      cache_policy=NO_CACHE)
+def check_scratch(target: SourceBlock) -> Scratch:
+    """Prefect task wrapper of :func:`check_scratch_target`."""
+    return check_scratch_target(target)
+
+
+@dataclass
+class Comparison:
+    """The outcome of comparing a scratch restore with its archive."""
+
+    ok: bool
+    drift: Drift
+    problem: str | None = None
+
+
+def compare_scratch_target(
+    archive_path: Path, target: SourceBlock, workdir: Path, decryptor: BodyDecryptor | None,
+    intermediate_created: int, label: str = "archive",
+) -> Comparison:
+    """Diff the scratch target against the archive: every archived key must be there with
+    its value; the only extra keys allowed are the empty parents the restore created."""
+    d = diff_archive(archive_path, target, workdir, decryptor=decryptor, root="/", label=label)
+    problems = []
+    if d.removed:
+        problems.append(f"{d.removed} archived keys missing")
+    if d.changed:
+        problems.append(f"{d.changed} keys with a value other than the archive's")
+    unexpected = d.added - min(d.added_empty, max(0, intermediate_created))
+    if unexpected:
+        problems.append(f"{unexpected} keys the archive does not hold")
+    problem = ", ".join(problems) or None
+    log = logger()
+    if problem:
+        log.error("rehearse: the scratch restore differs from %s: %s", label, problem)
+    else:
+        log.info("rehearse: every one of the %d archived keys is in the scratch target with its value", d.archive_keys)
+    return Comparison(ok=problem is None, drift=d, problem=problem)
+
+
+@task(name="compare-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
+      cache_policy=NO_CACHE)
+def compare_scratch(
+    archive_path: str, target: SourceBlock, workdir: str, decryptor: BodyDecryptor | None,
+    intermediate_created: int, label: str = "archive",
+) -> Comparison:
+    """Prefect task wrapper of :func:`compare_scratch_target`."""
+    return compare_scratch_target(Path(archive_path), target, Path(workdir), decryptor, intermediate_created, label)
+
+
+def _deepest_first(records: Iterator[Record], workdir: Path) -> Iterator[Record]:
+    """``records`` children before parents (by depth, deepest first), through the bounded sort."""
+    sorter = _Sorter(workdir, RUN_BYTES)
+    try:
+        for r in records:
+            depth = r.key.count(b"/")
+            sorter.add(b"%06d" % (999_999 - min(depth, 999_999)) + encode_record(Record(r.key, r.value)))
+        for line in sorter:
+            yield decode_record(line[6:])
+    finally:
+        sorter.close()
+
+
+def _restored_records(restored: Path) -> Iterator[Record]:
+    """The records a restore planned to create (its sealed plan spool), as created: key and value."""
+    with open_spool_reader(restored) as f:
+        for r in read_records(f):
+            yield Record(r.key, r.value)
+
+
+def clean_scratch_target(
+    target: SourceBlock, scratch: Scratch, workdir: Path, restored: Path | None = None
+) -> dict[str, Any]:
+    """Delete what the rehearsal restored into ``target``, then the chroot levels it created.
+
+    ``restored`` is the restore's plan spool (tasks/plan.py: every key it creates, with the
+    value it creates it with, intermediate parents included): exactly those keys are deleted,
+    children first, each only if it still holds that value. Without it (no plan was made) the
+    scratch target is walked instead: it was empty before the rehearsal. Returns ``{"deleted",
+    "left", "left_paths"}``; a key left alone is counted, never an error."""
+    log = logger()
+    started = time.monotonic()
+    deleted = 0
+    left_paths: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="cleanup-", dir=workdir))
+    session = target.connect()
+    delete = getattr(session, "delete_if_unchanged", None)
+    if delete is None:
+        session.close()
+        raise SourceError(f"{target.service} targets cannot be cleaned up by this Burrow (no delete support)")
+    try:
+        tree = session.parent_key(b"/a/b") is not None
+        records: Iterator[Record]
+        if restored is not None and restored.exists():
+            records = _restored_records(restored)
+        else:
+            records = session.walk(b"/", WalkStats())
+        if tree:
+            records = _deepest_first(records, base)  # (reads them all before the first delete)
+        batch: list[Record] = []
+
+        def flush() -> None:
+            nonlocal deleted
+            deleted += sum(delete(batch))
+            batch.clear()
+
+        for r in records:
+            batch.append(r)
+            if len(batch) >= DELETE_BATCH:
+                flush()
+        flush()
+    finally:
+        session.close()
+    left = 0
+    session = target.connect()
+    try:
+        for r in session.walk(b"/", WalkStats()):
+            left += 1
+            if len(left_paths) < LIST_LIMIT:
+                left_paths.append(display_key(r.key))
+    finally:
+        session.close()
+    if not left and scratch.missing_levels:
+        root = ZooKeeperSession(target, chroot=False)  # type: ignore[arg-type]
+        try:
+            levels = [Record(p.encode("utf-8"), b"") for p in reversed(scratch.missing_levels)]
+            for r, ok in zip(levels, root.delete_if_unchanged(levels), strict=True):
+                if not ok:
+                    left_paths.append(f"{display_key(r.key)} (chroot level)")
+        finally:
+            root.close()
+    if left:
+        log.warning(
+            "rehearse: cleanup of %s left %d keys the rehearsal did not restore, or that changed since "
+            "(left alone)", target.describe(), left,
+        )
+    log.info("rehearse: cleaned up %s: %d keys deleted, %d left, in %.2fs", target.describe(), deleted, left,
+             time.monotonic() - started)
+    return {"deleted": deleted, "left": left, "left_paths": left_paths}
+
+
+@task(name="clean-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
+      cache_policy=NO_CACHE)
+def clean_scratch(target: SourceBlock, scratch: Scratch, workdir: str, restored: str | None = None) -> dict[str, Any]:
+    """Prefect task wrapper of :func:`clean_scratch_target` (retrying it is safe: a key already
+    deleted is simply not found again)."""
+    return clean_scratch_target(target, scratch, Path(workdir), Path(restored) if restored else None)
