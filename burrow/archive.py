@@ -399,6 +399,13 @@ class ArchiveReader:
             self._bound = (decryptor, bind(self.header.get("encryption"), self.label))
         return self._bound[1]
 
+    def derived_key(self, decryptor: BodyDecryptor | DecryptorFactory | None, label: bytes) -> bytes | None:
+        """A key bound to this archive derived under ``label`` (see StreamDecryptor.derive_key),
+        or None when the archive is not encrypted or the decryptor cannot derive keys."""
+        bound = self._decryptor(decryptor)
+        derive = getattr(bound, "derive_key", None)
+        return derive(label) if derive is not None else None
+
     def check_downgrade(self, decryptor: BodyDecryptor | DecryptorFactory | None, *, allow_unencrypted: bool) -> None:
         """Refuse an unencrypted archive when read keys are configured, unless allowed.
 

@@ -332,6 +332,12 @@ class StreamDecryptor:
             source, AESGCM(self._payload_key), p.nonce_prefix, p.chunk_size, self.label
         )
 
+    def derive_key(self, label: bytes) -> bytes:
+        """A further 32-byte key bound to this one archive, for records about it (rehearsal
+        markers): HMAC-SHA256 of ``label`` under the archive's manifest-MAC subkey. Distinct
+        labels give independent keys; none equals a key the archive itself uses."""
+        return hmac.new(self._mac_key, label, hashlib.sha256).digest()
+
     def check_manifest(self, manifest_bytes: bytes, tag: str) -> None:
         if not isinstance(tag, str) or not hmac.compare_digest(
             _mac(self._mac_key, manifest_bytes).encode(), tag.encode("utf-8", "replace")

@@ -84,13 +84,7 @@ def marker_key(reader: ArchiveReader, keys: ArchiveKeys | None) -> bytes | None:
         reader.check_metadata(keys)  # unwraps the file key and checks the manifest's MAC
     except ArchiveError:
         return None
-    # burrow/crypto.py gives no public way to derive a further key from the archive's
-    # keys, so this reads the bound decryptor's MAC subkey (see the module docstring).
-    bound = reader._decryptor(keys)
-    mac_key = getattr(bound, "_mac_key", None)
-    if not isinstance(mac_key, bytes):
-        return None
-    return hmac.new(mac_key, MARKER_KEY_LABEL, hashlib.sha256).digest()
+    return reader.derived_key(keys, MARKER_KEY_LABEL)
 
 
 def _mac(key: bytes, body: dict[str, Any]) -> str:
