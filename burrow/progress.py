@@ -1,10 +1,24 @@
 """Progress reporting for long steps: a bar on a terminal, nothing elsewhere.
 
-Tasks call ``progress.stage(...)``; the CLI installs a terminal reporter when stderr is a TTY.
+Tasks wrap a long stage (walk, upload, download, plan, replay) in ``progress.stage(...)`` and
+call the ``advance(n)`` it yields as work gets done. What that shows is up to the process:
+
+* by default (a flow run by a worker, a test, a library call) nothing: ``advance`` is a no-op;
+* the CLI installs a terminal reporter when stderr is a terminal: one bar per stage with the
+  count done (of the total when known), the rate, the elapsed time and, with a total, the ETA.
+  A finished bar stays on screen at its final count.
+
+Off a terminal (CI, cron) there are no bars: the stage's own log lines say what happened.
+
+The bar redraws at most every ``BURROW_PROGRESS_INTERVAL`` seconds (default 0.1) on
+``advance`` and also from rich's refresh thread; 0 redraws on every call (the tests use it).
+Only counts and descriptions are shown, never keys or values.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,31 +26,110 @@ from typing import Any
 _reporter: Any = None
 
 
-def install_terminal_reporter() -> None:
-    """Show rich progress bars on stderr for the rest of this process."""
-    global _reporter
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _TerminalReporter:
+    """rich progress bars on stderr, one per stage, left on screen when done."""
 
-    _reporter = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        class _Rate(TextColumn):
+            """Items per second over the stage so far."""
+
+            def __init__(self) -> None:
+                super().__init__("")
+
+            def render(self, task: Any) -> Any:  # noqa: ANN401 - rich's Text
+                from rich.text import Text
+
+                elapsed = task.finished_time if task.finished else task.elapsed
+                rate = task.completed / elapsed if elapsed else 0.0
+                return Text(f"{rate:,.0f}/s", style="progress.data.speed")
+
+        class _Count(MofNCompleteColumn):
+            """``done/total``, or just ``done`` while the total is unknown."""
+
+            def render(self, task: Any) -> Any:  # noqa: ANN401 - rich's Text
+                from rich.text import Text
+
+                if task.total is None:
+                    return Text(f"{int(task.completed):,}", style="progress.download")
+                return Text(f"{int(task.completed):,}/{int(task.total):,}", style="progress.download")
+
+        try:
+            self.interval = float(os.environ.get("BURROW_PROGRESS_INTERVAL", "0.1"))
+        except ValueError:
+            self.interval = 0.1
+        self.progress = Progress(
+            SpinnerColumn(finished_text="✓"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            _Count(),
+            TaskProgressColumn(),
+            _Rate(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+            refresh_per_second=10,
+        )
+        self.last = 0.0
+
+    @contextmanager
+    def stage(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        p = self.progress
+        tid = p.add_task(description, total=total)
+        p.start()
+
+        def advance(n: int) -> None:
+            p.advance(tid, n)
+            now = time.monotonic()
+            if now - self.last >= self.interval:
+                self.last = now
+                p.refresh()
+
+        try:
+            yield advance
+        finally:
+            done = next(t.completed for t in p.tasks if t.id == tid)
+            p.update(tid, total=done if total is None or done > total else total, completed=done)
+            p.stop_task(tid)
+            p.stop()  # the last frame stays on screen (transient=False)
+            p.remove_task(tid)  # so the next stage's bar does not draw this one again
+
+
+def install_terminal_reporter() -> None:
+    """Show progress bars on stderr for the rest of this process."""
+    global _reporter
+    _reporter = _TerminalReporter()
+
+
+def uninstall() -> None:
+    """Back to no progress output."""
+    global _reporter
+    _reporter = None
+
+
+def active() -> bool:
+    """True while a terminal reporter is installed."""
+    return _reporter is not None
 
 
 @contextmanager
 def stage(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """Report progress of one step; yields ``advance(n)``."""
+    """Report progress of one step; yields ``advance(n)`` (a no-op without a reporter)."""
     if _reporter is None:
         yield lambda n: None
         return
-    with _reporter:
-        tid = _reporter.add_task(description, total=total)
-        try:
-            yield lambda n: _reporter.advance(tid, n)
-        finally:
-            _reporter.remove_task(tid)
+    with _reporter.stage(description, total) as advance:
+        yield advance

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -108,6 +109,56 @@ def test_list_inspect_verify_dump_read_it_back(backed_up, zk_a, capsys):
     assert code == 0 and out.splitlines() == [f"{root}/dir  [0 B]", f"{root}/dir/leaf  [4 B]"]
 
 
+def test_dump_is_sorted_depth_first_so_dumps_diff(zk_a, capsys):
+    """Nodes created in a scrambled order come out as a sorted, depth-first listing (a node,
+    then its subtree, siblings by name: ``a``, ``a/x``, ``a-b``, ``ab``), the same every time."""
+    root = unique_root()
+    names = ["b", "a-b", "a/x/2", "a/x/10", "ab", "a/y", "a/x/1", "c"]
+    with kazoo(zk_a.url) as c:
+        for n in names:
+            c.create(f"{root}/{n}", b"v", makepath=True)
+    first = run_main(capsys, "dump", f"zk://{zk_a.url}", "--subtree", root, "--no-values")
+    second = run_main(capsys, "dump", f"zk://{zk_a.url}", "--subtree", root, "--no-values")
+    assert first[0] == 0 and first[1] == second[1]
+    order = [ln.split("  ")[0].removeprefix(root) for ln in first[1].splitlines()]
+    assert order == ["", "/a", "/a/x", "/a/x/1", "/a/x/10", "/a/x/2", "/a/y", "/a-b", "/ab", "/b", "/c"], order
+
+
+def test_external_sort_spills_and_keeps_depth_first_order(tmp_path):
+    """The dump's sort with a tiny run size: every run is spilled (sealed: no key in clear on
+    disk) and merged back into the same order an in-memory sort gives."""
+    import random
+
+    from burrow.extsort import ExternalSorter, tree_sort_key
+
+    keys = [f"/n{i % 7}/m{i % 13}/leaf-{i}".encode() for i in range(3000)] + [b"/", b"/n1", b"/n1\nx", b"/n1\x00y"]
+    random.Random(7).shuffle(keys)
+    sorter = ExternalSorter(tmp_path, run_bytes=4096)
+    for k in keys:
+        sorter.add(tree_sort_key(k) + k.hex().encode() + b"\n")
+    assert len(sorter.runs) > 10
+    assert all(b"leaf-" not in p.read_bytes() for p in sorter.runs)  # sealed runs
+    merged = [bytes.fromhex(line[line.index(b"\x00") + 1:-1].decode()) for line in sorter]
+    sorter.close()
+    assert not list(tmp_path.iterdir())
+    parts = lambda k: [p for p in k.split(b"/") if p]  # noqa: E731 - component-wise order
+    assert merged == sorted(keys, key=parts)
+
+
+def test_every_exit_code_is_documented():
+    """Each EXIT_* code of burrow.errors is a row of the README's exit code table, and the
+    table documents no code that does not exist."""
+    import re
+
+    from burrow import errors
+
+    codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert documented == codes, (documented, codes)
+
+
 def test_restore_dry_run_writes_nothing_and_conflicts_exit_3(backed_up, zk_b):
     root, store, r = backed_up
     url = r.last_line
@@ -116,22 +167,24 @@ def test_restore_dry_run_writes_nothing_and_conflicts_exit_3(backed_up, zk_b):
         c.create(root + "/secret", b"target's own value")  # conflict
         before = full_snapshot(c, root)
 
-        dry = run_cli("restore", url, "--into", f"zk://{zk_b.url}", "--dry-run")
+        dry = run_cli("restore", url, "--into", f"zk://{zk_b.url}", "--dry-run", "--list")
         assert dry.code == 0, dry
         assert full_snapshot(c, root) == before
-        assert dry.out.startswith(f"dry run: nothing was written to zk://{zk_b.url}")
-        creates = {ln.split(None, 1)[1] for ln in dry.out.splitlines() if ln.startswith("create ")}
+        lines = dry.out.splitlines()
+        assert lines[0] == f"dry run: nothing was written to zk://{zk_b.url}"  # the summary first
+        assert "planned_create=6" in lines[1] and "created=0" in lines[1] and "conflicts=1" in lines[1]
+        creates = {ln.split(None, 1)[1] for ln in lines if ln.startswith("create ")}
         assert creates == {f"{root}/{n}" for n in ("text", "bin", "empty", "uni", "dir", "dir/leaf")}
-        assert f"conflict {root}/secret" in dry.out.splitlines()
-        assert "planned_create=6" in dry.last_line and "created=0" in dry.last_line
+        assert f"conflict {root}/secret" in lines
 
         res = run_cli("restore", url, "--into", f"zk://{zk_b.url}")
         assert res.code == 3, res
         after = full_snapshot(c, root)
         assert {p: after[p] for p in before} == before  # not a byte changed
         assert c.get(root + "/text")[0] == b"hello world" and c.get(root + "/dir/leaf")[0] == b"leaf"
+    counts = res.out.splitlines()[0]
     assert f"conflict {root}/secret" in res.out.splitlines()
-    assert "created=6" in res.last_line and "identical=1" in res.last_line and "conflicts=1" in res.last_line
+    assert "created=6" in counts and "identical=1" in counts and "conflicts=1" in counts, res
     assert "1 existing keys differ" in last_stderr_line(res)
     assert SECRET_VALUE.decode() not in res.out + res.err and "target's own value" not in res.out + res.err
 

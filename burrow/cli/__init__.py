@@ -1,69 +1,152 @@
-"""The ``burrow`` command. backup, restore and verify run the Prefect flows (so they land
-in run history); list, inspect and dump work directly.
+"""The ``burrow`` command. backup, restore, verify, failover and prune run the Prefect flows
+(so they land in run history); list, status, inspect, dump, keygen and server work directly,
+without loading Prefect's engine.
 
-Exit codes: 0 success, 1 failure, 2 usage error, 3 restore finished but skipped conflicts.
+What a person sees (stderr): Burrow's own stage lines, progress bars on a terminal, warnings
+and, on failure, one ``burrow: error: ...`` line. Prefect's engine lines and tracebacks show
+only with ``-v``; they always reach the flow run's logs on the server. stdout carries results
+only (``--json``: one JSON object).
+
+Which Prefect API a flow command uses (the configured one, Burrow's local server, or the
+local server when the configured one is dead) is decided by ``burrow.cli.server`` before
+Prefect is imported.
+
+Exit codes: 0 success, 1 failure, 2 usage error, 3 restore finished but skipped conflicts,
+4 ``verify --against``: drift found, 5 ``status --max-age``: a source's newest archive is too old.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from burrow.cli import backup, catalog, dump, failover, keygen, prune, restore, verify
-from burrow.cli.common import Parser
+from burrow.cli import backup, catalog, dump, failover, keygen, prune, rehearse, restore, server, verify
+from burrow.cli.common import OUTPUT, Parser, emit_json
 from burrow.errors import EXIT_FAILURE, BurrowError
 
-MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump)
+MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse)
+
+#: Commands that run a Prefect flow (and so need a Prefect API).
+FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune", "rehearse")
+#: Flow commands whose dry run lists paths (--list).
+LISTING_COMMANDS = ("restore", "failover", "prune")
+#: Commands that show progress bars on a terminal.
+PROGRESS_COMMANDS = ("backup", "restore", "verify", "failover", "rehearse")
+
+_VERBOSE_HELP = "also show Prefect's engine lines and tracebacks on the terminal (they always reach the run's logs)"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
     """The ``burrow`` parser, and every subcommand's handler by name."""
     p = Parser(prog="burrow", description="Backup, verify and safe restore for ZooKeeper, etcd v3 and Consul KV.")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also show Prefect's engine errors and tracebacks on the terminal")
+    p.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     commands: dict[str, Any] = {}
     for module in MODULES:
         commands.update(module.register(sub))
-    for sp in sub.choices.values():  # -v works after the command too
-        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="also show Prefect's engine errors and tracebacks on the terminal")
+    for name, sp in sub.choices.items():  # flags every command (or every flow command) shares
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+        if name in FLOW_COMMANDS and "--json" not in sp._option_string_actions:
+            sp.add_argument("--json", action="store_true",
+                            help="print the run summary as one JSON object on stdout (and nothing else there)")
+        if name in LISTING_COMMANDS:
+            sp.add_argument("--list", dest="list_paths", action="store_true",
+                            help="list every path (dry run: each planned create; prune: each kept archive) "
+                            "after the summary")
+            sp.add_argument("--list-file", metavar="PATH",
+                            help="write that list to PATH instead (one line each)")
     return p, commands
+
+
+class _Silent(logging.Filter):
+    """Drops every record from Prefect's console handler (not from its API handler)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_PRODUCT_DIRS = tuple(
+    str(Path(__file__).resolve().parents[2] / d) + os.sep for d in ("burrow", "blocks", "tasks", "flows")
+)
+
+
+class _StageLines(logging.Handler):
+    """Burrow's own log lines on stderr, plain: ``extract: walking ...``, and warnings as
+    ``burrow: warning: ...``. Only records logged by Burrow's code (not Prefect's engine, not
+    client libraries), INFO and WARNING: an error becomes the one ``burrow: error:`` line.
+    Written to whatever ``sys.stderr`` is at the time, so a progress bar stays intact."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or not (record.pathname or "").startswith(_PRODUCT_DIRS):
+            return
+        try:
+            msg = record.getMessage()
+            line = f"burrow: warning: {msg}" if record.levelno >= logging.WARNING else msg
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - a console line must never fail a run
+            self.handleError(record)
+
+
+def _console(verbose: bool) -> Callable[[], None]:
+    """Set up the terminal for a flow command: quiet unless ``verbose``. Returns the undo (a
+    test calling ``main`` in-process gets its logging back as it was)."""
+    import prefect.main  # noqa: F401 - configures Prefect's logging (handlers on the root logger)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    root = logging.getLogger()
+    if verbose:
+        return lambda: None
+    silent, lines = _Silent(), _StageLines()
+    consoles = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
+    for handler in consoles:
+        handler.addFilter(silent)
+    root.addHandler(lines)
+
+    def undo() -> None:
+        for handler in consoles:
+            handler.removeFilter(silent)
+        root.removeHandler(lines)
+
+    return undo
 
 
 def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune")
+def _api_failure(exc: BaseException) -> str | None:
+    """The named cause when ``exc`` (or what caused it) is the Prefect API failing, else None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        kind = f"{type(e).__module__}.{type(e).__name__}"
+        if kind.startswith("httpx.") or kind.startswith("httpcore.") or "prefect" in kind and "Http" in kind:
+            url = os.environ.get("PREFECT_API_URL", "?")
+            from burrow.naming import redact_url
 
-
-class _NoTracebacksOnConsole(logging.Filter):
-    """On the terminal, an expected failure is one ``burrow: error:`` line: this drops the
-    engine's error records and every traceback from the console handler only. The flow run's
-    logs on the server (Prefect's API handler) still receive all of them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info or record.exc_text:
-            return False
-        return not (record.name.startswith("prefect") and record.levelno >= logging.ERROR)
-
-
-def _quiet_console() -> None:
-    """Attach :class:`_NoTracebacksOnConsole` to Prefect's console handler (set up on import)."""
-    import prefect.main  # noqa: F401 - configures Prefect's logging (handlers on the root logger)
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(
-            isinstance(f, _NoTracebacksOnConsole) for f in handler.filters
-        ):
-            handler.addFilter(_NoTracebacksOnConsole())
-
+            reason = {
+                "ConnectError": "connection failed", "ConnectTimeout": "no answer (connect timed out)",
+                "ReadTimeout": "no answer (read timed out)", "RemoteProtocolError": "the connection broke",
+            }.get(type(e).__name__, type(e).__name__)
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status:
+                reason = f"it answered HTTP {status}"
+            return f"the Prefect API at {redact_url(url)} failed during the run: {reason}"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,25 +154,46 @@ def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     _quiet_prefect()
-    if args.command in FLOW_COMMANDS and not args.verbose:
-        _quiet_console()
-    if sys.stderr.isatty() and args.command in ("backup", "restore", "verify", "failover"):
-        from burrow import progress
-
-        progress.install_terminal_reporter()
+    verbose = bool(getattr(args, "verbose", False))
+    as_json = bool(getattr(args, "json", False)) and args.command in FLOW_COMMANDS
+    OUTPUT.reset(command=args.command, json=as_json, list_paths=bool(getattr(args, "list_paths", False)),
+                 list_file=getattr(args, "list_file", None), stdout=sys.stdout)
+    code = EXIT_FAILURE
+    undo: Callable[[], None] = lambda: None  # noqa: E731
     try:
-        code = commands[args.command](args)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            if args.command in FLOW_COMMANDS:
+                # before Prefect is imported: it reads PREFECT_API_URL once
+                orchestrator = server.choose_orchestrator(args.command)
+                undo = _console(verbose)  # imports Prefect while a local server starts
+                orchestrator.wait()
+                if args.command in PROGRESS_COMMANDS and sys.stderr.isatty():
+                    from burrow import progress
+
+                    progress.install_terminal_reporter()
+            code = commands[args.command](args)
+            if as_json and not OUTPUT.emitted:
+                emit_json({"command": args.command, "status": "ok" if code == 0 else "finished", "exit_code": code})
     except BurrowError as exc:
         print(f"burrow: error: {exc}", file=sys.stderr)
         code = exc.exit_code
+        if as_json:
+            emit_json({"command": args.command, "status": "failed", "error": str(exc), "exit_code": code})
     except KeyboardInterrupt:
         print("burrow: interrupted", file=sys.stderr)
         code = EXIT_FAILURE
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, never a value
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
-        print(f"burrow: error: unexpected {type(exc).__name__}", file=sys.stderr)
+        message = _api_failure(exc) or f"unexpected {type(exc).__name__}"
+        print(f"burrow: error: {message}", file=sys.stderr)
         code = EXIT_FAILURE
+        if as_json:
+            emit_json({"command": args.command, "status": "failed", "error": message, "exit_code": code})
+    finally:
+        undo()
+        if "burrow.progress" in sys.modules:
+            sys.modules["burrow.progress"].uninstall()
     sys.stdout.flush()
     return code
 
@@ -100,4 +204,3 @@ def run() -> None:
 
 if __name__ == "__main__":
     run()
-

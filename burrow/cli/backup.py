@@ -9,6 +9,7 @@ from typing import Any
 from burrow.cli.common import (
     add_write_keys,
     print_summary,
+    report_json,
 )
 from burrow.errors import (
     EXIT_OK,
@@ -71,6 +72,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         recipients=recipients or None, passphrase_env=args.passphrase_env, key_block=args.key_block,
         include_leased=args.include_leased,
     )
+    if report_json(summary, EXIT_OK):
+        return EXIT_OK
     print_summary(summary, skip=("url", "status"))
     print(summary["url"])
     return EXIT_OK

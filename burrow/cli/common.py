@@ -1,11 +1,14 @@
-"""Parts every command shares: the parser class, key flags, restore reports, catalog lookups."""
+"""Parts every command shares: the parser class, key flags, output options (--json, --list),
+restore reports, catalog lookups."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TextIO
 
 from burrow.errors import (
     EXIT_CONFLICTS,
@@ -58,6 +61,58 @@ class Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"burrow: error: {message}{self._suggestion(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+@dataclass
+class Output:
+    """How this command prints its result, set by ``main`` from the shared flags."""
+
+    command: str = ""
+    json: bool = False  # --json: one JSON object on stdout, nothing else there
+    list_paths: bool = False  # --list: every path after the summary
+    list_file: str | None = None  # --list-file PATH: the paths go there
+    stdout: TextIO | None = None  # the real stdout (with --json, print() goes to stderr)
+    emitted: bool = False
+
+    def reset(self, **kwargs: Any) -> None:
+        self.__dict__.update(Output(**kwargs).__dict__)
+
+
+OUTPUT = Output()
+
+#: Conflicts listed without --list (the summary holds the count).
+CONFLICTS_SHOWN = 20
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """Print the run summary as one JSON object on the real stdout (``--json``)."""
+    out = OUTPUT.stdout or sys.stdout
+    out.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    out.flush()
+    OUTPUT.emitted = True
+
+
+def report_json(summary: dict[str, Any], code: int) -> bool:
+    """With ``--json``: print ``summary`` (plus the command and exit code) and return True."""
+    if not OUTPUT.json:
+        return False
+    emit_json({**summary, "command": OUTPUT.command, "exit_code": code})
+    return True
+
+
+def write_list(lines: list[str], what: str) -> None:
+    """The long list of a run (planned creates, kept archives): on stdout after the summary
+    with ``--list``, into a file with ``--list-file``, else only a hint that it exists."""
+    if OUTPUT.list_file:
+        with open(os.path.expanduser(OUTPUT.list_file), "w") as f:
+            f.writelines(line + "\n" for line in lines)
+        print(f"burrow: wrote {len(lines)} {what} lines to {OUTPUT.list_file}", file=sys.stderr)
+    elif OUTPUT.list_paths:
+        for line in lines:
+            print(line)
+    elif lines:
+        print(f"burrow: {len(lines)} {what} lines not shown (--list shows them, --list-file PATH saves them)",
+              file=sys.stderr)
 
 
 def add_write_keys(p: argparse.ArgumentParser) -> None:
@@ -119,31 +174,50 @@ def print_summary(summary: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
 
 
 def report_restore(summary: dict[str, Any], dry_run: bool) -> int:
-    """Print a restore or failover summary on stdout; return the exit code."""
+    """Print a restore or failover summary on stdout, summary first; return the exit code.
+
+    The counts come first. Conflicts follow (up to CONFLICTS_SHOWN of them; all with
+    ``--list``); a dry run's planned creates only with ``--list`` or ``--list-file``. With
+    ``--json`` the whole summary is one JSON object instead."""
+    code = EXIT_CONFLICTS if summary.get("conflicts") and not dry_run else EXIT_OK
+    if report_json(summary, code):
+        _restore_notes(summary, dry_run, paths=False)
+        return code
     if dry_run:
         print(f"dry run: nothing was written to {summary['target']}")
-        for p in summary.get("planned_paths", []):
-            print(f"create   {p}")
-        if summary["planned_create"] + summary["planned_intermediate"] > len(summary.get("planned_paths", [])):
-            print("create   ... (list truncated)")
-    for p in summary.get("conflict_paths", []):
-        print(f"conflict {p}")
     keys = [
         "planned_create", "planned_intermediate", "created", "intermediate_created", "identical",
         "conflicts", "outside_subtree", "metadata_not_carried",
     ]
     print(", ".join(f"{k}={summary[k]}" for k in keys if k in summary))
+    conflicts = list(summary.get("conflict_paths") or [])
+    shown = conflicts if OUTPUT.list_paths else conflicts[:CONFLICTS_SHOWN]
+    for p in shown:
+        print(f"conflict {p}")
+    if len(shown) < len(conflicts):
+        print(f"burrow: {len(conflicts) - len(shown)} more conflicts not shown (--list shows all)", file=sys.stderr)
+    if dry_run:
+        planned = [f"create   {p}" for p in summary.get("planned_paths", [])]
+        if summary["planned_create"] + summary["planned_intermediate"] > len(planned):
+            planned.append("create   ... (list truncated)")
+        write_list(planned, "create")
+    _restore_notes(summary, dry_run, paths=True)
+    return code
+
+
+def _restore_notes(summary: dict[str, Any], dry_run: bool, paths: bool) -> None:
+    """Warnings and ACL notes of a restore (stderr), and their paths (stdout) unless ``--json``."""
     for w in summary.get("warnings") or []:
         print(f"burrow: warning: {w}", file=sys.stderr)
     if summary.get("acl_restricted"):
         print(f"burrow: {summary['acl_restricted']} nodes were given an ACL only the restoring identity holds "
               "(their archived ACL could not be used); re-apply the real ACL:", file=sys.stderr)
-        for p in summary.get("acl_restricted_paths") or []:
+        for p in (summary.get("acl_restricted_paths") or []) if paths else []:
             print(f"restricted {p}")
     if summary.get("acl_not_applied"):
         print(f"burrow: {summary['acl_not_applied']} nodes kept their restorer-only ACL because the archived ACL "
               "could not be set after their children:", file=sys.stderr)
-        for p in summary.get("acl_not_applied_paths") or []:
+        for p in (summary.get("acl_not_applied_paths") or []) if paths else []:
             print(f"acl-not-applied {p}")
     if summary.get("conflicts") and dry_run:
         # A dry run skipped nothing: it succeeded, and says what a restore would leave alone.
@@ -154,9 +228,6 @@ def report_restore(summary: dict[str, Any], dry_run: bool) -> int:
             f"burrow: {summary['conflicts']} existing keys differ from the archive and were left as they are",
             file=sys.stderr,
         )
-        return EXIT_CONFLICTS
-    return EXIT_OK
-
 
 
 def catalog_rows(store_ref: str, keys: Any) -> tuple[Any, list[dict[str, Any]]]:

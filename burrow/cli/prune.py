@@ -9,6 +9,8 @@ from burrow.cli.common import (
     add_read_keys,
     keyring,
     read_refs,
+    report_json,
+    write_list,
 )
 from burrow.errors import (
     EXIT_OK,
@@ -54,12 +56,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         keep_within=args.keep_within, policy_block=args.policy_block, max_age_days=args.max_age_days,
         source=args.source, dry_run=args.dry_run, **refs,
     )
+    if report_json(summary, EXIT_OK):
+        return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
+    # The summary first; then what was (or would be) deleted; the kept archives on request.
+    print(f"{verb} {summary['deleted']} of {summary['archives']} archives; kept {summary['kept']}; "
+          f"left alone {summary['left_alone']} (policy: {summary['policy']})")
     for url, why in summary["deleted_because"].items():
         print(f"{verb} {url}  ({why})")
     if args.dry_run:
-        for url, rules in summary["kept_because"].items():
-            print(f"keep {url}  ({'; '.join(rules)})")
-    print(f"{verb} {summary['deleted']} of {summary['archives']} archives; kept {summary['kept']}; "
-          f"left alone {summary['left_alone']} (policy: {summary['policy']})")
+        write_list([f"keep {url}  ({'; '.join(rules)})" for url, rules in summary["kept_because"].items()], "keep")
     return EXIT_OK
