@@ -74,6 +74,7 @@ def extract_records(source: SourceBlock, root: str, workdir: Path) -> Extracted:
                 sha.update(chunk)
                 content += len(chunk)
                 keys += len(lines)
+                advance(len(lines))
     finally:
         session.close()
     seconds = time.monotonic() - started

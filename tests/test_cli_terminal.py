@@ -116,9 +116,6 @@ def test_backup_on_a_terminal_shows_a_walk_bar_ending_at_the_key_count(backed_up
     assert "extract: walking" in r.raw  # Burrow's own stage lines
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/extract.py never calls advance() for the last partial batch "
-                   "of fewer than 1000 records (the bar ends at 1,000 of 1,213); the fix is one line there: "
-                   "advance(len(lines)) in the `if lines:` block after the walk")
 def test_the_walk_bar_ends_at_the_key_count(backed_up_on_a_tty, tree):
     r, _ = backed_up_on_a_tty
     _, total = tree
