@@ -1,30 +1,42 @@
-"""Apply Burrow's Prefect configuration to the server at PREFECT_API_URL:
+"""Apply Burrow's Prefect configuration to the server at PREFECT_API_URL. Safe to re-run:
+every step creates what is missing and updates what is there, never duplicates.
 
 1. register Burrow's block types (so they can be created in the UI),
 2. create the ``burrow`` process work pool if it is missing,
-3. deploy every deployment in deployments/prefect.yaml,
-4. create the automations in deployments/automations.yaml, wired to a notification block.
+3. create the global concurrency limit ``burrow-source-<name>`` (limit 1) of every cluster:
+   the ``definitions.clusters`` of prefect.yaml, every backup deployment's source, and each
+   ``--cluster``; backups and restores hold it (strictly, under a deployment), so one cluster
+   never runs two of them at once across all workers,
+4. deploy the deployments of deployments/prefect.yaml (all, or those named by ``--only``),
+5. create or update the automations of deployments/automations.yaml, by name, wired to a
+   notification block.
 
-Usage: python deployments/setup.py [--notify-block NAME] [--skip-deploy]
-Then start a worker:  prefect worker start --pool burrow
+Usage: python deployments/setup.py [--notify-block SLUG/NAME] [--cluster NAME ...]
+                                   [--only DEPLOYMENT ...] [--skip-deploy] [--prefect-file PATH]
+Then start workers (on as many machines as you like):  prefect worker start --pool burrow
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
 BLOCK_MODULES = ["blocks.zookeeper", "blocks.local", "blocks.etcd", "blocks.consul", "blocks.keys", "blocks.s3", "blocks.retention"]
+POOL = "burrow"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
+    """Run one ``prefect`` CLI command in the repository; stop with its output on failure."""
     print("$ prefect " + " ".join(args), flush=True)
     env = {**os.environ, "BURROW_HOME": os.environ.get("BURROW_HOME", str(REPO))}
     proc = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True)
@@ -50,8 +62,66 @@ def register_block_types() -> None:
                 print(f"registered block type {obj.get_block_type_slug()} ({module})", flush=True)
 
 
-def notify_block_id(name: str) -> str:
+def clusters_of(spec: dict[str, Any], extra: list[str]) -> list[str]:
+    """Every cluster that needs a per-cluster limit: ``definitions.clusters``, the source name
+    of every backup deployment (its ``name`` parameter, else its ``source``), and ``extra``."""
+    names = list((spec.get("definitions") or {}).get("clusters") or [])
+    for d in spec.get("deployments") or []:
+        if str(d.get("entrypoint", "")).startswith("flows/backup.py:"):
+            params = d.get("parameters") or {}
+            if params.get("name") or params.get("source"):
+                names.append(str(params.get("name") or params["source"]))
+    names += extra
+    return sorted(dict.fromkeys(n for n in names if n))
+
+
+def automations_of(path: Path, notify_block_id: str) -> list[Any]:
+    """The automations of ``path``, with ``${NOTIFY_BLOCK_ID}`` filled in, as Prefect models."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    text = path.read_text().replace("${NOTIFY_BLOCK_ID}", notify_block_id)
+    return [AutomationCore.model_validate(a) for a in yaml.safe_load(text)["automations"]]
+
+
+async def apply(clusters: list[str], automations: list[Any]) -> None:
+    """Create the work pool, the per-cluster limits and the automations, or update them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
     sys.path.insert(0, str(REPO))
+    from flows.common import source_limit_name
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(POOL)
+            print(f"work pool {POOL} is there", flush=True)
+        except ObjectNotFound:
+            try:
+                await client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+                print(f"created the process work pool {POOL}", flush=True)
+            except ObjectAlreadyExists:  # another setup run got there first
+                pass
+        for cluster in clusters:
+            name = source_limit_name(cluster)
+            await client.upsert_global_concurrency_limit_by_name(name, 1)
+            print(f"global concurrency limit {name} (limit 1)", flush=True)
+        for automation in automations:
+            existing = await client.read_automations_by_name(automation.name)
+            if existing:
+                keep, *extra = existing
+                await client.update_automation(keep.id, automation)
+                for dup in extra:  # left by an older setup that created rather than updated
+                    await client.delete_automation(dup.id)
+                print(f"updated automation {automation.name}" + (f" (removed {len(extra)} duplicates)" if extra else ""),
+                      flush=True)
+            else:
+                await client.create_automation(automation)
+                print(f"created automation {automation.name}", flush=True)
+
+
+def notify_block_id(name: str) -> str:
+    """The id of the saved notification block ``slug/name``."""
     from prefect.blocks.core import Block
 
     block = Block.load(name)
@@ -59,29 +129,41 @@ def notify_block_id(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Apply everything; see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--notify-block", help="saved notification block (slug/name) for the automations")
-    p.add_argument("--skip-deploy", action="store_true", help="register blocks and the pool only")
+    p.add_argument("--cluster", action="append", default=[], metavar="NAME",
+                   help="one more cluster (block name or source name) to create a per-cluster limit for")
+    p.add_argument("--only", action="append", default=[], metavar="DEPLOYMENT",
+                   help="deploy only this deployment of prefect.yaml (repeatable)")
+    p.add_argument("--skip-deploy", action="store_true", help="register blocks, pool, limits and automations only")
+    p.add_argument("--prefect-file", default=str(HERE / "prefect.yaml"), help="the deployments file")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
 
+    prefect_file = Path(args.prefect_file).resolve()
+    spec = yaml.safe_load(prefect_file.read_text())
+    wanted = [d for d in spec.get("deployments") or [] if not args.only or d["name"] in args.only]
+    unknown = set(args.only) - {d["name"] for d in wanted}
+    if unknown:
+        raise SystemExit(f"--only: no deployment named {', '.join(sorted(unknown))} in {prefect_file}")
+    missing = sorted({d["entrypoint"] for d in wanted if not (REPO / d["entrypoint"].split(":", 1)[0]).is_file()})
+    if missing and not args.skip_deploy:
+        raise SystemExit(f"these entry points do not exist in {REPO}: {', '.join(missing)} "
+                         "(deploy the others with --only NAME)")
+
     register_block_types()
-    pools = run("work-pool", "ls").stdout
-    if "burrow" not in pools.split():
-        run("work-pool", "create", "burrow", "--type", "process")
-    if not args.skip_deploy:
-        run("deploy", "--all", "--prefect-file", str(HERE / "prefect.yaml"))
+    automations = []
     if args.notify_block:
-        text = (HERE / "automations.yaml").read_text().replace("${NOTIFY_BLOCK_ID}", notify_block_id(args.notify_block))
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(text)
-        try:
-            run("automation", "create", "--from-file", f.name)
-        finally:
-            os.unlink(f.name)
+        automations = automations_of(HERE / "automations.yaml", notify_block_id(args.notify_block))
     else:
-        print("automations skipped: pass --notify-block NAME to wire them to a notification block")
-    print("done: start a worker with  prefect worker start --pool burrow")
+        print("automations skipped: pass --notify-block SLUG/NAME to wire them to a notification block")
+    asyncio.run(apply(clusters_of(spec, args.cluster), automations))
+    if not args.skip_deploy:
+        names = [x for d in wanted for x in ("--name", d["name"])] if args.only else ["--all"]
+        run("deploy", *names, "--prefect-file", str(prefect_file))
+        print(f"deployed {len(wanted)} deployment(s) to the {POOL} work pool", flush=True)
+    print(f"done: start workers with  BURROW_HOME={REPO} prefect worker start --pool {POOL}")
     return 0
 
 

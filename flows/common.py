@@ -17,7 +17,7 @@ so only a Python call or a deployment parameter ever meets the refusal.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Annotated, Any
 
 from prefect import Flow
@@ -143,15 +143,56 @@ def source_limit_name(source: str) -> str:
     return f"burrow-source-{slug(source)}"
 
 
+def _limit_exists(limit: str) -> bool:
+    """Whether the global concurrency limit exists (asked quietly: Prefect's own check warns)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            return False
+    return True
+
+
 @contextmanager
 def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
     """Hold one slot of the source's global concurrency limit (``burrow-source-<slug>``, limit
     1, created by ``deployments/setup.py``) across all workers. Under a deployment the limit
     must exist (``strict=True``): a missing limit is an error, never silently unenforced. A
-    run outside a deployment (the CLI) uses the limit when it exists."""
+    run outside a deployment (the CLI) uses the limit when it exists.
+
+    Logs the limit's name (a cluster name, never a credential) when it waits and when it holds
+    the slot, so a run that waits for another run of the same cluster says so in its logs."""
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import deployment
 
+    from burrow.errors import PermanentError
+    from burrow.runlog import logger
+
+    log = logger()
+    limit = source_limit_name(source)
     strict = bool(deployment.id)
-    with concurrency(source_limit_name(source), occupy=1, strict=strict, timeout_seconds=timeout_seconds):
+    if not strict and not _limit_exists(limit):
+        log.info("no global concurrency limit %s: this run outside a deployment does not lock the cluster", limit)
         yield
+        return
+    log.info("waiting for the per-cluster lock %s", limit)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(limit, occupy=1, strict=strict, timeout_seconds=timeout_seconds))
+        except ConcurrencySlotAcquisitionError as exc:
+            if "must be created" not in str(exc):
+                raise
+            raise PermanentError(
+                f"the global concurrency limit {limit} does not exist, so this cluster could run two backups "
+                "or restores at once: deployments/setup.py creates one per cluster it registers (list the "
+                "cluster under definitions.clusters in deployments/prefect.yaml, or pass --cluster to setup.py)"
+            ) from None
+        log.info("holding the per-cluster lock %s", limit)
+        try:
+            yield
+        finally:
+            log.info("releasing the per-cluster lock %s", limit)

@@ -12,7 +12,7 @@ from blocks.retention import RetentionPolicy
 from burrow import naming, report
 from burrow.errors import UsageError
 from burrow.runlog import logger
-from flows.common import Ref, burrow_flow
+from flows.common import Ref, burrow_flow, recorded_run
 from tasks.catalog import catalog
 from tasks.retention import delete_archive, plan_retention
 
@@ -47,7 +47,8 @@ def prune(
     read key is configured) and Object-Locked archives are never deleted. Returns the summary,
     with the rule(s) that kept every archive and the reason for every deletion."""
     log = logger()
-    summary: dict[str, Any] = {"status": "failed", "store": store, "dry_run": dry_run}
+    # the event's resource: the one source pruned, or every source of the store
+    summary: dict[str, Any] = {"status": "failed", "source": source or "all", "store": store, "dry_run": dry_run}
     deleted: list[str] = []
     left_alone: list[str] = []
     kept: list[str] = []
@@ -62,7 +63,7 @@ def prune(
              "Kept, and by which rule": kept},
         )
 
-    with report.recorded(summary, _publish):
+    with recorded_run("prune", summary, _publish):
         st = store_from_ref(store)
         fields = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily, keep_weekly=keep_weekly,
                       keep_monthly=keep_monthly, keep_yearly=keep_yearly, keep_within=keep_within)

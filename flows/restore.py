@@ -8,13 +8,13 @@ from typing import Any
 from prefect.runtime import flow_run
 
 from blocks.keys import archive_keys
-from blocks.resolve import archive_from_ref, source_from_ref
+from blocks.resolve import archive_from_ref, scheme_of, source_from_ref
 from blocks.source import SourceBlock
 from burrow import naming, report
 from burrow.crypto import ArchiveKeys
 from burrow.runlog import logger
 from burrow.staging import staging_dir
-from flows.common import Ref, burrow_flow
+from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from tasks.download import download
 from tasks.plan import plan as plan_task
 from tasks.replay import replay
@@ -59,7 +59,7 @@ def restore(
     def _publish() -> None:
         publish_summary("restore", summary, lists, dry_run)
 
-    with report.recorded(summary, _publish):
+    with recorded_run("restore", summary, _publish):
         store, name = archive_from_ref(archive)
         target = source_from_ref(into)
         summary.update(target=target.describe(), target_service=target.service)
@@ -78,8 +78,18 @@ def restore(
                 service=manifest["service"], source=manifest.get("source"), archive_keys=manifest["keys"],
                 content_sha256=manifest["content_sha256"],
             )
-            plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
+            # The target cluster is locked from planning (its first read) to the last write: a backup or
+            # another restore of the same cluster, on any worker, waits. A dry run reads it too.
+            with source_lock(target_lock_name(into, target)):
+                plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
         return summary
+
+
+def target_lock_name(into: str, target: SourceBlock) -> str:
+    """The name a restore target is locked under: the saved block's name when ``into`` names
+    one (as a backup of that block records it), else the target's URL without credentials
+    (as a backup of that URL names its source by default)."""
+    return into if scheme_of(into) is None else target.describe()
 
 
 def plan_and_replay(
