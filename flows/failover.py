@@ -1,29 +1,77 @@
-"""The failover flow: rebuild a cluster from the newest archive of a source that verifies.
+"""The failover flow: rebuild a cluster from an archive of a source, as a guarded drill.
 
-"DC-US is down: rebuild its ZooKeeper in DC-EU from the latest verified backup." The store's
-archives of ``source`` are tried newest first; an archive that fails verification (corrupt,
-truncated, tampered) is reported and the next older one is tried. A key that opens none of
-them stops the run: failing over to stale data because of a key problem would be worse.
-The restore itself follows the safety rule: only missing keys are created.
+"DC-US is down: rebuild its ZooKeeper in DC-EU from the latest verified backup." Steps, each a
+task with its own retries, each timed and reported in the artifact:
+
+1. **Preflight** (tasks/preflight.py). Nothing is written if any check fails, and every
+   refusal names the flag that overrides it. The target is checked first (reachable and
+   writable), before any archive is listed or downloaded. Candidates (the source's trusted
+   archives, rehearsed ones first, newest first; or the one ``archive`` pins) are downloaded
+   and validated in turn: a missing, corrupt, truncated or too old one is skipped with its
+   reason and the next older one is tried. A key that opens none stops the run (failing over
+   to stale data because of a key problem would be worse). The split-brain guard probes the
+   failed primary and refuses while it answers; the sanity check refuses an archive whose key
+   count fell by more than half against the previous archive (both unless ``force``).
+2. **Plan, then restore** under the safety rule: create-only, conflicts reported. Under a
+   deployment, a plan with conflicts pauses the run for on-call approval first.
+3. **Post-verify** (tasks/postverify.py): the target is re-read; every selected archived key
+   must be there with its archived value, except the reported conflicts.
+4. **Report**: the artifact and summary give the RPO (``rpo_s``: the archive's age at
+   failover) and the RTO (``rto_s``: the run's duration, and ``steps_s``: each step's time),
+   and the event ``burrow.failover.completed`` / ``.failed`` names source, target and archive.
+
+Idempotent: a re-run after an interruption creates only what is still missing. The archive
+is named on stdout and in the artifact so a re-run can pin it with ``archive``.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
-from prefect.runtime import flow_run
+from prefect.input import RunInput
+from prefect.runtime import deployment, flow_run
 
 from blocks.keys import archive_keys
 from blocks.resolve import source_from_ref, store_from_ref
-from burrow import naming, report
-from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch
+from burrow import naming
+from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatch, UsageError
 from burrow.runlog import logger
 from burrow.staging import staging_dir
-from flows.common import Ref, burrow_flow
-from flows.restore import plan_and_replay, publish_summary
-from tasks.catalog import by_creation, catalog, distrust
+from flows.common import Ref, burrow_flow, recorded_run, source_lock
+from flows.restore import publish_summary, target_lock_name
+from tasks.catalog import catalog, created_at, distrust
 from tasks.download import download
+from tasks.markers import annotate_task
+from tasks.plan import plan as plan_task
+from tasks.postverify import PostVerifyFailed, postverify
+from tasks.preflight import (
+    FailoverRefused,
+    order_candidates,
+    previous_archive,
+    primary_block,
+    primary_guard,
+    rehearsed,
+    rpo_problem,
+    sanity_problem,
+    target_check,
+)
+from tasks.replay import replay
 from tasks.validate import validate
+
+#: Seconds between two checks of a paused run for the on-call's answer.
+APPROVAL_POLL_S = 2
+
+
+class FailoverApproval(RunInput):
+    """The on-call's answer when a failover's plan finds conflicts (existing keys in the
+    target that differ from the archive and will be left as they are)."""
+
+    approve: bool = False
+    comment: str = ""
 
 
 def _run_name() -> str:
@@ -37,6 +85,10 @@ def failover(
     source: str,
     store: Ref,
     into: Ref,
+    primary: Ref | None = None,
+    archive: Ref | None = None,
+    max_age: str | None = None,
+    force: bool = False,
     dry_run: bool = False,
     subtree: str | None = None,
     maps: list[str] | None = None,
@@ -47,80 +99,296 @@ def failover(
     key_env: str | None = None,
     key_block: str | None = None,
     allow_unencrypted: bool = False,
+    approval_timeout_s: int = 3600,
 ) -> dict[str, Any]:
-    """Restore the newest verifiable archive of ``source`` (the source name recorded in the
-    manifests) from ``store`` into ``into``. Returns the run summary. When any read key is
-    configured, unencrypted archives are skipped (reported) unless ``allow_unencrypted``."""
+    """Fail ``source`` (the source name its backups record) over from ``store`` into ``into``.
+
+    ``primary``: the failed cluster (URL or block) to probe; by default the source name when
+    it is a URL or saved block, else the source URL the archive's manifest records.
+    ``archive``: pin the archive (its URL or name in the store) instead of choosing one.
+    ``max_age``: refuse archives older than this (``90s``, ``30m``, ``26h``, ``7d``).
+    ``force``: fail over although the primary still answers, or the archive's key count fell
+    by more than half. A ``dry_run`` runs every read-only check and the plan, and writes nothing
+    (not even the scratch key of the writability check). Returns the run summary.
+    """
+    started = time.monotonic()
     log = logger()
-    summary: dict[str, Any] = {"status": "failed", "source": source, "dry_run": dry_run}
+    summary: dict[str, Any] = {"status": "failed", "source": source, "dry_run": dry_run, "force": force}
+    steps: dict[str, float] = {}
+    summary["steps_s"] = steps
     lists: dict[str, list[str]] = {}
     skipped: list[str] = []
+    preflight: list[str] = []
+
+    @contextmanager
+    def step(name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            steps[name] = round(steps.get(name, 0.0) + time.monotonic() - t0, 3)
 
     def _publish() -> None:
-        lists["Archives skipped (failed verification)"] = skipped
+        summary["rto_s"] = round(time.monotonic() - started, 3)
+        summary["skipped"] = list(skipped)
+        summary["preflight"] = list(preflight)
+        lists["Preflight"] = preflight
+        lists["Archives skipped"] = skipped
         publish_summary("failover", summary, lists, dry_run)
 
-    with report.recorded(summary, _publish):
-        st = store_from_ref(store)
-        target = source_from_ref(into)
-        summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
-        keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
-        keyed = bool(keys.keyring)
-        rows = catalog(st, keys if keyed else None)
-        mine = [r for r in rows if r.get("source") == source]
-        if not mine:
-            held = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
-            raise ArchiveNotFound(
-                f"no archive of source {source!r} in {st.describe()}"
-                + (f" (it holds: {', '.join(held)})" if held else " (it holds no readable archive)")
-            )
-        # Act only on manifests that can be trusted: with a key configured, the manifest's claims
-        # (source, created) are authenticated first, so a planted archive cannot pose as the newest.
-        candidates = []
-        for row in mine:
-            plain_ok = allow_unencrypted and not row.get("encrypted")
-            why = distrust(row, keyed=keyed and not plain_ok)
-            if why is None:
-                candidates.append(row)
-            else:
-                log.warning("failover: skipping %s: %s", row["url"], why)
-                skipped.append(f"{row['url']}: {why}")
-        if keyed and not candidates and any(
-            r.get("encrypted") and r.get("unauthenticated_reason") == "no configured key opens it" for r in mine
-        ):
-            raise KeyMismatch(
-                f"no configured key opens any archive of {source!r} in {st.describe()}; pass the right "
-                "--key-file, --identity or --passphrase-env (a failover never falls back to stale data over a key problem)"
-            )
-        candidates = by_creation(candidates)
-        if not candidates:
-            raise ArchiveError(f"no archive of {source!r} in {st.describe()} can be trusted ({len(skipped)} skipped)")
-        with staging_dir() as work:
-            chosen = None
-            for row in candidates[: max(1, max_candidates)]:
-                try:
-                    local = download(st, row["name"], str(work))
-                    manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted)
-                except KeyMismatch:
-                    raise
-                except ArchiveError as exc:
-                    log.warning("failover: skipping %s: %s", row["url"], exc)
-                    skipped.append(f"{row['url']}: {exc}")
-                    continue
-                chosen = (row, local, manifest)
-                break
-            if chosen is None:
-                raise ArchiveError(
-                    f"none of the newest {len(skipped)} archives of {source!r} passed verification"
+    try:
+        with recorded_run("failover", summary, _publish):
+            limit = naming.parse_duration(max_age, "--max-age") if max_age else None
+            if max_candidates < 1:
+                raise UsageError("--candidates must be at least 1")
+            st = store_from_ref(store)
+            target = source_from_ref(into)
+            summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
+            if max_age:
+                summary["max_age"] = max_age
+
+            # 1. the target first: a dead target must not cost the time to fetch candidates
+            with step("target"):
+                preflight.append(f"target {target.describe()}: {target_check(target, write=not dry_run)}")
+
+            keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
+            keyed = bool(keys.keyring)
+            with step("catalog"):
+                rows = catalog(st, keys if keyed else None)
+                mine = [r for r in rows if r.get("source") == source]
+                if not mine:
+                    held = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
+                    raise ArchiveNotFound(
+                        f"no archive of source {source!r} in {st.describe()}"
+                        + (f" (it holds: {', '.join(held)})" if held else " (it holds no readable archive)")
+                    )
+                annotate_task(st, mine, keys if keyed else None)
+                for row in rows:  # unreadable (truncated, corrupt) files named like this source's archives
+                    if row.get("error") and _named_like(str(row.get("name", "")), source):
+                        skipped.append(f"{row['url']}: unreadable: {row['error']}")
+            trusted = _trusted(mine, keyed, allow_unencrypted, skipped)
+            if keyed and not trusted and any(
+                r.get("encrypted") and r.get("unauthenticated_reason") == "no configured key opens it" for r in mine
+            ):
+                raise KeyMismatch(
+                    f"no configured key opens any archive of {source!r} in {st.describe()}; pass the right "
+                    "--key-file, --identity or --passphrase-env (a failover never falls back to stale data over a "
+                    "key problem)"
                 )
-            row, local, manifest = chosen
-            log.info("failover: restoring %s (created %s) into %s", row["url"], manifest["created"], target.describe())
-            summary.update(
-                archive=row["url"], archive_created=manifest["created"], service=manifest["service"],
-                archive_keys=manifest["keys"], content_sha256=manifest["content_sha256"],
-                skipped_archives=len(skipped),
-            )
-            if keys.opened_by:
-                summary["decrypted_with"] = keys.opened_by
-            plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
-        return summary
+            candidates = _pinned(archive, mine, trusted, skipped) if archive else order_candidates(trusted)
+            if not candidates:
+                raise ArchiveError(f"no archive of {source!r} in {st.describe()} can be trusted ({len(skipped)} skipped)")
+
+            # the split-brain guard, before any download when the primary is known without one
+            guarded = False
+            if primary or scheme_or_block(source):
+                with step("primary"):
+                    block, origin = primary_block(primary, source, None, source_from_ref)
+                    guard = primary_guard(block, target, force, origin)
+                summary["primary_check"] = guard
+                preflight.append(f"primary: {guard.get('primary') or '-'}: {guard['detail']}")
+                guarded = True
+
+            with staging_dir() as work:
+                with step("download_validate"):
+                    row, local, manifest = _choose(
+                        candidates[: max_candidates], st, work, keys, limit, allow_unencrypted, skipped,
+                        pinned=bool(archive),
+                    )
+                now = datetime.now(UTC)
+                when = created_at(row)
+                summary.update(
+                    archive=row["url"], archive_created=manifest["created"], service=manifest["service"],
+                    archive_keys=manifest["keys"], content_sha256=manifest["content_sha256"],
+                    skipped_archives=len(skipped), rpo_s=round((now - when).total_seconds(), 3) if when else None,
+                )
+                if keys.opened_by:
+                    summary["decrypted_with"] = keys.opened_by
+                if rehearsed(row):
+                    summary["rehearsal"] = row["rehearsal"]
+                    preflight.append(f"archive: rehearsed at {row['rehearsal'].get('at')} (ok, authenticated)")
+                else:
+                    log.warning("failover: %s has no passing authenticated rehearsal; no rehearsed archive of %s "
+                                "was usable, so the newest valid one is used", row["url"], source)
+                    preflight.append("archive: never rehearsed (no usable rehearsed archive): the newest valid one")
+                preflight.append(f"rpo: the archive is {naming.age_text(now - when) if when else '?'} old"
+                                 + (f" (--max-age {max_age})" if max_age else ""))
+                log.info("failover: using %s (created %s)", row["url"], manifest["created"])
+
+                if not guarded:
+                    with step("primary"):
+                        block, origin = primary_block(None, source, manifest.get("source_url"), source_from_ref)
+                        guard = primary_guard(block, target, force, origin)
+                    summary["primary_check"] = guard
+                    preflight.append(f"primary: {guard.get('primary') or '-'}: {guard['detail']}")
+
+                problem = sanity_problem(int(manifest["keys"]), previous_archive(row, trusted))
+                if problem and not force:
+                    raise FailoverRefused(f"sanity check: {row['url']}: {problem}; pin another with --archive, "
+                                          "or pass --force to fail over to it anyway")
+                preflight.append("sanity: " + (f"OVERRIDDEN (--force): {problem}" if problem else "key count ok"))
+
+                # 2. plan, (approval), restore, 3. post-verify
+                with step("plan"):
+                    p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
+                _plan_summary(p, summary, lists, dry_run)
+                if dry_run:
+                    summary.update(status="ok", created=0)
+                    return summary
+                if p.conflicts and deployment.id:
+                    with step("approval"):
+                        _approve(p.conflicts, row["url"], target.describe(), approval_timeout_s, summary)
+                with source_lock(target_lock_name(into, target)):
+                    with step("replay"):
+                        done = replay(p, target)
+                    _replay_summary(p, done, summary, lists)
+                    with step("postverify"):
+                        checked = postverify(
+                            local, target, subtree=subtree, maps=maps, decryptor=keys,
+                            conflict_paths=summary["conflict_paths"], conflicts=summary["conflicts"],
+                        )
+                summary.update(checked.as_summary())
+                lists["Post-verify: missing from the target (first 1000)"] = checked.missing_paths
+                lists["Post-verify: differing, not a reported conflict (first 1000)"] = checked.differing_paths
+                if not checked.ok:
+                    raise PostVerifyFailed(
+                        f"post-verify of {target.describe()} failed: {checked.missing} archived keys are missing and "
+                        f"{checked.differing} differ without being reported conflicts (paths in the run's artifact)"
+                    )
+            return summary
+    except BurrowError as exc:
+        exc.failover_summary = summary  # type: ignore[attr-defined] - the CLI prints the skips on stdout
+        raise
+
+
+def scheme_or_block(source: str) -> bool:
+    """Whether the source name can name its cluster without an archive: a URL (a backup's
+    default name) or a saved block's name; a name with neither is found out by trying."""
+    return "://" in source
+
+
+def _named_like(name: str, source: str) -> bool:
+    """Whether a store file's name is one Burrow gives the archives of ``source``
+    (``<slug>/<slug>-<time>-<random>.burrow``): an unreadable file so named is reported as a
+    skipped candidate, though its manifest cannot say whose it is."""
+    s = naming.slug(source)
+    parts = name.split("/")
+    return len(parts) >= 2 and parts[-2] == s and parts[-1].startswith(s + "-")
+
+
+def _trusted(mine: list[dict[str, Any]], keyed: bool, allow_unencrypted: bool, skipped: list[str]) -> list[dict[str, Any]]:
+    """The rows whose claims may be acted on; the others are noted in ``skipped``."""
+    log = logger()
+    out = []
+    now = datetime.now(UTC)
+    for row in mine:
+        plain_ok = allow_unencrypted and not row.get("encrypted")
+        why = distrust(row, keyed=keyed and not plain_ok, now=now)
+        if why is None:
+            out.append(row)
+        else:
+            log.warning("failover: skipping %s: %s", row["url"], why)
+            skipped.append(f"{row['url']}: {why}")
+    return out
+
+
+def _pinned(archive: str, mine: list[dict[str, Any]], trusted: list[dict[str, Any]], skipped: list[str]) -> list[dict[str, Any]]:
+    """The one candidate ``archive`` names (its URL, or its name in the store)."""
+    for row in mine:
+        if archive in (row["url"], row["name"]):
+            if row not in trusted:
+                why = next((s.split(": ", 1)[1] for s in skipped if s.startswith(row["url"] + ": ")), "not trusted")
+                raise ArchiveError(f"the pinned archive {row['url']} cannot be used: {why}")
+            return [row]
+    raise ArchiveNotFound(f"the pinned --archive {naming.redact_url(archive)} is not an archive of this source in the store "
+                          "(pruned meanwhile, or another source's)")
+
+
+def _choose(candidates: list[dict[str, Any]], st: Any, work: Any, keys: Any, limit: Any, allow_unencrypted: bool,
+            skipped: list[str], *, pinned: bool) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Download and validate candidates in order; the first that passes. A candidate too old
+    for ``--max-age``, missing (pruned meanwhile), corrupt or truncated is skipped with its
+    reason; a key mismatch stops the run."""
+    log = logger()
+    too_old: list[tuple[Any, str]] = []
+    for row in candidates:
+        why = rpo_problem(row, limit)
+        if why is None:
+            try:
+                local = download(st, row["name"], str(work))
+                # the archive must be the one its catalog row (perhaps from the index) described
+                manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted,
+                                    expect_manifest_sha256=row.get("manifest_sha256"))
+                return row, local, manifest
+            except KeyMismatch:
+                raise
+            except ArchiveNotFound as exc:
+                why = f"missing (pruned meanwhile?): {exc}"
+            except ArchiveError as exc:
+                why = str(exc)
+            if pinned:
+                raise ArchiveError(f"the pinned archive {row['url']} cannot be used: {why}")
+        else:
+            too_old.append((created_at(row), why))
+        log.warning("failover: skipping %s: %s", row["url"], why)
+        skipped.append(f"{row['url']}: {why}")
+    if too_old:
+        newest = max(too_old, key=lambda t: t[0] or datetime.min.replace(tzinfo=UTC))[1]
+        others = len(candidates) - len(too_old)
+        raise FailoverRefused(
+            f"RPO gate: no usable archive is recent enough: the newest is {newest}"
+            + (f" (the other {others} failed verification)" if others else "")
+            + "; pass a larger --max-age to accept it"
+        )
+    raise ArchiveError(f"none of the {len(candidates)} candidate archives passed verification ({len(skipped)} skipped)")
+
+
+def _plan_summary(p: Any, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool) -> None:
+    summary.update(
+        planned_create=p.to_create, planned_intermediate=p.intermediate, identical=p.identical,
+        conflicts=p.conflicts, outside_subtree=p.outside_subtree, metadata_not_carried=p.dropped_metadata,
+    )
+    if p.warnings:
+        summary["warnings"] = p.warnings
+    lists["Planned creates (first 1000)" if dry_run else "Created (first 1000)"] = p.create_paths
+    lists["Conflicts (kept as they are)"] = list(p.conflict_paths)
+    summary["conflict_paths"] = list(p.conflict_paths)
+    summary["planned_paths"] = p.create_paths
+
+
+def _replay_summary(p: Any, done: Any, summary: dict[str, Any], lists: dict[str, list[str]]) -> None:
+    conflict_paths = list(p.conflict_paths) + done.conflict_paths
+    summary.update(
+        status="ok" if not (p.conflicts + done.conflicts) else "ok-with-conflicts",
+        created=done.created, intermediate_created=done.intermediate_created,
+        identical=p.identical + done.identical, conflicts=p.conflicts + done.conflicts,
+    )
+    summary.update(done.target_report)
+    lists["Created with an ACL only the restorer holds (first 1000)"] = done.target_report.get("acl_restricted_paths", [])
+    lists["Archived ACL not applied (first 1000)"] = done.target_report.get("acl_not_applied_paths", [])
+    lists["Conflicts (kept as they are)"] = conflict_paths
+    summary["conflict_paths"] = conflict_paths
+
+
+def _approve(conflicts: int, archive: str, target: str, timeout_s: int, summary: dict[str, Any]) -> None:
+    """Pause the deployment run for the on-call: approve or abort, with a comment (kept in the
+    artifact). Paths of the conflicts are in the run's logs and artifact; never values."""
+    from prefect.flow_runs import pause_flow_run
+
+    log = logger()
+    log.warning("failover: the plan found %d conflicts in %s (kept as they are); waiting for on-call approval "
+                "(resume the run with approve=true or false and a comment)", conflicts, target)
+    answer = pause_flow_run(
+        wait_for_input=FailoverApproval.with_initial_data(
+            description=f"The failover of {archive} into {target} found {conflicts} existing keys that differ "
+            "from the archive; they will be left as they are. Approve to restore everything else.",
+            approve=False, comment="",
+        ),
+        timeout=timeout_s, poll_interval=APPROVAL_POLL_S, key="failover-approval",
+    )
+    comment = (answer.comment or "").replace("\n", " ")[:500]
+    summary["approval"] = {"approved": bool(answer.approve), "comment": comment}
+    if not answer.approve:
+        raise FailoverRefused(f"the on-call aborted the failover at the approval step ({conflicts} conflicts)"
+                              + (f": {comment}" if comment else ""))
+    log.info("failover: approved by the on-call")

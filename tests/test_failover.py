@@ -10,8 +10,14 @@ from zkutil import kazoo, snapshot, unique_root
 
 from burrow.errors import ArchiveNotFound, KeyMismatch
 from burrow.keys import keygen
+from burrow.testing.servers import free_port
 from flows.backup import backup
 from flows.failover import failover
+
+#: The failed primary these tests fail over from: nothing listens there. (The archives record
+#: zk_a, which is alive: without --primary the split-brain guard would refuse, as
+#: tests/test_failover_drill.py checks.)
+DEAD = f"zk://127.0.0.1:{free_port()}"
 
 
 def flip_byte(path: Path, offset_from_middle: int = 0) -> None:
@@ -37,7 +43,8 @@ def test_failover_skips_a_corrupt_newest_archive_and_never_overwrites(cli, zk_a,
     flip_byte(Path(new["url"].removeprefix("file://")))
     with kazoo(zk_b.url) as c:
         c.create(root + "/cfg/a", b"changed in the target", makepath=True)
-    r = cli("failover", "dc-x", "--from", str(store), "--into", f"zk://{zk_b.url}", "--key-file", str(key))
+    r = cli("failover", "dc-x", "--from", str(store), "--into", f"zk://{zk_b.url}", "--key-file", str(key),
+            "--primary", DEAD)
     assert r.code == 3, r  # the pre-existing, different /cfg/a is a conflict, kept as it is
     assert f"failover from {old['url']}" in r.out
     assert f"conflict {root}/cfg/a" in r.out
@@ -63,19 +70,19 @@ def test_failover_picks_the_newest_and_stops_on_a_wrong_key(zk_a, zk_b, store, t
         expected = snapshot(c, root)
 
     with pytest.raises(KeyMismatch):
-        failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(other)])
+        failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(other)])
     with kazoo(zk_b.url) as c:
         assert c.exists(root) is None  # nothing written
 
     with pytest.raises(ArchiveNotFound):
-        failover(source="no-such-source", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+        failover(source="no-such-source", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
 
-    dry = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)], dry_run=True)
+    dry = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)], dry_run=True)
     assert dry["archive"] == newest["url"] and dry["planned_create"] == len(expected)
     with kazoo(zk_b.url) as c:
         assert c.exists(root) is None
 
-    done = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+    done = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
     assert done["created"] == len(expected) and done["conflicts"] == 0
     with kazoo(zk_b.url) as c:
         assert snapshot(c, root) == expected
@@ -114,9 +121,9 @@ def test_failover_passes_over_an_archive_it_cannot_authenticate(zk_a, zk_b, stor
         expected = snapshot(c, root)
         c.set(root + "/x", b"planted")
         backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-z", root=root, key_file=str(theirs))
-    done = failover(source="dc-z", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+    done = failover(source="dc-z", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
     assert done["archive"] == good["url"] and done["skipped_archives"] == 1
     with kazoo(zk_b.url) as c:
         assert snapshot(c, root) == expected
     with pytest.raises(ArchiveNotFound, match="dc-z"):
-        failover(source="dc-zz", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+        failover(source="dc-zz", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])

@@ -1,4 +1,4 @@
-"""``burrow failover``: rebuild a cluster from a source's newest good archive."""
+"""``burrow failover``: rebuild a cluster from an archive of a source, as a guarded drill."""
 
 from __future__ import annotations
 
@@ -12,20 +12,32 @@ from burrow.cli.common import (
     report_restore,
 )
 from burrow.errors import (
+    BurrowError,
     UsageError,
 )
 
 
 def register(sub: Any) -> dict[str, Any]:
     """Add this module's subcommands to ``sub``; return their handlers by name."""
-    f = sub.add_parser("failover", help="rebuild a cluster from the newest archive of a source that verifies")
+    f = sub.add_parser(
+        "failover",
+        help="rebuild a cluster from an archive of a source: preflight checks, restore, post-verify, report",
+    )
     f.add_argument("source", help="the source name recorded in the archives (backup --name)")
     f.add_argument("--from", dest="store", required=True, help="the store holding the source's archives")
     f.add_argument("--into", required=True, help="target cluster URL or saved source block name")
-    f.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    f.add_argument("--primary", help="the failed primary cluster (URL or saved block) to probe before failing over "
+                   "(default: the source name when it is a URL or block, else the URL the archive records)")
+    f.add_argument("--archive", help="pin the archive to use (its URL or name in the store) instead of choosing one")
+    f.add_argument("--max-age", help="refuse archives older than this (90s, 30m, 26h, 7d): the RPO gate")
+    f.add_argument("--force", action="store_true",
+                   help="fail over although the primary still answers, or the archive's key count fell by more "
+                   "than half against the previous archive")
+    f.add_argument("--dry-run", action="store_true",
+                   help="run every read-only check and print the plan; write nothing")
     f.add_argument("--subtree", help="restore only this path and below")
     f.add_argument("--map", action="append", default=[], metavar="OLD=NEW", help="restore OLD and below under NEW")
-    f.add_argument("--candidates", type=int, default=5, help="how many of the newest archives to try (default 5)")
+    f.add_argument("--candidates", type=int, default=5, help="how many archives to try at most (default 5)")
     add_read_keys(f)
     f.add_argument(
         "--allow-unencrypted", action="store_true",
@@ -35,22 +47,51 @@ def register(sub: Any) -> dict[str, Any]:
     return {"failover": cmd_failover}
 
 
+def _print_preflight(summary: dict[str, Any]) -> None:
+    """The preflight's outcome and the skipped candidates, on stdout (not only in the log)."""
+    for line in summary.get("preflight") or []:
+        print(f"preflight {line}")
+    for line in summary.get("skipped") or []:
+        print(f"skipped  {line}")
+
+
 def cmd_failover(args: argparse.Namespace) -> int:
     from blocks.resolve import secure_source_ref, store_from_ref
+    from burrow.naming import parse_duration
     from burrow.paths import KeyMapper
 
     KeyMapper(args.subtree, args.map)
     if args.candidates < 1:
         raise UsageError("--candidates must be at least 1")
+    if args.max_age:
+        parse_duration(args.max_age, "--max-age")
     store_from_ref(args.store).check()
     ref = secure_source_ref(args.into)
+    primary = secure_source_ref(args.primary) if args.primary else None
     refs = read_refs(args)
     keyring(refs)
     from flows.failover import failover
 
-    summary = failover(
-        source=args.source, store=args.store, into=ref, dry_run=args.dry_run, subtree=args.subtree,
-        maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted, **refs,
-    )
+    try:
+        summary = failover(
+            source=args.source, store=args.store, into=ref, primary=primary, archive=args.archive,
+            max_age=args.max_age, force=args.force, dry_run=args.dry_run, subtree=args.subtree,
+            maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted, **refs,
+        )
+    except BurrowError as exc:
+        done = getattr(exc, "failover_summary", None)
+        if done:
+            _print_preflight(done)
+            if done.get("archive"):
+                print(f"failover archive {done['archive']} (pin it on a re-run with --archive)")
+        raise
+    _print_preflight(summary)
     print(f"failover from {summary['archive']} (created {summary['archive_created']})")
-    return report_restore(summary, args.dry_run)
+    code = report_restore(summary, args.dry_run)
+    print(f"rpo_s={summary.get('rpo_s')} rto_s={summary.get('rto_s')} "
+          + " ".join(f"{k}_s={v}" for k, v in (summary.get("steps_s") or {}).items()))
+    if not args.dry_run:
+        print(f"post-verify: {summary.get('postverify_checked', 0)} keys checked, "
+              f"{summary.get('postverify_matching', 0)} match, {summary.get('postverify_conflicts', 0)} are the "
+              "conflicts listed above")
+    return code
