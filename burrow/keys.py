@@ -467,8 +467,9 @@ class Keyring:
         if tried_passphrase and needed == ["a passphrase"]:
             raise KeyMismatch(f"{label} is protected by a passphrase and the one given is wrong")
         hint = (
-            "pass --passphrase-env VAR" if needed == ["a passphrase"]
-            else "pass --key-file, --identity or --passphrase-env, or add the key to the keyring"
+            "pass --passphrase-env VAR (flow parameter passphrase_env)" if needed == ["a passphrase"]
+            else ("pass --key-file, --identity or --passphrase-env (flow parameters key_files, identity_files, "
+                  "passphrase_env or key_block), or add the key to the keyring")
         )
         raise KeyMismatch(
             f"{label} is encrypted for {' or '.join(needed)}; no configured key matches "

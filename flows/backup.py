@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from blocks.keys import backup_write_keys
 from blocks.resolve import source_from_ref, store_from_ref
-from blocks.store import ArchiveStore
 from burrow import naming, report
 from burrow.crypto import ArchiveKeys, StreamEncryptor
-from burrow.errors import BurrowError, UsageError, should_retry
+from burrow.errors import BurrowError, UsageError
 from burrow.keys import KeyRefs
 from burrow.runlog import logger
 from burrow.staging import discard_spool, staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from tasks.compress import compress, compress_upload
 from tasks.extract import extract
-from tasks.upload import upload
+from tasks.upload import check_store, upload
 from tasks.verify import verify, verify_structure_task
 
 
@@ -31,18 +28,6 @@ def _run_name() -> str:
     tag = {"zk": "zk", "etcd": "etcd", "etcds": "etcd", "consul": "consul", "consuls": "consul"}.get(scheme, "block")
     name = params.get("name") or ref.split("://", 1)[-1].split("?", 1)[0]  # the URL: scheme is in the tag
     return f"backup-{tag}-{naming.slug(str(name))}-{naming.stamp()}"
-
-
-@task(name="check-store", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
-def check_store(store: ArchiveStore) -> None:
-    """Check the store is there and writable before the cluster is touched. A store that is
-    down (StoreUnavailable) is retried like the upload would be; a missing or read-only one
-    (a permanent StoreError) fails at once.
-
-    (A stage of its own: it belongs in tasks/upload.py beside the upload it guards; it sits
-    here until that module takes it.)"""
-    store.check(writable=True)
 
 
 @burrow_flow(name="backup", flow_run_name=_run_name, persist_result=False, log_prints=False)

@@ -225,7 +225,7 @@ def failover(
                 problem = sanity_problem(int(manifest["keys"]), previous_archive(row, trusted))
                 if problem and not force:
                     raise FailoverRefused(f"sanity check: {row['url']}: {problem}; pin another with --archive, "
-                                          "or pass --force to fail over to it anyway")
+                                          "or pass --force (flow parameter force) to fail over to it anyway")
                 preflight.append("sanity: " + (f"OVERRIDDEN (--force): {problem}" if problem else "key count ok"))
 
                 # 2. plan, (approval), restore, 3. post-verify
@@ -338,7 +338,7 @@ def _choose(candidates: list[dict[str, Any]], st: Any, work: Any, keys: Any, lim
         raise FailoverRefused(
             f"RPO gate: no usable archive is recent enough: the newest is {newest}"
             + (f" (the other {others} failed verification)" if others else "")
-            + "; pass a larger --max-age to accept it"
+            + "; pass a larger --max-age (flow parameter max_age) to accept it"
         )
     raise ArchiveError(f"none of the {len(candidates)} candidate archives passed verification ({len(skipped)} skipped)")
 

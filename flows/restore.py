@@ -41,6 +41,7 @@ def restore(
     key_env: str | None = None,
     key_block: str | None = None,
     allow_unencrypted: bool = False,
+    expect_manifest_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Restore ``archive`` into the cluster ``into``, creating only missing keys.
 
@@ -50,6 +51,9 @@ def restore(
     of $BURROW_KEYRING. Every check (key, manifest MAC, every chunk, checksums, counts)
     passes before anything is written to the cluster. When any read key is configured, an
     unencrypted archive is refused unless ``allow_unencrypted`` (it could have been planted).
+
+    ``expect_manifest_sha256`` (``restore --latest`` passes the catalog row's) refuses an
+    archive whose manifest is not the one it was chosen by.
 
     Returns the run summary; ``conflicts`` > 0 means existing keys differed and were kept.
     """
@@ -66,7 +70,8 @@ def restore(
         keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
         with staging_dir() as work:
             local = download(store, name, str(work))
-            manifest = validate(local, keys, label=store.url(name), allow_unencrypted=allow_unencrypted)
+            manifest = validate(local, keys, label=store.url(name), allow_unencrypted=allow_unencrypted,
+                                expect_manifest_sha256=expect_manifest_sha256)
             if keys.opened_by:
                 summary["decrypted_with"] = keys.opened_by
             elif not manifest.get("encrypted"):

@@ -61,6 +61,14 @@ for bin in java etcd etcdctl curl zstd jq; do
 done
 [[ -f /usr/share/java/zookeeper.jar ]] || die "/usr/share/java/zookeeper.jar missing after apt install"
 
+# A headless Chromium for scripts/screenshots.py (the README's UI screenshots). Only that script
+# needs it, so a failure here is a warning, not an error.
+if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1; then
+    log "apt: installing chromium-headless-shell (for scripts/screenshots.py)"
+    apt-get install -y -qq --no-install-recommends chromium-headless-shell >/dev/null 2>&1 ||
+        log "warning: chromium-headless-shell did not install; scripts/screenshots.py will say so"
+fi
+
 # ------------------------------------------------------ consul from bullseye
 # Pick the Debian mirror host this machine already uses (deb822 or one-line
 # format), falling back to deb.debian.org.

@@ -179,7 +179,7 @@ def guard_primary(primary: SourceBlock | None, target: SourceBlock, *, force: bo
         if not force:
             raise FailoverRefused(
                 f"split-brain guard: the primary {label} still answers ({detail}); a failover now would leave "
-                "two live clusters. Check it is really down, or pass --force to fail over anyway"
+                "two live clusters. Check it is really down, or pass --force (flow parameter force) to fail over anyway"
             )
         log.warning("preflight: the primary %s still answers, failing over anyway (--force)", label)
         report["overridden"] = True

@@ -25,3 +25,12 @@ def upload_archive(store: ArchiveStore, path: Path, name: str) -> ArchiveInfo:
 def upload(store: ArchiveStore, path: str, name: str) -> ArchiveInfo:
     """Prefect task wrapper of :func:`upload_archive`."""
     return upload_archive(store, Path(path), name)
+
+
+@task(name="check-store", retries=2, retry_delay_seconds=[1, 4], retry_condition_fn=should_retry,
+      cache_policy=NO_CACHE)
+def check_store(store: ArchiveStore) -> None:
+    """Check the store is there and writable before a backup touches the cluster. A store that
+    is down (StoreUnavailable) is retried like the upload would be; a missing or read-only one
+    (a permanent StoreError) fails at once."""
+    store.check(writable=True)

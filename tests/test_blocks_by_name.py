@@ -107,6 +107,11 @@ async def _deploy(flow_obj, name: str, pool: str, parameters: dict, schedules: l
             await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         except Exception:  # noqa: BLE001 - already there
             pass
+        # under a deployment the per-cluster lock is strict: the limit must exist (setup.py makes them)
+        if parameters.get("name"):
+            from flows.common import source_limit_name
+
+            await client.upsert_global_concurrency_limit_by_name(source_limit_name(parameters["name"]), 1)
         flow_id = await client.create_flow(flow_obj)
         dep_id = await client.create_deployment(
             flow_id=flow_id, name=name, work_pool_name=pool, entrypoint="flows/backup.py:backup",

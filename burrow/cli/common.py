@@ -240,6 +240,11 @@ def catalog_rows(store_ref: str, keys: Any) -> tuple[Any, list[dict[str, Any]]]:
 
 def latest(store_ref: str, source: str, keys: Any) -> str:
     """The URL of the newest archive of ``source`` whose claims can be trusted."""
+    return latest_row(store_ref, source, keys)["url"]
+
+
+def latest_row(store_ref: str, source: str, keys: Any) -> dict[str, Any]:
+    """The catalog row of the newest archive of ``source`` whose claims can be trusted."""
     from tasks.catalog import newest_first
 
     store, rows = catalog_rows(store_ref, keys)
@@ -248,5 +253,5 @@ def latest(store_ref: str, source: str, keys: Any) -> str:
         sources = sorted({str(r.get("source")) for r in rows if r.get("source")})
         held = f" (the store holds: {', '.join(sources)})" if sources else " (the store holds no readable archive)"
         raise ArchiveNotFound(f"no good archive of source {source!r} in {store.describe()}{held}")
-    return good[0]["url"]
+    return good[0]
 

@@ -9,7 +9,7 @@ from typing import Any
 from burrow.cli.common import (
     add_read_keys,
     keyring,
-    latest,
+    latest_row,
     read_refs,
     report_restore,
 )
@@ -48,16 +48,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.latest:
         if not args.source:
             raise UsageError("--latest needs --source NAME (the source name recorded in the archives)")
-        args.archive = latest(args.archive, args.source, keys)
+        row = latest_row(args.archive, args.source, keys)
+        args.archive, expect = row["url"], row.get("manifest_sha256")
         print(f"restoring the newest good archive of {args.source}: {args.archive}", file=sys.stderr)
     elif args.source:
         raise UsageError("--source goes with --latest")
+    else:
+        expect = None
     archive_from_ref(args.archive)
     ref = secure_source_ref(args.into)
     from flows.restore import restore
 
     summary = restore(
         archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None,
-        allow_unencrypted=args.allow_unencrypted, **refs,
+        allow_unencrypted=args.allow_unencrypted, expect_manifest_sha256=expect, **refs,
     )
     return report_restore(summary, args.dry_run)
