@@ -172,6 +172,10 @@ class ZooKeeperCluster(SourceBlock):
         return ZooKeeperSession(self)
 
 
+#: Deletes per multi transaction when a rehearsal cleans its scratch chroot.
+DELETE_MULTI = 500
+
+
 class ZooKeeperSession:
     """An open kazoo client plus the batched operations Burrow needs."""
 
@@ -946,14 +950,28 @@ class ZooKeeperSession:
                         continue
                     if (data or b"") != r.value or stat.ephemeralOwner:
                         continue
-                    deletes.append((start + n, path, self.client.delete_async(path, version=stat.version)))
-                for i, deleting, pending in deletes:  # sent in order: children go before their parents
-                    path = deleting  # (named by the error, should this one fail)
-                    try:
-                        pending.get(timeout=wait)
-                        results[i] = True
-                    except (NoNodeError, BadVersionError, NotEmptyError):
+                    deletes.append((start + n, path, stat.version))
+                # One multi transaction per few hundred deletes (one quorum write instead of one
+                # each); if any of them would fail (changed meanwhile, gained a child), the multi
+                # changes nothing and those nodes are deleted one by one, each at its version.
+                for first in range(0, len(deletes), DELETE_MULTI):
+                    group = deletes[first : first + DELETE_MULTI]
+                    txn = self.client.transaction()
+                    for _, deleting, version in group:  # in order: children before their parents
+                        txn.delete(deleting, version=version)
+                    path = group[0][1]
+                    outcome = txn.commit_async().get(timeout=wait)
+                    if all(r is True for r in outcome):
+                        for i, _, _ in group:
+                            results[i] = True
                         continue
+                    for i, deleting, version in group:
+                        path = deleting  # (named by the error, should this one fail)
+                        try:
+                            self.client.delete_async(deleting, version=version).get(timeout=wait)
+                            results[i] = True
+                        except (NoNodeError, BadVersionError, NotEmptyError):
+                            continue
         except (KazooException, KazooTimeoutError) as exc:
             raise self._wrap(exc, path, "deleting") from None
         return results
