@@ -38,7 +38,7 @@ POOL = "burrow"
 def run(*args: str) -> subprocess.CompletedProcess:
     """Run one ``prefect`` CLI command in the repository; stop with its output on failure."""
     print("$ prefect " + " ".join(args), flush=True)
-    env = {**os.environ, "BURROW_HOME": os.environ.get("BURROW_HOME", str(REPO))}
+    env = {**os.environ, "BURROW_CHECKOUT": os.environ.get("BURROW_CHECKOUT", str(REPO))}
     proc = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout + proc.stderr)
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [x for d in wanted for x in ("--name", d["name"])] if args.only else ["--all"]
         run("deploy", *names, "--prefect-file", str(prefect_file))
         print(f"deployed {len(wanted)} deployment(s) to the {POOL} work pool", flush=True)
-    print(f"done: start workers with  BURROW_HOME={REPO} prefect worker start --pool {POOL}")
+    print(f"done: start workers with  BURROW_CHECKOUT={REPO} prefect worker start --pool {POOL}")
     return 0
 
 

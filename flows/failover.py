@@ -50,6 +50,8 @@ from tasks.plan import plan as plan_task
 from tasks.postverify import PostVerifyFailed, postverify
 from tasks.preflight import (
     FailoverRefused,
+    close_journal,
+    open_journal,
     order_candidates,
     previous_archive,
     primary_block,
@@ -58,6 +60,7 @@ from tasks.preflight import (
     rpo_problem,
     sanity_problem,
     target_check,
+    unfinished_failover,
 )
 from tasks.replay import replay
 from tasks.validate import validate
@@ -176,6 +179,20 @@ def failover(
                     "key problem)"
                 )
             candidates = _pinned(archive, mine, trusted, skipped) if archive else order_candidates(trusted)
+            resumed = None if archive else unfinished_failover(st, source, target.describe())
+            if resumed is not None:
+                same = [r for r in candidates if r["name"] == resumed["archive"]
+                        and r.get("manifest_sha256") == resumed.get("manifest_sha256")]
+                if same:  # finish the interrupted run with its archive, whatever appeared since
+                    candidates = same + [r for r in candidates if r is not same[0]]
+                    summary["resumed"] = resumed["started"]
+                    preflight.append(f"archive: resuming the failover started at {resumed['started']} "
+                                     "that did not finish: same archive")
+                    log.info("failover: resuming an unfinished failover of %s into %s (started %s) with %s",
+                             source, target.describe(), resumed["started"], same[0]["url"])
+                else:
+                    log.warning("failover: an unfinished failover (started %s) used %s, which is no longer a "
+                                "trusted candidate; choosing again", resumed["started"], resumed.get("url"))
             if not candidates:
                 raise ArchiveError(f"no archive of {source!r} in {st.describe()} can be trusted ({len(skipped)} skipped)")
 
@@ -238,6 +255,7 @@ def failover(
                 if p.conflicts and deployment.id:
                     with step("approval"):
                         _approve(p.conflicts, row["url"], target.describe(), approval_timeout_s, summary)
+                open_journal(st, source, target.describe(), row)  # a re-run after an interruption reuses it
                 with source_lock(target_lock_name(into, target)):
                     with step("replay"):
                         done = replay(p, target)
@@ -255,6 +273,7 @@ def failover(
                         f"post-verify of {target.describe()} failed: {checked.missing} archived keys are missing and "
                         f"{checked.differing} differ without being reported conflicts (paths in the run's artifact)"
                     )
+                close_journal(st, source, target.describe())
             return summary
     except BurrowError as exc:
         exc.failover_summary = summary  # type: ignore[attr-defined] - the CLI prints the skips on stdout

@@ -266,3 +266,75 @@ def sanity_problem(keys: int, previous: dict[str, Any] | None) -> str | None:
         return (f"it holds {keys} keys, less than half of the {before} in the previous archive of the source "
                 f"({previous.get('url')}): a prefix typo or an empty read looks like this")
     return None
+
+
+# ---------------------------------------------------------------------------- the journal
+#
+# An interrupted failover, run again, must finish the job with the archive it started with,
+# even if a newer backup (or rehearsal) appeared meanwhile. Before its first write a failover
+# records its choice beside the archives (a create-only sidecar under
+# ``_failover/<source>/<target>/``); a successful run removes the record. A run that finds a
+# record of an unfinished failover of the same source into the same target uses that archive
+# again, if it is still a trusted candidate (the record only narrows the choice to an archive
+# the run would accept anyway: it carries the archive's manifest checksum, and the RPO gate,
+# validation and the catalog-row check still apply). ``--archive`` overrides it.
+
+JOURNAL_PREFIX = "_failover/"
+
+
+def _journal_dir(source: str, target: str) -> str:
+    from burrow.naming import slug
+
+    return f"{JOURNAL_PREFIX}{slug(source)}/{slug(target)}/"
+
+
+def unfinished_failover(store: Any, source: str, target: str) -> dict[str, Any] | None:
+    """The newest record of a failover of ``source`` into ``target`` that did not finish, or None."""
+    import orjson
+
+    from burrow.errors import StoreError, StoreUnavailable
+
+    try:
+        names = store.list_sidecars(_journal_dir(source, target))
+    except (StoreError, StoreUnavailable, NotImplementedError):
+        return None
+    for name in sorted(names, reverse=True):
+        try:
+            record = orjson.loads(store.get_sidecar(name))
+        except (BurrowError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("archive"), str):
+            record["record"] = name
+            return record
+    return None
+
+
+def open_journal(store: Any, source: str, target: str, row: dict[str, Any]) -> str | None:
+    """Record that a failover of ``source`` into ``target`` from ``row``'s archive is about to
+    write; returns the record's name (None, with a warning, when the store takes no writes)."""
+    from blocks.store import SIDECAR_SUFFIX
+    from burrow.archive import canonical_json
+    from burrow.errors import StoreError, StoreUnavailable
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"{_journal_dir(source, target)}{stamp}-{uuid.uuid4().hex[:8]}{SIDECAR_SUFFIX}"
+    record = {"archive": row["name"], "url": row["url"], "manifest_sha256": row.get("manifest_sha256"),
+              "source": source, "target": redact_url(target), "started": stamp}
+    try:
+        store.put_sidecar(name, canonical_json(record))
+    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
+        logger().warning("failover: could not record the choice of archive (%s); a re-run after an interruption "
+                         "should pin it with --archive %s", exc, row["url"])
+        return None
+    return name
+
+
+def close_journal(store: Any, source: str, target: str) -> None:
+    """Remove every record of unfinished failovers of ``source`` into ``target`` (this one finished)."""
+    from burrow.errors import StoreError, StoreUnavailable
+
+    try:
+        for name in store.list_sidecars(_journal_dir(source, target)):
+            store.delete_sidecar(name)
+    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
+        logger().warning("failover: could not clear the record of this failover (%s)", exc)

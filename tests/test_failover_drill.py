@@ -342,6 +342,37 @@ def test_a_rerun_after_an_interruption_finishes_the_job(zk_a, zk_b, store, key):
     assert events[0].payload["rpo_s"] >= 0 and events[0].payload["rto_s"] > 0
 
 
+def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_chose(zk_a, zk_b, store, key):
+    """A failover killed after recording its choice (and after part of its writes) is run again
+    after a newer backup appeared: without --archive it finishes with the same archive, says it
+    resumed, and clears its record, so the next failover chooses afresh."""
+    from blocks.local import LocalStore
+    from tasks.catalog import describe_archives
+    from tasks.preflight import open_journal, unfinished_failover
+
+    root = unique_root()
+    with kazoo(zk_a.url) as us:
+        for i in range(12):
+            us.create(f"{root}/k{i}", f"v{i}".encode(), makepath=True)
+        first_tree = snapshot(us, root)
+    old = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-j", root=root, key_file=str(key))
+    st, target = LocalStore(path=str(store)), f"zk://{zk_b.url}"
+    (row,) = [r for r in describe_archives(st) if r["url"] == old["url"]]
+    open_journal(st, "dc-j", target, row)  # what the killed run left behind, with part of its writes:
+    with kazoo(zk_b.url) as eu:
+        eu.create(f"{root}/k0", b"v0", makepath=True)
+    with kazoo(zk_a.url) as us:
+        us.create(f"{root}/newer", b"n")
+    newer = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-j", root=root, key_file=str(key))
+    again = failover(source="dc-j", store=str(store), into=target, primary=DEAD, key_files=[str(key)])
+    assert again["archive"] == old["url"] and again.get("resumed") and again["identical"] == 2  # root, k0
+    with kazoo(zk_b.url) as eu:
+        assert snapshot(eu, root) == first_tree
+    assert unfinished_failover(st, "dc-j", target) is None  # finished: the record is gone
+    fresh = failover(source="dc-j", store=str(store), into=target, primary=DEAD, key_files=[str(key)])
+    assert fresh["archive"] == newer["url"] and not fresh.get("resumed") and fresh["created"] == 1
+
+
 def test_postverify_reports_missing_and_differing_keys(zk_a, zk_b, store, key):
     root = unique_root()
     with kazoo(zk_a.url) as us:

@@ -231,7 +231,7 @@ def orch(zk_a, zk_b, etcd_a, consul_a, tmp_path_factory) -> Iterator[dict[str, A
     # Two workers, as on two machines, started first (they create the pool if setup has not yet):
     # each takes at most 4 runs at a time, so a burst of runs cannot all land on whichever polls first.
     since = datetime.now(UTC)
-    env = {**os.environ, "BURROW_HOME": str(REPO)}
+    env = {**os.environ, "BURROW_CHECKOUT": str(REPO)}
     worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     procs = []
     for name in WORKERS:
