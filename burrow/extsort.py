@@ -10,6 +10,7 @@ the disk) and merged.
 from __future__ import annotations
 
 import heapq
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -52,6 +53,7 @@ class ExternalSorter:
         self.size = 0
         self.runs: list[Path] = []
         self.readers: list[BinaryIO] = []
+        self.token = uuid.uuid4().hex[:8]  # several sorters may share a scratch directory
 
     def add(self, line: bytes) -> None:
         self.lines.append(line)
@@ -61,7 +63,7 @@ class ExternalSorter:
 
     def _spill(self) -> None:
         self.lines.sort()
-        path = self.workdir / f"sort-run-{len(self.runs):05d}.sealed"
+        path = self.workdir / f"sort-run-{self.token}-{len(self.runs):05d}.sealed"
         self.runs.append(path)
         with scratch_writes(self.what, self.workdir), open_spool_writer(path) as out:
             out.writelines(self.lines)

@@ -33,10 +33,11 @@ from blocks.source import SourceBlock, WalkStats
 from blocks.zookeeper import ZooKeeperSession
 from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.errors import should_retry
+from burrow.extsort import ExternalSorter
 from burrow.paths import translate
 from burrow.records import Record, display_key
 from burrow.runlog import logger
-from tasks.plan import RUN_BYTES, _Sorter
+from tasks.plan import RUN_BYTES
 
 #: Paths listed per kind of difference (the counts are always complete).
 LIST_LIMIT = 1000
@@ -131,9 +132,9 @@ def live_lines(records: Iterable[Record], result: Drift) -> Iterator[bytes]:
         yield _line(rec.key, rec.value)
 
 
-def _sorted(lines: Iterable[bytes], workdir: Path) -> _Sorter:
+def _sorted(lines: Iterable[bytes], workdir: Path) -> ExternalSorter:
     workdir.mkdir(parents=True, exist_ok=True)
-    sorter = _Sorter(workdir, RUN_BYTES)
+    sorter = ExternalSorter(workdir, RUN_BYTES, "comparison")
     for line in lines:
         sorter.add(line)
     return sorter

@@ -18,9 +18,7 @@ parents and are planned in archive order."""
 
 from __future__ import annotations
 
-import heapq
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +30,7 @@ from blocks.source import SourceBlock, SourceSession
 from burrow import progress
 from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.errors import ArchiveError, SourceError, should_retry
+from burrow.extsort import ExternalSorter
 from burrow.paths import (
     KeyMapper,
     folded_folder,
@@ -44,7 +43,7 @@ from burrow.paths import (
 from burrow.perf import gc_paused
 from burrow.records import Record, decode_record, display_key, encode_record
 from burrow.runlog import logger
-from burrow.staging import discard_spool, open_spool_reader, open_spool_writer, scratch_writes
+from burrow.staging import open_spool_writer
 
 BATCH = 1000
 LIST_LIMIT = 1000
@@ -205,49 +204,6 @@ def _sort_line(key: bytes, rank: int, seq: int, body: bytes) -> bytes:
     component (``/`` becomes 0x01, the key ends with 0x00: valid ZooKeeper paths hold
     neither), then rank, then archive order."""
     return b"%b\x00%d%012d%b" % (key.replace(b"/", b"\x01"), rank, seq, body)
-
-
-class _Sorter:
-    """A bounded external sort of byte lines (each ends with a newline)."""
-
-    def __init__(self, workdir: Path, run_bytes: int) -> None:
-        self.workdir = workdir
-        self.run_bytes = run_bytes
-        self.lines: list[bytes] = []
-        self.size = 0
-        self.runs: list[Path] = []
-        self.readers: list[BinaryIO] = []
-
-    def add(self, line: bytes) -> None:
-        self.lines.append(line)
-        self.size += len(line) + 48  # (a bytes object and its list slot cost about 48 bytes more)
-        if self.size >= self.run_bytes:
-            self._spill()
-
-    def _spill(self) -> None:
-        self.lines.sort()
-        path = self.workdir / f"plan-run-{len(self.runs):05d}.sealed"
-        self.runs.append(path)
-        with scratch_writes("restore plan", self.workdir), open_spool_writer(path) as out:
-            out.writelines(self.lines)
-        self.lines, self.size = [], 0
-
-    def __iter__(self) -> Iterator[bytes]:
-        if not self.runs:
-            self.lines.sort()
-            lines, self.lines = self.lines, []
-            return iter(lines)
-        if self.lines:
-            self._spill()
-        self.readers = [open_spool_reader(p) for p in self.runs]
-        return heapq.merge(*self.readers)
-
-    def close(self) -> None:
-        self.lines = []
-        for r in self.readers:
-            r.close()
-        for p in self.runs:
-            discard_spool(p)
 
 
 # A node of the path from the top of the tree to the key being planned, as a list (the
@@ -411,7 +367,7 @@ def plan_restore(
     ops_path = workdir / "plan.jsonl"
     plan = Plan(ops_path=str(ops_path), target=target.describe())
     session = target.connect()
-    sorter = _Sorter(workdir, RUN_BYTES)
+    sorter = ExternalSorter(workdir, RUN_BYTES, "restore plan")
     try:
         tree = session.parent_key(b"/a/b") is not None
         with open(archive_path, "rb") as f, open_spool_writer(ops_path) as out:  # sealed: no plaintext on disk

@@ -32,11 +32,12 @@ from blocks.source import SourceBlock, WalkStats
 from blocks.zookeeper import ZooKeeperCluster, ZooKeeperSession
 from burrow.archive import BodyDecryptor
 from burrow.errors import SourceError, UsageError, should_retry
+from burrow.extsort import ExternalSorter
 from burrow.records import Record, decode_record, display_key, encode_record, read_records
 from burrow.runlog import logger
 from burrow.staging import open_spool_reader
 from tasks.drift import Drift, diff_archive
-from tasks.plan import RUN_BYTES, _Sorter
+from tasks.plan import RUN_BYTES
 
 DELETE_BATCH = 1000
 LIST_LIMIT = 1000
@@ -148,7 +149,7 @@ def compare_scratch(
 
 def _deepest_first(records: Iterator[Record], workdir: Path) -> Iterator[Record]:
     """``records`` children before parents (by depth, deepest first), through the bounded sort."""
-    sorter = _Sorter(workdir, RUN_BYTES)
+    sorter = ExternalSorter(workdir, RUN_BYTES, "comparison")
     try:
         for r in records:
             depth = r.key.count(b"/")
