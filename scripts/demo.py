@@ -34,12 +34,9 @@ def banner(text: str) -> None:
 def burrow(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     print("$ burrow " + " ".join(args), flush=True)
     proc = subprocess.run([BURROW, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
-    # Prefect's run logs go to stderr; show only Burrow's own lines to keep the demo readable.
+    # stderr holds Burrow's own stage lines (Prefect's engine lines appear only with -v)
     for line in proc.stderr.splitlines():
-        if "Finished in state" in line:
-            continue
-        if line.startswith("burrow:") or "| INFO    | Task run" in line or "WARNING" in line:
-            print("  " + line.split(" - ", 1)[-1] if " - " in line else "  " + line)
+        print("  " + line)
     out = proc.stdout.rstrip().splitlines()
     if len(out) > 24:  # long listings (a dry run's plan): show the head and the totals
         out = out[:16] + [f"... ({len(out) - 20} more lines)"] + out[-4:]
@@ -143,18 +140,28 @@ def main() -> int:
         banner("Verifying the stored archive end to end")
         burrow("verify", url, "--key-file", str(key))
 
-        banner("DC-US is down: what would a restore into dc-eu do? (dry run writes nothing)")
-        burrow("restore", url, "--into", f"zk://ops:demo-password@{eu.url}", "--dry-run", "--key-file", str(key))
-
-        banner("Rebuilding dc-eu from the newest good backup in dc-eu's object storage")
-        burrow("restore", store, "--latest", "--source", "dc-us", "--into", f"zk://ops:demo-password@{eu.url}",
+        banner("Rehearsal: prove the backup restores (into a scratch chroot of dc-eu, compared key by key, "
+               "then cleaned up; the result is recorded beside the archive)")
+        burrow("rehearse", store, "--source", "dc-us", "--scratch", f"zk://ops:demo-password@{eu.url}/burrow-rehearsal",
                "--key-file", str(key))
+        burrow("list", store, "--key-file", str(key))
+
+        src = count_nodes(us.url, "/app")
+        banner("DC-US is down (its ZooKeeper is stopped). What would a failover into dc-eu do? (dry run)")
+        us.stop()
+        failover = ["failover", "dc-us", "--from", store, "--into", f"zk://ops:demo-password@{eu.url}",
+                    "--primary", f"zk://{us.url}", "--max-age", "1h", "--key-file", str(key)]
+        burrow(*failover, "--dry-run")
+
+        banner("Failing over: target checked, primary probed (down), archive chosen (rehearsed), restored "
+               "create-only, every key re-read (post-verify); RPO and RTO reported")
+        burrow(*failover)
 
         banner("dc-eu now (live tree, values shown safely)")
         burrow("dump", f"zk://ops:demo-password@{eu.url}", "--subtree", "/app/config")
-        src, dst = count_nodes(us.url, "/app"), count_nodes(eu.url, "/app")
+        dst = count_nodes(eu.url, "/app")
         same = src == dst
-        print(f"dc-us has {len(src)} persistent nodes under /app, dc-eu has {len(dst)}; identical: {same}")
+        print(f"dc-us had {len(src)} persistent nodes under /app, dc-eu has {len(dst)}; identical: {same}")
 
         banner("Safety: someone changed a node in dc-eu; restoring again never overwrites it")
         c = KazooClient(hosts=eu.url)
@@ -167,13 +174,19 @@ def main() -> int:
         after = count_nodes(eu.url, "/app")["/app/config/feature-flags"]
         print(f"/app/config/feature-flags in dc-eu still holds the changed value: {after == changed}")
 
+        banner("Drift: what changed in dc-eu since the backup (paths only, never values; exit 4)")
+        drift = burrow("verify", url, "--against", f"zk://ops:demo-password@{eu.url}", "--key-file", str(key),
+                       check=False)
+        print(f"exit code {drift.returncode} (4: drift found)")
+
         banner("Run history")
-        print("Every backup, verify and restore above is a Prefect flow run with a summary artifact.")
+        print("Every backup, verify, rehearsal, failover and restore above is a Prefect flow run with a summary "
+              "artifact and burrow.* events.")
         print(
             f"Browse them:  PREFECT_HOME={WORK / 'prefect' / 'prefect-home'} "
             f"{Path(sys.executable).parent / 'prefect'} server start   (then open http://127.0.0.1:4200)"
         )
-        if not same:
+        if not same or after != changed or drift.returncode != 4:
             return 1
         return 0
     finally:
