@@ -199,7 +199,7 @@ def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterato
     limit = source_limit_name(source)
     strict = bool(deployment.id)
     if not strict and not _limit_exists(limit):
-        log.info("no global concurrency limit %s: this run outside a deployment does not lock the cluster", limit)
+        log.debug("no global concurrency limit %s: this run outside a deployment does not lock the cluster", limit)
         yield
         return
     log.info("waiting for the per-cluster lock %s", limit)
