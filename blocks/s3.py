@@ -512,32 +512,35 @@ class S3Store(ArchiveStore):
             size = self.head(name).size
         return io.BufferedReader(RangedFile(self, name, size), buffer_size=RangedFile.BLOCK)
 
-    def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
+    def _objects(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every object whose name (below the store's prefix) starts with ``prefix``, as
+        (name, ListObjectsV2 entry), page after page."""
         base = self.prefix.strip("/")
         base = base + "/" if base else ""
-        client = self.client()
-        out: builtins.list[ArchiveInfo] = []
-        token = None
+        client, token = self.client(), None
         while True:
             kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix}
             if token:
                 kw["ContinuationToken"] = token
             page = self._call(f"cannot list {self.describe()}", client.list_objects_v2, **kw)
             for obj in page.get("Contents", []):
-                name = obj["Key"][len(base):]
-                if not name.endswith(ARCHIVE_SUFFIX):
-                    continue  # not an archive (a sidecar, a note): not ours to list
-                try:
-                    check_name(name)
-                except UsageError:
-                    logger().warning("store %s: skipping %r: not an archive name Burrow writes",
-                                     self.describe(), name)
-                    continue
-                out.append(ArchiveInfo(name=name, size=obj["Size"], modified=_utc(obj["LastModified"]),
-                                       url=self.url(name), etag=obj.get("ETag")))
+                yield obj["Key"][len(base):], obj
             if not page.get("IsTruncated"):
-                break
+                return
             token = page.get("NextContinuationToken")
+
+    def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
+        out: builtins.list[ArchiveInfo] = []
+        for name, obj in self._objects(prefix):
+            if not name.endswith(ARCHIVE_SUFFIX):
+                continue  # not an archive (a sidecar, a note): not ours to list
+            try:
+                check_name(name)
+            except UsageError:
+                logger().warning("store %s: skipping %r: not an archive name Burrow writes", self.describe(), name)
+                continue
+            out.append(ArchiveInfo(name=name, size=obj["Size"], modified=_utc(obj["LastModified"]),
+                                   url=self.url(name), etag=obj.get("ETag")))
         out.sort(key=lambda a: (a.modified, a.name))
         return out
 
@@ -604,24 +607,13 @@ class S3Store(ArchiveStore):
         return data
 
     def list_sidecars(self, prefix: str = "") -> builtins.list[str]:
-        base = self.prefix.strip("/")
-        base = base + "/" if base else ""
-        client, out, token = self.client(), [], None
-        while True:
-            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix}
-            if token:
-                kw["ContinuationToken"] = token
-            page = self._call(f"cannot list {self.describe()}", client.list_objects_v2, **kw)
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(base):]
-                if name.endswith(SIDECAR_SUFFIX):
-                    try:
-                        out.append(check_sidecar_name(name))
-                    except UsageError:
-                        continue
-            if not page.get("IsTruncated"):
-                break
-            token = page.get("NextContinuationToken")
+        out = []
+        for name, _ in self._objects(prefix):
+            if name.endswith(SIDECAR_SUFFIX):
+                try:
+                    out.append(check_sidecar_name(name))
+                except UsageError:
+                    continue
         return sorted(out)
 
     def delete_sidecar(self, name: str) -> None:
