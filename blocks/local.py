@@ -14,9 +14,10 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 from urllib.parse import quote
 
 from blocks.store import (
@@ -86,36 +87,44 @@ class LocalStore(ArchiveStore):
 
     def put(self, name: str, source: Path) -> ArchiveInfo:
         self.check(writable=True)
-        final = self._file(name)
-        where = f"cannot write archive {name} to {self.describe()}"
+
+        def copy(dst: BinaryIO) -> None:
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+        return self._info(name, self._publish(self._file(name), f"archive {name}", copy))
+
+    def _publish(self, final: Path, what: str, fill: Callable[[BinaryIO], None]) -> os.stat_result:
+        """Write ``final`` atomically and never over an existing file: ``fill`` writes a hidden
+        temporary file, which is fsynced, hard-linked into place (atomic, fails if the name
+        exists) and its directory fsynced. Returns the new file's stat."""
         tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.partial"
         linked = False
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            with open(source, "rb") as src, open(tmp, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            with open(tmp, "xb") as dst:
+                fill(dst)
                 dst.flush()
                 os.fsync(dst.fileno())
             try:
-                os.link(tmp, final)  # atomic, and never replaces an existing archive
+                os.link(tmp, final)  # atomic, and never replaces an existing file
             except FileExistsError:
-                raise StoreError(f"archive {name} already exists in {self.describe()}") from None
+                raise StoreError(f"{what} already exists in {self.describe()}") from None
             linked = True
             dir_fd = os.open(final.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-            info = self._info(name, final.stat())
+            return final.stat()
         except OSError as exc:
             if linked:
                 # Not known to be durable: take it back, so a retry writes it again instead of
                 # finding "already exists".
                 final.unlink(missing_ok=True)
-            raise store_os_error(exc, where) from None
+            raise store_os_error(exc, f"cannot write {what} to {self.describe()}") from None
         finally:
             tmp.unlink(missing_ok=True)
-        return info
 
     def get(self, name: str, dest: Path) -> Path:
         src = self._file(name)
@@ -133,6 +142,16 @@ class LocalStore(ArchiveStore):
     def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
         self.check()
         out = []
+        for name, path in self._files(ARCHIVE_SUFFIX, prefix):
+            info = self._listed(name, path)
+            if info is not None:
+                out.append(info)
+        out.sort(key=lambda a: (a.modified, a.name))
+        return out
+
+    def _files(self, suffix: str, prefix: str) -> Iterator[tuple[str, Path]]:
+        """(name, path) of every file below the store whose name ends with ``suffix`` and
+        starts with ``prefix``, skipping hidden files and directories (partials)."""
         root = self.root
         log = logger()
 
@@ -146,17 +165,11 @@ class LocalStore(ArchiveStore):
         for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in sorted(filenames):
-                if fn.startswith(".") or not fn.endswith(ARCHIVE_SUFFIX):
+                if fn.startswith(".") or not fn.endswith(suffix):
                     continue
                 name = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
-                if not name.startswith(prefix):
-                    continue
-                info = self._listed(name, Path(dirpath) / fn)
-                if info is None:
-                    continue
-                out.append(info)
-        out.sort(key=lambda a: (a.modified, a.name))
-        return out
+                if name.startswith(prefix):
+                    yield name, Path(dirpath) / fn
 
     def _listed(self, name: str, p: Path) -> ArchiveInfo | None:
         """The listing entry of one file, or None (with a warning) for a stray that is not an
@@ -199,22 +212,7 @@ class LocalStore(ArchiveStore):
         if len(data) > MAX_SIDECAR_BYTES:
             raise StoreError(f"sidecar {name} is larger than {MAX_SIDECAR_BYTES} bytes")
         self.check(writable=True)
-        final = self.root / check_sidecar_name(name)
-        tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.partial"
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "xb") as dst:
-                dst.write(data)
-                dst.flush()
-                os.fsync(dst.fileno())
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                raise StoreError(f"{name} already exists in {self.describe()}") from None
-        except OSError as exc:
-            raise store_os_error(exc, f"cannot write {name} to {self.describe()}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        self._publish(self.root / check_sidecar_name(name), name, lambda dst: dst.write(data))
 
     def get_sidecar(self, name: str) -> bytes:
         p = self.root / check_sidecar_name(name)
@@ -231,18 +229,12 @@ class LocalStore(ArchiveStore):
 
     def list_sidecars(self, prefix: str = "") -> builtins.list[str]:
         self.check()
-        root, out = self.root, []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in filenames:
-                if fn.startswith(".") or not fn.endswith(SIDECAR_SUFFIX):
-                    continue
-                name = os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/")
-                if name.startswith(prefix):
-                    try:
-                        out.append(check_sidecar_name(name))
-                    except UsageError:
-                        continue
+        out = []
+        for name, _ in self._files(SIDECAR_SUFFIX, prefix):
+            try:
+                out.append(check_sidecar_name(name))
+            except UsageError:
+                continue
         return sorted(out)
 
     def delete_sidecar(self, name: str) -> None:
