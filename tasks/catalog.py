@@ -214,7 +214,7 @@ def _read_index(store: ArchiveStore) -> tuple[list[str], dict[str, dict[str, Any
         try:
             data = zstandard.ZstdDecompressor().decompress(store.get_sidecar(name), max_output_size=256 << 20)
             doc = orjson.loads(data)
-            if doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("entries"), list):
+            if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT or not isinstance(doc.get("entries"), list):
                 raise ValueError("not a catalog index")
             return [e for e in doc["entries"] if isinstance(e, dict) and isinstance(e.get("name"), str)]
         except (StoreError, StoreUnavailable, ArchiveNotFound, ValueError, zstandard.ZstdError) as exc:

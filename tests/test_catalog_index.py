@@ -164,3 +164,15 @@ def test_a_swapped_entry_is_caught_when_the_archive_is_downloaded(s3, tmp_path):
     local = store.get("src/b.burrow", tmp_path / "b.burrow")
     assert validate_archive(local, keyring(), label=honest["url"],
                             expect_manifest_sha256=honest["manifest_sha256"])["created"] == "2026-01-02T00:00:00Z"
+
+
+def test_an_index_object_that_is_not_an_index_is_ignored(s3):
+    """Valid zstd and JSON, but not an index (a list, a foreign document): the listing reads the
+    archives instead of failing."""
+    store = s3[0]
+    put_raw(s3, "src/a.burrow", archive_bytes("src", "2026-01-01T00:00:00Z"))
+    for i, doc in enumerate((b"[1, 2, 3]", b'{"format": "something else", "entries": []}', b"not zstd")):
+        data = doc if i == 2 else zstandard.ZstdCompressor().compress(doc)
+        store.put_sidecar(f"{cat.INDEX_PREFIX}0000000{i}-junk{cat.INDEX_SUFFIX}", data)
+    (row,) = cat.describe_archives(store)
+    assert row["source"] == "src" and not row.get("error")
