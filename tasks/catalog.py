@@ -151,7 +151,7 @@ def describe_archives(store: ArchiveStore, keys: ArchiveKeys | None = None) -> l
 
 def _indexed(store: ArchiveStore) -> bool:
     """Whether the store keeps a catalog index: object storage, where every read is a request."""
-    return getattr(store, "open_ranged", None) is not None and not isinstance(store, LocalStore)
+    return getattr(store, "open_ranged", None) is not None
 
 
 class _IndexedBytes:
@@ -197,18 +197,24 @@ def _index_entry(info: ArchiveInfo, reader: ArchiveReader) -> dict[str, Any]:
             "head": base64.b64encode(head).decode(), "tail": base64.b64encode(tail).decode()}
 
 
-def _read_index(store: ArchiveStore) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """The names of the store's index objects, and their entries by archive name. An index
-    object that cannot be read or parsed is ignored (its archives are read by range)."""
+def _index_names(store: ArchiveStore) -> list[str]:
+    """The names of the store's index objects (none when the store cannot list them)."""
+    try:
+        return [n for n in store.list_sidecars(INDEX_PREFIX) if n.endswith(INDEX_SUFFIX)]
+    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
+        logger().debug("catalog: no index (%s)", exc)
+        return []
+
+
+def _read_index(store: ArchiveStore, names: list[str] | None = None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The names of the store's index objects (listed unless given), and their entries by
+    archive name. An index object that cannot be read or parsed is ignored (its archives are
+    read by range)."""
     import orjson
     import zstandard
 
     log = logger()
-    try:
-        names = [n for n in store.list_sidecars(INDEX_PREFIX) if n.endswith(INDEX_SUFFIX)]
-    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
-        log.debug("catalog: no index (%s)", exc)
-        return [], {}
+    names = _index_names(store) if names is None else names
 
     def load(name: str) -> list[dict[str, Any]]:
         try:
@@ -253,14 +259,15 @@ def _write_index(store: ArchiveStore, entries: list[dict[str, Any]], replaces: S
                 log.debug("catalog: index object %s not removed: %s", old, exc)
 
 
-def index_new_archive(store: ArchiveStore, name: str) -> None:
+def index_new_archive(store: ArchiveStore, name: str, info: ArchiveInfo | None = None) -> None:
     """Add a just-published archive to the store's catalog index (a one-entry index object), so
-    the next listing need not read it. Never fails the backup."""
+    the next listing need not read it. ``info``: the archive's listing entry when the caller
+    has it (saves a HEAD). Never fails the backup."""
     if not _indexed(store):
         return
     log = logger()
     try:
-        info = store.head(name)
+        info = info or store.head(name)
         with open_stored(store, name, info.size) as reader:
             entry = _index_entry(info, reader)
         _write_index(store, [entry])
@@ -268,16 +275,10 @@ def index_new_archive(store: ArchiveStore, name: str) -> None:
         log.info("catalog: %s not indexed (%s); listings read it by range", name, exc)
         return
     # Keep the index a few objects, even in a store that is written often and listed rarely.
-    names, entries = _read_index(store) if _count_index(store) > INDEX_MAX_OBJECTS else ([], {})
+    names = _index_names(store)
     if len(names) > INDEX_MAX_OBJECTS:
+        _, entries = _read_index(store, names)
         _write_index(store, [e for _, e in sorted(entries.items())], replaces=names)
-
-
-def _count_index(store: ArchiveStore) -> int:
-    try:
-        return sum(1 for n in store.list_sidecars(INDEX_PREFIX) if n.endswith(INDEX_SUFFIX))
-    except (StoreError, StoreUnavailable, NotImplementedError):
-        return 0
 
 
 def _authenticate(reader: ArchiveReader, keys: ArchiveKeys) -> tuple[bool, str | None]:

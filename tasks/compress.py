@@ -127,7 +127,7 @@ def compress_to_store(
     _log_done(extracted, info.size, level, encryptor, f", streamed to {info.url}")
     from tasks.catalog import index_new_archive
 
-    index_new_archive(store, name)
+    index_new_archive(store, name, info)
     return Compressed(path="", manifest=manifest, size=info.size), info
 
 

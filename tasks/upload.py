@@ -17,7 +17,7 @@ def upload_archive(store: ArchiveStore, path: Path, name: str) -> ArchiveInfo:
     logger().info("upload: stored %s (%d bytes)", info.url, info.size)
     from tasks.catalog import index_new_archive
 
-    index_new_archive(store, name)
+    index_new_archive(store, name, info)
     return info
 
 
