@@ -57,24 +57,24 @@ def extract_records(source: SourceBlock, root: str, workdir: Path) -> Extracted:
             progress.stage(f"extract {url}") as advance,
         ):
             lines: list[bytes] = []  # written, hashed and counted 1000 lines at a time
-            for record in session.walk(root.encode("utf-8"), stats):
-                lines.append(encode_record(record))
-                raw += len(record.key) + len(record.value)
-                if len(lines) >= 1000:
-                    chunk = b"".join(lines)
-                    out.write(chunk)
-                    sha.update(chunk)
-                    content += len(chunk)
-                    keys += len(lines)
-                    advance(len(lines))
-                    lines.clear()
-            if lines:
+
+            def flush() -> None:
+                nonlocal content, keys
                 chunk = b"".join(lines)
                 out.write(chunk)
                 sha.update(chunk)
                 content += len(chunk)
                 keys += len(lines)
                 advance(len(lines))
+                lines.clear()
+
+            for record in session.walk(root.encode("utf-8"), stats):
+                lines.append(encode_record(record))
+                raw += len(record.key) + len(record.value)
+                if len(lines) >= 1000:
+                    flush()
+            if lines:
+                flush()
     finally:
         session.close()
     seconds = time.monotonic() - started
