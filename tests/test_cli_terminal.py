@@ -156,6 +156,8 @@ def test_json_prints_one_object_on_stdout(backed_up_on_a_tty, tree, zk_b, tmp_pa
     r, store = backed_up_on_a_tty
     _, total = tree
     url = r.out.strip().splitlines()[-1]
+    # the tree in zk_b first (a no-op when another test of this module restored it already)
+    assert run_cli("restore", url, "--into", f"zk://{zk_b.url}").code == 0
     res = run_cli("restore", url, "--into", f"zk://{zk_b.url}", "--dry-run", "--json")
     assert res.code == 0, res
     summary = json.loads(res.out)  # one object, nothing else on stdout
