@@ -141,11 +141,10 @@ def describe_archives(store: ArchiveStore, keys: ArchiveKeys | None = None) -> l
         log.debug("catalog: %d archives from the index, %d read by range", len(infos) - len(fresh), len(fresh))
         stale = len(cached.keys() - {i.name for i in infos})
         if fresh or len(index_names) > INDEX_MAX_OBJECTS or stale > len(infos) // 4 + INDEX_MAX_OBJECTS:
-            listed = {i.name for i in infos}
-            entries = {n: e for n, e in cached.items() if n in listed and n not in fresh}
-            entries.update(fresh)
-            readable = {r["name"] for r in rows if not r.get("error")}
-            _write_index(store, [e for n, e in sorted(entries.items()) if n in readable], replaces=index_names)
+            # every readable listed archive, by the entry it was described from (fresh wins)
+            entries = {**cached, **fresh}
+            readable = sorted(r["name"] for r in rows if not r.get("error") and r["name"] in entries)
+            _write_index(store, [entries[n] for n in readable], replaces=index_names)
     return rows
 
 
