@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar
 
-from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks.base import BurrowBlock
 from burrow.crypto import ArchiveKeys
 from burrow.errors import UsageError
 from burrow.keys import (
@@ -34,7 +34,7 @@ from burrow.keys import (
 )
 
 
-class EncryptionKeys(Block):
+class EncryptionKeys(BurrowBlock):
     """Keys for Burrow archives.
 
     Backups encrypt to exactly one of ``key`` (symmetric), ``recipients`` (X25519 public keys)

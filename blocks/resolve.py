@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import SecretStr
 
-from blocks.consul import ConsulCluster
-from blocks.etcd import EtcdCluster
 from blocks.local import LocalStore
 from blocks.source import SourceBlock
 from blocks.store import ArchiveStore
-from blocks.zookeeper import ZooKeeperCluster
 from burrow.errors import UsageError
 from burrow.naming import has_userinfo, redact_url, split_userinfo
+
+if TYPE_CHECKING:  # each source's client library loads only when that source is used
+    from blocks.consul import ConsulCluster
+    from blocks.etcd import EtcdCluster
+    from blocks.zookeeper import ZooKeeperCluster
 
 _registered: dict[str, SourceBlock] = {}
 _HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
@@ -29,6 +32,8 @@ _HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
 def _zookeeper_from_url(url: str) -> ZooKeeperCluster:
     """``zk://[user:password@]h:p[,h:p][/chroot][?timeout=SECONDS]``; ``timeout`` is the
     connect timeout (default: the block's, 10 s)."""
+    from blocks.zookeeper import ZooKeeperCluster
+
     userinfo, bare = split_userinfo(url)
     rest, _, query_s = bare[len("zk://") :].partition("?")
     options: dict = {}
@@ -89,6 +94,8 @@ def _split_service_url(url: str, what: str) -> tuple[str, list[str], str, dict[s
 def _etcd_from_url(url: str) -> EtcdCluster:
     """``etcd://h:p[,h:p][/prefix]`` (``etcds://`` for TLS). Credentials and TLS files come
     from the BURROW_ETCD_* environment variables, never from the URL."""
+    from blocks.etcd import EtcdCluster
+
     scheme, hosts, path, query = _split_service_url(url, "etcd")
     unknown = set(query) - {"prefix"}
     if unknown:
@@ -104,6 +111,8 @@ def _etcd_from_url(url: str) -> EtcdCluster:
 def _consul_from_url(url: str) -> ConsulCluster:
     """``consul://h:p[/prefix][?dc=DC]`` (``consuls://`` for HTTPS). The ACL token comes from
     the block or CONSUL_HTTP_TOKEN, never from the URL."""
+    from blocks.consul import ConsulCluster
+
     scheme, hosts, path, query = _split_service_url(url, "Consul")
     if len(hosts) != 1:
         raise UsageError("a consul:// URL names one agent (host:port)")
@@ -127,8 +136,13 @@ SOURCE_SCHEMES = {
     "consuls": _consul_from_url,
 }
 
-#: Block classes tried when a source is given by a saved block's name.
-SOURCE_BLOCKS: list[type[SourceBlock]] = [ZooKeeperCluster, EtcdCluster, ConsulCluster]
+def source_blocks() -> list[type[SourceBlock]]:
+    """Block classes tried when a source is given by a saved block's name."""
+    from blocks.consul import ConsulCluster
+    from blocks.etcd import EtcdCluster
+    from blocks.zookeeper import ZooKeeperCluster
+
+    return [ZooKeeperCluster, EtcdCluster, ConsulCluster]
 def store_blocks() -> list[type[ArchiveStore]]:
     """Block classes tried when a store is given by a saved block's name (each is saved under
     its own block type, so the base class's slug would find none of them). The S3 store is
@@ -191,13 +205,17 @@ def source_from_ref(ref: str) -> SourceBlock:
             known = ", ".join(f"{s}://" for s in SOURCE_SCHEMES)
             raise UsageError(f"unknown source URL scheme {scheme}:// (known: {known})")
         return factory(ref)
-    return _load_block(ref, SOURCE_BLOCKS, "source")
+    return _load_block(ref, source_blocks(), "source")
 
 
 def _load_block(name: str, classes: list, what: str):  # noqa: ANN202 - returns one of `classes`
+    """A saved block by name: the only resolution that imports Prefect (it asks the Prefect API)."""
     from prefect.blocks.core import Block
 
+    from blocks.registry import register_twins
+
     if "/" in name:
+        register_twins()  # Block.load finds the class by the document's block type slug
         try:
             block = Block.load(name)
         except (ValueError, RuntimeError) as exc:

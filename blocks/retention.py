@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import ClassVar
 
-from prefect.blocks.core import Block
 from pydantic import Field
 
+from blocks.base import BurrowBlock
 from burrow.errors import UsageError
 from burrow.naming import parse_duration
 
 
-class RetentionPolicy(Block):
+class RetentionPolicy(BurrowBlock):
     """A GFS retention policy, counted per source (as restic's ``forget`` counts per host).
 
     ``keep_last`` keeps the newest N archives. ``keep_hourly/daily/weekly/monthly/yearly`` keep

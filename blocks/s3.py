@@ -2,10 +2,12 @@
 
 Credentials come from prefect-aws's ``AwsCredentials`` or ``MinIOCredentials`` block (the
 ``credentials`` field, or ``?credentials=BLOCK`` in a URL), else from the standard AWS
-environment and files; they never appear in a URL, a parameter, a log or an artifact. The
-client is always built by the credentials block's ``get_s3_client()``, so its
+environment and files; they never appear in a URL, a parameter, a log or an artifact. With a
+credentials block, the client is built by the block's ``get_s3_client()``, so its
 ``endpoint_url`` and ``aws_client_parameters`` apply; the store only adds its own endpoint,
-addressing style, TLS and checksum settings on top.
+addressing style, TLS and checksum settings on top. Without one, the store builds the same
+client from the environment with boto3 itself, so that ``burrow list s3://...`` need not import
+prefect-aws (and with it Prefect).
 
 Publishing is atomic and never replaces anything: an archive is uploaded as a multipart
 upload (parts sent as they are read, a bounded number in flight) and becomes visible only
@@ -37,8 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from prefect_aws import AwsCredentials, MinIOCredentials
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from blocks.store import (
     ARCHIVE_SUFFIX,
@@ -65,6 +66,8 @@ _TRANSIENT_CODES = {
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+
+_CREDENTIALS_HELP = "An AwsCredentials or MinIOCredentials block (default: the AWS environment)"
 
 #: URL query options: name -> model field.
 URL_OPTIONS = {
@@ -115,15 +118,29 @@ class S3Store(ArchiveStore):
     )
     part_size_mib: int = Field(default=16, ge=5, le=5120, description="Multipart part size in MiB")
     concurrency: int = Field(default=4, ge=1, le=32, description="Parts in flight at once")
-    credentials: AwsCredentials | MinIOCredentials | None = Field(
-        default=None, description="An AwsCredentials or MinIOCredentials block (default: the AWS environment)"
-    )
+    # Any credentials object with ``aws_client_parameters`` and ``get_s3_client()`` (prefect-aws's
+    # AwsCredentials or MinIOCredentials); the Prefect twin narrows it to those two block types.
+    credentials: Any = Field(default=None, description=_CREDENTIALS_HELP)
     credentials_block: str | None = Field(
         default=None, description="Name of a saved AwsCredentials or MinIOCredentials block (URL form)"
     )
 
     _client: Any = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    @classmethod
+    def _twin_fields(cls) -> dict[str, tuple[Any, Any]]:
+        from prefect_aws import AwsCredentials, MinIOCredentials
+
+        return {"credentials": (AwsCredentials | MinIOCredentials | None,
+                                Field(default=None, description=_CREDENTIALS_HELP))}
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials_like(cls, value: Any) -> Any:
+        if value is not None and not (hasattr(value, "get_s3_client") and hasattr(value, "aws_client_parameters")):
+            raise ValueError("credentials must be an AwsCredentials or MinIOCredentials block")
+        return value
 
     # ------------------------------------------------------------------ configuration
 
@@ -231,10 +248,12 @@ class S3Store(ArchiveStore):
         return f"s3://{self.bucket}/{quote(self._key(name))}{self._query()}"
 
     def _credentials(self) -> Any:
+        """The credentials block to build the client with; None: the AWS environment."""
         if self.credentials is not None:
             return self.credentials
         if self.credentials_block:
             from prefect.blocks.core import Block
+            from prefect_aws import AwsCredentials, MinIOCredentials
 
             try:
                 if "/" in self.credentials_block:
@@ -252,10 +271,11 @@ class S3Store(ArchiveStore):
             if not isinstance(block, (AwsCredentials, MinIOCredentials)):
                 raise UsageError(f"no saved AwsCredentials or MinIOCredentials block named {self.credentials_block!r}")
             return block
-        return AwsCredentials()  # the standard AWS environment, config and credential files
+        return None  # the standard AWS environment, config and credential files
 
     def client(self) -> Any:
-        """The boto3 S3 client, built by the credentials block's ``get_s3_client()``."""
+        """The boto3 S3 client (made once): by the credentials block's ``get_s3_client()``, or
+        from the AWS environment when the store has none."""
         with self._lock:
             if self._client is None:
                 self._client = self._make_client()
@@ -263,8 +283,8 @@ class S3Store(ArchiveStore):
 
     def _make_client(self) -> Any:
         creds = self._credentials()
-        params = creds.aws_client_parameters
-        config = dict(params.config or {})
+        params = creds.aws_client_parameters if creds is not None else None
+        config = dict((params.config if params is not None else None) or {})
         s3cfg = dict(config.get("s3") or {})
         if self.addressing_style != "auto":
             s3cfg["addressing_style"] = self.addressing_style
@@ -277,6 +297,8 @@ class S3Store(ArchiveStore):
         config.setdefault("connect_timeout", 10)
         config.setdefault("read_timeout", 60)
         config.setdefault("max_pool_connections", max(10, self.concurrency * 2))
+        if creds is None:
+            return self._environment_client(config)
         update: dict[str, Any] = {"config": config}
         if self.endpoint_url:
             update["endpoint_url"] = self.endpoint_url
@@ -290,6 +312,22 @@ class S3Store(ArchiveStore):
                 and not os.environ.get("AWS_REGION"):
             creds_update["region_name"] = "us-east-1"
         return creds.model_copy(update=creds_update).get_s3_client()
+
+    def _environment_client(self, config: dict[str, Any]) -> Any:
+        """The client prefect-aws's ``AwsCredentials()`` (no field set) would build: boto3's
+        default credential chain (environment, config and credential files, instance role)."""
+        import boto3
+        from botocore.config import Config
+
+        region = self.region
+        if region is None and not os.environ.get("AWS_DEFAULT_REGION") and not os.environ.get("AWS_REGION"):
+            region = "us-east-1"
+        kwargs: dict[str, Any] = {"config": Config(**config)}
+        if self.endpoint_url:
+            kwargs["endpoint_url"] = self.endpoint_url
+        if not self.verify_tls:
+            kwargs["verify"] = False
+        return boto3.session.Session(region_name=region).client("s3", **kwargs)
 
     # ------------------------------------------------------------------ errors
 

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from prefect.blocks.core import Block
-
+from blocks.base import BurrowBlock
 from burrow.records import Record
 
 
@@ -76,7 +75,7 @@ class SourceSession(Protocol):
         ...
 
 
-class SourceBlock(Block):
+class SourceBlock(BurrowBlock):
     """Base of every source cluster block."""
 
     _block_type_slug: ClassVar[str] = "burrow-source"

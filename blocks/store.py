@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from prefect.blocks.core import Block
+from blocks.base import BurrowBlock
 
 ARCHIVE_SUFFIX = ".burrow"
 #: Small objects Burrow keeps beside the archives (catalog index, rehearsal markers): never
@@ -68,7 +68,7 @@ def check_sidecar_name(name: str) -> str:
     return name
 
 
-class ArchiveStore(Block):
+class ArchiveStore(BurrowBlock):
     """Base of every store block: put, get, list, head and delete archives."""
 
     _block_type_slug: ClassVar[str] = "burrow-store"

@@ -4,11 +4,14 @@ a plain ``logging`` logger outside (unit tests, the CLI before a flow starts).""
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 
 def logger(name: str = "burrow") -> Any:
     """Return the run logger when inside a Prefect run, else a standard logger."""
+    if "prefect.context" not in sys.modules:  # no run without Prefect: don't import it for nothing
+        return logging.getLogger(name)
     try:
         from prefect.logging import get_run_logger
 

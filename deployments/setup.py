@@ -31,7 +31,6 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
-BLOCK_MODULES = ["blocks.zookeeper", "blocks.local", "blocks.etcd", "blocks.consul", "blocks.keys", "blocks.s3", "blocks.retention"]
 POOL = "burrow"
 
 
@@ -48,18 +47,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def register_block_types() -> None:
     """Register every Burrow block type with the server, in this process (one ``prefect block
-    register`` per module would start a new interpreter each time)."""
-    import importlib
+    register`` per module would start a new interpreter each time). Burrow's block classes are
+    plain pydantic models; what Prefect registers is each one's Prefect twin (blocks/base.py)."""
+    from blocks.registry import register_twins
 
-    from prefect.blocks.core import Block
-
-    for module in BLOCK_MODULES:
-        mod = importlib.import_module(module)
-        for obj in vars(mod).values():
-            if (isinstance(obj, type) and issubclass(obj, Block) and obj.__module__ == module
-                    and "_block_type_name" in obj.__dict__):
-                obj.register_type_and_schema()
-                print(f"registered block type {obj.get_block_type_slug()} ({module})", flush=True)
+    for twin in register_twins():
+        twin.register_type_and_schema()
+        print(f"registered block type {twin.get_block_type_slug()} ({twin.__module__})", flush=True)
 
 
 def clusters_of(spec: dict[str, Any], extra: list[str]) -> list[str]:

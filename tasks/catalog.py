@@ -30,9 +30,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.local import LocalStore
 from blocks.resolve import archive_from_ref
 from blocks.store import SIDECAR_SUFFIX, ArchiveInfo, ArchiveStore
@@ -48,6 +45,7 @@ from burrow.errors import (
     store_os_error,
 )
 from burrow.runlog import logger
+from tasks import task
 
 SUMMARY_FIELDS = (
     "service", "source", "keys", "raw_bytes", "created", "encrypted", "content_sha256", "manifest_sha256",
@@ -343,7 +341,7 @@ def _open_for_catalog(store: ArchiveStore, info: ArchiveInfo, entry: dict[str, A
         yield reader
 
 
-@task(name="catalog", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="catalog", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry)
 def catalog(store: ArchiveStore, keys: ArchiveKeys | None = None) -> list[dict[str, Any]]:
     """Prefect task wrapper of :func:`describe_archives`."""
     rows = describe_archives(store, keys)

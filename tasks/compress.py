@@ -8,14 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.store import ArchiveInfo, ArchiveStore
 from burrow.archive import READ_CHUNK, ArchiveWriter, BodyEncryptor
 from burrow.errors import ArchiveError, should_retry
 from burrow.runlog import logger
 from burrow.staging import open_spool_reader, scratch_writes
+from tasks import task
 from tasks.extract import Extracted
 
 
@@ -131,7 +129,7 @@ def compress_to_store(
     return Compressed(path="", manifest=manifest, size=info.size), info
 
 
-@task(name="compress", cache_policy=NO_CACHE)
+@task(name="compress")
 def compress(
     extracted: Extracted,
     out_path: str,
@@ -147,8 +145,7 @@ def compress(
     )
 
 
-@task(name="compress-upload", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
+@task(name="compress-upload", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry)
 def compress_upload(
     extracted: Extracted,
     store: ArchiveStore,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.store import ArchiveStore
 from burrow.errors import should_retry
 from burrow.runlog import logger
+from tasks import task
 
 
 def download_archive(store: ArchiveStore, name: str, workdir: Path) -> Path:
@@ -20,7 +18,7 @@ def download_archive(store: ArchiveStore, name: str, workdir: Path) -> Path:
     return dest
 
 
-@task(name="download", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="download", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry)
 def download(store: ArchiveStore, name: str, workdir: str) -> str:
     """Prefect task wrapper of :func:`download_archive`."""
     return str(download_archive(store, name, Path(workdir)))

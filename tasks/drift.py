@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from kazoo.exceptions import KazooException
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from blocks.source import SourceBlock, WalkStats
 from blocks.zookeeper import ZooKeeperSession
@@ -37,6 +35,7 @@ from burrow.extsort import ExternalSorter
 from burrow.paths import translate
 from burrow.records import Record, display_key
 from burrow.runlog import logger
+from tasks import task
 from tasks.plan import RUN_BYTES
 
 #: Paths listed per kind of difference (the counts are always complete).
@@ -198,7 +197,7 @@ def diff_archive(
     return result
 
 
-@task(name="drift", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="drift", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def drift(
     archive_path: str,
     target: SourceBlock,

@@ -9,9 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.source import SourceBlock, WalkStats
 from burrow import progress
 from burrow.errors import should_retry
@@ -19,6 +16,7 @@ from burrow.perf import gc_paused
 from burrow.records import encode_record
 from burrow.runlog import logger
 from burrow.staging import open_spool_writer, scratch_writes
+from tasks import task
 
 
 @dataclass
@@ -91,7 +89,7 @@ def extract_records(source: SourceBlock, root: str, workdir: Path) -> Extracted:
     )
 
 
-@task(name="extract", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="extract", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def extract(source: SourceBlock, root: str, workdir: str) -> Extracted:
     """Prefect task wrapper of :func:`extract_records`."""
     return extract_records(source, root, Path(workdir))

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from blocks.local import LocalStore
 from blocks.store import SIDECAR_SUFFIX, ArchiveStore
@@ -39,6 +37,7 @@ from burrow.crypto import ArchiveKeys
 from burrow.errors import ArchiveError, BurrowError, StoreError, should_retry, store_os_error
 from burrow.runlog import logger
 from burrow.version import __version__
+from tasks import task
 
 MARKER_KIND = "burrow-rehearsal-marker"
 MARKER_VERSION = 1
@@ -169,8 +168,7 @@ def write_marker_record(store: ArchiveStore, archive_name: str, marker: dict[str
     return name
 
 
-@task(name="write-marker", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
+@task(name="write-marker", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry)
 def write_marker(store: ArchiveStore, archive_name: str, marker: dict[str, Any]) -> str:
     """Prefect task wrapper of :func:`write_marker_record`."""
     return write_marker_record(store, archive_name, marker)
@@ -312,8 +310,7 @@ def iter_markers(store: ArchiveStore, archive_name: str) -> Iterator[tuple[str, 
         yield name, _load(store, name)
 
 
-@task(name="annotate-rehearsals", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
+@task(name="annotate-rehearsals", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def annotate_task(store: ArchiveStore, rows: list[dict[str, Any]], keys: ArchiveKeys | None) -> list[dict[str, Any]]:
     """Prefect task wrapper of :func:`annotate`; returns the rows."""
     annotate(store, rows, keys)

@@ -23,9 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.source import SourceBlock, SourceSession
 from burrow import progress
 from burrow.archive import ArchiveReader, BodyDecryptor
@@ -44,6 +41,7 @@ from burrow.perf import gc_paused
 from burrow.records import Record, decode_record, display_key, encode_record
 from burrow.runlog import logger
 from burrow.staging import open_spool_writer
+from tasks import task
 
 BATCH = 1000
 LIST_LIMIT = 1000
@@ -427,7 +425,7 @@ def plan_restore(
     return plan
 
 
-@task(name="plan", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="plan", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def plan(
     archive_path: str,
     target: SourceBlock,

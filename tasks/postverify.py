@@ -21,9 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.source import SourceBlock
 from burrow import progress
 from burrow.archive import ArchiveReader, BodyDecryptor
@@ -31,6 +28,7 @@ from burrow.errors import PermanentError, should_retry
 from burrow.paths import KeyMapper, folded_folder, translate
 from burrow.records import display_key
 from burrow.runlog import logger
+from tasks import task
 
 BATCH = 2000
 LIST_LIMIT = 1000
@@ -176,7 +174,7 @@ def verify_target(
     return out
 
 
-@task(name="postverify", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="postverify", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def postverify(
     archive_path: str,
     target: SourceBlock,

@@ -24,9 +24,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.source import SourceBlock
 from burrow.errors import (
     AuthError,
@@ -41,6 +38,7 @@ from burrow.naming import age_text, redact_url
 from burrow.paths import translate
 from burrow.records import Record
 from burrow.runlog import logger
+from tasks import task
 from tasks.catalog import by_creation, created_at
 
 #: Scratch keys of the writability check start with this (a Burrow-owned name, never a user key).
@@ -103,8 +101,7 @@ def check_target(target: SourceBlock, *, write: bool = True) -> str:
         session.close()
 
 
-@task(name="preflight-target", retries=2, retry_delay_seconds=[1, 3], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
+@task(name="preflight-target", retries=2, retry_delay_seconds=[1, 3], retry_condition_fn=should_retry)
 def target_check(target: SourceBlock, write: bool = True) -> str:
     """Prefect task wrapper of :func:`check_target` (retried: the target may be electing a leader)."""
     return check_target(target, write=write)
@@ -188,7 +185,7 @@ def guard_primary(primary: SourceBlock | None, target: SourceBlock, *, force: bo
     return report
 
 
-@task(name="preflight-primary", cache_policy=NO_CACHE)
+@task(name="preflight-primary")
 def primary_guard(primary: SourceBlock | None, target: SourceBlock, force: bool, origin: str) -> dict[str, Any]:
     """Prefect task wrapper of :func:`guard_primary` (not retried: a refusal is the answer)."""
     return guard_primary(primary, target, force=force, origin=origin)

@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from kazoo.exceptions import KazooException
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from blocks.source import SourceBlock, WalkStats
 from blocks.zookeeper import ZooKeeperCluster, ZooKeeperSession
@@ -36,6 +34,7 @@ from burrow.extsort import ExternalSorter
 from burrow.records import Record, decode_record, display_key, encode_record, read_records
 from burrow.runlog import logger
 from burrow.staging import open_spool_reader
+from tasks import task
 from tasks.drift import Drift, diff_archive
 from tasks.plan import RUN_BYTES
 
@@ -97,8 +96,7 @@ def check_scratch_target(target: SourceBlock) -> Scratch:
     return Scratch(target=target.describe(), missing_levels=missing)
 
 
-@task(name="check-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
+@task(name="check-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def check_scratch(target: SourceBlock) -> Scratch:
     """Prefect task wrapper of :func:`check_scratch_target`."""
     return check_scratch_target(target)
@@ -137,8 +135,7 @@ def compare_scratch_target(
     return Comparison(ok=problem is None, drift=d, problem=problem)
 
 
-@task(name="compare-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
+@task(name="compare-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def compare_scratch(
     archive_path: str, target: SourceBlock, workdir: str, decryptor: BodyDecryptor | None,
     intermediate_created: int, label: str = "archive",
@@ -238,8 +235,7 @@ def clean_scratch_target(
     return {"deleted": deleted, "left": left, "left_paths": left_paths}
 
 
-@task(name="clean-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
-      cache_policy=NO_CACHE)
+@task(name="clean-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def clean_scratch(target: SourceBlock, scratch: Scratch, workdir: str, restored: str | None = None) -> dict[str, Any]:
     """Prefect task wrapper of :func:`clean_scratch_target` (retrying it is safe: a key already
     deleted is simply not found again)."""

@@ -9,15 +9,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.source import SourceBlock
 from burrow import progress
 from burrow.perf import gc_paused
 from burrow.records import Record, display_key, read_records
 from burrow.runlog import logger
 from burrow.staging import open_spool_reader
+from tasks import task
 from tasks.plan import LIST_LIMIT, Plan
 
 BATCH = 20_000  # records handed to the target at once (it pipelines them in transactions)
@@ -93,7 +91,7 @@ def _apply(session, batch: list[Record], done: Replayed) -> None:  # noqa: ANN00
                     done.conflict_paths.append(display_key(r.key))
 
 
-@task(name="replay", cache_policy=NO_CACHE)
+@task(name="replay")
 def replay(plan: Plan, target: SourceBlock) -> Replayed:
     """Prefect task wrapper of :func:`replay_plan`. Not retried: a half-done replay is safe to
     run again by hand (it only creates what is missing), but not blindly."""

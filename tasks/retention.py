@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import task_run
-
 from blocks.retention import RetentionPolicy
 from blocks.store import ArchiveStore
 from burrow.errors import ArchiveNotFound, UsageError, should_retry
 from burrow.runlog import logger
+from tasks import task
 from tasks.catalog import created_at, distrust
 
 _PERIODS = {
@@ -127,9 +124,11 @@ def select_expired(
     return [r for r, _ in d.delete]
 
 
-@task(name="delete-archive", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="delete-archive", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def delete_archive(store: ArchiveStore, name: str) -> None:
     """Remove one archive from its store (a transient StoreUnavailable is retried)."""
+    from prefect.runtime import task_run  # a task run is under way: Prefect is loaded
+
     try:
         store.delete(name)
     except ArchiveNotFound:

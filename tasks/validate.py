@@ -9,12 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.errors import ArchiveError
 from burrow.runlog import logger
+from tasks import task
 
 
 def validate_archive(
@@ -49,7 +47,7 @@ def validate_archive(
     return manifest
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(name="validate")
 def validate(
     path: str, decryptor: BodyDecryptor | None = None, label: str = "archive", allow_unencrypted: bool = False,
     expect_manifest_sha256: str | None = None,

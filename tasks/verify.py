@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from blocks.store import ArchiveStore
 from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.crypto import check_layout
 from burrow.errors import should_retry
 from burrow.runlog import logger
+from tasks import task
 from tasks.download import download_archive
 from tasks.validate import validate_archive
 
@@ -61,7 +59,7 @@ def verify_stored_structure(store: ArchiveStore, name: str, workdir: Path) -> di
         path.unlink(missing_ok=True)
 
 
-@task(name="verify", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry, cache_policy=NO_CACHE)
+@task(name="verify", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def verify(
     store: ArchiveStore, name: str, workdir: str, decryptor: BodyDecryptor | None = None,
     allow_unencrypted: bool = False,
@@ -72,7 +70,6 @@ def verify(
 
 @task(
     name="verify-structure", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry,
-    cache_policy=NO_CACHE,
 )
 def verify_structure_task(store: ArchiveStore, name: str, workdir: str) -> dict[str, Any]:
     """Prefect task wrapper of :func:`verify_stored_structure`."""

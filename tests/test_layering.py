@@ -223,3 +223,45 @@ def test_checker_catches_a_module_without_a_task(fake_tree):
     _write(fake_tree, "tasks/encrypt.py", "def seal(): pass\n")
     assert not defines_task(fake_tree / "tasks/encrypt.py")
     assert defines_task(fake_tree / "tasks/upload.py")
+
+
+def test_commands_without_a_flow_never_import_prefect(tmp_path):
+    """``list``, ``inspect``, ``status``, ``keygen`` and ``--help`` (issue 11: under a second)
+    run without Prefect: neither the commands nor the blocks, stores and catalog they use
+    import it. The store is a real local store with a real (unencrypted) archive."""
+    code = r"""
+import sys, io, contextlib, json
+from pathlib import Path
+from burrow.archive import ArchiveWriter
+from burrow.records import Record
+from burrow.cli import main
+store, out = Path(sys.argv[1]), Path(sys.argv[2])
+name = "demo-20261125T000000Z-abcdef.burrow"
+(store / "demo").mkdir(parents=True)
+with open(store / "demo" / name, "wb") as f:
+    w = ArchiveWriter(f, service="zookeeper")
+    w.add(Record(key=b"/a", value=b"1"))
+    w.finish({"service": "zookeeper", "source": "demo", "source_url": "zk://h:1/x", "root": "/",
+              "keys": 1, "raw_bytes": 2, "created": "2026-11-25T00:00:00Z"})
+codes = {}
+for argv in (["list", str(store)], ["inspect", str(store / "demo" / name)], ["status", str(store)],
+             ["keygen", "--out", str(out / "k.key")]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        codes[argv[0]] = main(argv)
+try:
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["--help"])
+except SystemExit as e:
+    codes["--help"] = e.code
+print(json.dumps({"codes": codes, "prefect": sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "prefect_aws"))}))
+"""
+    store, out = tmp_path / "store", tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code, str(store), str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["codes"] == {"list": 0, "inspect": 0, "status": 0, "keygen": 0, "--help": 0}
+    assert got["prefect"] == []
