@@ -100,6 +100,71 @@ class BurrowFlow(Flow):
         return super().validate_parameters(parameters)
 
 
+# ------------------------------------------------------------------- heartbeats that stop at once
+
+
+@contextmanager
+def _prompt_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
+    """Prefect 3.8's flow-run heartbeat (``prefect.flow_engine._send_heartbeats``) with one
+    change: between heartbeats the thread waits on its stop event instead of sleeping in
+    one-second steps, so the end of a run no longer waits up to a second per run context for
+    the thread to notice (0.7 s of a 2.5 s CLI backup, measured). The heartbeats themselves,
+    their interval (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), events and the stop when the run is
+    final are Prefect's own."""
+    import contextvars
+    import threading
+
+    seconds = engine.heartbeat_seconds
+    if seconds is None:
+        yield
+        return
+    resource, related = engine._build_heartbeat_event_template()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            run = engine.flow_run
+            if run and run.state and run.state.is_final():
+                return
+            try:
+                engine._emit_flow_run_heartbeat(resource, related)
+            except Exception:  # noqa: BLE001 - as Prefect's: a missed heartbeat is logged at DEBUG
+                engine.logger.debug("Failed to emit heartbeat", exc_info=True)
+            stop.wait(seconds)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(loop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if join_on_exit:
+            thread.join(timeout=2)
+
+
+def install_prompt_heartbeats() -> bool:
+    """Use :func:`_prompt_heartbeats` for every flow run of this process when Prefect's engine
+    has the hooks it relies on (Prefect 3.8); otherwise leave Prefect's own. Returns whether
+    it is installed."""
+    import inspect
+
+    from prefect import flow_engine
+    from prefect.flow_engine import BaseFlowRunEngine
+
+    original = getattr(flow_engine, "_send_heartbeats", None)
+    if original is _prompt_heartbeats:
+        return True
+    hooks = all(hasattr(BaseFlowRunEngine, h) for h in
+                ("heartbeat_seconds", "_build_heartbeat_event_template", "_emit_flow_run_heartbeat"))
+    if original is None or not hooks or list(inspect.signature(original).parameters) != ["engine", "join_on_exit"]:
+        return False
+    flow_engine._send_heartbeats = _prompt_heartbeats
+    return True
+
+
+install_prompt_heartbeats()
+
+
 def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:
     """``@flow(...)`` for Burrow's flows: the same options, a :class:`BurrowFlow`."""
 

@@ -69,3 +69,34 @@ def test_backup_and_restore_leave_named_runs_and_markdown_artifacts(zk_a, zk_b, 
     assert row(md, "created") == "1" and row(md, "identical") == "2" and row(md, "conflicts") == "1"
     assert f"- `{root}/differs`" in md  # the conflict, by path
     assert VALUE.decode() not in md and TARGET_VALUE.decode() not in md
+
+
+def test_a_flow_run_sends_its_heartbeat_through_burrows_prompt_heartbeat(zk_a, store):
+    """The flow-run heartbeat (how a server tells a crashed run from a running one) still
+    reaches the API from Burrow's replacement, which stops without a second's wait."""
+    import time
+    from datetime import timedelta
+
+    from prefect import flow_engine
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    from flows.common import _prompt_heartbeats
+
+    assert flow_engine._send_heartbeats is _prompt_heartbeats  # installed by importing the flows
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/k", b"v", makepath=True)
+    state = backup(source=f"zk://{zk_a.url}", store=str(store), root=root, name="dc-beat", encryption=False,
+                   return_state=True)
+    run_id = state.state_details.flow_run_id
+    since = state.timestamp - timedelta(minutes=5)
+    flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                      resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]))
+    deadline = time.monotonic() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            beats = client.read_events(filter=flt, limit=10).events
+        if beats or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert beats and beats[0].resource.id == f"prefect.flow-run.{run_id}"

@@ -199,7 +199,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    raise SystemExit(main())
+    """The console script: :func:`main`, then a prompt exit."""
+    _exit(main())
+
+
+def _exit(code: int) -> None:
+    """End the process the way the interpreter would, minus its teardown of every module
+    (0.3 s after a flow command, with Prefect's thousands of objects loaded): wait for
+    non-daemon threads, run the exit handlers (Prefect drains its log and event queues to the
+    API there; logging flushes), flush stdout and stderr, and leave."""
+    import atexit
+    import threading
+
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
