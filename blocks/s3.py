@@ -132,8 +132,12 @@ class S3Store(ArchiveStore):
     def _twin_fields(cls) -> dict[str, tuple[Any, Any]]:
         from prefect_aws import AwsCredentials, MinIOCredentials
 
-        return {"credentials": (AwsCredentials | MinIOCredentials | None,
-                                Field(default=None, description=_CREDENTIALS_HELP))}
+        # MinIO first, left to right: AwsCredentials has no required field and allows extras, so
+        # in pydantic's "smart" union a saved MinIOCredentials came back as an AwsCredentials
+        # without its keys. MinIOCredentials requires its user and password, so an AWS one
+        # still falls through to AwsCredentials.
+        return {"credentials": (MinIOCredentials | AwsCredentials | None,
+                                Field(default=None, description=_CREDENTIALS_HELP, union_mode="left_to_right"))}
 
     @field_validator("credentials")
     @classmethod

@@ -317,6 +317,41 @@ def test_url_options_and_credentials(moto, tmp_path, monkeypatch):
         assert SECRET not in str(exc.value)
 
 
+def test_an_s3_store_saved_as_a_block_loads_by_name_with_its_credentials_block(moto, tmp_path):
+    """S3Store is a plain pydantic model; saving goes through its Prefect twin, which keeps the
+    credentials as a reference to the saved MinIOCredentials block. Loaded by name (bare, or
+    slug/name) it is an S3Store again, and its credentials reach the bucket."""
+    from prefect.blocks.core import Block
+    from prefect.client.orchestration import get_client
+    from prefect_aws import AwsCredentials, MinIOCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    bucket = new_bucket(moto)
+    saved = minio_store(moto, bucket, prefix="named")
+    saved.put("s/x.burrow", payload(tmp_path))
+    name = f"objects-{uuid.uuid4().hex[:6]}"
+    saved.save(name)
+    with get_client(sync_client=True) as client:
+        doc = client.read_block_document_by_name(name, block_type_slug="burrow-s3-store", include_secrets=False)
+    assert set(doc.block_document_references) == {"credentials"}  # a reference, not a copy of the secret
+    for ref in (name, f"burrow-s3-store/{name}"):
+        store = store_from_ref(ref)
+        assert isinstance(store, S3Store) and isinstance(store.credentials, MinIOCredentials)
+        assert [a.name for a in store.list()] == ["s/x.burrow"]
+    assert isinstance(Block.load(f"burrow-s3-store/{name}"), S3Store)
+    # an AwsCredentials block comes back as one too, keys included
+    aws = AwsCredentials(aws_access_key_id=KEY, aws_secret_access_key=SecretStr(SECRET),
+                         aws_client_parameters=AwsClientParameters(endpoint_url=moto.url))
+    S3Store(bucket=bucket, prefix="named", credentials=aws, addressing_style="path").save(name + "-aws")
+    store = store_from_ref(name + "-aws")
+    assert type(store.credentials) is AwsCredentials and store.credentials.aws_access_key_id == KEY
+    assert [a.name for a in store.list()] == ["s/x.burrow"]
+    with pytest.raises(ValueError):
+        S3Store(bucket=bucket, credentials="not a credentials block")
+    with pytest.raises(ValueError):
+        S3Store(bucket=bucket, buckett="typo")  # a misspelt field is an error, not silently kept
+
+
 def test_a_missing_bucket_is_a_permanent_error(moto):
     store = minio_store(moto, "no-such-bucket-" + uuid.uuid4().hex[:6])
     with pytest.raises(StoreError, match="does not exist|not found"):
