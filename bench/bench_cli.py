@@ -1,6 +1,6 @@
 """The CLI's start-up cost, side by side with ``python -c "import prefect"`` (a benchmark, not a test).
 
-    .venv/bin/python bench/bench_cli.py [--reps 5] [--cold-reps 1] [--big 100000] [--pyc]
+    .venv/bin/python bench/bench_cli.py [--reps 5] [--cold-reps 1] [--big 100000] [--pyc | --no-pyc]
 
 Starts two local ZooKeeper servers (burrow.testing.servers) and seeds a tiny tree (50 znodes),
 then times, as a new user meets them, each command a fresh process (wall time, median of
@@ -9,19 +9,27 @@ then times, as a new user meets them, each command a fresh process (wall time, m
 * ``python -c "import prefect"``: the yardstick;
 * ``burrow --help``, ``burrow list STORE`` (no flow: target < 1 s);
 * ``burrow backup`` of the tiny tree with Burrow's local Prefect server warm (target <= 1.5x
-  the import), and cold (a fresh $BURROW_HOME: the command starts the server, migrations
-  included);
+  the import), and cold (a fresh $BURROW_HOME: the command starts the server, which creates
+  its database);
 * ``burrow failover --dry-run`` with the local server warm, and the same with a dead
   ``PREFECT_API_URL`` (refusing connections; never answering): what the dead orchestrator
-  adds (target < 5 s).
+  adds (target < 5 s), first with the local server already running, then with it NOT running
+  (the 3 a.m. case: the user always had a live PREFECT_API_URL), so that the command must
+  start it: with an existing database (stopped with ``burrow server stop`` before each run)
+  and on first use (a fresh $BURROW_HOME each run);
+* the same failover with a live ``PREFECT_API_URL`` (the warm server) and Burrow's local
+  server not running: the healthy path, which must not start the local server.
 
 ``--big N`` then seeds N znodes (N/100 parents of 100 children, as bench_zookeeper.py) and times
 ``burrow backup`` and ``burrow restore`` of that tree through the CLI against the same flows
 called inside one process (flow call only, imports excluded), and prints their ratio.
 
 ``--pyc`` lets Python cache bytecode (in a private PYTHONPYCACHEPREFIX under the work dir, so
-the venv is not touched) as it does on a normal install; by default the environment's setting
-(this machine: PYTHONDONTWRITEBYTECODE=1, every import compiles from source) is kept.
+the venv is not touched, warmed before the first timed run) as it does on a normal install;
+``--no-pyc`` makes every import compile from source (an empty private PYTHONPYCACHEPREFIX and
+PYTHONDONTWRITEBYTECODE=1: the venv's own bytecode, if any, is ignored); by default the
+environment's setting is kept (a venv installed with ``uv sync --compile-bytecode`` has bytecode
+even with PYTHONDONTWRITEBYTECODE=1).
 Every server and directory is removed at the end.
 """
 
@@ -110,14 +118,16 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5, help="runs per warm measurement (default 5)")
     ap.add_argument("--cold-reps", type=int, default=1, help="cold backups, each with a fresh server (default 1)")
     ap.add_argument("--big", type=int, default=0, help="also back up and restore this many znodes via the CLI")
-    ap.add_argument("--pyc", action="store_true", help="cache bytecode (private PYTHONPYCACHEPREFIX)")
+    pyc = ap.add_mutually_exclusive_group()
+    pyc.add_argument("--pyc", action="store_true", help="cache bytecode (private PYTHONPYCACHEPREFIX)")
+    pyc.add_argument("--no-pyc", action="store_true", help="compile every import from source")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="burrow-bench-cli-"))
     servers = []
     homes: list[dict[str, str]] = []
-    results: dict[str, object] = {"reps": args.reps, "pyc": args.pyc}
+    results: dict[str, object] = {"reps": args.reps, "pyc": args.pyc, "no_pyc": args.no_pyc}
     try:
         src = start_zookeeper(work / "zk-src")
         dst = start_zookeeper(work / "zk-dst")
@@ -130,6 +140,12 @@ def main() -> int:
             base.pop("PYTHONDONTWRITEBYTECODE", None)
             base["PYTHONPYCACHEPREFIX"] = str(work / "pyc")
             timed([BURROW, "backup", "--help"], base)
+            warm_up = {**base, "BURROW_HOME": str(work / "home-warm-up"), "BURROW_SERVER_PORT": str(free_port())}
+            burrow("server", "start", env=warm_up)  # the server's modules too
+            burrow("server", "stop", env=warm_up)
+        elif args.no_pyc:
+            base["PYTHONDONTWRITEBYTECODE"] = "1"
+            base["PYTHONPYCACHEPREFIX"] = str(work / "no-pyc")  # stays empty: nothing is found there
 
         def home(name: str) -> dict[str, str]:
             env = {**base, "BURROW_HOME": str(work / name), "BURROW_SERVER_PORT": str(free_port())}
@@ -141,7 +157,7 @@ def main() -> int:
         backup_args = ["backup", f"zk://{src.url}/tiny", "--to", str(store), "--name", "bench-tiny",
                        "--no-encryption"]
 
-        # cold: every run meets no server (a fresh home: database migrations included)
+        # cold: every run meets no server (a fresh home: the server creates its database)
         cold = []
         for i in range(args.cold_reps):
             env = home(f"home-cold-{i}")
@@ -163,13 +179,34 @@ def main() -> int:
         hang.listen(64)
         fo = ["failover", "bench-tiny", "--from", str(store), "--into", f"zk://{dst.url}/failover", "--dry-run",
               "--force"]
-        fail: dict[str, list[float]] = {"warm": [], "refused": [], "silent": []}
-        for _ in range(args.reps):
+        silent_url = f"http://127.0.0.1:{hang.getsockname()[1]}/api"
+        # a home whose database exists (one untimed start) but whose server is stopped
+        stopped_env = home("home-stopped")
+        burrow("server", "start", env=stopped_env)
+        burrow("server", "stop", env=stopped_env)
+        warm_api = json.loads(burrow("server", "status", "--json", env=warm_env).stdout)["api_url"]
+        fail: dict[str, list[float]] = {k: [] for k in (
+            "warm", "refused", "silent", "stopped_refused", "stopped_silent", "first_refused", "first_silent",
+            "healthy_remote")}
+        for i in range(args.reps):  # interleaved, as above
             fail["warm"].append(timed([BURROW, *fo], warm_env))
             fail["refused"].append(timed([BURROW, *fo], {**warm_env,
                                           "PREFECT_API_URL": f"http://127.0.0.1:{refused_port()}/api"}))
-            fail["silent"].append(timed([BURROW, *fo], {**warm_env,
-                                         "PREFECT_API_URL": f"http://127.0.0.1:{hang.getsockname()[1]}/api"}))
+            fail["silent"].append(timed([BURROW, *fo], {**warm_env, "PREFECT_API_URL": silent_url}))
+            for kind in ("refused", "silent"):
+                dead = silent_url if kind == "silent" else f"http://127.0.0.1:{refused_port()}/api"
+                # the local server is not running: it was stopped (its database exists) ...
+                fail[f"stopped_{kind}"].append(timed([BURROW, *fo], {**stopped_env, "PREFECT_API_URL": dead}))
+                burrow("server", "stop", env=stopped_env)
+                # ... or this is Burrow's first use (no home yet: the server creates its database)
+                first_env = home(f"home-first-{kind}-{i}")
+                fail[f"first_{kind}"].append(timed([BURROW, *fo], {**first_env, "PREFECT_API_URL": dead}))
+                burrow("server", "stop", env=first_env)
+            # a live PREFECT_API_URL and no local server: it must stay that way
+            fail["healthy_remote"].append(timed([BURROW, *fo], {**stopped_env, "PREFECT_API_URL": warm_api}))
+            status = json.loads(burrow("server", "status", "--json", env=stopped_env).stdout)
+            if status["running"]:
+                raise SystemExit("a failover with a live PREFECT_API_URL left Burrow's local server running")
         hang.close()
 
         imp = median(samples["import"])
@@ -185,11 +222,22 @@ def main() -> int:
             ("  ... PREFECT_API_URL never answering", median(fail["silent"]),
              f"adds {median(fail['silent']) - median(fail['warm']):+.2f} s (target < 5 s)"),
         ]
-        print(f"\nCLI start-up, median of {args.reps} (cold: {args.cold_reps}); bytecode cache: "
-              f"{'on' if args.pyc else 'off (PYTHONDONTWRITEBYTECODE)' if os.environ.get('PYTHONDONTWRITEBYTECODE') else 'default'}")
-        print(f"{'command':45} {'seconds':>8} {'x import':>9}  note")
+        warm_fo = median(fail["warm"])
+        for key, label in (("stopped_refused", "refusing, local server stopped"),
+                           ("stopped_silent", "never answering, local server stopped"),
+                           ("first_refused", "refusing, first use (fresh home)"),
+                           ("first_silent", "never answering, first use (fresh home)")):
+            rows.append((f"  ... {label}", median(fail[key]),
+                         f"adds {median(fail[key]) - warm_fo:+.2f} s (target < 5 s)"))
+        rows.append(("  ... live PREFECT_API_URL, no local server", median(fail["healthy_remote"]),
+                     f"{median(fail['healthy_remote']) - warm_fo:+.2f} s vs warm; no local server started"))
+        mode = ("private cache (--pyc)" if args.pyc else "none, every import compiled (--no-pyc)" if args.no_pyc
+                else "as installed" + (" (PYTHONDONTWRITEBYTECODE=1)" if os.environ.get("PYTHONDONTWRITEBYTECODE")
+                                       else ""))
+        print(f"\nCLI start-up, median of {args.reps} (cold: {args.cold_reps}); bytecode: {mode}")
+        print(f"{'command':50} {'seconds':>8} {'x import':>9}  note")
         for name, s, note in rows:
-            print(f"{name:45} {s:8.2f} {s / imp:9.2f}  {note}")
+            print(f"{name:50} {s:8.2f} {s / imp:9.2f}  {note}")
         results["samples"] = samples
         results["cold"] = cold
         results["failover"] = fail

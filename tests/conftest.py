@@ -37,6 +37,9 @@ os.environ["PREFECT_HOME"] = str(SESSION_DIR / "prefect-home")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{PREFECT_PORT}/api"
+# a CLI test must never start (or kill) a local server under the real ~/.burrow: a loaded machine can
+# make the session server slow enough to answer that a flow command launches one speculatively
+os.environ.setdefault("BURROW_HOME", str(SESSION_DIR / "burrow-home"))
 os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
 os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
 # the server's scheduler looks for deployments to schedule every 2 s (default 60 s)

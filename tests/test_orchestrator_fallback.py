@@ -7,16 +7,25 @@
   and failover detect it within 3 s (the issue's hard limit, tested with a margin), print one
   warning naming the URL (never its credentials) and the cause, and run on the local server,
   whose history keeps the run. prune stops with the cause named instead of hanging.
+* The same when the local server does not run yet (the user always had a live orchestrator):
+  on first use (a fresh BURROW_HOME, whose database is written from Burrow's snapshot of
+  Prefect's schema, itself checked against Prefect's migrations here) and when it was stopped
+  (then it is launched while the dead URL is still being probed).
+* A server launched that way for an API that answers after all is killed again, unless
+  another command has adopted it meanwhile.
 
-One local server (under a temporary BURROW_HOME, on a free port) serves the whole module and
-is stopped at its end.
+One local server (under a temporary BURROW_HOME, on a free port) serves most of the module and
+is stopped at its end; the first-use test has its own home and server.
 """
 
 from __future__ import annotations
 
+import http.server
+import importlib.util
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -27,6 +36,7 @@ import pytest
 from conftest import BURROW, REPO, run_cli
 from zkutil import kazoo, unique_root
 
+from burrow.cli import server
 from burrow.testing.servers import free_port
 
 DETECT_LIMIT_S = 3.0  # the issue: "detect it within 3 s"
@@ -204,3 +214,178 @@ def test_server_stop_and_status(local):
     again = run_cli("server", "stop", env=env)
     assert again.code == 0 and "not running" in again.out, again
     assert not (Path(env["BURROW_HOME"]) / "prefect" / "server.json").exists()
+
+
+def _fell_back_once(r, *, cause: str, dead: str, port: int, archive_url: str) -> None:
+    """The failover succeeded on the local server it started, after exactly one warning naming
+    the dead URL and the cause."""
+    assert r.code == 0, r
+    warnings = r.warnings()
+    assert len(warnings) == 1, r
+    line = warnings[0][1]
+    assert cause in line and dead in line, line
+    assert f"http://127.0.0.1:{port}" in line and "(starting it now)" in line, line
+    assert f"failover from {archive_url}" in r.out, r
+
+
+def test_a_never_answering_api_url_starts_the_stopped_local_server_and_keeps_the_history(local, archive, zk_b):
+    """After test_server_stop_and_status: the local server is stopped, its database exists."""
+    env, port = local
+    url, store, _ = archive
+    assert json.loads(run_cli("server", "status", "--json", env=env).out)["running"] is False
+    hang = _never_answering()
+    try:
+        dead = f"http://127.0.0.1:{hang.getsockname()[1]}/api"
+        r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
+                   "--force"], {**env, "PREFECT_API_URL": dead})
+    finally:
+        hang.close()
+    _fell_back_once(r, cause="no answer within", dead=dead, port=port, archive_url=url)
+    runs = _local_runs(port, "failover-")  # the history from before the stop is there, and this run
+    assert len(runs) >= 2 and all(run["state_type"] == "COMPLETED" for run in runs), runs
+    state = json.loads((Path(env["BURROW_HOME"]) / "prefect" / "server.json").read_text())
+    assert state["speculative"] is False, state  # adopted: it stays up for the next command
+
+
+def test_first_use_with_a_refusing_api_url_starts_the_local_server_and_keeps_the_history(archive, zk_b,
+                                                                                         tmp_path):
+    """No BURROW_HOME yet (the user only ever had a live orchestrator)."""
+    url, store, _ = archive
+    port = free_port()
+    env = {"BURROW_HOME": str(tmp_path / "new-home"), "BURROW_SERVER_PORT": str(port),
+           "PREFECT_HOME": str(tmp_path / "client-prefect-home")}
+    dead = f"http://127.0.0.1:{_refused_port()}/api"
+    try:
+        r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
+                   "--force"], {**env, "PREFECT_API_URL": dead})
+        _fell_back_once(r, cause="connection refused", dead=dead, port=port, archive_url=url)
+        assert "Traceback" not in r.err, r
+        runs = _local_runs(port, "failover-")
+        assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", runs
+        # its logs, artifact and events are in that history too
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for kind in ("logs", "artifacts"):
+            body = json.dumps({kind: {"flow_run_id": {"any_": [runs[0]["id"]]}}}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/{kind}/filter", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with opener.open(req, timeout=10) as resp:
+                assert json.loads(resp.read()), f"the failover's {kind} are not in the local server's history"
+        events: list = []
+        for _ in range(50):  # the event persister writes in batches
+            body = json.dumps({"filter": {"any_resource": {"id": [f"prefect.flow-run.{runs[0]['id']}"]}},
+                               "limit": 50}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/events/filter", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with opener.open(req, timeout=10) as resp:
+                events = json.loads(resp.read())["events"]
+            if events:
+                break
+            time.sleep(0.2)
+        assert events, "the failover's events are not in the local server's history"
+        log = (tmp_path / "new-home" / "prefect" / "server.log").read_text()
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    finally:
+        stopped = run_cli("server", "stop", env=env, timeout=60)
+    assert stopped.code == 0 and "stopped the local Prefect server" in stopped.out, stopped
+
+
+def _schema(db: Path) -> dict:
+    """What a SQLite schema means, without what Prefect's migrations leave to chance: the order
+    of a rebuilt table's constraints (alembic's batch mode reflects them into sets)."""
+    con = sqlite3.connect(db)
+    try:
+        out: dict = {"alembic": con.execute("SELECT version_num FROM alembic_version").fetchall()}
+        for kind, name, sql in con.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL "
+                                           "AND name NOT LIKE 'sqlite%'").fetchall():
+            if kind != "table":
+                out[kind, name] = sql
+                continue
+            indexes = [(unique, origin, partial, tuple(con.execute(f'PRAGMA index_xinfo("{index}")').fetchall()))
+                       for _, index, unique, origin, partial in con.execute(f'PRAGMA index_list("{name}")')]
+            out[kind, name] = (
+                sorted(line.strip().rstrip(",").strip() for line in sql.splitlines()),
+                con.execute(f'PRAGMA table_xinfo("{name}")').fetchall(),  # the columns, in order
+                sorted(fk[1:] for fk in con.execute(f'PRAGMA foreign_key_list("{name}")')),
+                sorted(indexes),
+            )
+        return out
+    finally:
+        con.close()
+
+
+def test_the_schema_snapshot_is_what_prefects_migrations_make(tmp_path):
+    """A new local server's database is written from ``server._PREFECT_SCHEMA`` instead of by
+    Prefect's migrations: it must be the schema they make, for the Prefect installed."""
+    key, sql = server.migrated_schema()
+    assert server._PREFECT_SCHEMA[0] == key, (
+        "Prefect changed: regenerate _PREFECT_SCHEMA in burrow/cli/server.py with\n"
+        "    .venv/bin/python -c 'from burrow.cli.server import *; print(schema_source(*migrated_schema()))'"
+    )
+    migrated = tmp_path / "migrated.db"
+    with sqlite3.connect(migrated) as con:
+        con.executescript(sql)
+    con.close()
+    package = Path(importlib.util.find_spec("prefect").origin).parent
+    seeded = tmp_path / "seeded.db"
+    assert server._seed_database(seeded, package)
+    assert _schema(seeded) == _schema(migrated)
+    assert not server._seed_database(seeded, package)  # never over an existing database
+    assert sqlite3.connect(seeded).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+class _SlowHealth(http.server.BaseHTTPRequestHandler):
+    """A live API whose /health answers after a second: after Burrow's speculation starts."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        time.sleep(1.0)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "4")
+        self.end_headers()
+        self.wfile.write(b"true")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_slow_but_live_api_url_withdraws_the_speculative_local_server(tmp_path, monkeypatch):
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHealth)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    monkeypatch.setenv("BURROW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BURROW_SERVER_PORT", str(free_port()))
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{slow.server_address[1]}/api")
+    launched: list[server.Starting] = []
+    real_begin = server._begin
+
+    def spy(speculative: bool) -> server.Starting | None:
+        starting = real_begin(speculative)
+        launched.append(starting)
+        return starting
+
+    monkeypatch.setattr(server, "_begin", spy)
+    try:
+        chosen = server.choose_orchestrator("failover")
+    finally:
+        slow.shutdown()
+    assert not chosen.local and chosen.api_url == os.environ["PREFECT_API_URL"], chosen
+    assert len(launched) == 1 and launched[0] is not None and launched[0].started, launched
+    proc = launched[0].proc
+    assert proc is not None and proc.poll() is not None, "the speculative local server still runs"
+    assert server._read_state() is None and server.running_server() is None
+
+
+def test_a_speculative_local_server_adopted_by_another_command_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("BURROW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BURROW_SERVER_PORT", str(free_port()))
+    mine = server._begin(speculative=True)
+    try:
+        assert mine is not None and mine.started and server._read_state().speculative
+        assert server._begin(speculative=True).started is False  # a second speculation reuses it
+        theirs = server.begin_server()  # another command falls back: it needs this server
+        assert not theirs.started and theirs.state.pid == mine.state.pid
+        assert server._read_state().speculative is False
+        server._withdraw(mine)  # the first command's API answered after all: too late
+        assert mine.proc.poll() is None and server._read_state().pid == mine.state.pid
+    finally:
+        server.stop_server()
+    assert mine.proc.poll() is not None
