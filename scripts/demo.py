@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 from kazoo.client import KazooClient  # noqa: E402
 from kazoo.security import make_digest_acl  # noqa: E402
 
+from burrow.naming import split_userinfo  # noqa: E402
 from burrow.testing.servers import start_moto, start_prefect, start_zookeeper  # noqa: E402
 
 WORK = REPO / "demo-work"
@@ -31,8 +32,17 @@ def banner(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
+def shown(arg: str) -> str:
+    """An argument as the transcript shows it: a URL's password masked (zk://ops:***@host:port)."""
+    userinfo, bare = split_userinfo(arg)
+    if userinfo is None:
+        return arg
+    scheme, _, rest = bare.partition("://")
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{rest}"
+
+
 def burrow(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    print("$ burrow " + " ".join(args), flush=True)
+    print("$ burrow " + " ".join(shown(a) for a in args), flush=True)
     proc = subprocess.run([BURROW, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
     # stderr holds Burrow's own stage lines (Prefect's engine lines appear only with -v)
     for line in proc.stderr.splitlines():
