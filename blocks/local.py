@@ -15,6 +15,7 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, ClassVar
@@ -138,6 +139,19 @@ class LocalStore(ArchiveStore):
         except OSError as exc:
             raise store_os_error(exc, f"cannot read archive {name} from {self.describe()}") from None
         return dest
+
+    @contextmanager
+    def open_read(self, name: str, size: int | None = None) -> Iterator[BinaryIO]:
+        """The archive's file itself, opened in place (no copy)."""
+        label = self.url(name)
+        try:
+            f = open(self.root / name, "rb")  # noqa: SIM115 - closed by the with below, around the yield
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ArchiveNotFound(f"archive {label} not found") from None
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot read archive {label}") from None
+        with f:
+            yield f
 
     def list(self, prefix: str = "") -> builtins.list[ArchiveInfo]:
         self.check()

@@ -547,6 +547,10 @@ class S3Store(ArchiveStore):
                           Bucket=self.bucket, Key=self._key(name), Range=rng)
         return resp["Body"].read()
 
+    def open_read(self, name: str, size: int | None = None) -> io.BufferedReader:  # type: ignore[override]
+        """Ranged reads (:meth:`open_ranged`), never a whole download."""
+        return self.open_ranged(name, size)
+
     def open_ranged(self, name: str, size: int | None = None) -> io.BufferedReader:
         """A seekable read-only file over the archive, read with ranged GETs: the catalog reads
         header, footer and manifest (two requests for most archives) instead of the whole."""

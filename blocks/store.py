@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import builtins
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from blocks.base import BurrowBlock
+from burrow.archive import ArchiveReader
+from burrow.errors import store_os_error
 
 ARCHIVE_SUFFIX = ".burrow"
 #: Small objects Burrow keeps beside the archives (catalog index, rehearsal markers): never
@@ -106,6 +111,16 @@ class ArchiveStore(BurrowBlock):
         """Remove an archive; raises ArchiveNotFound."""
         raise NotImplementedError
 
+    @contextmanager
+    def open_read(self, name: str, size: int | None = None) -> Iterator[BinaryIO]:
+        """A seekable file of the archive ``name``, to read its header, footer and manifest
+        (:func:`open_stored`). Here: a private download. A local store opens the file in place;
+        S3 reads by ranges. ``size`` (from a listing) saves a HEAD request where one is needed."""
+        with tempfile.TemporaryDirectory(prefix="burrow-read-") as tmp:
+            local = self.get(name, Path(tmp) / "archive.burrow")
+            with open(local, "rb") as f:
+                yield f
+
     # Sidecars: small objects beside the archives (names end with SIDECAR_SUFFIX). They are
     # untrusted caches or authenticated records: whoever reads one checks it.
 
@@ -124,3 +139,17 @@ class ArchiveStore(BurrowBlock):
     def delete_sidecar(self, name: str) -> None:
         """Remove a sidecar; raises ArchiveNotFound."""
         raise NotImplementedError
+
+
+@contextmanager
+def open_stored(store: ArchiveStore, name: str, size: int | None = None) -> Iterator[ArchiveReader]:
+    """An :class:`ArchiveReader` over the archive ``name`` of ``store`` (:meth:`ArchiveStore.open_read`):
+    the catalog, ``inspect`` and the rehearsal markers read header, footer and manifest through it,
+    never downloading a whole archive from object storage."""
+    label = store.url(name)
+    with store.open_read(name, size) as f:
+        try:
+            reader = ArchiveReader(f, label=label)
+        except OSError as exc:
+            raise store_os_error(exc, f"cannot read archive {label}") from None
+        yield reader

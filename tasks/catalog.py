@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import base64
 import io
-import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from blocks.local import LocalStore
 from blocks.resolve import archive_from_ref
-from blocks.store import SIDECAR_SUFFIX, ArchiveInfo, ArchiveStore
+from blocks.store import SIDECAR_SUFFIX, ArchiveInfo, ArchiveStore, open_stored
 from burrow.archive import ArchiveReader, canonical_json
 from burrow.crypto import ArchiveKeys, encryption_summary
 from burrow.errors import (
@@ -42,7 +39,6 @@ from burrow.errors import (
     StoreError,
     StoreUnavailable,
     should_retry,
-    store_os_error,
 )
 from burrow.runlog import logger
 from tasks import task
@@ -63,37 +59,6 @@ def open_archive(ref: str) -> Iterator[ArchiveReader]:
     store, name = archive_from_ref(ref)
     with open_stored(store, name) as reader:
         yield reader
-
-
-@contextmanager
-def open_stored(store: ArchiveStore, name: str, size: int | None = None) -> Iterator[ArchiveReader]:
-    """Open the archive ``name`` of ``store``: in place when the store is a local directory, by
-    ranged reads where the store has them (S3: the archive is never downloaded whole), else
-    through a private download. ``size`` saves a HEAD request when the listing gave it."""
-    label = store.url(name)
-    if isinstance(store, LocalStore):
-        try:
-            f = open(store.root / name, "rb")  # closed by the "with f" below, around the yield
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ArchiveNotFound(f"archive {label} not found") from None
-        except OSError as exc:
-            raise store_os_error(exc, f"cannot read archive {label}") from None
-        with f:
-            try:
-                reader = ArchiveReader(f, label=label)
-            except OSError as exc:
-                raise store_os_error(exc, f"cannot read archive {label}") from None
-            yield reader
-        return
-    open_ranged = getattr(store, "open_ranged", None)
-    if open_ranged is not None:  # object storage: ranged reads of header, footer and manifest only
-        with open_ranged(name, size) as f:
-            yield ArchiveReader(f, label=label)
-        return
-    with tempfile.TemporaryDirectory(prefix="burrow-inspect-") as tmp:
-        local = store.get(name, Path(tmp) / "archive.burrow")
-        with open(local, "rb") as f:
-            yield ArchiveReader(f, label=label)
 
 
 def _summary_problem(manifest: dict[str, Any]) -> str | None:

@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from blocks.local import LocalStore
-from blocks.store import SIDECAR_SUFFIX, ArchiveStore
+from blocks.store import SIDECAR_SUFFIX, ArchiveStore, open_stored
 from burrow.archive import ArchiveReader, canonical_json
 from burrow.crypto import ArchiveKeys
-from burrow.errors import ArchiveError, BurrowError, StoreError, should_retry, store_os_error
+from burrow.errors import ArchiveError, BurrowError, StoreError, should_retry
 from burrow.runlog import logger
 from burrow.version import __version__
 from tasks import task
@@ -202,38 +198,12 @@ def _load(store: ArchiveStore, name: str) -> Any:
         return None
 
 
-@contextmanager
-def _open_stored(store: ArchiveStore, name: str, size: int | None) -> Iterator[ArchiveReader]:
-    """Open a stored archive's header, footer and manifest: in place on a local store, by
-    ranged reads where the store has them (S3), else through a private download. (The same
-    as tasks.catalog.open_stored, which this module cannot import: the catalog calls
-    :func:`annotate`, and two modules never import each other.)"""
-    label = store.url(name)
-    if isinstance(store, LocalStore):
-        try:
-            f = open(store.root / name, "rb")  # noqa: SIM115 - closed by the with below
-        except OSError as exc:
-            raise store_os_error(exc, f"cannot read archive {label}") from None
-        with f:
-            yield ArchiveReader(f, label=label)
-        return
-    open_ranged = getattr(store, "open_ranged", None)
-    if open_ranged is not None:
-        with open_ranged(name, size) as f:
-            yield ArchiveReader(f, label=label)
-        return
-    with tempfile.TemporaryDirectory(prefix="burrow-marker-") as tmp:
-        local = store.get(name, Path(tmp) / "archive.burrow")
-        with open(local, "rb") as f:
-            yield ArchiveReader(f, label=label)
-
-
 def _open_key(store: ArchiveStore, row: dict[str, Any], keys: ArchiveKeys | None) -> tuple[bytes | None, dict | None]:
     """(marker key, manifest) of the archive of ``row``, reading only header, footer and manifest."""
     if keys is None or not keys.keyring or row.get("error") or not row.get("encrypted"):
         return None, None
     try:
-        with _open_stored(store, row["name"], row.get("size")) as reader:
+        with open_stored(store, row["name"], row.get("size")) as reader:
             return marker_key(reader, keys), dict(reader.manifest)
     except BurrowError as exc:
         logger().warning("cannot open %s to authenticate its rehearsal markers: %s", row.get("url"), exc)

@@ -139,6 +139,30 @@ def test_put_get_list_head_delete(store_under_test, tmp_path):
         store.get("src/src-1.burrow", tmp_path / "x")
 
 
+def test_open_stored_reads_the_manifest_and_names_a_missing_archive(store_under_test, tmp_path):
+    """Every store opens an archive for its header, footer and manifest (in place, by ranges or
+    by a private download): the catalog, inspect and the rehearsal markers read through it."""
+    import io
+
+    from blocks.store import open_stored
+    from burrow.archive import ArchiveWriter
+    from burrow.records import Record
+
+    store, _ = store_under_test
+    buf = io.BytesIO()
+    w = ArchiveWriter(buf, service="zookeeper")
+    w.add(Record(key=b"/a", value=b"1"))
+    w.finish({"service": "zookeeper", "source": "dc", "source_url": "zk://h:1", "root": "/", "keys": 1,
+              "raw_bytes": 3, "created": "2026-11-25T00:00:00Z"})
+    (tmp_path / "m.burrow").write_bytes(buf.getvalue())
+    info = store.put("dc/m.burrow", tmp_path / "m.burrow")
+    for size in (None, info.size):
+        with open_stored(store, "dc/m.burrow", size) as reader:
+            assert reader.manifest["source"] == "dc" and reader.manifest["keys"] == 1
+    with pytest.raises(ArchiveNotFound), open_stored(store, "dc/none.burrow"):
+        pass
+
+
 def test_multipart_sized_archives_round_trip(store_under_test, tmp_path):
     store, _ = store_under_test
     src = tmp_path / "big.burrow"
