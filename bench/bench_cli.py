@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from burrow.testing.servers import free_port, start_zookeeper  # noqa: E402
+from burrow.testing.servers import free_port, silent_listener, start_zookeeper  # noqa: E402
 
 PY = sys.executable
 BURROW = str(Path(PY).parent / "burrow")
@@ -85,14 +84,6 @@ def seed_tiny(hosts: str, n: int = 50) -> None:
     finally:
         c.stop()
         c.close()
-
-
-def refused_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def median(xs: list[float]) -> float:
@@ -174,9 +165,7 @@ def main() -> int:
             samples["backup"].append(timed([BURROW, *backup_args], warm_env))
 
         # failover --dry-run: local server warm, then with a dead PREFECT_API_URL
-        hang = socket.socket()
-        hang.bind(("127.0.0.1", 0))
-        hang.listen(64)
+        hang = silent_listener()
         fo = ["failover", "bench-tiny", "--from", str(store), "--into", f"zk://{dst.url}/failover", "--dry-run",
               "--force"]
         silent_url = f"http://127.0.0.1:{hang.getsockname()[1]}/api"
@@ -191,10 +180,10 @@ def main() -> int:
         for i in range(args.reps):  # interleaved, as above
             fail["warm"].append(timed([BURROW, *fo], warm_env))
             fail["refused"].append(timed([BURROW, *fo], {**warm_env,
-                                          "PREFECT_API_URL": f"http://127.0.0.1:{refused_port()}/api"}))
+                                          "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}))
             fail["silent"].append(timed([BURROW, *fo], {**warm_env, "PREFECT_API_URL": silent_url}))
             for kind in ("refused", "silent"):
-                dead = silent_url if kind == "silent" else f"http://127.0.0.1:{refused_port()}/api"
+                dead = silent_url if kind == "silent" else f"http://127.0.0.1:{free_port()}/api"
                 # the local server is not running: it was stopped (its database exists) ...
                 fail[f"stopped_{kind}"].append(timed([BURROW, *fo], {**stopped_env, "PREFECT_API_URL": dead}))
                 burrow("server", "stop", env=stopped_env)

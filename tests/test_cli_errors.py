@@ -5,13 +5,13 @@ shows on the terminal with --verbose."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 from conftest import run_cli
 from zkutil import kazoo, unique_root
 
 from burrow.keys import keygen
+from burrow.testing.servers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,6 @@ def archive(zk_a, tmp_path_factory):
     r = run_cli("backup", f"zk://{zk_a.url}{root}", "--to", str(store), "--key-file", str(d / "right.key"))
     assert r.code == 0, r
     return d, r.last_line
-
-
-def _refused_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _corrupt_copy(d, url: str):
@@ -63,7 +55,7 @@ def test_expected_failures_print_one_line(archive):
     calls = [
         ("verify", url, "--key-file", str(d / "wrong.key")),
         ("verify", str(_corrupt_copy(d, url)), "--key-file", str(d / "right.key")),
-        ("backup", f"zk://127.0.0.1:{_refused_port()}?timeout=2", "--to", str(d / "store"), "--no-encryption"),
+        ("backup", f"zk://127.0.0.1:{free_port()}?timeout=2", "--to", str(d / "store"), "--no-encryption"),
     ]
     with ThreadPoolExecutor(3) as pool:  # independent commands: side by side to keep the suite fast
         wrong_key, corrupt, unreachable = pool.map(lambda args: run_cli(*args), calls)

@@ -37,7 +37,7 @@ from conftest import BURROW, REPO, run_cli
 from zkutil import kazoo, unique_root
 
 from burrow.cli import server
-from burrow.testing.servers import free_port
+from burrow.testing.servers import free_port, silent_listener
 
 DETECT_LIMIT_S = 3.0  # the issue: "detect it within 3 s"
 MARGIN_S = 2.0  # interpreter start on a loaded 2-core machine
@@ -111,22 +111,6 @@ class Timed:
         return f"Timed(code={self.code}, out={self.out[-1500:]!r}, err={self.err[-3000:]!r})"
 
 
-def _never_answering() -> socket.socket:
-    """A listening socket that accepts connections (the kernel does) and never answers."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    return s
-
-
-def _refused_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_without_an_api_url_the_local_server_starts_once_and_keeps_the_history(local, archive):
     env, port = local
     url, _, _ = archive
@@ -148,7 +132,7 @@ def test_without_an_api_url_the_local_server_starts_once_and_keeps_the_history(l
 def test_a_refusing_api_url_falls_back_to_the_local_server(local, archive, zk_b):
     env, port = local
     url, store, root = archive
-    dead = f"http://burrow-user:hunter2-secret@127.0.0.1:{_refused_port()}/api"
+    dead = f"http://burrow-user:hunter2-secret@127.0.0.1:{free_port()}/api"
     r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
                "--force"],  # the primary (zk_a) still answers: this is a drill
               {**env, "PREFECT_API_URL": dead})
@@ -169,7 +153,7 @@ def test_a_never_answering_api_url_falls_back_within_3_s(local, zk_a, tmp_path):
     root = unique_root()
     with kazoo(zk_a.url) as c:
         c.create(root + "/x", b"1", makepath=True)
-    hang = _never_answering()
+    hang = silent_listener()
     try:
         dead = f"http://127.0.0.1:{hang.getsockname()[1]}/api"
         r = Timed(["backup", f"zk://{zk_a.url}{root}", "--to", str(tmp_path), "--no-encryption"],
@@ -190,7 +174,7 @@ def test_a_never_answering_api_url_falls_back_within_3_s(local, zk_a, tmp_path):
 def test_prune_names_the_dead_orchestrator_and_stops(local, archive):
     env, _ = local
     _, store, _ = archive
-    hang = _never_answering()
+    hang = silent_listener()
     try:
         r = run_cli("prune", str(store), "--dry-run",
                     env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{hang.getsockname()[1]}/api"}, timeout=60)
@@ -233,7 +217,7 @@ def test_a_never_answering_api_url_starts_the_stopped_local_server_and_keeps_the
     env, port = local
     url, store, _ = archive
     assert json.loads(run_cli("server", "status", "--json", env=env).out)["running"] is False
-    hang = _never_answering()
+    hang = silent_listener()
     try:
         dead = f"http://127.0.0.1:{hang.getsockname()[1]}/api"
         r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
@@ -254,7 +238,7 @@ def test_first_use_with_a_refusing_api_url_starts_the_local_server_and_keeps_the
     port = free_port()
     env = {"BURROW_HOME": str(tmp_path / "new-home"), "BURROW_SERVER_PORT": str(port),
            "PREFECT_HOME": str(tmp_path / "client-prefect-home")}
-    dead = f"http://127.0.0.1:{_refused_port()}/api"
+    dead = f"http://127.0.0.1:{free_port()}/api"
     try:
         r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
                    "--force"], {**env, "PREFECT_API_URL": dead})

@@ -42,6 +42,7 @@ from pathlib import Path
 __all__ = [
     "LocalServer",
     "free_port",
+    "silent_listener",
     "start_zookeeper",
     "start_etcd",
     "start_consul",
@@ -91,6 +92,15 @@ def free_port() -> int:
             _handed_out.add(port)
             return port
     raise RuntimeError("could not find a free TCP port on 127.0.0.1")
+
+
+def silent_listener() -> socket.socket:
+    """A socket on 127.0.0.1 that accepts connections (the kernel does) and never answers: a
+    server that hangs. Close it when done. (A port that refuses connections is ``free_port()``.)"""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((HOST, 0))
+    s.listen(64)
+    return s
 
 
 # --------------------------------------------------------------------------- LocalServer
