@@ -23,9 +23,11 @@ import hmac
 import io
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -42,6 +44,10 @@ SALT_LEN = 32
 MAX_CHUNKS = 1 << 32
 PAYLOAD_INFO = b"burrow/v1/payload"
 MAC_INFO = b"burrow/v1/manifest-mac"
+#: The domain of a reader key's public id (``signer`` in markers and journal records).
+READER_ID_DOMAIN = b"burrow/v1/reader-id"
+#: How a reader-signed record names its MAC (``mac_scheme``).
+READER_MAC_SCHEME = "hmac-sha256:burrow/v1/reader-mac"
 
 
 def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
@@ -367,3 +373,63 @@ class ArchiveKeys:
             raise ArchiveError(f"{label} has a malformed wrapped key")
         self.opened_by = opened_by
         return StreamDecryptor(file_key, sp, label, opened_by)
+
+    # -------------------------------------------------------------------- reader records
+    #
+    # Records about archives that steer decisions (rehearsal markers, failover journal records)
+    # are MACed with a *reader key*: derived from the secret side of a keyring identity (a
+    # symmetric key, an X25519 private key, a passphrase). A backup worker that holds public
+    # keys only, or anyone else who can only write to the store, cannot make one; an archive's
+    # own key would not do, since the worker that wrote the archive made its file key.
+
+    def _reader_keys(self) -> Iterator[tuple[str, bytes]]:
+        """``(public id, key)`` of every secret identity in the keyring, keys before passphrases
+        (a passphrase's reader key costs one scrypt per process, so it is derived last)."""
+        for ident in [*self.keyring.keys, *self.keyring.passphrases]:
+            key = ident.reader_key()
+            yield reader_id(key), key
+
+    def reader_signers(self) -> list[str]:
+        """The public ids of the reader keys this keyring holds (empty: it cannot sign)."""
+        return [rid for rid, _ in self._reader_keys()]
+
+    def can_reader_sign(self) -> bool:
+        """Whether this keyring holds a secret identity, and so can make reader records."""
+        return bool(self.keyring)
+
+    def reader_sign(self, domain: bytes, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with ``mac_scheme``, ``signer`` (the reader key's public id) and ``mac``
+        added: HMAC-SHA256 under the keyring's first reader key over ``domain`` and the record's
+        canonical JSON. Raises ValueError when the keyring holds no secret identity."""
+        for rid, key in self._reader_keys():
+            out = {k: v for k, v in body.items() if k != "mac"} | {"mac_scheme": READER_MAC_SCHEME, "signer": rid}
+            out["mac"] = _reader_mac(key, domain, out)
+            return out
+        raise ValueError("no secret key to sign with: a keyring of public keys only cannot make reader records")
+
+    def reader_verify(self, domain: bytes, record: Any) -> tuple[bool, str | None]:
+        """Whether ``record`` carries a valid reader MAC under ``domain`` by a key of this
+        keyring: ``(True, None)`` or ``(False, why)`` (a reason without key material)."""
+        if not isinstance(record, dict):
+            return False, "not a record"
+        tag, signer = record.get("mac"), record.get("signer")
+        if not isinstance(tag, str) or record.get("mac_scheme") != READER_MAC_SCHEME or not isinstance(signer, str):
+            return False, "it carries no reader MAC"
+        if not self.keyring:
+            return False, "no read key is configured to authenticate it"
+        for rid, key in self._reader_keys():
+            if rid == signer:
+                body = {k: v for k, v in record.items() if k != "mac"}
+                if hmac.compare_digest(_reader_mac(key, domain, body).encode(), tag.encode("utf-8", "replace")):
+                    return True, None
+                return False, "its MAC does not match (edited, or copied from another record)"
+        return False, f"it was signed by reader key {signer[:16]!r}, which is not configured here"
+
+
+def reader_id(key: bytes) -> str:
+    """The public id of a reader key: 16 hex digits of a domain-separated SHA-256 of it."""
+    return hashlib.sha256(READER_ID_DOMAIN + key).hexdigest()[:16]
+
+
+def _reader_mac(key: bytes, domain: bytes, body: dict[str, Any]) -> str:
+    return hmac.new(key, domain + orjson.dumps(body, option=orjson.OPT_SORT_KEYS), hashlib.sha256).hexdigest()

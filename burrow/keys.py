@@ -67,6 +67,12 @@ SCRYPT_P = 1
 SCRYPT_MIN_LOG_N = 10
 SCRYPT_MAX_LOG_N = 18  # a header someone else wrote costs at most 256 MiB and ~2 s per archive (writers use 17)
 MAX_STANZAS = 64
+#: The context of the reader key (:meth:`SymmetricKey.reader_key` and the like): what rehearsal
+#: markers and failover journal records are MACed with.
+READER_MAC_INFO = b"burrow/v1/reader-mac"
+#: The scrypt cost of a passphrase's reader key: fixed (every holder must derive the same key),
+#: and as costly as a writer's stanza, so a MACed record is no cheap oracle for guessing it.
+READER_SCRYPT_LOG_N = SCRYPT_LOG_N
 
 #: Environment variables that configure encryption when no flag, parameter or block does.
 ENV_KEY_FILE = "BURROW_KEY_FILE"
@@ -147,6 +153,11 @@ class SymmetricKey:
     def describe(self) -> str:
         return f"symmetric key {self.fingerprint}"
 
+    def reader_key(self) -> bytes:
+        """The key this secret key MACs reader records with (rehearsal markers, the failover
+        journal): HKDF-SHA256 under its own context, so it equals no wrapping key."""
+        return _hkdf(self._key, b"", READER_MAC_INFO)
+
     def wrap(self, file_key: bytes) -> dict[str, Any]:
         salt = os.urandom(16)
         kek = _hkdf(self._key, salt, b"burrow/v1/wrap/symmetric")
@@ -224,6 +235,11 @@ class X25519Identity:
     def describe(self) -> str:
         return f"X25519 key {self.fingerprint}"
 
+    def reader_key(self) -> bytes:
+        """The reader-record MAC key of this identity: HKDF-SHA256 of the *private* key, which
+        a backup worker holding only the public key cannot compute."""
+        return _hkdf(self._key.private_bytes_raw(), b"", READER_MAC_INFO)
+
     def unwrap(self, stanza: dict[str, Any], label: str) -> bytes:
         try:
             share = b64d(stanza.get("share"), KEY_LEN, "share")
@@ -261,6 +277,17 @@ class Passphrase:
     def describe(self) -> str:
         return "a passphrase"
 
+    def reader_key(self) -> bytes:
+        """The reader-record MAC key of this passphrase: scrypt with a fixed salt and the
+        writers' cost (a MACed record must not make guessing the passphrase cheap), computed
+        once per process and passphrase."""
+        digest = hashlib.sha256(b"burrow/v1/reader-cache\x00" + self._passphrase).digest()
+        key = _READER_CACHE.get(digest)
+        if key is None:
+            kdf = Scrypt(salt=READER_MAC_INFO, length=32, n=1 << READER_SCRYPT_LOG_N, r=SCRYPT_R, p=SCRYPT_P)
+            key = _READER_CACHE[digest] = kdf.derive(self._passphrase)
+        return key
+
     @staticmethod
     def _kek(passphrase: bytes, salt: bytes, log_n: int) -> bytes:
         kdf = Scrypt(salt=b"burrow/v1/scrypt\x00" + salt, length=32, n=1 << log_n, r=SCRYPT_R, p=SCRYPT_P)
@@ -295,6 +322,9 @@ class Passphrase:
         except InvalidTag:
             return None
 
+
+#: Passphrase reader keys already derived in this process (by a digest of the passphrase).
+_READER_CACHE: dict[bytes, bytes] = {}
 
 Recipient = SymmetricKey | X25519Recipient | Passphrase
 Identity = SymmetricKey | X25519Identity | Passphrase
