@@ -32,6 +32,22 @@ it), and that start is what a dead orchestrator costs, so it is made short:
   and spent 0.6 to 0.8 s in collections;
 * readiness is polled every 50 ms.
 
+The local server is **private** to the user who runs Burrow: a Prefect server without an auth
+string serves saved blocks, secrets included (``POST /api/block_documents/filter
+{"include_secrets": true}``), to any process on the machine. So:
+
+* it runs with ``PREFECT_SERVER_API_AUTH_STRING`` set to a credential generated once (with
+  ``secrets``) and kept in ``$BURROW_HOME/server-credential``, mode 0600; every other request
+  gets 401 (only ``GET /api/health`` and ``/api/ready`` answer without it, as Prefect wants);
+* every Burrow process that talks to it (flow commands, the flows they run in-process, the
+  dead-orchestrator fallback) sends it as ``PREFECT_API_AUTH_STRING`` (``_use``);
+* ``$BURROW_HOME`` and ``prefect/`` are 0700, the database and the server's log 0600, and the
+  server runs with umask 077; each start fixes the modes of an older home;
+* a server started by an older Burrow (without the credential) is restarted with it.
+
+It keeps running after the command that started it (that is the persistent history);
+``burrow server stop`` stops it.
+
 Everything here uses the standard library only, so it is decided before Prefect (about 2 s to
 import) is loaded: Prefect reads ``PREFECT_API_URL`` once, when it is imported.
 """
@@ -44,9 +60,11 @@ import errno
 import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -58,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from burrow.errors import EXIT_OK, BurrowError
-from burrow.naming import redact_url
+from burrow.naming import has_userinfo, redact_url
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4280  # not Prefect's 4200, so it never collides with a server the user runs
@@ -103,6 +121,62 @@ def _state_file() -> Path:
     return server_home() / "server.json"
 
 
+def credential_file() -> Path:
+    """The 0600 file that holds the local server's auth string (``user:password``)."""
+    return burrow_home() / "server-credential"
+
+
+#: The user part of the local server's auth string (Prefect's UI asks for ``user:password``).
+CREDENTIAL_USER = "admin"
+
+
+def secure_home() -> None:
+    """Create Burrow's home private (0700, and ``prefect/`` in it), and make an existing one
+    private: a home made by an older Burrow was 0755 with a world-readable database, whose rows
+    include saved blocks' secrets."""
+    home, prefect_home = burrow_home(), server_home()
+    prefect_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in (home, prefect_home):
+        if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+            directory.chmod(0o700)
+    for name in ("prefect.db", "prefect.db-wal", "prefect.db-shm", "prefect.db-journal", "server.log",
+                 "server.json", "last-port"):
+        path = prefect_home / name
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(path.stat().st_mode) & 0o077:
+                path.chmod(0o600)
+
+
+def local_credential(create: bool = True) -> str | None:
+    """The local server's auth string, generated once (``admin:`` and 32 random bytes, URL-safe
+    base64) into :func:`credential_file`, created 0600 and exclusively, so two commands never
+    write two different ones. ``None`` when there is none and ``create`` is false."""
+    path = credential_file()
+    for _ in range(2):
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            if not create:
+                return None
+            secure_home()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue  # another command created it meanwhile: read theirs
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{CREDENTIAL_USER}:{secrets.token_urlsafe(32)}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            continue
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+        if ":" not in text or not text.split(":", 1)[1]:
+            raise LocalServerError(f"{path} does not hold a credential (user:password); remove it and "
+                                   "`burrow server stop`, then the next start makes a new one")
+        return text
+    raise LocalServerError(f"cannot read {path}")
+
+
 @dataclass
 class ServerState:
     """What ``server.json`` records about the running local server."""
@@ -113,6 +187,8 @@ class ServerState:
     #: launched while the configured API was still being probed, and not yet needed by any
     #: command: the launching command kills it if that API answers after all
     speculative: bool = False
+    #: started with the credential (a server started by an older Burrow was not: it is restarted)
+    private: bool = False
 
     @property
     def ui_url(self) -> str:
@@ -127,7 +203,8 @@ def _read_state() -> ServerState | None:
     try:
         data = json.loads(_state_file().read_text())
         return ServerState(pid=int(data["pid"]), port=int(data["port"]), started=float(data.get("started", 0)),
-                           speculative=bool(data.get("speculative", False)))
+                           speculative=bool(data.get("speculative", False)),
+                           private=bool(data.get("private", False)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -316,6 +393,7 @@ def _seed_database(db: Path, package: Path) -> bool:
     tmp = db.with_name(db.name + ".seed")
     try:
         tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # SQLite's -wal and -shm follow its mode
         con = sqlite3.connect(tmp, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode = WAL")  # as Prefect's migrations leave it
@@ -474,6 +552,10 @@ def _server_env(port: int) -> dict[str, str]:
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
         "PREFECT__SERVER_FINAL": "1",
         "DO_NOT_TRACK": "1",
+        # private: every API request but the health probe needs the credential (the server's
+        # own client settings carry it too, should it ever call itself)
+        "PREFECT_SERVER_API_AUTH_STRING": local_credential(),
+        "PREFECT_API_AUTH_STRING": local_credential(),
     })
     return env
 
@@ -525,8 +607,12 @@ def _begin(speculative: bool) -> Starting | None:
     with _start_lock(wait=not speculative) as locked:
         if not locked:
             return None
+        secure_home()
+        local_credential()  # before the server reads it
         previous = _read_state()
-        if previous is not None and _is_our_server(previous):
+        if previous is not None and _is_our_server(previous) and not previous.private:
+            _kill(previous)  # started by an older Burrow, without the credential: serves secrets to anyone
+        elif previous is not None and _is_our_server(previous):
             if previous.speculative and not speculative:
                 previous.speculative = False
                 _write_state(previous)
@@ -547,17 +633,18 @@ def _begin(speculative: bool) -> Starting | None:
         package = Path(spec.origin).resolve().parent
         site = str(package.parent)
         _seed_database(home / "prefect.db", package)
+        secure_home()  # the files just written, and those of a home an older Burrow made
         argv = [
             sys.executable, "-c", _SERVER_MAIN, "--app-dir", site, "--factory",
             "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port),
             "--log-level", "warning",
         ]
-        with open(home / "server.log", "ab") as log:
+        with open(os.open(home / "server.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             proc = subprocess.Popen(
                 argv, env=_server_env(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=str(home), close_fds=True,
+                start_new_session=True, cwd=str(home), close_fds=True, umask=0o077,
             )
-        state = ServerState(pid=proc.pid, port=port, started=time.time(), speculative=speculative)
+        state = ServerState(pid=proc.pid, port=port, started=time.time(), speculative=speculative, private=True)
         _write_state(state)
         return Starting(state, started=True, proc=proc)
 
@@ -602,18 +689,23 @@ def stop_server(timeout: float = 15.0) -> ServerState | None:
         if state is None or not _is_our_server(state):
             _state_file().unlink(missing_ok=True)
             return None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(state.pid, signal.SIGTERM)  # its own session: uvicorn and its children
-        deadline = time.monotonic() + timeout
-        while _pid_alive(state.pid) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(state.pid, os.WNOHANG)  # reap it when this process started it
-            time.sleep(0.1)
-        if _pid_alive(state.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(state.pid, signal.SIGKILL)
-        _state_file().unlink(missing_ok=True)
+        _kill(state, timeout)
         return state
+
+
+def _kill(state: ServerState, timeout: float = 15.0) -> None:
+    """End the local server ``state`` (the caller holds the start lock) and forget it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(state.pid, signal.SIGTERM)  # its own session: uvicorn and its children
+    deadline = time.monotonic() + timeout
+    while _pid_alive(state.pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(state.pid, os.WNOHANG)  # reap it when this process started it
+        time.sleep(0.1)
+    if _pid_alive(state.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(state.pid, signal.SIGKILL)
+    _state_file().unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ choosing the API
@@ -636,10 +728,12 @@ class Orchestrator:
 
 
 def _use(api_url: str) -> None:
-    """Point this process's Prefect at ``api_url`` (before Prefect is imported; after, too)."""
+    """Point this process's Prefect at the local server's ``api_url``, with its credential
+    (before Prefect is imported; after, too). The environment outranks a Prefect profile, so a
+    profile's key or auth string for another server is never sent to the local one."""
     os.environ["PREFECT_API_URL"] = api_url
-    for key in ("PREFECT_API_KEY", "PREFECT_API_AUTH_STRING"):  # never sent to the local server
-        os.environ.pop(key, None)
+    os.environ["PREFECT_API_AUTH_STRING"] = local_credential() or ""
+    os.environ.pop("PREFECT_API_KEY", None)  # the auth string takes precedence over a profile's key
     if "prefect.context" in sys.modules:  # already imported (a test calling main in-process)
         from prefect.context import refresh_global_settings_context
 
@@ -664,6 +758,11 @@ def choose_orchestrator(command: str) -> Orchestrator:
         if cause is None:
             if speculative is not None:
                 _withdraw(speculative)
+            mine = _read_state()
+            if (mine is not None and redact_url(url).rstrip("/") == mine.api_url and not has_userinfo(url)
+                    and not os.environ.get("PREFECT_API_AUTH_STRING")):
+                _use(mine.api_url)  # PREFECT_API_URL names Burrow's local server: it wants the credential
+                return Orchestrator(api_url=mine.api_url, local=True)
             return Orchestrator(api_url=url, local=False)
         shown = redact_url(url)
         if command not in FALLBACK_COMMANDS:
@@ -709,6 +808,9 @@ def register(sub: Any) -> dict[str, Any]:
     )
     s.add_argument("action", choices=("status", "start", "stop"), help="status, start or stop the local server")
     s.add_argument("--json", action="store_true", help="status as one JSON object")
+    s.add_argument("--show-credential", action="store_true",
+                   help="status: also print the UI's login (user:password); by default only the 0600 file "
+                   "that holds it is named")
     return {"server": cmd_server}
 
 
@@ -719,9 +821,12 @@ def _status() -> dict[str, Any]:
         "home": str(server_home()),
         "database": str(server_home() / "prefect.db"),
         "running": bool(alive),
+        "credential_file": str(credential_file()),
+        "login_user": CREDENTIAL_USER,
     }
     if alive and state is not None:
-        info.update(pid=state.pid, ui_url=state.ui_url, api_url=state.api_url, healthy=_healthy(state))
+        info.update(pid=state.pid, ui_url=state.ui_url, api_url=state.api_url, healthy=_healthy(state),
+                    private=state.private)
     url, origin = configured_api_url()
     if url:
         cause = probe(url, _probe_timeout())
@@ -731,6 +836,15 @@ def _status() -> dict[str, Any]:
         if cause:
             info["configured_cause"] = cause
     return info
+
+
+def _login_line() -> str:
+    """How to open the UI: Prefect's login page asks for one "password" field that takes the
+    whole auth string, ``user:password`` (its placeholder reads ``admin:pass``); the UI keeps it
+    in the browser's local storage."""
+    return (f"private: the UI's login page asks for `{CREDENTIAL_USER}:password`; paste the whole line of "
+            f"{credential_file()} (mode 0600; `burrow server status --show-credential` prints it); any other "
+            "request without it gets 401")
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -743,16 +857,25 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.action == "start":
         state, started = start_server()
         print(f"{'started' if started else 'already running:'} the local Prefect server, UI at {state.ui_url}")
+        print(_login_line())
         return EXIT_OK
     info = _status()
+    if getattr(args, "show_credential", False):
+        info["credential"] = local_credential(create=False)
     if args.json:
         print(json.dumps(info, sort_keys=True))
         return EXIT_OK
     if info["running"]:
         health = "answering" if info["healthy"] else "NOT answering"
         print(f"local Prefect server: running (pid {info['pid']}, {health}), UI at {info['ui_url']}")
+        if not info["private"]:
+            print("  started by an older Burrow WITHOUT a credential: the next flow command or "
+                  "`burrow server start` restarts it private")
     else:
         print("local Prefect server: not running (the next flow command starts it)")
+    print(_login_line())
+    if info.get("credential"):
+        print(f"login: {info['credential']}")
     print(f"home: {info['home']} (database {info['database']})")
     if "configured_api_url" in info:
         where = "reachable" if info["configured_reachable"] else f"UNREACHABLE: {info['configured_cause']}"
