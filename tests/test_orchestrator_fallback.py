@@ -20,6 +20,8 @@ is stopped at its end; the first-use test has its own home and server.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import http.server
 import importlib.util
 import json
@@ -29,6 +31,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,6 +58,7 @@ def local(tmp_path_factory):
         "BURROW_SERVER_PORT": str(port),
         "PREFECT_API_URL": "",
     }
+    _HOMES.append(str(home))
     yield env, port
     stopped = run_cli("server", "stop", env=env, timeout=60)
     assert stopped.code == 0, stopped
@@ -74,11 +78,28 @@ def archive(zk_a, tmp_path_factory):
     return summary["url"], store, root
 
 
+def _headers(port: int) -> dict[str, str]:
+    """The headers of a request to the local server on ``port``: it is private, so they carry
+    its credential (read from the 0600 file of the Burrow home whose server listens there)."""
+    homes = [Path(os.environ["BURROW_HOME"])] + [Path(p) for p in _HOMES]
+    for home in homes:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if json.loads((home / "prefect" / "server.json").read_text())["port"] == port:
+                cred = (home / "server-credential").read_text().strip()
+                return {"Content-Type": "application/json",
+                        "Authorization": "Basic " + base64.b64encode(cred.encode()).decode()}
+    return {"Content-Type": "application/json"}
+
+
+#: Burrow homes of this module's tests (their local servers' credentials are there).
+_HOMES: list[str] = []
+
+
 def _local_runs(port: int, prefix: str) -> list[dict]:
     """Flow runs named ``prefix...`` in the local server's history."""
     body = json.dumps({"flow_runs": {"name": {"like_": prefix}}}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=body,
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers=_headers(port), method="POST")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(req, timeout=10) as r:
         return json.loads(r.read())
@@ -238,6 +259,7 @@ def test_first_use_with_a_refusing_api_url_starts_the_local_server_and_keeps_the
     port = free_port()
     env = {"BURROW_HOME": str(tmp_path / "new-home"), "BURROW_SERVER_PORT": str(port),
            "PREFECT_HOME": str(tmp_path / "client-prefect-home")}
+    _HOMES.append(env["BURROW_HOME"])
     dead = f"http://127.0.0.1:{free_port()}/api"
     try:
         r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
@@ -246,12 +268,20 @@ def test_first_use_with_a_refusing_api_url_starts_the_local_server_and_keeps_the
         assert "Traceback" not in r.err, r
         runs = _local_runs(port, "failover-")
         assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", runs
+        # the server the fallback started is private: the failover ran with its credential, and a
+        # request without it is refused
+        plain = urllib.request.Request(f"http://127.0.0.1:{port}/api/block_documents/filter",
+                                       data=b'{"include_secrets": true}',
+                                       headers={"Content-Type": "application/json"}, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(plain, timeout=10)
+        assert refused.value.code == 401
         # its logs, artifact and events are in that history too
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         for kind in ("logs", "artifacts"):
             body = json.dumps({kind: {"flow_run_id": {"any_": [runs[0]["id"]]}}}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/api/{kind}/filter", data=body,
-                                         headers={"Content-Type": "application/json"}, method="POST")
+                                         headers=_headers(port), method="POST")
             with opener.open(req, timeout=10) as resp:
                 assert json.loads(resp.read()), f"the failover's {kind} are not in the local server's history"
         events: list = []
@@ -259,7 +289,7 @@ def test_first_use_with_a_refusing_api_url_starts_the_local_server_and_keeps_the
             body = json.dumps({"filter": {"any_resource": {"id": [f"prefect.flow-run.{runs[0]['id']}"]}},
                                "limit": 50}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/api/events/filter", data=body,
-                                         headers={"Content-Type": "application/json"}, method="POST")
+                                         headers=_headers(port), method="POST")
             with opener.open(req, timeout=10) as resp:
                 events = json.loads(resp.read())["events"]
             if events:
