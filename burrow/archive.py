@@ -24,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import struct
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, Protocol
 
 import orjson
@@ -62,6 +63,13 @@ MAX_WINDOW = 1 << 27
 READ_CHUNK = 1 << 20
 DEFAULT_LEVEL = 3
 MANIFEST_DIGEST_PREFIX = b"burrow/v1/manifest-sha256\x00"
+#: The name Burrow gives an archive (burrow/naming.py ``archive_name``): its last component.
+LEGACY_NAME_RE = re.compile(r"^(?P<slug>.+)-(?P<stamp>\d{8}T\d{6}Z)-(?P<rand>[0-9a-f]{6})\.burrow$")
+#: A pre-binding archive's ``created`` may trail the time in its name by at most this (the name is
+#: chosen before the extraction, ``created`` set when the archive is finished).
+LEGACY_WINDOW = timedelta(days=7)
+#: Why a catalog row of a copied (or moved) archive is distrusted.
+BOUND_ELSEWHERE = "bound to another object name (copied or moved)"
 
 
 def _frame(magic: int, data: bytes) -> bytes:
@@ -461,6 +469,29 @@ class ArchiveReader:
             assert bound is not None
             bound.check_manifest(canonical_json(unsealed), tag)
 
+    def check_binding(self, name: str) -> bool | str:
+        """Whether this archive may be acted on under the store name ``name``; the result is
+        what a catalog row records as ``bound``:
+
+        * ``True``: the manifest's ``object_name`` is ``name`` (or ``name`` ends with
+          ``/<object_name>``: a store opened one directory up names it with a prefix);
+        * ``"legacy"``: a manifest written before binding (no ``object_name``) under a name that
+          carries its id: ``<slug>/<slug>-<stamp>-<6 hex>.burrow`` with the source's slug and a
+          ``created`` between the name's stamp and 7 days after it;
+        * ``False``: a pre-binding manifest under a name Burrow does not give: readable when
+          named explicitly, never chosen automatically.
+
+        Raises ArchiveError when the manifest is bound to another name: a copy (or a move),
+        which anyone who can write to the store can make of any archive. The manifest's claims
+        are only as good as its authentication (:meth:`check_metadata`): binding without a key
+        catches accidents, with one it catches forgeries."""
+        bound = self.manifest.get("object_name")
+        if bound is not None:
+            if isinstance(bound, str) and bound and (name == bound or name.endswith("/" + bound)):
+                return True
+            raise ArchiveError(f"{self.label} is {BOUND_ELSEWHERE}")
+        return legacy_binding(name, self.manifest)
+
     def check_stored(self) -> None:
         """Keyless integrity check of the stored bytes: header hash, body length and body SHA-256.
 
@@ -565,6 +596,29 @@ class ArchiveReader:
         for _ in self.records(decryptor):
             n += 1
         return n
+
+
+def legacy_binding(name: str, manifest: dict[str, Any]) -> bool | str:
+    """The binding of a manifest without ``object_name`` (see :meth:`ArchiveReader.check_binding`):
+    ``"legacy"`` when the name carries the archive's id, ``False`` when it is not a name Burrow
+    gives; raises ArchiveError when it is one, but of another source or time (a copy)."""
+    from burrow.naming import slug
+
+    parts = name.split("/")
+    m = LEGACY_NAME_RE.match(parts[-1])
+    if m is None or (len(parts) > 1 and parts[-2] != m["slug"]):
+        return False
+    source, created = manifest.get("source"), manifest.get("created")
+    try:
+        stamp = datetime.strptime(m["stamp"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        when = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    except ValueError:
+        raise ArchiveError(f"{name} is {BOUND_ELSEWHERE}: its manifest has no readable creation time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    if not isinstance(source, str) or slug(source) != m["slug"] or not stamp <= when <= stamp + LEGACY_WINDOW:
+        raise ArchiveError(f"{name} is {BOUND_ELSEWHERE}: its manifest's source or time is not the one its name carries")
+    return "legacy"
 
 
 def holds_keys(decryptor: BodyDecryptor | DecryptorFactory | None) -> bool:

@@ -10,11 +10,12 @@ from blocks.keys import archive_keys
 from blocks.resolve import store_from_ref
 from blocks.retention import RetentionPolicy
 from burrow import naming, report
-from burrow.errors import UsageError
+from burrow.errors import ArchiveNotFound, StoreError, StoreUnavailable, UsageError
 from burrow.runlog import logger
 from flows.common import Ref, burrow_flow, recorded_run
 from tasks.catalog import catalog
-from tasks.retention import delete_archive, plan_retention
+from tasks.markers import archive_of
+from tasks.retention import delete_archive, plan_retention, reauthenticate_task, recheck_decision
 
 
 def _run_name() -> str:
@@ -44,8 +45,12 @@ def prune(
     """Apply a GFS retention policy to ``store``: the ``keep_*`` parameters, or a saved
     RetentionPolicy block (``policy_block``); with neither, ``keep_last=24``. Per source the
     newest trusted archive is always kept; unreadable, future-dated, unauthenticated (when a
-    read key is configured) and Object-Locked archives are never deleted. Returns the summary,
-    with the rule(s) that kept every archive and the reason for every deletion."""
+    read key is configured) and Object-Locked archives are never deleted. Before deleting, the
+    manifests of the archives to delete and of each source's newest are re-read and
+    authenticated in this run (tasks/retention.py ``reauthenticate``): one that fails is kept and
+    reported, and a source whose newest fails loses nothing. An archive's rehearsal markers go
+    with it. Returns the summary, with the rule(s) that kept every archive and the reason for
+    every deletion."""
     log = logger()
     # the event's resource: the one source pruned, or every source of the store
     summary: dict[str, Any] = {"status": "failed", "source": source or "all", "store": store, "dry_run": dry_run}
@@ -58,8 +63,11 @@ def prune(
         report.publish(
             f"prune-{naming.slug(store)}",
             f"Burrow prune of {store}: {summary['status']}",
-            {k: v for k, v in summary.items() if k not in ("deleted_urls", "kept_because", "deleted_because")},
+            {k: v for k, v in summary.items()
+             if k not in ("deleted_urls", "kept_because", "deleted_because", "not_reauthenticated")},
             {("Would delete" if dry_run else "Deleted"): deleted, "Left alone (never deleted)": left_alone,
+             "Kept: could not be re-authenticated for this run": [
+                 f"{u}: {why}" for u, why in (summary.get("not_reauthenticated") or {}).items()],
              "Kept, and by which rule": kept},
         )
 
@@ -93,16 +101,35 @@ def prune(
             return f"under Object Lock until {until:%Y-%m-%dT%H:%M:%SZ}" if until else None
 
         decision = plan_retention(rows, policy, keyed=keyed, source=source, max_age_days=max_age_days, locked=locked)
+        not_reauthenticated: dict[str, str] = {}
+        if decision.delete:
+            targets = [r for r, _ in decision.delete] + list(decision.newest.values())
+            if not keyed and any(r.get("encrypted") for r in targets):
+                raise UsageError(
+                    "prune deletes only archives whose manifests it authenticated, and these are encrypted: pass the "
+                    "read key (--key-file, --identity, --passphrase-env or --key-block); nothing was deleted"
+                )
+            verdicts = reauthenticate_task(st, targets, keys if keyed else None)
+            for row, why in recheck_decision(decision, verdicts):
+                log.warning("prune: keeping %s: %s", row["url"], why)
+                not_reauthenticated[row["url"]] = why
+            if not keyed:
+                log.warning("prune: no read key: the manifests were re-read and checked against their names, "
+                            "but an unencrypted archive's manifest cannot be authenticated")
         for row, why in decision.left_alone:
             log.warning("prune: leaving %s alone: %s", row["url"], why)
             left_alone.append(f"{row['url']}: {why}")
         for url, rules in decision.keep.items():
             kept.append(f"{url}: {'; '.join(rules)}")
+        markers = _markers(st) if decision.delete and not dry_run else {}
+        markers_deleted = 0
         for row, why in decision.delete:
             if not dry_run:
                 delete_archive(st, row["name"])
+                markers_deleted += _delete_markers(st, markers.get(row["name"], []))
             log.info("prune: %s %s: %s", "would delete" if dry_run else "deleted", row["url"], why)
             deleted.append(f"{row['url']}: {why}")
+        # stray uploads: engineer C (the sweep moves here from the backup path)
         aborted = []
         if not dry_run and hasattr(st, "abort_stray_uploads"):
             aborted = st.abort_stray_uploads()
@@ -110,8 +137,39 @@ def prune(
             status="ok", policy=policy.describe(), archives=len(rows), deleted=len(deleted), kept=len(decision.keep),
             left_alone=len(left_alone), unreadable=sum(1 for r in rows if r.get("error")),
             locked=sum(1 for _, why in decision.left_alone if "Object Lock" in why),
-            stray_uploads_aborted=len(aborted), max_age_days=max_age_days,
+            stray_uploads_aborted=len(aborted), max_age_days=max_age_days, markers_deleted=markers_deleted,
+            authenticated=keyed, not_reauthenticated=not_reauthenticated,
             kept_because={u: rules for u, rules in decision.keep.items()},
             deleted_because={r["url"]: why for r, why in decision.delete},
         )
         return summary
+
+
+def _markers(st: Any) -> dict[str, list[str]]:
+    """The rehearsal markers of the store by archive name (one listing for the whole prune)."""
+    try:
+        names = st.list_sidecars()
+    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
+        logger().warning("prune: cannot list the rehearsal markers (%s); those of deleted archives are left", exc)
+        return {}
+    by: dict[str, list[str]] = {}
+    for name in names:
+        archive = archive_of(name)
+        if archive is not None:
+            by.setdefault(archive, []).append(name)
+    return by
+
+
+def _delete_markers(st: Any, names: list[str]) -> int:
+    """Remove a deleted archive's markers (a marker of no archive would only mislead); a
+    failure is logged, never fails the prune."""
+    n = 0
+    for name in names:
+        try:
+            st.delete_sidecar(name)
+            n += 1
+        except ArchiveNotFound:
+            pass
+        except (StoreError, StoreUnavailable) as exc:
+            logger().warning("prune: the rehearsal marker %s was not removed: %s", name, exc)
+    return n

@@ -11,8 +11,14 @@ for each archive, the exact bytes a ranged read would fetch (header frame, manif
 footer), bound to the object's size and entity tag. A listing then costs one LIST and a few
 index reads instead of one ranged GET per archive. The index is an untrusted cache: every entry
 goes through the same ArchiveReader checks and, with a key, the same manifest authentication as
-bytes read from the archive itself, and an entry whose size or tag differs from the listing is
-ignored. Backups add a one-entry index object for the archive they publish; a catalog that had
+bytes read from the archive itself; an entry whose size or tag differs from the listing is
+ignored, and so is one whose manifest is bound to another object name (another archive's
+genuine bytes under this one's name, size and tag: the archive itself is read instead).
+
+Every row carries ``bound`` (``True``, ``"legacy"`` or ``False``: see
+ArchiveReader.check_binding and docs/FORMAT.md, "Binding"). :func:`select_archives` is the one
+place that decides which archives may be acted on and in which order: by the signed
+``created``, never by a name or a listing. Backups add a one-entry index object for the archive they publish; a catalog that had
 to read archives by range, or found many index objects, writes one merged index and removes the
 objects it merged. Failing to write the index (a read-only credential) only costs speed.
 """
@@ -25,12 +31,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from blocks.resolve import archive_from_ref
 from blocks.store import SIDECAR_SUFFIX, ArchiveInfo, ArchiveStore, open_stored
-from burrow.archive import ArchiveReader, canonical_json
+from burrow.archive import BOUND_ELSEWHERE, ArchiveReader, canonical_json
 from burrow.crypto import ArchiveKeys, encryption_summary
 from burrow.errors import (
     ArchiveError,
@@ -40,6 +47,7 @@ from burrow.errors import (
     StoreUnavailable,
     should_retry,
 )
+from burrow.naming import age_text
 from burrow.runlog import logger
 from tasks import task
 
@@ -51,6 +59,9 @@ INDEX_SUFFIX = ".index" + SIDECAR_SUFFIX
 INDEX_FORMAT = "burrow-catalog-index/1"
 #: More index objects than this and the catalog merges them into one.
 INDEX_MAX_OBJECTS = 16
+#: Why a pre-binding archive under a name Burrow does not give is never chosen automatically.
+UNBOUND = ("not bound to its name (written before archives named their object, under a name Burrow does not give): "
+           "used only when named explicitly")
 
 
 @contextmanager
@@ -89,8 +100,11 @@ def describe_archives(store: ArchiveStore, keys: ArchiveKeys | None = None) -> l
         if entry is not None and (entry.get("size") != info.size or entry.get("etag") != info.etag):
             entry = None  # replaced since it was indexed (or a stale or forged entry): read the archive
         row, new_entry = _describe(store, info, log, keys, entry, want_entry=indexed and entry is None)
-        if entry is not None and (row.get("error") or row.get("authenticated") is False):
-            # a damaged (or forged) entry must not hide a good archive: judge the archive itself
+        if entry is not None and (row.get("error") or row.get("authenticated") is False
+                                  or row.get("unbound_reason") == BOUND_ELSEWHERE):
+            # a damaged (or forged) entry must not hide a good archive: judge the archive itself.
+            # An entry holding another archive's genuine bytes under this name, size and tag is
+            # caught by the binding (the manifest names another object).
             row, new_entry = _describe(store, info, log, keys, None, want_entry=True)
         if new_entry is not None:
             fresh[info.name] = new_entry
@@ -279,6 +293,12 @@ def _describe(
                 row["authenticated"], why = _authenticate(reader, keys)
                 if why:
                     row["unauthenticated_reason"] = why
+            try:
+                row["bound"] = reader.check_binding(info.name)
+                if row["bound"] is False:
+                    row["unbound_reason"] = UNBOUND
+            except ArchiveError:
+                row.update(bound=False, unbound_reason=BOUND_ELSEWHERE)
             if want_entry:
                 new_entry = _index_entry(info, reader)
     except (ArchiveError, StoreError) as exc:
@@ -318,18 +338,48 @@ def catalog(store: ArchiveStore, keys: ArchiveKeys | None = None) -> list[dict[s
 
 #: An archive dated later than now plus this is flagged: a clock error or a forgery.
 FUTURE_SKEW = timedelta(minutes=5)
+#: A manifest dated later than its object's store modification time plus this was signed after
+#: the object was stored, so it is not the manifest that was written there (a replay).
+STORED_SKEW = timedelta(minutes=5)
+#: How far behind the newest trusted archive a rehearsed one may be and still be tried first
+#: (``--prefer-rehearsed-within``): a rehearsal proves an archive restores, but not at any price
+#: in lost data.
+PREFER_REHEARSED_WITHIN = timedelta(hours=2)
 
 
 def created_at(row: dict[str, Any]) -> datetime | None:
+    """The signed creation time a catalog row carries (from the manifest), or None."""
     try:
-        return datetime.fromisoformat(str(row.get("created")).replace("Z", "+00:00"))
+        when = datetime.fromisoformat(str(row.get("created")).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _stored_at(row: dict[str, Any]) -> datetime | None:
+    """When the store says the row's object was last written, or None (a row built by hand)."""
+    try:
+        return datetime.fromisoformat(str(row.get("modified")).replace("Z", "+00:00"))
     except ValueError:
         return None
 
 
-def distrust(row: dict[str, Any], *, keyed: bool, now: datetime | None = None) -> str | None:
+def signed_order(row: dict[str, Any]) -> tuple[datetime, str]:
+    """The sort key of trusted rows: the signed ``created``, the name only to break ties (so that
+    an order never depends on a listing, and is the same on every run)."""
+    return created_at(row) or datetime.min.replace(tzinfo=UTC), str(row.get("name"))
+
+
+def distrust(row: dict[str, Any], *, keyed: bool, allow_unencrypted: bool = False,
+             now: datetime | None = None) -> str | None:
     """Why a catalog row's claims (source, created) must not be acted on, or None: unreadable,
-    dated in the future, or (when a read key is configured) not authenticated."""
+    not bound to its object name (a copy, or a pre-binding archive under a foreign name), dated
+    in the future or after its object was stored, or (when a read key is configured) not
+    authenticated.
+
+    The one meaning of ``--allow-unencrypted``: with read keys configured, an unencrypted
+    archive (whose manifest nothing authenticates) is distrusted unless it is allowed. Without
+    keys nothing can be authenticated, and every readable, bound archive is taken at its word."""
     if row.get("error"):
         return "unreadable: " + str(row["error"])
     when = created_at(row)
@@ -337,18 +387,96 @@ def distrust(row: dict[str, Any], *, keyed: bool, now: datetime | None = None) -
         return "no readable creation time"
     if when > (now or datetime.now(UTC)) + FUTURE_SKEW:
         return "dated in the future (a clock error or a forged manifest)"
-    if keyed and row.get("authenticated") is not True:
+    if row.get("bound") is False:
+        return str(row.get("unbound_reason") or BOUND_ELSEWHERE)
+    stored = _stored_at(row)
+    if stored is not None and when > stored + STORED_SKEW:
+        return "dated after it was stored (its manifest is later than its object: replayed or forged)"
+    if keyed and row.get("authenticated") is not True and not (allow_unencrypted and not row.get("encrypted")):
         return "not authenticated: " + str(row.get("unauthenticated_reason") or "no configured key opens it")
     return None
 
 
-def newest_first(rows: list[dict[str, Any]], source: str | None = None, *, keyed: bool) -> list[dict[str, Any]]:
-    """The rows of ``source`` (all sources when None) whose claims may be acted on, newest first."""
-    now = datetime.now(UTC)
-    return by_creation([r for r in rows
-                        if (source is None or r.get("source") == source) and distrust(r, keyed=keyed, now=now) is None])
+def rehearsed(row: dict[str, Any]) -> bool:
+    """Whether a catalog row's archive passed a rehearsal whose marker is authenticated."""
+    r = row.get("rehearsal")
+    return isinstance(r, dict) and r.get("ok") is True and r.get("authenticated") is True
 
 
-def by_creation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Trusted rows (see :func:`distrust`), newest first."""
-    return sorted(rows, key=lambda r: (created_at(r), r["name"]), reverse=True)
+@dataclass
+class Selection:
+    """What :func:`select_archives` chose: the trusted archives of a source in the order they
+    are tried, the newest of them, and every other archive of the source with the reason."""
+
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    newest: dict[str, Any] | None = None
+    trusted: list[dict[str, Any]] = field(default_factory=list)  # newest first, by signed time
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (url, why it cannot be acted on)
+    #: One line: which archive comes first and why, with the RPO of each choice considered.
+    note: str = ""
+
+    @property
+    def first(self) -> dict[str, Any] | None:
+        return self.candidates[0] if self.candidates else None
+
+
+def select_archives(
+    rows: list[dict[str, Any]],
+    source: str | None,
+    *,
+    keyed: bool,
+    allow_unencrypted: bool = False,
+    prefer_rehearsed_within: timedelta | None = PREFER_REHEARSED_WITHIN,
+    now: datetime | None = None,
+) -> Selection:
+    """The one selector of "the newest trusted archive" (failover, ``restore --latest``,
+    ``rehearse``, ``status``, ``list --latest``).
+
+    Rows of ``source`` (every source when None) that :func:`distrust` passes are ordered by
+    their signed ``created``, never by a name or a listing. ``newest`` is the first of them.
+    ``candidates`` puts first the archives with a passing, authenticated rehearsal that are no
+    more than ``prefer_rehearsed_within`` older than the newest (None: a rehearsed archive is
+    preferred only when it is the newest), then every other trusted archive, newest first: a
+    month-old rehearsal never outranks today's backup."""
+    now = now or datetime.now(UTC)
+    window = prefer_rehearsed_within or timedelta(0)
+    sel = Selection()
+    trusted: list[dict[str, Any]] = []
+    for row in rows:
+        if source is not None and row.get("source") != source:
+            continue
+        why = distrust(row, keyed=keyed, allow_unencrypted=allow_unencrypted, now=now)
+        if why is None:
+            trusted.append(row)
+        else:
+            sel.skipped.append((str(row.get("url")), why))
+    trusted.sort(key=signed_order, reverse=True)
+    sel.trusted = trusted
+    if not trusted:
+        sel.note = "archive: no trusted archive"
+        return sel
+    newest = sel.newest = trusted[0]
+    top = created_at(newest)
+    assert top is not None  # distrust passed it
+    preferred = [r for r in trusted if rehearsed(r) and top - created_at(r) <= window]  # type: ignore[operator]
+    sel.candidates = preferred + [r for r in trusted if not any(r is p for p in preferred)]
+
+    def rpo(r: dict[str, Any]) -> str:
+        return age_text(max(timedelta(0), now - created_at(r)))  # type: ignore[operator]
+
+    shown = age_text(window).replace(" 0m", "").replace(" 0h", "")
+    first = sel.candidates[0]
+    older = next((r for r in trusted if rehearsed(r)), None)
+    if first is newest and rehearsed(newest):
+        sel.note = f"archive: newest {newest['url']} (RPO {rpo(newest)}), rehearsed"
+    elif first is not newest:
+        sel.note = (f"archive: rehearsed {first['url']} (RPO {rpo(first)}) preferred over newest {newest['url']} "
+                    f"(RPO {rpo(newest)}): within --prefer-rehearsed-within {shown}")
+    elif older is not None:
+        gap = age_text(top - created_at(older))  # type: ignore[operator]
+        sel.note = (f"archive: newest {newest['url']} (RPO {rpo(newest)}) used: the rehearsed {older['url']} "
+                    f"(RPO {rpo(older)}) is {gap} older than the newest, beyond --prefer-rehearsed-within {shown}")
+    else:
+        sel.note = (f"archive: newest {newest['url']} (RPO {rpo(newest)}): no trusted archive of the source has "
+                    "a passing, authenticated rehearsal")
+    return sel

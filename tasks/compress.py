@@ -34,10 +34,12 @@ def compress_spool(
     level: int = 3,
     encryptor: BodyEncryptor | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    object_name: str | None = None,
 ) -> Compressed:
-    """Write the archive for ``extracted`` to ``out_path``; a full disk is a ScratchFull error."""
+    """Write the archive for ``extracted`` to ``out_path``; a full disk is a ScratchFull error.
+    ``object_name``: the name the archive will have in its store (bound into its manifest)."""
     with scratch_writes("archive", out_path.parent):
-        return _compress(extracted, out_path, source_name, level, encryptor, extra_manifest)
+        return _compress(extracted, out_path, source_name, level, encryptor, extra_manifest, object_name)
 
 
 def _compress(
@@ -47,11 +49,12 @@ def _compress(
     level: int,
     encryptor: BodyEncryptor | None,
     extra_manifest: dict[str, Any] | None,
+    object_name: str | None = None,
 ) -> Compressed:
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         manifest = compress_into(extracted, out, source_name=source_name, level=level, encryptor=encryptor,
-                                 extra_manifest=extra_manifest)
+                                 extra_manifest=extra_manifest, object_name=object_name)
         out.flush()
         os.fsync(out.fileno())
     size = out_path.stat().st_size
@@ -74,9 +77,14 @@ def compress_into(
     level: int = 3,
     encryptor: BodyEncryptor | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    object_name: str | None = None,
 ) -> dict[str, Any]:
     """Write the archive for ``extracted`` to the binary stream ``out`` (written front to back,
-    never sought); return its manifest."""
+    never sought); return its manifest.
+
+    ``object_name`` (the archive's name in its store) goes into the authenticated manifest: a
+    copy of the archive under another name is then told apart from it (docs/FORMAT.md,
+    "Binding"), so no one who can only write to the store can pass an old archive off as new."""
     stats = extracted.stats
     writer = ArchiveWriter(out, service=extracted.service, level=level, encryptor=encryptor)
     with open_spool_reader(extracted.spool) as spool:
@@ -102,6 +110,8 @@ def compress_into(
         "point_in_time": bool(stats.get("info", {}).get("point_in_time", False)),
     }
     fields.update(extra_manifest or {})
+    if object_name is not None:
+        fields["object_name"] = object_name
     return writer.finish(fields)
 
 
@@ -120,7 +130,7 @@ def compress_to_store(
     published (atomically, never replacing one) only when it is complete."""
     with store.writer(name) as out:  # type: ignore[attr-defined]
         manifest = compress_into(extracted, out, source_name=source_name, level=level, encryptor=encryptor,
-                                 extra_manifest=extra_manifest)
+                                 extra_manifest=extra_manifest, object_name=name)
     info = store.head(name)
     _log_done(extracted, info.size, level, encryptor, f", streamed to {info.url}")
     from tasks.catalog import index_new_archive
@@ -137,11 +147,13 @@ def compress(
     level: int = 3,
     encryptor: BodyEncryptor | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    object_name: str | None = None,
 ) -> Compressed:
-    """Prefect task wrapper of :func:`compress_spool`."""
+    """Prefect task wrapper of :func:`compress_spool` (``object_name``: the archive's name in
+    the store it is uploaded to, bound into its manifest)."""
     return compress_spool(
         extracted, Path(out_path), source_name=source_name, level=level, encryptor=encryptor,
-        extra_manifest=extra_manifest,
+        extra_manifest=extra_manifest, object_name=object_name,
     )
 
 

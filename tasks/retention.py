@@ -2,23 +2,38 @@
 remove them.
 
 Per source the newest trusted archive is always kept. Archives whose manifest cannot be read,
-is dated in the future or (with a key configured) is not authenticated are reported and never
-deleted or counted; archives under Object Lock are skipped with their retain-until date.
+is not bound to its object name, is dated in the future or after it was stored, or (with a key
+configured) is not authenticated are reported and never deleted or counted; archives under
+Object Lock are skipped with their retain-until date.
+
+The catalog a prune starts from may come from the catalog index, which anyone who can write to
+the store can write. So a prune decides from bytes it authenticated itself, in this run
+(:func:`reauthenticate`): before deleting, it re-reads by range the manifest of every archive it
+would delete and of each source's newest, authenticates it with the read keys, checks its
+binding to the object name and its time against the object's, and checks that it is the
+manifest the catalog row described. An archive that fails is kept and reported; when a
+source's newest fails, nothing of that source is deleted.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from blocks.retention import RetentionPolicy
-from blocks.store import ArchiveStore
-from burrow.errors import ArchiveNotFound, UsageError, should_retry
+from blocks.store import ArchiveStore, open_stored
+from burrow.archive import ArchiveReader
+from burrow.crypto import ArchiveKeys
+from burrow.errors import ArchiveError, ArchiveNotFound, StoreError, UsageError, should_retry
 from burrow.runlog import logger
 from tasks import task
-from tasks.catalog import created_at, distrust
+from tasks.catalog import STORED_SKEW, UNBOUND, created_at, distrust, signed_order
+
+#: Manifests re-read at once (object stores answer one request at a time per connection).
+REREAD_WORKERS = 8
 
 _PERIODS = {
     "keep_hourly": "%Y-%m-%d %H",
@@ -36,6 +51,7 @@ class Decision:
     keep: dict[str, list[str]] = field(default_factory=dict)  # url -> the rules that keep it
     delete: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # row, reason
     left_alone: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # row, why it is not touched
+    newest: dict[str, dict[str, Any]] = field(default_factory=dict)  # source -> its newest trusted row
 
 
 def plan_retention(
@@ -67,8 +83,9 @@ def plan_retention(
             d.left_alone.append((row, why))
             continue
         groups[str(row["source"])].append(row)
-    for group in groups.values():
-        group.sort(key=lambda r: (created_at(r), r["name"]), reverse=True)
+    for src, group in groups.items():
+        group.sort(key=signed_order, reverse=True)
+        d.newest[src] = group[0]
         keep: dict[str, list[str]] = defaultdict(list)
         keep[group[0]["url"]].append("newest archive of its source")
         for rule, n in policy.rules():
@@ -122,6 +139,84 @@ def select_expired(
     d = plan_retention(rows, RetentionPolicy(keep_last=keep_last), keyed=False, source=source,
                        max_age_days=max_age_days, now=now)
     return [r for r, _ in d.delete]
+
+
+def reauthenticate(store: ArchiveStore, rows: list[dict[str, Any]], keys: ArchiveKeys | None) -> dict[str, str | None]:
+    """Re-read the manifest of every row's archive by range, now, and say per URL why it may
+    not be acted on (None: it may). With ``keys`` the manifest must be encrypted and its MAC
+    must check; without, an encrypted archive cannot be checked at all (the caller refuses
+    before), an unencrypted one is checked for integrity only. Either way the manifest must be
+    bound to the row's object name, not be dated after the object was stored, and be the one
+    the row (perhaps from the catalog index) described: same manifest_sha256, source, created.
+
+    A transient StoreUnavailable is raised (the task retries); any other failure to read is a
+    reason to keep the archive."""
+
+    def check(row: dict[str, Any]) -> tuple[str, str | None]:
+        try:
+            with open_stored(store, row["name"], row.get("size")) as reader:
+                return row["url"], _recheck(reader, row, keys)
+        except (ArchiveError, StoreError) as exc:
+            return row["url"], f"cannot be re-read and authenticated: {exc}"
+
+    unique = list({r["url"]: r for r in rows}.values())
+    workers = max(1, min(REREAD_WORKERS, len(unique)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="burrow-reauth") as pool:
+        return dict(pool.map(check, unique))
+
+
+def _recheck(reader: ArchiveReader, row: dict[str, Any], keys: ArchiveKeys | None) -> str | None:
+    if keys is not None and not reader.encrypted:
+        return "unencrypted: its manifest cannot be authenticated"
+    reader.check_metadata(keys)  # with a key: the MAC; without: the keyless checks (an encrypted one raises)
+    bound = reader.check_binding(row["name"])  # raises when bound to another name
+    if bound is False:
+        return UNBOUND
+    m = reader.manifest
+    for name in ("manifest_sha256", "source", "created"):
+        if m.get(name) != row.get(name):
+            return f"its manifest's {name} is not the one the catalog listed (a stale or forged catalog index entry)"
+    when = created_at(m)
+    try:
+        stored = datetime.fromisoformat(str(row.get("modified")).replace("Z", "+00:00"))
+    except ValueError:
+        stored = None
+    if when is None or (stored is not None and when > stored + STORED_SKEW):
+        return "dated after it was stored (its manifest is later than its object: replayed or forged)"
+    return None
+
+
+@task(name="reauthenticate", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
+def reauthenticate_task(store: ArchiveStore, rows: list[dict[str, Any]], keys: ArchiveKeys | None) -> dict[str, str | None]:
+    """Prefect task wrapper of :func:`reauthenticate`."""
+    return reauthenticate(store, rows, keys)
+
+
+def recheck_decision(d: Decision, verdicts: dict[str, str | None]) -> list[tuple[dict[str, Any], str]]:
+    """Move out of ``d.delete`` every archive that failed :func:`reauthenticate`, and every
+    archive of a source whose newest failed it, into ``d.left_alone``; returns what moved
+    (the failed newest archives included), with the reason."""
+    moved: list[tuple[dict[str, Any], str]] = []
+    blocked: dict[str, str] = {}
+    for src, newest in d.newest.items():
+        why = verdicts.get(newest["url"])
+        if why is not None and newest["url"] in verdicts:
+            blocked[src] = newest["url"]
+            moved.append((newest, f"the newest archive of its source failed re-authentication: {why}"))
+    keep: list[tuple[dict[str, Any], str]] = []
+    for row, reason in d.delete:
+        why = verdicts.get(row["url"], "not re-read")
+        src = str(row.get("source"))
+        if src in blocked:
+            why = (f"nothing of source {src!r} is deleted: its newest archive by the catalog, {blocked[src]}, "
+                   "failed re-authentication")
+        if why is None:
+            keep.append((row, reason))
+        else:
+            moved.append((row, why))
+    d.delete = keep
+    d.left_alone.extend((r, why) for r, why in moved if r["url"] not in d.keep)  # (a newest one stays kept)
+    return moved
 
 
 @task(name="delete-archive", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)

@@ -17,13 +17,13 @@ from tasks.retention import select_expired
 
 
 def make_archive(store: LocalStore, tmp: Path, source: str, created: str, n: int) -> str:
+    name = f"{source}/{source}-{n:03d}.burrow"
     buf = io.BytesIO()
     w = ArchiveWriter(buf, service="zookeeper")
     w.add(Record(b"/k", b"v"))
-    w.finish({"source": source, "created": created, "service": "zookeeper"})
+    w.finish({"source": source, "created": created, "service": "zookeeper", "object_name": name})
     path = tmp / f"a{n}.burrow"
     path.write_bytes(buf.getvalue())
-    name = f"{source}/{source}-{n:03d}.burrow"
     store.put(name, path)
     return name
 

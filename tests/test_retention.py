@@ -99,12 +99,12 @@ def test_the_newest_archive_of_a_source_is_always_kept():
         RetentionPolicy(keep_within="a while").within()
 
 
-def archive_bytes(source: str, created: datetime) -> bytes:
+def archive_bytes(source: str, created: datetime, name: str) -> bytes:
     out = io.BytesIO()
     w = ArchiveWriter(out, service="zookeeper")
     w.write_content(encode_record(Record(key=b"/k", value=b"v")))
     w.finish({"service": "zookeeper", "source": source, "created": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "keys": 1, "raw_bytes": 1})
+              "keys": 1, "raw_bytes": 1, "object_name": name})
     return out.getvalue()
 
 
@@ -121,8 +121,8 @@ def test_prune_flow_gfs_on_s3_with_object_lock_and_a_policy_block(moto, tmp_path
     names = []
     for i in range(6):  # one a day; the two oldest are locked
         p = tmp_path / f"{i}.burrow"
-        p.write_bytes(archive_bytes("dc", now - timedelta(days=i, minutes=1)))
         name = f"dc/dc-{i}.burrow"
+        p.write_bytes(archive_bytes("dc", now - timedelta(days=i, minutes=1), name))
         (locked if i >= 4 else plain).put(name, p)
         names.append(name)
     url = plain.describe()
@@ -155,7 +155,7 @@ def test_prune_leaves_a_local_store_alone_without_rules(tmp_path):
     store = LocalStore(path=str(root))
     for i in range(3):
         p = tmp_path / f"{i}.burrow"
-        p.write_bytes(archive_bytes("dc", datetime.now(UTC) - timedelta(days=i)))
+        p.write_bytes(archive_bytes("dc", datetime.now(UTC) - timedelta(days=i), f"dc/dc-{i}.burrow"))
         store.put(f"dc/dc-{i}.burrow", p)
     assert prune(store=str(root))["deleted"] == 0  # default keep-last 24
     with pytest.raises(UsageError):

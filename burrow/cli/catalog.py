@@ -32,6 +32,7 @@ def register(sub: Any) -> dict[str, Any]:
                     help="print only the URL of the newest good archive of --source")
     ls.add_argument("--source", help="only this source (the name backup recorded)")
     add_read_keys(ls)
+    _allow_unencrypted(ls)
     st = sub.add_parser("status", help="freshness per source: newest and newest verified archive, and their ages")
     st.add_argument("store")
     st.add_argument("--json", action="store_true")
@@ -40,12 +41,21 @@ def register(sub: Any) -> dict[str, Any]:
                     help="exit 5 when a source's newest archive is older than this (90s, 30m, 26h, 7d)")
     st.add_argument("--no-verify", action="store_true", help="do not download and verify the newest archives")
     add_read_keys(st)
+    _allow_unencrypted(st)
     i = sub.add_parser("inspect", help="show an archive's manifest and stats")
     i.add_argument("archive")
     i.add_argument("--json", action="store_true")
     i.add_argument("--keys", action="store_true", help="also list every key path")
     add_read_keys(i)
     return {"list": cmd_list, "status": cmd_status, "inspect": cmd_inspect}
+
+
+def _allow_unencrypted(p: Any) -> None:
+    p.add_argument(
+        "--allow-unencrypted", action="store_true",
+        help="count an unencrypted archive as good even though read keys are configured (by default it is "
+        "flagged: anyone who can write to the store could have planted it)",
+    )
 
 
 def _annotate(store: Any, rows: list[dict[str, Any]], keys: Any) -> None:
@@ -74,7 +84,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.latest:
         if not args.source:
             raise UsageError("--latest needs --source NAME")
-        print(latest(args.store, args.source, keys))
+        print(latest(args.store, args.source, keys, args.allow_unencrypted))
         return EXIT_OK
     store, rows = catalog_rows(args.store, keys)
     if args.source:
@@ -82,7 +92,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     _annotate(store, rows, keys)
     keyed = bool(keys.keyring)
     for r in rows:
-        why = distrust(r, keyed=keyed)
+        why = distrust(r, keyed=keyed, allow_unencrypted=args.allow_unencrypted)
         if why and not r.get("error"):
             r["flagged"] = why
     if args.json:
@@ -97,6 +107,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             enc = f"encrypted({r.get('encryption_mode', '?')}{':' + fps if fps else ''})"
         auth = {True: "  authenticated", False: "  UNAUTHENTICATED"}.get(r.get("authenticated"), "")
         flag = f"  FLAGGED: {r['flagged']}" if r.get("flagged") else ""
+        if r.get("bound") == "legacy" and not flag:
+            flag = "  legacy-bound"  # written before archives named their object: bound by the id its name carries
         rehearsed = f"  {rehearsal_text(r['rehearsal'])}" if r.get("rehearsal") else ""
         print(
             f"{r['url']}  {r['size']:>12} B  {r['modified']}  {r.get('service', '?')}  "
@@ -111,7 +123,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from burrow.naming import age_text, parse_duration
-    from tasks.catalog import created_at, distrust, newest_first
+    from tasks.catalog import created_at, select_archives
     from tasks.download import download_archive
     from tasks.markers import rehearsal_text
     from tasks.validate import validate_archive
@@ -131,10 +143,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     stale = []
     for source in sources:
         mine = [r for r in rows if r.get("source") == source]
-        good = newest_first(mine, source, keyed=keyed)
+        sel = select_archives(mine, source, keyed=keyed, allow_unencrypted=args.allow_unencrypted, now=now)
+        good = sel.trusted
         entry: dict[str, Any] = {
             "source": source, "archives": len(mine), "stored_bytes": sum(int(r.get("size") or 0) for r in mine),
-            "flagged": sum(1 for r in mine if distrust(r, keyed=keyed, now=now)),
+            "flagged": len(sel.skipped), "flagged_archives": [f"{url}: {why}" for url, why in sel.skipped],
             "rehearsal": newest_rehearsal(mine),
         }
         if good:
@@ -184,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             mark = "  STALE" if e["source"] in stale else ""
             rehearsed = ", " + rehearsal_text(e.get("rehearsal"))
             print(f"{e['source']}: {e['archives']} archives, {e['stored_bytes']} B, {newest}{ver}{flag}{rehearsed}{mark}")
+            for line in e["flagged_archives"]:  # every anomaly, named: a copy, a replay, an unbound archive
+                print(f"  flagged {line}")
     if stale:
         print(f"burrow: newest archive older than {args.max_age} for: {', '.join(stale)}", file=sys.stderr)
         return EXIT_STALE

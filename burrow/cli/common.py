@@ -238,20 +238,20 @@ def catalog_rows(store_ref: str, keys: Any) -> tuple[Any, list[dict[str, Any]]]:
     return store, describe_archives(store, keys if keys.keyring else None)
 
 
-def latest(store_ref: str, source: str, keys: Any) -> str:
+def latest(store_ref: str, source: str, keys: Any, allow_unencrypted: bool = False) -> str:
     """The URL of the newest archive of ``source`` whose claims can be trusted."""
-    return latest_row(store_ref, source, keys)["url"]
+    return latest_row(store_ref, source, keys, allow_unencrypted)["url"]
 
 
-def latest_row(store_ref: str, source: str, keys: Any) -> dict[str, Any]:
-    """The catalog row of the newest archive of ``source`` whose claims can be trusted."""
-    from tasks.catalog import newest_first
+def latest_row(store_ref: str, source: str, keys: Any, allow_unencrypted: bool = False) -> dict[str, Any]:
+    """The catalog row of the newest archive of ``source`` whose claims can be trusted (the
+    selector failover and rehearse use: tasks/catalog.py ``select_archives``)."""
+    from tasks.catalog import select_archives
 
     store, rows = catalog_rows(store_ref, keys)
-    good = newest_first(rows, source, keyed=bool(keys.keyring))
-    if not good:
+    newest = select_archives(rows, source, keyed=bool(keys.keyring), allow_unencrypted=allow_unencrypted).newest
+    if newest is None:
         sources = sorted({str(r.get("source")) for r in rows if r.get("source")})
         held = f" (the store holds: {', '.join(sources)})" if sources else " (the store holds no readable archive)"
         raise ArchiveNotFound(f"no good archive of source {source!r} in {store.describe()}{held}")
-    return good[0]
-
+    return newest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from burrow.cli.common import (
@@ -64,6 +65,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"left alone {summary['left_alone']} (policy: {summary['policy']})")
     for url, why in summary["deleted_because"].items():
         print(f"{verb} {url}  ({why})")
+    for url, why in (summary.get("not_reauthenticated") or {}).items():
+        print(f"kept {url}  (not authenticated for this run, so never deleted: {why})")
+    if summary["deleted"] and not summary.get("authenticated"):
+        print("burrow: no read key: the deleted archives' manifests were re-read and checked against their names, "
+              "but nothing authenticates an unencrypted archive", file=sys.stderr)
     if args.dry_run:
         write_list([f"keep {url}  ({'; '.join(rules)})" for url, rules in summary["kept_because"].items()], "keep")
     return EXIT_OK

@@ -48,7 +48,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.latest:
         if not args.source:
             raise UsageError("--latest needs --source NAME (the source name recorded in the archives)")
-        row = latest_row(args.archive, args.source, keys)
+        row = latest_row(args.archive, args.source, keys, args.allow_unencrypted)
         args.archive, expect = row["url"], row.get("manifest_sha256")
         print(f"restoring the newest good archive of {args.source}: {args.archive}", file=sys.stderr)
     elif args.source:
