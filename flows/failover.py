@@ -45,13 +45,12 @@ from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from flows.restore import publish_summary, target_lock_name
 from tasks.catalog import catalog, created_at, distrust
 from tasks.download import download
+from tasks.journal import close_journal, record_choice, unfinished_failover
 from tasks.markers import annotate_task
 from tasks.plan import plan as plan_task
 from tasks.postverify import PostVerifyFailed, postverify
 from tasks.preflight import (
     FailoverRefused,
-    close_journal,
-    open_journal,
     order_candidates,
     previous_archive,
     primary_block,
@@ -60,7 +59,6 @@ from tasks.preflight import (
     rpo_problem,
     sanity_problem,
     target_check,
-    unfinished_failover,
 )
 from tasks.replay import replay
 from tasks.validate import validate
@@ -103,6 +101,8 @@ def failover(
     key_block: str | None = None,
     allow_unencrypted: bool = False,
     approval_timeout_s: int = 3600,
+    resume: bool = True,
+    resume_within: str = "6h",
 ) -> dict[str, Any]:
     """Fail ``source`` (the source name its backups record) over from ``store`` into ``into``.
 
@@ -110,6 +110,9 @@ def failover(
     it is a URL or saved block, else the source URL the archive's manifest records.
     ``archive``: pin the archive (its URL or name in the store) instead of choosing one.
     ``max_age``: refuse archives older than this (``90s``, ``30m``, ``26h``, ``7d``).
+    ``resume``: finish an interrupted failover of the same source into the same target with
+    the archive it chose (its signed journal record, tasks/journal.py), when that record is
+    at most ``resume_within`` old (default 6h); ``resume=False`` chooses afresh.
     ``force``: fail over although the primary still answers, or the archive's key count fell
     by more than half. A ``dry_run`` runs every read-only check and the plan, and writes nothing
     (not even the scratch key of the writability check). Returns the run summary.
@@ -142,6 +145,7 @@ def failover(
     try:
         with recorded_run("failover", summary, _publish):
             limit = naming.parse_duration(max_age, "--max-age") if max_age else None
+            resume_limit = naming.parse_duration(resume_within, "--resume-within")
             if max_candidates < 1:
                 raise UsageError("--candidates must be at least 1")
             st = store_from_ref(store)
@@ -179,16 +183,22 @@ def failover(
                     "key problem)"
                 )
             candidates = _pinned(archive, mine, trusted, skipped) if archive else order_candidates(trusted)
-            resumed = None if archive else unfinished_failover(st, source, target.describe())
+            # an interrupted failover of this source into this target: finish it with its archive
+            # (its record is signed with a reader key, bound to source, target and manifest, and
+            # young enough: tasks/journal.py), whatever appeared since
+            resumed, resumed_row = None, None
+            if archive is None and resume:
+                resumed = unfinished_failover(st, source, target.describe(), keys if keyed else None,
+                                              within=resume_limit)
+            elif archive is None:
+                log.info("failover: not resuming an unfinished failover (--no-resume): choosing afresh")
             if resumed is not None:
                 same = [r for r in candidates if r["name"] == resumed["archive"]
                         and r.get("manifest_sha256") == resumed.get("manifest_sha256")]
-                if same:  # finish the interrupted run with its archive, whatever appeared since
+                if same:
+                    resumed_row = same[0]
                     candidates = same + [r for r in candidates if r is not same[0]]
-                    summary["resumed"] = resumed["started"]
-                    preflight.append(f"archive: resuming the failover started at {resumed['started']} "
-                                     "that did not finish: same archive")
-                    log.info("failover: resuming an unfinished failover of %s into %s (started %s) with %s",
+                    log.info("failover: an unfinished failover of %s into %s (begun %s) chose %s: trying it first",
                              source, target.describe(), resumed["started"], same[0]["url"])
                 else:
                     log.warning("failover: an unfinished failover (started %s) used %s, which is no longer a "
@@ -223,11 +233,14 @@ def failover(
                     summary["decrypted_with"] = keys.opened_by
                 if rehearsed(row):
                     summary["rehearsal"] = row["rehearsal"]
-                    preflight.append(f"archive: rehearsed at {row['rehearsal'].get('at')} (ok, authenticated)")
-                else:
-                    log.warning("failover: %s has no passing authenticated rehearsal; no rehearsed archive of %s "
-                                "was usable, so the newest valid one is used", row["url"], source)
-                    preflight.append("archive: never rehearsed (no usable rehearsed archive): the newest valid one")
+                why_used = _why_used(row, resumed_row, resumed and resumed["started"], bool(archive), trusted)
+                summary["archive_chosen"] = why_used[0]
+                if why_used[0] == "resumed":
+                    summary["resumed"] = resumed["started"]  # type: ignore[index]
+                    log.info("failover: %s", why_used[1])
+                elif why_used[0] == "newest":
+                    log.warning("failover: %s has no passing authenticated rehearsal; %s", row["url"], why_used[1])
+                preflight.append(why_used[1] if why_used[0] == "resumed" else f"archive: {why_used[1]}")
                 preflight.append(f"rpo: the archive is {naming.age_text(now - when) if when else '?'} old"
                                  + (f" (--max-age {max_age})" if max_age else ""))
                 log.info("failover: using %s (created %s)", row["url"], manifest["created"])
@@ -255,7 +268,8 @@ def failover(
                 if p.conflicts and deployment.id:
                     with step("approval"):
                         _approve(p.conflicts, row["url"], target.describe(), approval_timeout_s, summary)
-                open_journal(st, source, target.describe(), row)  # a re-run after an interruption reuses it
+                # a re-run after an interruption resumes with this archive (a signed, expiring record)
+                record_choice(st, source, target.describe(), row, keys if keyed else None, resume_limit.total_seconds())
                 with source_lock(target_lock_name(into, target)):
                     with step("replay"):
                         done = replay(p, target)
@@ -273,7 +287,7 @@ def failover(
                         f"post-verify of {target.describe()} failed: {checked.missing} archived keys are missing and "
                         f"{checked.differing} differ without being reported conflicts (paths in the run's artifact)"
                     )
-                close_journal(st, source, target.describe())
+                close_journal(st, source, target.describe(), keys if keyed else None)
             return summary
     except BurrowError as exc:
         exc.failover_summary = summary  # type: ignore[attr-defined] - the CLI prints the skips on stdout
@@ -309,6 +323,29 @@ def _trusted(mine: list[dict[str, Any]], keyed: bool, allow_unencrypted: bool, s
             log.warning("failover: skipping %s: %s", row["url"], why)
             skipped.append(f"{row['url']}: {why}")
     return out
+
+
+def _why_used(row: dict[str, Any], resumed_row: dict[str, Any] | None, begun: str | None, pinned: bool,
+              trusted: list[dict[str, Any]]) -> tuple[str, str]:
+    """Which archive was really used and why: ``(resumed | pinned | rehearsed | newest, line)``
+    (the line goes to the preflight on stdout; a resumed run's is the one line that says so)."""
+    r = row.get("rehearsal")
+    if row is resumed_row:
+        return "resumed", f"resuming the failover begun at {begun} with archive {row['url']}"
+    state = ("never rehearsed" if not isinstance(r, dict) else
+             f"rehearsed at {r.get('at')} (ok, authenticated)" if rehearsed(row) else
+             f"rehearsal FAILED at {r.get('at')}" if r.get("ok") is not True else
+             "rehearsal marker unauthenticated")
+    if pinned:
+        return "pinned", f"pinned with --archive, {state}"
+    if rehearsed(row):
+        return "rehearsed", state
+    when = created_at(row)
+    newer = sum(1 for t in trusted if t is not row and when is not None and (created_at(t) or when) > when)
+    if not newer:
+        return "newest", f"{state} (no usable rehearsed archive): the newest valid one"
+    return "newest", (f"{state} (no usable rehearsed archive): the newest one that passed validation "
+                      f"({newer} newer skipped)")
 
 
 def _pinned(archive: str, mine: list[dict[str, Any]], trusted: list[dict[str, Any]], skipped: list[str]) -> list[dict[str, Any]]:

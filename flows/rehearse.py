@@ -3,9 +3,12 @@
 Restore an archive (the newest trusted one of ``source`` by default) into an empty scratch
 target, compare every key and value with the archive, measure how long the restore took
 (download, validation, plan and replay: the real RTO), clean the scratch target up, and
-record the result next to the archive as a marker (tasks/markers.py), authenticated with
-the archive's key where one opens it. ``burrow list``/``status`` show the markers, and
-failover prefers the newest archive with an authenticated, passing one.
+record the result next to the archive as a marker (tasks/markers.py), MACed with a reader
+key (derived from the configured secret key: a backup worker with public keys only cannot
+make one) and bound to the archive's name and manifest. ``burrow list``/``status`` show the
+markers, and failover prefers a recent archive with an authenticated, passing one. The
+marker, the artifact and the ``burrow.rehearsal.*`` events never carry a key path: a failure
+is named by its class and a count, the paths stay in the run's logs.
 
 For backups encrypted to X25519 public keys, the backup worker can only check structure;
 a scheduled rehearsal where the identity lives is their full verification.
@@ -35,8 +38,8 @@ from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from flows.restore import plan_and_replay, target_lock_name
 from tasks.catalog import by_creation, catalog, distrust
 from tasks.download import download
-from tasks.markers import build_marker, marker_key, write_marker
-from tasks.rehearse import check_scratch, clean_scratch, compare_scratch
+from tasks.markers import build_marker, write_marker
+from tasks.rehearse import check_scratch, clean_scratch, compare_scratch, public_error
 from tasks.validate import validate
 
 
@@ -70,10 +73,19 @@ def rehearse(
     lists: dict[str, list[str]] = {}
 
     def _publish() -> None:
-        rows = {k: v for k, v in summary.items() if not k.endswith("_paths")}
-        report.publish(
-            f"rehearsal-{naming.slug(source)}", f"Burrow rehearsal of {source}: {summary['status']}", rows, lists
-        )
+        # No key path leaves the run's logs: the artifact gets counts (the lists of paths, and
+        # the plan's warnings, which name keys, are logged instead), the marker and the event a
+        # path-free error (tasks/rehearse.py public_error).
+        rows = {k: v for k, v in summary.items() if not k.endswith("_paths") and k != "warnings"}
+        if summary.get("warnings"):
+            rows["plan_warnings"] = len(summary["warnings"])
+            for w in summary["warnings"]:
+                log.warning("rehearse: plan: %s", w)
+        for title, paths in lists.items():
+            if paths:
+                rows[f"{title}: count"] = len(paths)
+                log.info("rehearse: %s: %s", title, ", ".join(paths))
+        report.publish(f"rehearsal-{naming.slug(source)}", f"Burrow rehearsal of {source}: {summary['status']}", rows)
 
     with recorded_run("rehearsal", summary, _publish):
         st = store_from_ref(store)
@@ -102,8 +114,10 @@ def rehearse(
             with staging_dir() as work:
                 local = None
                 started = time.monotonic()
+                stage = "download"  # what a failure is reported as (public_error: no key path)
                 try:
                     local = download(st, name, str(work))
+                    stage = "validate"
                     manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted)
                     if archive and manifest.get("source") != source:
                         mark = False
@@ -115,17 +129,21 @@ def rehearse(
                     summary.update(service=manifest["service"], archive_keys=manifest["keys"], keys=manifest["keys"],
                                    content_sha256=manifest["content_sha256"])
                     touched = True
+                    stage = "restore"
                     plan_and_replay(local, target, work, keys, summary, lists, dry_run=False, subtree=None, maps=None)
                     restore_s = time.monotonic() - started
                     outcome.update(restore_s=restore_s, keys=manifest["keys"])
                     summary.update(rto_s=round(restore_s, 3), restore_s=round(restore_s, 3))
+                    stage = "own"  # (the flow's own messages: counts and URLs only)
                     if summary.get("conflicts"):
                         raise ArchiveError(
                             f"the scratch target {target.describe()} held {summary['conflicts']} of the archive's keys "
                             "with other values (written there during the rehearsal?): the rehearsal proves nothing"
                         )
+                    stage = "compare"
                     cmp = compare_scratch(local, target, str(work), keys, int(summary.get("intermediate_created") or 0),
                                           label=row["url"])
+                    stage = "own"
                     d = cmp.drift
                     summary.update(compared=d.archive_keys, scratch_missing=d.removed, scratch_changed=d.changed,
                                    scratch_extra=d.added)
@@ -142,7 +160,11 @@ def rehearse(
                     mark = False
                     raise
                 except BurrowError as exc:
-                    outcome["error"] = str(exc)
+                    public = public_error(exc, stage)
+                    outcome["error"] = public
+                    if public != str(exc):  # the full message (it names keys) stays in the run's logs
+                        log.error("rehearse: %s: %s", public, exc)
+                        raise _public(exc, public) from None
                     raise
                 finally:
                     if touched:
@@ -151,6 +173,14 @@ def rehearse(
                         _mark(st, name, row, manifest, local, keys, at, outcome, target.describe(), summary)
         summary["status"] = "ok"
         return summary
+
+
+def _public(exc: BurrowError, public: str) -> BurrowError:
+    """``exc``'s class (the exit code depends on it) with the path-free message ``public``."""
+    try:
+        return type(exc)(public)
+    except TypeError:  # a class with another constructor
+        return BurrowError(public)
 
 
 def _in_store(st: Any, ast: Any, name: str) -> tuple[Any, str]:
@@ -187,7 +217,7 @@ def _cleanup(target: Any, prepared: Any, work: Any, summary: dict[str, Any], lis
         cleaned = clean_scratch(target, prepared, str(work), str(restored) if restored.exists() else None)
     except BurrowError as exc:
         logger().error("rehearse: cleaning up %s failed: %s", target.describe(), exc)
-        summary["cleanup_error"] = str(exc)
+        summary["cleanup_error"] = public_error(exc, "cleanup")
         return
     summary.update(cleanup_deleted=cleaned["deleted"], cleanup_left=cleaned["left"])
     lists["Left in the scratch target (changed or added meanwhile)"] = cleaned["left_paths"]
@@ -197,23 +227,24 @@ def _mark(
     st: Any, name: str, row: dict[str, Any], manifest: dict[str, Any], local: str | None, keys: Any,
     at: datetime, outcome: dict[str, Any], scratch: str, summary: dict[str, Any],
 ) -> None:
-    """Write the rehearsal's marker next to the archive (authenticated when a key opens it)."""
-    key = None
-    if local is not None:
-        try:
+    """Write the rehearsal's marker next to the archive: MACed with the reader key of the
+    configured secret key (tasks/markers.py), bound to the archive's full name in the store and
+    its manifest checksum; unauthenticated when no secret key is configured."""
+    if not manifest.get("manifest_sha256") and local is not None:
+        try:  # (a pinned archive that failed validation: bind the marker to the manifest it has)
             with open(local, "rb") as f:
-                key = marker_key(ArchiveReader(f, label=row["url"]), keys)
+                manifest = dict(manifest, manifest_sha256=ArchiveReader(f, label=row["url"]).manifest.get("manifest_sha256"))
         except (OSError, BurrowError):
-            key = None
+            pass
     details = {k: summary[k] for k in ("created", "intermediate_created", "compared", "scratch_missing",
                                        "scratch_changed", "scratch_extra") if k in summary}
     marker = build_marker(
         name, manifest, at=at, ok=outcome["ok"], keys=outcome["keys"], restore_s=outcome["restore_s"],
-        scratch=scratch, error=outcome["error"], details=details, key=key,
+        scratch=scratch, error=outcome["error"], details=details, signer=keys,
     )
     try:
         summary["marker"] = write_marker(st, name, marker)
-        summary["marker_authenticated"] = key is not None
+        summary["marker_authenticated"] = "mac" in marker
     except BurrowError as exc:
         logger().error("rehearse: the marker could not be written next to %s: %s", row["url"], exc)
         summary["marker_error"] = str(exc)

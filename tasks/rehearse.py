@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +30,18 @@ from kazoo.exceptions import KazooException
 from blocks.source import SourceBlock, WalkStats
 from blocks.zookeeper import ZooKeeperCluster, ZooKeeperSession
 from burrow.archive import BodyDecryptor
-from burrow.errors import SourceError, UsageError, should_retry
+from burrow.errors import (
+    ArchiveError,
+    ArchiveNotFound,
+    AuthError,
+    BurrowError,
+    SourceError,
+    SourceUnavailable,
+    StoreError,
+    StoreUnavailable,
+    UsageError,
+    should_retry,
+)
 from burrow.extsort import ExternalSorter
 from burrow.records import Record, decode_record, display_key, encode_record, read_records
 from burrow.runlog import logger
@@ -40,6 +52,55 @@ from tasks.plan import RUN_BYTES
 
 DELETE_BATCH = 1000
 LIST_LIMIT = 1000
+
+
+# ---------------------------------------------------------------------------- public error text
+#
+# A rehearsal's error goes into its marker (beside the archive, readable by anyone who can read
+# the store), its artifact and its ``burrow.rehearsal.failed`` event. The messages of the restore
+# and the comparison name key paths (``/customer-acme/db-password cannot be restored ...``), and
+# a key path can be a secret in itself. So what leaves the run's logs names a class and a count,
+# never the message; the full message stays in the run's logs.
+
+#: The class a failure of the restore, comparison or cleanup is reported as, most specific first.
+_CLASSES: list[tuple[type[BaseException], str]] = [
+    (AuthError, "permission denied"),
+    (SourceUnavailable, "the scratch target became unavailable"),
+    (StoreUnavailable, "the store became unavailable"),
+    (ArchiveNotFound, "the archive is missing (pruned meanwhile?)"),
+    (StoreError, "the store refused it"),
+    (ArchiveError, "the archive's records are malformed"),
+    (SourceError, "the scratch target refused it"),
+]
+
+#: A key path in a message: a ``/`` that starts a word (not one inside a URL or a file path's
+#: middle), up to the next blank or quote.
+_PATH = re.compile(r"""(?<![\w:/.@%-])/[^\s'"]*""")
+
+
+def error_class(exc: BaseException) -> str:
+    """What kind of failure ``exc`` is, in words that name no key, value or path."""
+    return next((what for cls, what in _CLASSES if isinstance(exc, cls)), type(exc).__name__)
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every word that starts like a key path replaced by ``<key>``."""
+    return _PATH.sub("<key>", text)
+
+
+def public_error(exc: BaseException, stage: str) -> str:
+    """The one-line error of a failed rehearsal for its marker, artifact and event: a class and
+    a count, never a key path. ``stage``: ``download`` or ``validate`` (archive-level messages,
+    kept with any key-like word masked), ``restore``, ``compare`` or ``cleanup`` (the message is
+    replaced: those name keys), ``own`` (a message the flow built from counts)."""
+    if stage in ("download", "validate", "own") or not isinstance(exc, BurrowError):
+        return without_paths(str(exc))[:500]
+    what = error_class(exc)
+    if stage == "restore":
+        return f"the restore into the scratch target failed: 1 key could not be restored ({what}); it is named in the run's logs"
+    if stage == "compare":
+        return f"the comparison with the scratch target failed ({what}); the key is named in the run's logs"
+    return f"the {stage} of the scratch target failed ({what}); details in the run's logs"
 
 
 @dataclass

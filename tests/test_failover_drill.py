@@ -346,9 +346,10 @@ def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_ch
     """A failover killed after recording its choice (and after part of its writes) is run again
     after a newer backup appeared: without --archive it finishes with the same archive, says it
     resumed, and clears its record, so the next failover chooses afresh."""
+    from blocks.keys import archive_keys
     from blocks.local import LocalStore
     from tasks.catalog import describe_archives
-    from tasks.preflight import open_journal, unfinished_failover
+    from tasks.journal import open_journal, unfinished_failover
 
     root = unique_root()
     with kazoo(zk_a.url) as us:
@@ -357,8 +358,9 @@ def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_ch
         first_tree = snapshot(us, root)
     old = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-j", root=root, key_file=str(key))
     st, target = LocalStore(path=str(store)), f"zk://{zk_b.url}"
-    (row,) = [r for r in describe_archives(st) if r["url"] == old["url"]]
-    open_journal(st, "dc-j", target, row)  # what the killed run left behind, with part of its writes:
+    keys = archive_keys([str(key)], None, None, None, None)
+    (row,) = [r for r in describe_archives(st, keys) if r["url"] == old["url"]]
+    open_journal(st, "dc-j", target, row, keys)  # what the killed run left behind, with part of its writes:
     with kazoo(zk_b.url) as eu:
         eu.create(f"{root}/k0", b"v0", makepath=True)
     with kazoo(zk_a.url) as us:
@@ -366,9 +368,12 @@ def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_ch
     newer = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-j", root=root, key_file=str(key))
     again = failover(source="dc-j", store=str(store), into=target, primary=DEAD, key_files=[str(key)])
     assert again["archive"] == old["url"] and again.get("resumed") and again["identical"] == 2  # root, k0
+    assert again["archive_chosen"] == "resumed"
+    assert f"resuming the failover begun at {again['resumed']} with archive {old['url']}" in again["preflight"]
     with kazoo(zk_b.url) as eu:
         assert snapshot(eu, root) == first_tree
-    assert unfinished_failover(st, "dc-j", target) is None  # finished: the record is gone
+    assert unfinished_failover(st, "dc-j", target, keys) is None  # finished: the record is gone
+    assert not list((store / "_failover").rglob("*.burrow-meta"))
     fresh = failover(source="dc-j", store=str(store), into=target, primary=DEAD, key_files=[str(key)])
     assert fresh["archive"] == newer["url"] and not fresh.get("resumed") and fresh["created"] == 1
 
@@ -406,7 +411,7 @@ def test_a_rehearsed_archive_is_preferred_over_a_newer_unrehearsed_one(zk_b, sto
     from blocks.keys import archive_keys
     from blocks.local import LocalStore
     from burrow.archive import ArchiveReader
-    from tasks.markers import build_marker, marker_key, write_marker_record
+    from tasks.markers import build_marker, write_marker_record
 
     root = unique_root()
     old = put_archive(store, "dc-m", tree(root, 3, "old"), stamp(timedelta(hours=-3)), key)
@@ -416,12 +421,11 @@ def test_a_rehearsed_archive_is_preferred_over_a_newer_unrehearsed_one(zk_b, sto
     local = LocalStore(path=str(store))
     for path, mac_key in ((old, True), (mid, False)):
         with open(path, "rb") as f:
-            reader = ArchiveReader(f)
-            mk = marker_key(reader, keys) if mac_key else None
-            manifest = dict(reader.manifest)
+            manifest = dict(ArchiveReader(f).manifest)
         name = str(path.relative_to(store))
         write_marker_record(local, name, build_marker(name, manifest, at=datetime.now(UTC), ok=True, keys=4,
-                                                      restore_s=0.1, scratch="zk://scratch", key=mk))
+                                                      restore_s=0.1, scratch="zk://scratch",
+                                                      signer=keys if mac_key else None))
     into = f"zk://{zk_b.url}/{unique('m')}"
     dry = failover(source="dc-m", store=str(store), into=into, key_files=[str(key)], dry_run=True)
     assert dry["archive"] == f"file://{old}" and dry["rehearsal"]["authenticated"] is True, dry

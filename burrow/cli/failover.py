@@ -30,6 +30,12 @@ def register(sub: Any) -> dict[str, Any]:
                    "(default: the source name when it is a URL or block, else the URL the archive records)")
     f.add_argument("--archive", help="pin the archive to use (its URL or name in the store) instead of choosing one")
     f.add_argument("--max-age", help="refuse archives older than this (90s, 30m, 26h, 7d): the RPO gate")
+    f.add_argument("--resume-within", metavar="DURATION", default="6h",
+                   help="resume an interrupted failover of the same source into the same target with the archive it "
+                   "chose only when it began at most this long ago (default 6h; its record is signed and expires)")
+    f.add_argument("--no-resume", action="store_true",
+                   help="choose the archive afresh even if an interrupted failover of this source into this target "
+                   "left a record of its choice")
     f.add_argument("--force", action="store_true",
                    help="fail over although the primary still answers, or the archive's key count fell by more "
                    "than half against the previous archive")
@@ -50,7 +56,8 @@ def register(sub: Any) -> dict[str, Any]:
 def _print_preflight(summary: dict[str, Any]) -> None:
     """The preflight's outcome and the skipped candidates, on stdout (not only in the log)."""
     for line in summary.get("preflight") or []:
-        print(f"preflight {line}")
+        # a resumed failover says so in one line of its own: "resuming the failover begun at T with archive X"
+        print(line if line.startswith("resuming the failover ") else f"preflight {line}")
     for line in summary.get("skipped") or []:
         print(f"skipped  {line}")
 
@@ -65,6 +72,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
         raise UsageError("--candidates must be at least 1")
     if args.max_age:
         parse_duration(args.max_age, "--max-age")
+    parse_duration(args.resume_within, "--resume-within")
     store_from_ref(args.store).check()
     ref = secure_source_ref(args.into)
     primary = secure_source_ref(args.primary) if args.primary else None
@@ -76,7 +84,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
         summary = failover(
             source=args.source, store=args.store, into=ref, primary=primary, archive=args.archive,
             max_age=args.max_age, force=args.force, dry_run=args.dry_run, subtree=args.subtree,
-            maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted, **refs,
+            maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted,
+            resume=not args.no_resume, resume_within=args.resume_within, **refs,
         )
     except BurrowError as exc:
         done = getattr(exc, "failover_summary", None)
