@@ -114,10 +114,13 @@ def _prompt_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]
     import contextvars
     import threading
 
+    from prefect import flow_engine
+
     seconds = engine.heartbeat_seconds
     if seconds is None:
         yield
         return
+    seconds = max(seconds, getattr(flow_engine, "MINIMUM_HEARTBEAT_INTERVAL", 0))  # as Prefect's
     resource, related = engine._build_heartbeat_event_template()
     stop = threading.Event()
 
@@ -142,27 +145,56 @@ def _prompt_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]
             thread.join(timeout=2)
 
 
-def install_prompt_heartbeats() -> bool:
-    """Use :func:`_prompt_heartbeats` for every flow run of this process when Prefect's engine
-    has the hooks it relies on (Prefect 3.8); otherwise leave Prefect's own. Returns whether
-    it is installed."""
+#: What :func:`_prompt_heartbeats` was written against: Prefect's release, and the sha256 of the
+#: source of the function it replaces (``inspect.getsource(prefect.flow_engine._send_heartbeats)``).
+#: After a Prefect upgrade, compare the new ``_send_heartbeats`` with ``_prompt_heartbeats``; when
+#: the replacement is still equivalent, update both values (``heartbeat_source_digest()`` gives the
+#: hash). Until then Prefect's own heartbeat runs: correct, only up to a second slower per run.
+PROMPT_HEARTBEATS_FOR = ("3.8.8", "83e152cb73a04e977ca181188e99b3d583c894892b5456043b2eb51e45dbe996")
+
+
+def heartbeat_source_digest() -> str | None:
+    """sha256 of the source of Prefect's ``flow_engine._send_heartbeats`` (``None``: no such
+    function, or no source to read)."""
+    import hashlib
     import inspect
 
+    from prefect import flow_engine
+
+    original = getattr(flow_engine, "_send_heartbeats", None)
+    if original is None or original is _prompt_heartbeats:
+        original = getattr(flow_engine, "_burrow_replaced_send_heartbeats", original)
+    try:
+        source = inspect.getsource(original)
+    except (OSError, TypeError):
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def install_prompt_heartbeats() -> bool:
+    """Use :func:`_prompt_heartbeats` for every flow run of this process, but only when the
+    installed Prefect is the release it was written for *and* the function it replaces has the
+    source it was written against (:data:`PROMPT_HEARTBEATS_FOR`); otherwise Prefect's own
+    heartbeat stays. Returns whether it is installed.
+
+    Only the CLI calls this (``burrow.cli.main``, for flow commands): a flow run a worker starts
+    keeps Prefect's heartbeat untouched, as nothing there waits on the run's end.
+    """
+    import prefect
     from prefect import flow_engine
     from prefect.flow_engine import BaseFlowRunEngine
 
     original = getattr(flow_engine, "_send_heartbeats", None)
     if original is _prompt_heartbeats:
         return True
+    version, digest = PROMPT_HEARTBEATS_FOR
     hooks = all(hasattr(BaseFlowRunEngine, h) for h in
                 ("heartbeat_seconds", "_build_heartbeat_event_template", "_emit_flow_run_heartbeat"))
-    if original is None or not hooks or list(inspect.signature(original).parameters) != ["engine", "join_on_exit"]:
+    if original is None or not hooks or prefect.__version__ != version or heartbeat_source_digest() != digest:
         return False
+    flow_engine._burrow_replaced_send_heartbeats = original  # type: ignore[attr-defined]
     flow_engine._send_heartbeats = _prompt_heartbeats
     return True
-
-
-install_prompt_heartbeats()
 
 
 def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:

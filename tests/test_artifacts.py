@@ -71,7 +71,7 @@ def test_backup_and_restore_leave_named_runs_and_markdown_artifacts(zk_a, zk_b, 
     assert VALUE.decode() not in md and TARGET_VALUE.decode() not in md
 
 
-def test_a_flow_run_sends_its_heartbeat_through_burrows_prompt_heartbeat(zk_a, store):
+def test_a_flow_run_sends_its_heartbeat_through_burrows_prompt_heartbeat(zk_a, store, monkeypatch):
     """The flow-run heartbeat (how a server tells a crashed run from a running one) still
     reaches the API from Burrow's replacement, which stops without a second's wait."""
     import time
@@ -80,9 +80,11 @@ def test_a_flow_run_sends_its_heartbeat_through_burrows_prompt_heartbeat(zk_a, s
     from prefect import flow_engine
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
-    from flows.common import _prompt_heartbeats
+    from flows.common import _prompt_heartbeats, install_prompt_heartbeats
 
-    assert flow_engine._send_heartbeats is _prompt_heartbeats  # installed by importing the flows
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", flow_engine._send_heartbeats)  # restored after
+    assert install_prompt_heartbeats()  # as the CLI does (importing the flows no longer installs it)
+    assert flow_engine._send_heartbeats is _prompt_heartbeats
     root = unique_root()
     with kazoo(zk_a.url) as c:
         c.create(root + "/k", b"v", makepath=True)

@@ -209,3 +209,84 @@ def test_usage_errors_exit_2(tmp_path, capsys):
         last = err.strip().splitlines()[-1]
         assert last.startswith("burrow: error:") and needle in last, (args, err)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the heartbeat replacement
+
+_HEARTBEAT_PROBE = """
+import json, sys
+{before}
+from prefect import flow_engine
+print(json.dumps(flow_engine._send_heartbeats.__module__ + "." + flow_engine._send_heartbeats.__qualname__))
+"""
+
+
+def _heartbeat_in_fresh_interpreter(before: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", _HEARTBEAT_PROBE.format(before=before)], capture_output=True,
+                          text=True, cwd=str(REPO), env=os.environ.copy(), timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_prompt_heartbeat_is_installed_by_the_cli_only(tmp_path):
+    """A worker runs a flow by importing its module: Prefect's heartbeat stays there. A flow
+    command of the CLI (``main``, as the console script calls it) installs Burrow's."""
+    prefect_own = "prefect.flow_engine._send_heartbeats"
+    assert _heartbeat_in_fresh_interpreter("import flows.backup, flows.restore, flows.failover") == prefect_own
+    cli = (f"from burrow.cli import main\nassert main(['prune', {str(tmp_path)!r}, '--dry-run', "
+           "'--keep-last', '1']) == 0")
+    assert _heartbeat_in_fresh_interpreter(cli) == "flows.common._prompt_heartbeats"
+
+
+@pytest.mark.parametrize("mismatch", ["hash", "version"])
+def test_a_changed_prefect_keeps_its_own_heartbeat_and_runs_still_beat(mismatch, zk_a, tmp_path, monkeypatch):
+    """When Prefect's release or the replaced function's source is not what the replacement
+    was written for, it is not installed: Prefect's heartbeat stays, a flow still runs, and its
+    heartbeat event still reaches the API."""
+    import time
+    from datetime import timedelta
+
+    from prefect import flow_engine
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    import flows.common as common
+    from flows.backup import backup
+
+    original = flow_engine._send_heartbeats
+    if original is common._prompt_heartbeats:  # an earlier test of this process installed it
+        original = flow_engine._burrow_replaced_send_heartbeats
+        monkeypatch.setattr(flow_engine, "_send_heartbeats", original)
+    version, digest = common.PROMPT_HEARTBEATS_FOR
+    assert common.heartbeat_source_digest() == digest, "Prefect's heartbeat changed: see PROMPT_HEARTBEATS_FOR"
+    wrong = (version, "0" * 64) if mismatch == "hash" else ("3.0.0", digest)
+    monkeypatch.setattr(common, "PROMPT_HEARTBEATS_FOR", wrong)
+    assert common.install_prompt_heartbeats() is False
+    assert flow_engine._send_heartbeats is original
+
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/k", b"v", makepath=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    state = backup(source=f"zk://{zk_a.url}{root}", store=str(store), name="dc-prefect-beat", encryption=False,
+                   return_state=True)
+    assert state.is_completed(), state
+    run_id = state.state_details.flow_run_id
+    flt = EventFilter(occurred=EventOccurredFilter(since=state.timestamp - timedelta(minutes=5)),
+                      event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                      resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]))
+    beats: list = []
+    for _ in range(60):  # the server's event persister writes in batches
+        with get_client(sync_client=True) as client:
+            beats = client.read_events(filter=flt, limit=10).events
+        if beats:
+            break
+        time.sleep(0.5)
+    assert beats and beats[0].resource.id == f"prefect.flow-run.{run_id}"

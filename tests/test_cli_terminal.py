@@ -190,3 +190,84 @@ def test_dry_run_lists_paths_only_on_request(backed_up_on_a_tty, tree, zk_b, tmp
     assert len(creates) >= min(total, 1000) and listed.out.index("planned_create=") < listed.out.index("create "), listed
     assert not any(ln.startswith("create ") for ln in to_file.out.splitlines()), to_file
     assert (tmp_path / "plan.txt").read_text().splitlines() == creates
+
+
+# ------------------------------------------------------------------ the console script's exit
+
+#: Installed with PYTHONPATH into the ``burrow`` subprocess: Prefect's events worker takes
+#: ``BURROW_TEST_EVENT_DELAY`` seconds per event, as under load, so the run's events are still
+#: queued when the command ends. Patched when ``prefect.events.worker`` is first imported (Burrow
+#: decides its Prefect API before Prefect is loaded, so nothing imports it earlier).
+_SLOW_EVENTS = '''
+import importlib.abc, importlib.machinery, os, sys
+
+class _SlowEvents(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "prefect.events.worker":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            handle = module.EventsWorker._handle
+
+            async def slow(self, event):
+                import asyncio
+                await asyncio.sleep(float(os.environ["BURROW_TEST_EVENT_DELAY"]))
+                await handle(self, event)
+
+            module.EventsWorker._handle = slow
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, _SlowEvents())
+'''
+
+
+def test_the_last_event_of_a_cli_run_reaches_the_api_and_the_exit_stays_quiet(zk_a, tmp_path):
+    """Through the real console script (``run()``, whose exit skips the interpreter's
+    teardown): with the run's events still queued when the command ends, they all reach the
+    API before the process is gone, and draining them prints nothing (no ``EventsWorker -
+    Still processing items`` line after the command's own output)."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import (
+        EventAnyResourceFilter,
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+    )
+
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/k", b"v", makepath=True)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SLOW_EVENTS)
+    store = tmp_path / "store"
+    store.mkdir()
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    r = run_cli("backup", f"zk://{zk_a.url}{root}", "--to", str(store), "--no-encryption", "--name", "exit-src",
+                env={"PYTHONPATH": str(hook), "BURROW_TEST_EVENT_DELAY": "0.25"}, timeout=240)
+    assert r.code == 0, r
+    assert "Still processing" not in r.err and "EventsWorker" not in r.err and " | WARNING" not in r.err, r
+    archive = r.last_line
+    assert archive.startswith("file://"), r
+
+    # The command has exited: its events are at the server already or lost. The server writes
+    # what it received in batches, so it is read a few times over a few seconds at most.
+    flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=["burrow.backup.completed"]),
+                      any_resource=EventAnyResourceFilter(id=[f"burrow.archive.{archive}"]))
+    events: list = []
+    deadline = time.monotonic() + 10
+    while not events and time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=flt, limit=5).events
+        if not events:
+            time.sleep(0.5)
+    assert len(events) == 1, "the run's last event did not reach the API before the console script exited"

@@ -98,27 +98,67 @@ class _StageLines(logging.Handler):
             self.handleError(record)
 
 
+def _prefect_terminal_handlers() -> list[logging.Handler]:
+    """Every handler of Prefect's logging configuration that writes to the terminal: its console
+    handler (on the root logger, uvicorn's and fastapi's) and the stream handler of
+    ``prefect._internal`` (which does not propagate). Not the API handlers: the run's logs."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    terminal: tuple[type, ...] = (PrefectConsoleHandler,)
+    with contextlib.suppress(ImportError):
+        from prefect.logging.handlers import _SafeStreamHandler
+
+        terminal += (_SafeStreamHandler,)
+    loggers = [logging.getLogger()] + [
+        lg for lg in list(logging.Logger.manager.loggerDict.values()) if isinstance(lg, logging.Logger)
+    ]
+    found: list[logging.Handler] = []
+    for lg in loggers:
+        found += [h for h in lg.handlers if isinstance(h, terminal) and h not in found]
+    return found
+
+
+def _silence_prefect() -> Callable[[], None]:
+    """Drop every record on Prefect's terminal handlers (their level to above CRITICAL too, so
+    a handler Prefect adds a filter to still stays quiet); returns the undo."""
+    silent = _Silent()
+    handlers = [(h, h.level) for h in _prefect_terminal_handlers()]
+    for handler, _ in handlers:
+        handler.addFilter(silent)
+        handler.setLevel(logging.CRITICAL + 1)
+
+    def undo() -> None:
+        for handler, level in handlers:
+            handler.removeFilter(silent)
+            handler.setLevel(level)
+
+    return undo
+
+
 def _console(verbose: bool) -> Callable[[], None]:
     """Set up the terminal for a flow command: quiet unless ``verbose``. Returns the undo (a
     test calling ``main`` in-process gets its logging back as it was)."""
     import prefect.main  # noqa: F401 - configures Prefect's logging (handlers on the root logger)
-    from prefect.logging.handlers import PrefectConsoleHandler
 
+    global _verbose
+    _verbose = verbose
     root = logging.getLogger()
     if verbose:
         return lambda: None
-    silent, lines = _Silent(), _StageLines()
-    consoles = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
-    for handler in consoles:
-        handler.addFilter(silent)
+    lines = _StageLines()
+    unsilence = _silence_prefect()
     root.addHandler(lines)
 
     def undo() -> None:
-        for handler in consoles:
-            handler.removeFilter(silent)
+        unsilence()
         root.removeHandler(lines)
 
     return undo
+
+
+#: ``-v`` of the flow command this process ran: the console script's exit keeps Prefect quiet
+#: while it drains Prefect's queues unless it was given.
+_verbose = False
 
 
 def _quiet_prefect() -> None:
@@ -166,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 # before Prefect is imported: it reads PREFECT_API_URL once
                 orchestrator = server.choose_orchestrator(args.command)
                 undo = _console(verbose)  # imports Prefect while a local server starts
+                from flows.common import install_prompt_heartbeats
+
+                install_prompt_heartbeats()  # this process only: a worker's flow runs keep Prefect's
                 orchestrator.wait()
                 if args.command in PROGRESS_COMMANDS and sys.stderr.isatty():
                     from burrow import progress
@@ -203,18 +246,54 @@ def run() -> None:
     _exit(main())
 
 
+#: Seconds the exit waits for Prefect's queues (events, logs) to reach the API; a dead API
+#: must not hold the terminal forever (the run's state is already recorded by then).
+DRAIN_TIMEOUT = 30.0
+
+
+def drain_prefect(timeout: float = DRAIN_TIMEOUT) -> None:
+    """Send what Prefect still queues for the API (the events worker: the run's events; the API
+    log worker: its logs) and wait for it, with Prefect's terminal handlers silent unless ``-v``
+    was given: draining under load logs ``EventsWorker - Still processing items: N items
+    remaining...``, which must not follow the command's one error line.
+
+    Prefect drains these in *threading's* exit hooks (``threading._register_atexit``), which the
+    interpreter runs before ``atexit``'s and :func:`_exit` would skip; here they are drained
+    explicitly, every queue service at once (``drain_all`` of their common base class, whose
+    registry holds them all), until no new one appears (draining the events may log). Nothing
+    to do when Prefect was never imported."""
+    services = sys.modules.get("prefect._internal.concurrency.services")
+    if services is None:
+        return
+    import time
+
+    base = getattr(services, "_QueueServiceBase", None) or services.QueueService
+    if not _verbose:
+        _silence_prefect()  # for the rest of the process: the exit handlers may drain again
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(Exception):  # the exit goes on: Prefect's own exit hooks try again
+        while base._instances and time.monotonic() < deadline:
+            base.drain_all(timeout=max(0.0, deadline - time.monotonic()), at_exit=True)
+
+
 def _exit(code: int) -> None:
     """End the process the way the interpreter would, minus its teardown of every module
-    (0.3 s after a flow command, with Prefect's thousands of objects loaded): wait for
-    non-daemon threads, run the exit handlers (Prefect drains its log and event queues to the
-    API there; logging flushes), flush stdout and stderr, and leave."""
+    (0.3 s after a flow command, with Prefect's thousands of objects loaded): drain Prefect's
+    queues to the API (:func:`drain_prefect`), run threading's exit hooks and wait for non-daemon
+    threads (``threading._shutdown``, as the interpreter does), run the ``atexit`` handlers
+    (logging flushes), flush stdout and stderr, and leave."""
     import atexit
     import threading
 
     try:
-        for thread in threading.enumerate():
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        drain_prefect()
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        else:  # pragma: no cover - every CPython has it
+            for thread in threading.enumerate():
+                if thread is not threading.current_thread() and not thread.daemon:
+                    thread.join()
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
