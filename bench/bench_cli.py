@@ -95,6 +95,8 @@ import json, sys, time
 sys.path.insert(0, {repo!r})
 from flows.backup import backup
 from flows.restore import restore
+from flows.common import install_prompt_heartbeats
+install_prompt_heartbeats()  # as the CLI does: the same heartbeat on both sides of the comparison
 t0 = time.monotonic()
 b = backup(source={src!r}, store={store!r}, root="/bench", name="big-inproc", encryption=False)
 t1 = time.monotonic()
@@ -174,6 +176,8 @@ def main() -> int:
         burrow("server", "start", env=stopped_env)
         burrow("server", "stop", env=stopped_env)
         warm_api = json.loads(burrow("server", "status", "--json", env=warm_env).stdout)["api_url"]
+        # the local server is private: another client of it needs its credential
+        warm_auth = (Path(warm_env["BURROW_HOME"]) / "server-credential").read_text().strip()
         fail: dict[str, list[float]] = {k: [] for k in (
             "warm", "refused", "silent", "stopped_refused", "stopped_silent", "first_refused", "first_silent",
             "healthy_remote")}
@@ -192,7 +196,8 @@ def main() -> int:
                 fail[f"first_{kind}"].append(timed([BURROW, *fo], {**first_env, "PREFECT_API_URL": dead}))
                 burrow("server", "stop", env=first_env)
             # a live PREFECT_API_URL and no local server: it must stay that way
-            fail["healthy_remote"].append(timed([BURROW, *fo], {**stopped_env, "PREFECT_API_URL": warm_api}))
+            fail["healthy_remote"].append(timed([BURROW, *fo], {**stopped_env, "PREFECT_API_URL": warm_api,
+                                                                  "PREFECT_API_AUTH_STRING": warm_auth}))
             status = json.loads(burrow("server", "status", "--json", env=stopped_env).stdout)
             if status["running"]:
                 raise SystemExit("a failover with a live PREFECT_API_URL left Burrow's local server running")
@@ -238,7 +243,7 @@ def main() -> int:
             big_store = work / "big-store"
             big_store.mkdir()
             state = json.loads(burrow("server", "status", "--json", env=warm_env).stdout)
-            inproc_env = {**warm_env, "PREFECT_API_URL": state["api_url"]}
+            inproc_env = {**warm_env, "PREFECT_API_URL": state["api_url"], "PREFECT_API_AUTH_STRING": warm_auth}
 
             def in_process(target: str) -> dict:
                 code = IN_PROCESS.format(repo=str(REPO), src=f"zk://{src.url}", store=str(big_store),
