@@ -6,7 +6,8 @@ task with its own retries, each timed and reported in the artifact:
 1. **Preflight** (tasks/preflight.py). Nothing is written if any check fails, and every
    refusal names the flag that overrides it. The target is checked first (reachable and
    writable), before any archive is listed or downloaded. Candidates (the source's trusted
-   archives, rehearsed ones first, newest first; or the one ``archive`` pins) are downloaded
+   archives by signed time, newest first, a rehearsed one first only when it is within
+   ``prefer_rehearsed_within`` of the newest; or the one ``archive`` pins) are downloaded
    and validated in turn: a missing, corrupt, truncated or too old one is skipped with its
    reason and the next older one is tried. A key that opens none stops the run (failing over
    to stale data because of a key problem would be worse). The split-brain guard probes the
@@ -43,7 +44,7 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from flows.restore import publish_summary, target_lock_name
-from tasks.catalog import catalog, created_at, distrust
+from tasks.catalog import Selection, catalog, created_at, select_archives
 from tasks.download import download
 from tasks.journal import close_journal, record_choice, unfinished_failover
 from tasks.markers import annotate_task
@@ -51,7 +52,6 @@ from tasks.plan import plan as plan_task
 from tasks.postverify import PostVerifyFailed, postverify
 from tasks.preflight import (
     FailoverRefused,
-    order_candidates,
     previous_archive,
     primary_block,
     primary_guard,
@@ -101,6 +101,7 @@ def failover(
     key_block: str | None = None,
     allow_unencrypted: bool = False,
     approval_timeout_s: int = 3600,
+    prefer_rehearsed_within: str = "2h",
     resume: bool = True,
     resume_within: str = "6h",
 ) -> dict[str, Any]:
@@ -113,6 +114,8 @@ def failover(
     ``resume``: finish an interrupted failover of the same source into the same target with
     the archive it chose (its signed journal record, tasks/journal.py), when that record is
     at most ``resume_within`` old (default 6h); ``resume=False`` chooses afresh.
+    ``prefer_rehearsed_within``: an archive with a passing, authenticated rehearsal is tried
+    before the newest only when it is at most this much older than the newest.
     ``force``: fail over although the primary still answers, or the archive's key count fell
     by more than half. A ``dry_run`` runs every read-only check and the plan, and writes nothing
     (not even the scratch key of the writability check). Returns the run summary.
@@ -146,6 +149,7 @@ def failover(
         with recorded_run("failover", summary, _publish):
             limit = naming.parse_duration(max_age, "--max-age") if max_age else None
             resume_limit = naming.parse_duration(resume_within, "--resume-within")
+            window = naming.parse_duration(prefer_rehearsed_within, "--prefer-rehearsed-within")
             if max_candidates < 1:
                 raise UsageError("--candidates must be at least 1")
             st = store_from_ref(store)
@@ -173,7 +177,9 @@ def failover(
                 for row in rows:  # unreadable (truncated, corrupt) files named like this source's archives
                     if row.get("error") and _named_like(str(row.get("name", "")), source):
                         skipped.append(f"{row['url']}: unreadable: {row['error']}")
-            trusted = _trusted(mine, keyed, allow_unencrypted, skipped)
+            selection = select_archives(mine, source, keyed=keyed, allow_unencrypted=allow_unencrypted,
+                                        prefer_rehearsed_within=window)
+            trusted = _trusted(selection, skipped)
             if keyed and not trusted and any(
                 r.get("encrypted") and r.get("unauthenticated_reason") == "no configured key opens it" for r in mine
             ):
@@ -182,7 +188,9 @@ def failover(
                     "--key-file, --identity or --passphrase-env (a failover never falls back to stale data over a "
                     "key problem)"
                 )
-            candidates = _pinned(archive, mine, trusted, skipped) if archive else order_candidates(trusted)
+            candidates = _pinned(archive, mine, trusted, skipped) if archive else selection.candidates
+            if not archive and candidates:
+                preflight.append(selection.note)
             # an interrupted failover of this source into this target: finish it with its archive
             # (its record is signed with a reader key, bound to source, target and manifest, and
             # young enough: tasks/journal.py), whatever appeared since
@@ -309,20 +317,14 @@ def _named_like(name: str, source: str) -> bool:
     return len(parts) >= 2 and parts[-2] == s and parts[-1].startswith(s + "-")
 
 
-def _trusted(mine: list[dict[str, Any]], keyed: bool, allow_unencrypted: bool, skipped: list[str]) -> list[dict[str, Any]]:
-    """The rows whose claims may be acted on; the others are noted in ``skipped``."""
+def _trusted(selection: Selection, skipped: list[str]) -> list[dict[str, Any]]:
+    """The rows the selector trusts, in the order they are tried; the others are logged and
+    noted in ``skipped``."""
     log = logger()
-    out = []
-    now = datetime.now(UTC)
-    for row in mine:
-        plain_ok = allow_unencrypted and not row.get("encrypted")
-        why = distrust(row, keyed=keyed and not plain_ok, now=now)
-        if why is None:
-            out.append(row)
-        else:
-            log.warning("failover: skipping %s: %s", row["url"], why)
-            skipped.append(f"{row['url']}: {why}")
-    return out
+    for url, why in selection.skipped:
+        log.warning("failover: skipping %s: %s", url, why)
+        skipped.append(f"{url}: {why}")
+    return list(selection.candidates)
 
 
 def _why_used(row: dict[str, Any], resumed_row: dict[str, Any] | None, begun: str | None, pinned: bool,

@@ -36,7 +36,7 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from flows.restore import plan_and_replay, target_lock_name
-from tasks.catalog import by_creation, catalog, distrust
+from tasks.catalog import catalog, select_archives
 from tasks.download import download
 from tasks.markers import build_marker, write_marker
 from tasks.rehearse import check_scratch, clean_scratch, compare_scratch, public_error
@@ -118,7 +118,9 @@ def rehearse(
                 try:
                     local = download(st, name, str(work))
                     stage = "validate"
-                    manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted)
+                    # the archive must be the one its catalog row (perhaps from the index) described
+                    manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted,
+                                        expect_manifest_sha256=row.get("manifest_sha256"))
                     if archive and manifest.get("source") != source:
                         mark = False
                         raise UsageError(
@@ -194,18 +196,17 @@ def _in_store(st: Any, ast: Any, name: str) -> tuple[Any, str]:
 
 
 def _newest(st: Any, source: str, keys: Any, keyed: bool, allow_unencrypted: bool) -> dict[str, Any]:
-    """The newest archive of ``source`` whose claims can be trusted (as failover picks them)."""
+    """The newest archive of ``source`` whose claims can be trusted (the selector failover,
+    ``restore --latest`` and ``status`` use: by signed time, bound to its name)."""
     rows = catalog(st, keys)
-    mine = [r for r in rows if r.get("source") == source]
-    trusted = [r for r in mine
-               if distrust(r, keyed=keyed and not (allow_unencrypted and not r.get("encrypted"))) is None]
-    if not trusted:
+    newest = select_archives(rows, source, keyed=keyed, allow_unencrypted=allow_unencrypted).newest
+    if newest is None:
         held = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
         raise ArchiveNotFound(
             f"no trusted archive of source {source!r} in {st.describe()}"
             + (f" (it holds: {', '.join(held)})" if held else " (it holds no readable archive)")
         )
-    return by_creation(trusted)[0]
+    return newest
 
 
 def _cleanup(target: Any, prepared: Any, work: Any, summary: dict[str, Any], lists: dict[str, list[str]]) -> None:

@@ -12,8 +12,9 @@ than write into the wrong place, over a live primary, or from an archive that lo
   previous archive of the same source (a prefix typo or an empty read looks exactly like
   this) is refused unless ``--force``.
 
-The choice among candidate archives prefers a rehearsed one (:func:`order_candidates`).
-The pure functions here (ordering, RPO, sanity) need no cluster; the probes are tasks.
+The choice among candidate archives is tasks/catalog.py ``select_archives`` (a rehearsed one
+first when it is recent enough). The pure functions here (RPO, sanity) need no cluster; the
+probes are tasks.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from burrow.paths import translate
 from burrow.records import Record
 from burrow.runlog import logger
 from tasks import task
-from tasks.catalog import by_creation, created_at
+from tasks.catalog import created_at, signed_order
+from tasks.catalog import rehearsed as rehearsed  # the selector's own test, importable from here too
 
 #: Scratch keys of the writability check start with this (a Burrow-owned name, never a user key).
 SCRATCH_PREFIX = b"/.burrow-preflight-"
@@ -216,20 +218,6 @@ def primary_block(ref: str | None, source: str, manifest_url: str | None, resolv
 # ---------------------------------------------------------------------------- choosing an archive
 
 
-def rehearsed(row: dict[str, Any]) -> bool:
-    """Whether a catalog row's archive passed a rehearsal whose marker is authenticated."""
-    r = row.get("rehearsal")
-    return isinstance(r, dict) and r.get("ok") is True and r.get("authenticated") is True
-
-
-def order_candidates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Trusted catalog rows in the order a failover tries them: archives with an ok,
-    authenticated rehearsal first (newest first), then the others (newest first). A rehearsal
-    proves that archive restores; an unauthenticated or failed one proves nothing."""
-    ordered = by_creation(rows)
-    return [r for r in ordered if rehearsed(r)] + [r for r in ordered if not rehearsed(r)]
-
-
 def rpo_problem(row: dict[str, Any], max_age: timedelta | None, now: datetime | None = None) -> str | None:
     """Why ``row``'s archive is too old for ``--max-age``, or None."""
     if max_age is None:
@@ -243,12 +231,11 @@ def rpo_problem(row: dict[str, Any], max_age: timedelta | None, now: datetime | 
 
 
 def previous_archive(row: dict[str, Any], trusted: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The trusted archive of the same source made just before ``row``'s, or None."""
-    when = created_at(row)
-    older = [r for r in by_creation(trusted)
+    """The trusted archive of the same source made just before ``row``'s (by signed time), or None."""
+    older = [r for r in trusted
              if r.get("source") == row.get("source") and r["name"] != row["name"]
-             and (created_at(r), r["name"]) < (when, row["name"])]
-    return older[0] if older else None
+             and signed_order(r) < signed_order(row)]
+    return max(older, key=signed_order) if older else None
 
 
 def sanity_problem(keys: int, previous: dict[str, Any] | None) -> str | None:

@@ -42,8 +42,10 @@ def put(store: Path, source: str, records: list[Record], created: str, write_key
     fields = {"service": "zookeeper", "source": source, "source_url": "zk://dc-z", "root": "/", "created": created}
     if enc:
         fields["encryption"] = enc.summary()
+    name = naming.archive_name(source)
+    fields["object_name"] = name  # bound to its name, as a backup writes it
     w.finish(fields)
-    path = store / naming.archive_name(source)
+    path = store / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
     return path

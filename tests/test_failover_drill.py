@@ -26,8 +26,9 @@ from burrow.records import Record
 from burrow.testing.servers import free_port
 from flows.backup import backup
 from flows.failover import failover
+from tasks.catalog import select_archives
 from tasks.postverify import verify_target
-from tasks.preflight import FailoverRefused, order_candidates, previous_archive, rpo_problem, sanity_problem
+from tasks.preflight import FailoverRefused, previous_archive, rpo_problem, sanity_problem
 
 #: A primary that is down: nothing listens there.
 DEAD = f"zk://127.0.0.1:{free_port()}"
@@ -56,9 +57,10 @@ def put_archive(store: Path, source: str, records: list[Record], created: str, k
     w = ArchiveWriter(buf, service="zookeeper", encryptor=enc)
     for r in records:
         w.add(r)
+    name = naming.archive_name(source)
     w.finish({"service": "zookeeper", "source": source, "source_url": source_url, "root": "/", "created": created,
-              "encryption": enc.summary()})
-    path = store / naming.archive_name(source)
+              "encryption": enc.summary(), "object_name": name})
+    path = store / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())
     return path
@@ -87,9 +89,16 @@ def test_candidates_prefer_an_ok_authenticated_rehearsal_then_the_newest():
         row("d", stamp(timedelta(hours=-1))),  # never rehearsed, the newest
         row("e", stamp(timedelta(hours=-5)), rehearsal=ok),
     ]
-    assert [r["name"] for r in order_candidates(rows)] == ["a", "e", "d", "c", "b"]
+
+    def order(rows: list[dict], within: timedelta) -> list[str]:
+        return [r["name"] for r in select_archives(rows, "s", keyed=False, prefer_rehearsed_within=within).candidates]
+
+    # a rehearsal is preferred only within the window behind the newest (default 2h): here none is
+    assert order(rows, timedelta(hours=2)) == ["d", "c", "b", "a", "e"]
+    assert order(rows, timedelta(hours=3.5)) == ["a", "d", "c", "b", "e"]
+    assert order(rows, timedelta(hours=6)) == ["a", "e", "d", "c", "b"]
     # without any good rehearsal: the newest first
-    assert [r["name"] for r in order_candidates(rows[1:4])] == ["d", "c", "b"]
+    assert order(rows[1:4], timedelta(hours=6)) == ["d", "c", "b"]
 
 
 def test_rpo_and_sanity_rules():
@@ -414,7 +423,7 @@ def test_a_rehearsed_archive_is_preferred_over_a_newer_unrehearsed_one(zk_b, sto
     from tasks.markers import build_marker, write_marker_record
 
     root = unique_root()
-    old = put_archive(store, "dc-m", tree(root, 3, "old"), stamp(timedelta(hours=-3)), key)
+    old = put_archive(store, "dc-m", tree(root, 3, "old"), stamp(timedelta(minutes=-150)), key)  # within 2h of new
     mid = put_archive(store, "dc-m", tree(root, 3, "mid"), stamp(timedelta(hours=-2)), key)
     new = put_archive(store, "dc-m", tree(root, 3, "new"), stamp(timedelta(hours=-1)), key)
     keys = archive_keys([str(key)], None, None, None, None)

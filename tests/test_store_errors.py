@@ -33,7 +33,7 @@ def make_archive(store: Path, name: str, source: str, created: str, service: str
     buf = io.BytesIO()
     w = ArchiveWriter(buf, service=service)
     w.add(Record(b"/stray-test/" + source.encode(), created.encode()))
-    w.finish({"source": source, "created": created, "service": service})
+    w.finish({"source": source, "created": created, "service": service, "object_name": name})
     path = store / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buf.getvalue())

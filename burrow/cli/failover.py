@@ -30,6 +30,9 @@ def register(sub: Any) -> dict[str, Any]:
                    "(default: the source name when it is a URL or block, else the URL the archive records)")
     f.add_argument("--archive", help="pin the archive to use (its URL or name in the store) instead of choosing one")
     f.add_argument("--max-age", help="refuse archives older than this (90s, 30m, 26h, 7d): the RPO gate")
+    f.add_argument("--prefer-rehearsed-within", metavar="DURATION", default="2h",
+                   help="try an archive with a passing, authenticated rehearsal before the newest only when it is "
+                   "at most this much older than the newest (default 2h)")
     f.add_argument("--resume-within", metavar="DURATION", default="6h",
                    help="resume an interrupted failover of the same source into the same target with the archive it "
                    "chose only when it began at most this long ago (default 6h; its record is signed and expires)")
@@ -72,6 +75,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
         raise UsageError("--candidates must be at least 1")
     if args.max_age:
         parse_duration(args.max_age, "--max-age")
+    parse_duration(args.prefer_rehearsed_within, "--prefer-rehearsed-within")
     parse_duration(args.resume_within, "--resume-within")
     store_from_ref(args.store).check()
     ref = secure_source_ref(args.into)
@@ -85,7 +89,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
             source=args.source, store=args.store, into=ref, primary=primary, archive=args.archive,
             max_age=args.max_age, force=args.force, dry_run=args.dry_run, subtree=args.subtree,
             maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted,
-            resume=not args.no_resume, resume_within=args.resume_within, **refs,
+            prefer_rehearsed_within=args.prefer_rehearsed_within, resume=not args.no_resume,
+            resume_within=args.resume_within, **refs,
         )
     except BurrowError as exc:
         done = getattr(exc, "failover_summary", None)
