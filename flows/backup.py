@@ -100,7 +100,8 @@ def backup(
                 _, info = compress_upload(ex, dst, archive, source_name, compression_level, encryptor, extra)
                 discard_spool(ex.spool)
             else:
-                comp = compress(ex, str(work / "archive.burrow"), source_name, compression_level, encryptor, extra)
+                comp = compress(ex, str(work / "archive.burrow"), source_name, compression_level, encryptor, extra,
+                                object_name=archive)
                 discard_spool(ex.spool)
                 info = upload(dst, comp.path, archive)
             try:
