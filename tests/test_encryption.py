@@ -380,3 +380,47 @@ def test_chunking_is_canonical_whatever_the_write_sizes():
         assert len(whole.getvalue()) == total + 16 * max(1, -(-total // 1024))
         reader = _DecryptingReader(io.BufferedReader(io.BytesIO(whole.getvalue())), aead, prefix, 1024, "t")
         assert reader.read() == data
+
+
+def test_reader_keys_sign_records_only_a_secret_key_holder_can_make():
+    """Markers and journal records are MACed with a reader key derived from a secret identity:
+    a keyring of public keys only cannot sign, a record signed by one key fails under another,
+    an edit or another domain fails, and retired keys still verify what they signed."""
+    from burrow.keys import Keyring, Passphrase, SymmetricKey, WriteKeys, X25519Identity
+
+    sym, ident = SymmetricKey.generate(), X25519Identity.generate()
+    readers = ArchiveKeys(Keyring([sym, ident]))
+    record = readers.reader_sign(b"burrow/test\x00", {"archive": "s/s-1.burrow", "at": "2026-01-01T00:00:00Z"})
+    assert record["signer"] == readers.reader_signers()[0] and len(record["signer"]) == 16
+    assert readers.reader_verify(b"burrow/test\x00", record) == (True, None)
+    assert not readers.reader_verify(b"burrow/other\x00", record)[0]
+    assert not readers.reader_verify(b"burrow/test\x00", dict(record, archive="s/s-0.burrow"))[0]
+    # no key material in the record, and the signer id is not the key's fingerprint either
+    assert sym.fingerprint not in str(record) and sym.to_text().split(":")[1] not in str(record)
+
+    # the identity's reader key is its own; a public-key holder derives none
+    only_ident = ArchiveKeys(Keyring([ident]))
+    assert only_ident.reader_signers() == readers.reader_signers()[1:]
+    by_ident = only_ident.reader_sign(b"burrow/test\x00", {"n": 1})
+    assert readers.reader_verify(b"burrow/test\x00", by_ident) == (True, None)  # (a keyring holding it, retired or not)
+    worker = ArchiveKeys(WriteKeys("x25519", [ident.recipient], "test").keyring())
+    assert not worker.can_reader_sign() and worker.reader_signers() == []
+    with pytest.raises(ValueError):
+        worker.reader_sign(b"burrow/test\x00", {"n": 1})
+    ok, why = worker.reader_verify(b"burrow/test\x00", by_ident)
+    assert not ok and "no read key" in why
+
+    # a record signed by one key fails under another (a forger's own key included)
+    other = ArchiveKeys(Keyring([SymmetricKey.generate()]))
+    ok, why = other.reader_verify(b"burrow/test\x00", record)
+    assert not ok and "not configured here" in why
+    forged = other.reader_sign(b"burrow/test\x00", {"archive": "s/s-1.burrow"})
+    ok, why = readers.reader_verify(b"burrow/test\x00", dict(forged, signer=record["signer"]))
+    assert not ok and "MAC does not match" in why
+
+    # a passphrase's reader key is stable across instances (scrypt with a fixed salt)
+    p1 = ArchiveKeys(Keyring(passphrases=[Passphrase(b"correct horse", log_n=10)]))
+    p2 = ArchiveKeys(Keyring(passphrases=[Passphrase(b"correct horse")]))
+    signed = p1.reader_sign(b"burrow/test\x00", {"n": 2})
+    assert p2.reader_verify(b"burrow/test\x00", signed) == (True, None)
+    assert not ArchiveKeys(Keyring(passphrases=[Passphrase(b"wrong horse")])).reader_verify(b"burrow/test\x00", signed)[0]

@@ -354,3 +354,165 @@ def test_failover_prefers_the_rehearsed_archive_over_a_newer_unrehearsed_one(zk_
                     key_files=[str(key)])
     assert plan["archive"] == old["url"]
     assert plan["rehearsal"]["ok"] is True and plan["rehearsal"]["authenticated"] is True
+
+
+# ---------------------------------------------------------------------------- markers under attack (issue 16)
+
+
+def _store_archive(store: Path, key: Path, source: str, tag: str) -> str:
+    """An encrypted, name-bound archive of ``source`` written straight into ``store``; its name."""
+    import io
+
+    from burrow import naming
+    from burrow.archive import ArchiveWriter
+    from burrow.crypto import StreamEncryptor
+    from burrow.keys import WriteKeys, read_key_file
+
+    enc = StreamEncryptor(WriteKeys("symmetric", [read_key_file(key)[0]], "test"))
+    buf = io.BytesIO()
+    w = ArchiveWriter(buf, service="zookeeper", encryptor=enc)
+    w.add(Record(b"/m", tag.encode()))
+    name = naming.archive_name(source)
+    w.finish({"service": "zookeeper", "source": source, "root": "/", "object_name": name,
+              "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "encryption": enc.summary()})
+    (store / name).parent.mkdir(parents=True, exist_ok=True)
+    (store / name).write_bytes(buf.getvalue())
+    return name
+
+
+def _annotated(store: Path, keys: Any) -> dict[str, dict]:
+    from blocks.local import LocalStore
+    from tasks.catalog import describe_archives
+    from tasks.markers import annotate
+
+    st = LocalStore(path=str(store))
+    rows = describe_archives(st, keys)
+    annotate(st, rows, keys)
+    return {r["name"]: r for r in rows}
+
+
+def test_markers_are_bound_to_their_archive_and_ordered_by_signed_time(store, tmp_path):
+    """A marker copied next to another archive does not count there; a passing marker's bytes
+    copied under a newer file name do not hide a newer FAILED rehearsal; a backup worker that
+    holds public keys only (or a key of its own) cannot make an authenticated marker."""
+    from datetime import timedelta
+
+    from blocks.keys import archive_keys
+    from blocks.local import LocalStore
+    from burrow.crypto import ArchiveKeys
+    from burrow.keys import Keyring, SymmetricKey, WriteKeys, X25519Identity
+    from tasks.markers import build_marker, marker_name, rehearsal_text, write_marker_record
+
+    key = tmp_path / "k.key"
+    keygen(key, x25519=False)
+    keys = archive_keys([str(key)], None, None, None, None)
+    st = LocalStore(path=str(store))
+    a, b = _store_archive(store, key, "dc-mk", "a"), _store_archive(store, key, "dc-mk", "b")
+    rows = _annotated(store, keys)
+    t0 = datetime.now(UTC) - timedelta(hours=2)
+
+    def mark(name: str, at: datetime, ok: bool, signer: Any = keys) -> dict:
+        m = build_marker(name, rows[name], at=at, ok=ok, keys=1, restore_s=0.5, scratch="zk://scratch",
+                         error=None if ok else "the scratch restore differs from the archive: 1 archived keys missing",
+                         signer=signer)
+        write_marker_record(st, name, m)
+        return m
+
+    passing = mark(a, t0, True)
+    assert passing["signer"] and passing["mac"] and passing["archive"] == a
+    assert passing["manifest_sha256"] == rows[a]["manifest_sha256"]
+    assert _annotated(store, keys)[a]["rehearsal"]["authenticated"] is True
+
+    # 1. the passing marker of a, copied next to b (under b's name, byte for byte)
+    (store / marker_name(b, t0)).write_bytes((store / marker_name(a, t0)).read_bytes())
+    got = _annotated(store, keys)[b]["rehearsal"]
+    assert got["authenticated"] is False and "another archive" in got["unauthenticated_reason"], got
+    # ... even with its archive field edited to b's (the MAC then fails)
+    (store / marker_name(b, t0)).write_bytes(json.dumps(dict(passing, archive=b)).encode())
+    got = _annotated(store, keys)[b]["rehearsal"]
+    assert got["authenticated"] is False and "MAC" in got["unauthenticated_reason"], got
+
+    # 2. a newer rehearsal of a FAILED; the older passing marker's bytes are copied under a
+    # newer file name than the failed one: the failed one (newest by signed time) still shows
+    mark(a, t0 + timedelta(hours=1), False)
+    renamed = store / marker_name(a, t0 + timedelta(hours=1, minutes=30))
+    renamed.write_bytes((store / marker_name(a, t0)).read_bytes())
+    got = _annotated(store, keys)[a]["rehearsal"]
+    assert got["authenticated"] is True and got["ok"] is False, got
+    assert got["marker"] == marker_name(a, t0 + timedelta(hours=1))
+    assert any(i["marker"].endswith(renamed.name) and i["reason"].startswith("renamed") for i in got["ignored"]), got
+    text = rehearsal_text(got)
+    assert text.startswith("rehearsal FAILED at ") and "1 other marker ignored (renamed" in text, text
+
+    # 3. a public-key backup worker: nothing to sign with, so its marker is unauthenticated ...
+    ident = X25519Identity.generate()
+    worker = ArchiveKeys(WriteKeys("x25519", [ident.recipient], "test").keyring())
+    later = t0 + timedelta(hours=1, minutes=45)
+    forged = mark(a, later, True, signer=worker)
+    assert "mac" not in forged
+    got = _annotated(store, keys)[a]["rehearsal"]
+    assert got["ok"] is False and got["marker"] == marker_name(a, t0 + timedelta(hours=1)), got
+    # ... and one MACed with a key the worker made up is signed by a key the readers do not hold
+    (store / marker_name(a, later)).unlink()
+    mark(a, later, True, signer=ArchiveKeys(Keyring([SymmetricKey.generate()])))
+    got = _annotated(store, keys)[a]["rehearsal"]
+    assert got["ok"] is False and got["authenticated"] is True, got
+    reasons = [i["reason"] for i in got["ignored"]]
+    assert any("not configured here" in r for r in reasons), reasons
+    # ... and a legacy (version 1) marker is read but never authenticated
+    legacy = {k: v for k, v in passing.items() if k not in ("signer", "mac_scheme", "mac")}
+    (store / marker_name(b, t0)).write_bytes(json.dumps(dict(legacy, archive=b, version=1, manifest_sha256=rows[b][
+        "manifest_sha256"], mac_scheme="hmac-sha256:burrow/v1/rehearsal-marker", mac="00" * 32)).encode())
+    got = _annotated(store, keys)[b]["rehearsal"]
+    assert got["authenticated"] is False and got["unauthenticated_reason"].startswith("legacy marker"), got
+    # without a key nothing is authenticated
+    assert _annotated(store, None)[a]["rehearsal"]["authenticated"] is False
+
+
+def test_a_failed_rehearsal_names_no_key_path_in_its_marker_artifact_or_event(cli, zk_b, store, tmp_path):
+    """The issue's example: an archived key ZooKeeper refuses (``/./customer-acme/db-password``).
+    The run fails at planning; the marker, the CLI's error line, the artifact and the
+    ``burrow.rehearsal.failed`` event say what kind of failure and how many keys, never the path."""
+    import io
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from burrow import naming
+    from burrow.archive import ArchiveWriter
+    from burrow.crypto import StreamEncryptor
+    from burrow.keys import WriteKeys, read_key_file
+    from burrow.report import artifact_key
+
+    key = tmp_path / "k.key"
+    keygen(key, x25519=False)
+    enc = StreamEncryptor(WriteKeys("symmetric", [read_key_file(key)[0]], "test"))
+    buf = io.BytesIO()
+    w = ArchiveWriter(buf, service="zookeeper", encryptor=enc)
+    for k in (b"/customer-acme", b"/./customer-acme/db-password"):
+        w.add(Record(k, b"v"))
+    name = naming.archive_name("dc-path")
+    w.finish({"service": "zookeeper", "source": "dc-path", "root": "/", "object_name": name,
+              "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "encryption": enc.summary()})
+    (store / name).parent.mkdir(parents=True)
+    (store / name).write_bytes(buf.getvalue())
+    since = datetime.now(UTC)
+
+    r = cli("rehearse", str(store), "--source", "dc-path", "--scratch",
+            f"zk://{zk_b.url}/burrow-rehearsal-{uuid.uuid4().hex[:8]}", "--key-file", str(key))
+    assert r.code == 1, r
+    assert "1 key could not be restored (the scratch target refused it)" in r.error_line, r
+    assert "customer-acme" not in r.error_line
+    (found,) = markers(store)
+    marker = json.loads(found.read_bytes())
+    assert marker["ok"] is False and marker["mac"] and "1 key could not be restored" in marker["error"], marker
+    assert b"customer-acme" not in found.read_bytes()
+
+    (event,) = rehearsal_events("dc-path", since, 1)
+    assert event.event == "burrow.rehearsal.failed" and "1 key could not be restored" in event.payload["error"]
+    assert "customer-acme" not in json.dumps(event.payload)
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[artifact_key("rehearsal", naming.slug("dc-path"))])))
+    assert arts and all("customer-acme" not in str(a.data) for a in arts), [a.data for a in arts]
+    assert "1 key could not be restored" in str(arts[0].data)
