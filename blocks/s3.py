@@ -12,7 +12,12 @@ prefect-aws (and with it Prefect).
 Publishing is atomic and never replaces anything: an archive is uploaded as a multipart
 upload (parts sent as they are read, a bounded number in flight) and becomes visible only
 when ``CompleteMultipartUpload`` succeeds with ``If-None-Match: *``. A failed or interrupted
-upload is aborted; ``check(writable=True)`` and prune abort stray uploads older than a day.
+upload is aborted. Uploads left open by a crashed backup are swept by prune only (it runs one
+at a time), never by a backup: :meth:`S3Store.abort_stray_uploads` aborts only uploads Burrow
+started (marked with the ``burrow-upload`` metadata at ``CreateMultipartUpload`` and recorded
+in an ``_uploads/`` sidecar, since ``ListMultipartUploads`` returns no metadata), of ``.burrow``
+objects below the store's prefix, whose sidecar is older than a week. Another application's
+upload in the same bucket, and a running backup's, are never touched.
 
 Integrity end to end: Burrow computes the full-object CRC32 itself, stores it with the object
 (as the S3 full-object checksum where the store accepts checksums, and always as the
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import base64
 import builtins
+import hashlib
 import io
+import json
 import os
 import socket
 import threading
@@ -57,7 +64,11 @@ MiB = 1024 * 1024
 MIN_PART = 5 * MiB  # S3's minimum for every part but the last
 CRC_META = "burrow-crc32"
 TOKEN_META = "burrow-upload"
-STRAY_UPLOAD_AGE = timedelta(days=1)
+#: How old a Burrow upload's record must be before prune aborts the upload as stray. A week:
+#: far longer than any backup runs, so a running backup's upload is never taken for a stray.
+STRAY_UPLOAD_AGE = timedelta(days=7)
+#: Where the record of each open Burrow upload lives (a sidecar, so never listed as an archive).
+UPLOADS_PREFIX = "_uploads/"
 #: ClientError codes a retry may fix (5xx, throttling, conflicting concurrent requests).
 _TRANSIENT_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
@@ -76,6 +87,18 @@ URL_OPTIONS = {
     "retain_days": "retain_days", "checksum": "checksum", "credentials": "credentials_block",
     "part_size_mib": "part_size_mib", "concurrency": "concurrency",
 }
+
+
+class UploadVanished(StoreError):
+    """A multipart upload of ours disappeared while it ran: someone else aborted it."""
+
+
+def _no_such_upload() -> Exception:
+    """A botocore NoSuchUpload error, for :meth:`S3Store._error` to word."""
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": "NoSuchUpload", "Message": "The specified upload does not exist"}},
+                       "UploadPart")
 
 
 def _b64crc(crc: int) -> str:
@@ -354,6 +377,12 @@ class S3Store(ArchiveStore):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in _NOT_FOUND_CODES:
                 return ArchiveNotFound(f"{where}: not found")
+            if code == "NoSuchUpload":
+                return UploadVanished(
+                    f"{where}: the upload was aborted by something else while it ran (NoSuchUpload: another "
+                    "tool's sweep of multipart uploads, or a bucket lifecycle rule); nothing was published, "
+                    "run the backup again"
+                )
             if code == "NoSuchBucket":
                 return StoreError(f"{where}: bucket {self.bucket} does not exist")
             if code in _AUTH_CODES:
@@ -390,9 +419,9 @@ class S3Store(ArchiveStore):
     # ------------------------------------------------------------------ store operations
 
     def check(self, *, writable: bool = False) -> None:
+        """The bucket answers. Nothing is swept here: every backup checks its store, and a sweep
+        on that path aborted the uploads of backups still running (prune sweeps, one at a time)."""
         self._call(f"cannot open bucket {self.bucket}", self.client().head_bucket, Bucket=self.bucket)
-        if writable:
-            self.abort_stray_uploads()
 
     def put(self, name: str, source: Path) -> ArchiveInfo:
         """Upload a finished local archive: its CRC32 is known first, so it also travels as
@@ -454,17 +483,52 @@ class S3Store(ArchiveStore):
             # A retried complete whose first answer was lost finds the upload gone (NoSuchUpload)
             # or the object there (PreconditionFailed): it is ours if it carries our token.
             if code in ("PreconditionFailed", "NoSuchUpload") and self._token_of(key) == token:
+                self._forget_upload(key, upload_id)
                 return
             if code == "PreconditionFailed":
                 raise StoreError(f"archive {name} already exists in {self.describe()}") from None
             raise self._error(exc, f"cannot publish {name}") from None
+        self._forget_upload(key, upload_id)
 
     def _abort(self, name: str, key: str, upload_id: str) -> None:
         try:
             self.client().abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except Exception as exc:  # noqa: BLE001 - the upload failed already; say so, keep its error
-            logger().warning("store %s: could not abort the upload of %s (%s); prune will",
-                             self.describe(), name, type(exc).__name__)
+            from botocore.exceptions import ClientError
+
+            code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+            if code != "NoSuchUpload":  # gone already: nothing left to abort
+                logger().warning("store %s: could not abort the upload of %s (%s); prune will",
+                                 self.describe(), name, type(exc).__name__)
+                return
+        self._forget_upload(key, upload_id)
+
+    # ------------------------------------------------------------------ Burrow's open uploads
+
+    def _upload_record(self, key: str, upload_id: str) -> str:
+        """The sidecar that records one open upload as Burrow's: named by a digest of its key and
+        upload id (an upload id may hold characters a sidecar name may not)."""
+        digest = hashlib.sha256(f"{key}\0{upload_id}".encode()).hexdigest()[:40]
+        return f"{UPLOADS_PREFIX}{digest}{SIDECAR_SUFFIX}"
+
+    def _remember_upload(self, name: str, key: str, upload_id: str) -> None:
+        """Record a just-started upload as Burrow's (create-only), so that prune may abort it once it
+        is a week old; an upload that cannot be recorded is aborted (it could never be swept)."""
+        body = json.dumps({"key": key, "upload_id": upload_id, "started": _utc(datetime.now(UTC))}).encode()
+        try:
+            self.put_sidecar(self._upload_record(key, upload_id), body)
+        except BaseException:
+            self._abort(name, key, upload_id)
+            raise
+
+    def _forget_upload(self, key: str, upload_id: str) -> None:
+        """Remove the record of a finished (published or aborted) upload. A failure only leaves a
+        record without an upload, which prune removes later: never an error of the upload."""
+        try:
+            self.client().delete_object(Bucket=self.bucket, Key=self._sidecar_key(self._upload_record(key, upload_id)))
+        except Exception as exc:  # noqa: BLE001
+            logger().debug("store %s: could not remove an upload record (%s); prune will",
+                           self.describe(), type(exc).__name__)
 
     def _token_of(self, key: str) -> str | None:
         try:
@@ -667,28 +731,70 @@ class S3Store(ArchiveStore):
         self._call(f"cannot read {name}", client.head_object, Bucket=self.bucket, Key=key)  # ArchiveNotFound
         self._call(f"cannot delete {name}", client.delete_object, Bucket=self.bucket, Key=key)
 
-    def abort_stray_uploads(self, older_than: timedelta = STRAY_UPLOAD_AGE) -> builtins.list[str]:
-        """Abort multipart uploads below this store's prefix started more than ``older_than``
-        ago (interrupted backups); returns their keys."""
+    def abort_stray_uploads(
+        self, older_than: timedelta = STRAY_UPLOAD_AGE, *, now: datetime | None = None
+    ) -> builtins.list[str]:
+        """Abort the multipart uploads Burrow started below this store's prefix and never finished
+        (a backup killed mid-upload), once they are older than ``older_than``; return their keys.
+
+        Prune calls this (one prune at a time); no backup does. An upload is aborted only when all
+        hold: its key ends in ``.burrow`` and is an archive name below the prefix; its record
+        (``_uploads/<digest>.burrow-meta``, written when Burrow started it) exists; and both the
+        record's LastModified and the upload's ``Initiated`` are older than the limit. The record's
+        time comes from the store's own listing: some servers (moto) report every ``Initiated`` as
+        2010, which alone would make a running backup's upload look ancient. Another application's
+        upload has no record and is never touched. Records left without an upload (a finished
+        upload whose record could not be removed) are removed once older than the limit.
+        """
         base = self.prefix.strip("/")
+        base = base + "/" if base else ""
         client = self.client()
-        cutoff = datetime.now(UTC) - older_than
+        cutoff = (now or datetime.now(UTC)) - older_than
+        records = {name: obj["LastModified"] for name, obj in self._objects(UPLOADS_PREFIX)
+                   if name.endswith(SIDECAR_SUFFIX)}
+        seen: set[str] = set()
         aborted = []
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + "/" if base else ""}
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base}
         while True:
             page = self._call(f"cannot list uploads in {self.describe()}", client.list_multipart_uploads, **kw)
             for up in page.get("Uploads", []):
-                if up["Initiated"] < cutoff:
+                key, upload_id = up["Key"], up["UploadId"]
+                if not key.endswith(ARCHIVE_SUFFIX):
+                    continue  # not an archive: not Burrow's
+                try:
+                    check_name(key[len(base):])
+                except UsageError:
+                    continue
+                record = self._upload_record(key, upload_id)
+                if record not in records:
+                    continue  # not started by Burrow (no record): another application's
+                seen.add(record)
+                if records[record] >= cutoff or up["Initiated"] >= cutoff:
+                    continue  # recent: perhaps a backup still running
+                try:
                     self._call(f"cannot abort a stray upload in {self.describe()}", client.abort_multipart_upload,
-                               Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
-                    aborted.append(up["Key"])
+                               Bucket=self.bucket, Key=key, UploadId=upload_id)
+                except StoreError as exc:
+                    if "NoSuchUpload" not in str(exc):
+                        raise
+                aborted.append(key)
+                self._drop_record(record)
             if not page.get("IsTruncated"):
                 break
             kw.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+        for record, modified in records.items():
+            if record not in seen and modified < cutoff:
+                self._drop_record(record)  # its upload finished or was aborted long ago
         if aborted:
-            logger().warning("store %s: aborted %d stray multipart upload(s) older than %s",
+            logger().warning("store %s: aborted %d stray multipart upload(s) Burrow started more than %s ago",
                              self.describe(), len(aborted), older_than)
         return aborted
+
+    def _drop_record(self, record: str) -> None:
+        try:
+            self.delete_sidecar(record)
+        except ArchiveNotFound:
+            pass
 
 
 class RangedFile(io.RawIOBase):
@@ -770,6 +876,7 @@ class _MultipartWriter(io.RawIOBase):
         self.retain = create.get("ObjectLockRetainUntilDate")
         self.upload_id = store._call(f"cannot start uploading {name}", self.client.create_multipart_upload,
                                      **create)["UploadId"]
+        store._remember_upload(name, self.key, self.upload_id)
         self.checksums = store.checksum_mode != "off"
         self.buf = bytearray()
         self.crc = 0
@@ -811,7 +918,28 @@ class _MultipartWriter(io.RawIOBase):
                                self.client.upload_part, **kwargs)
         self.inflight.append((self.number, crc, fut))
         while len(self.inflight) >= self.store.concurrency:
+            self._collect()
+
+    def _collect(self) -> None:
+        """Wait for the oldest part in flight. A part that failed because the upload itself is
+        gone (someone aborted it; some servers, moto among them, answer 500 rather than
+        NoSuchUpload) fails as :class:`UploadVanished`, not as a retryable outage."""
+        try:
             self.parts.append(S3Store._part(*self.inflight.popleft()))
+        except StoreUnavailable:
+            if self.vanished():
+                raise self.store._error(_no_such_upload(), f"cannot upload {self.name}") from None
+            raise
+
+    def vanished(self) -> bool:
+        """Whether this upload no longer exists (ListParts answers NoSuchUpload)."""
+        try:
+            self.client.list_parts(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, MaxParts=1)
+        except Exception as exc:  # noqa: BLE001 - only NoSuchUpload says anything
+            from botocore.exceptions import ClientError
+
+            return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") == "NoSuchUpload"
+        return False
 
     def complete(self) -> None:
         try:
@@ -819,8 +947,15 @@ class _MultipartWriter(io.RawIOBase):
                 self._send(bytes(self.buf))
                 self.buf = bytearray()
             while self.inflight:
-                self.parts.append(S3Store._part(*self.inflight.popleft()))
-            self.store._complete(self.name, self.key, self.upload_id, self.parts, self.crc, self.token)
+                self._collect()
+            try:
+                self.store._complete(self.name, self.key, self.upload_id, self.parts, self.crc, self.token)
+            except StoreUnavailable:
+                if not self.vanished():
+                    raise
+                if self.store._token_of(self.key) != self.token:
+                    raise self.store._error(_no_such_upload(), f"cannot publish {self.name}") from None
+                self.store._forget_upload(self.key, self.upload_id)  # completed: only the answer was lost
         except BaseException:
             self.abort()
             raise

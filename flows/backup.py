@@ -10,7 +10,7 @@ from blocks.keys import backup_write_keys
 from blocks.resolve import source_from_ref, store_from_ref
 from burrow import naming, report
 from burrow.crypto import ArchiveKeys, StreamEncryptor
-from burrow.errors import BurrowError, UsageError
+from burrow.errors import ArchiveError, BurrowError, UsageError
 from burrow.keys import KeyRefs
 from burrow.runlog import logger
 from burrow.staging import discard_spool, staging_dir
@@ -18,7 +18,7 @@ from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from tasks.compress import compress, compress_upload
 from tasks.extract import extract
 from tasks.upload import check_store, upload
-from tasks.verify import verify, verify_structure_task
+from tasks.verify import record_verification_task, verify, verify_structure_task
 
 
 def _run_name() -> str:
@@ -117,10 +117,19 @@ def backup(
                     keys = ArchiveKeys(write_keys.keyring()) if write_keys else None
                     verified = verify(dst, archive, str(work), keys)
                     summary["verified"] = "full"
-            except BurrowError:
-                log.error("verify failed: removing %s so it is never mistaken for a good backup", info.url)
-                dst.delete(archive)
+            except ArchiveError:
+                # The bytes are wrong: only this removes the archive, so it is never taken for a good one.
+                _remove_bad_archive(dst, archive, info.url)
                 raise
+            except BurrowError as exc:
+                # The store (or the network) failed, not the archive: it stays, unverified, and the
+                # catalog shows it so. Deleting it here once destroyed good backups during an outage.
+                summary["verified"] = "unverified"
+                log.error("verify could not complete; %s was left in the store unverified", info.url)
+                exc.args = (f"{exc}; the archive {info.url} was left in the store unverified "
+                            "(check it with `burrow verify`)",)
+                raise
+            _record_verification(dst, archive, summary["verified"])
         m = verified
         summary.update(
             status="ok",
@@ -139,3 +148,25 @@ def backup(
             warnings=m.get("warnings", []),
         )
         return summary
+
+
+def _remove_bad_archive(dst: Any, archive: str, url: str) -> None:
+    """Delete an archive that failed its verify. A failing delete is logged, and never replaces
+    the verify's error, which the caller re-raises: that is the one the operator must see."""
+    log = logger()
+    log.error("verify failed: removing %s so it is never mistaken for a good backup", url)
+    try:
+        dst.delete(archive)
+    except BurrowError as exc:
+        log.error("could not remove %s either (%s): delete it by hand; it failed its verify", url, exc)
+
+
+def _record_verification(dst: Any, archive: str, level: str) -> None:
+    """Record next to the archive what its verify covered (``list``/``status`` show it). The
+    archive is verified either way: a record that cannot be written is a warning only, and the
+    archive then shows as unverified, the safe side."""
+    try:
+        record_verification_task(dst, archive, level)
+    except BurrowError as exc:
+        logger().warning("the verification record of %s could not be written (%s): list and status will "
+                         "show it as unverified", archive, exc)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from blocks.store import ArchiveStore
+from blocks.store import ARCHIVE_SUFFIX, SIDECAR_SUFFIX, ArchiveStore
 from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.crypto import check_layout
 from burrow.errors import should_retry
@@ -74,3 +76,51 @@ def verify(
 def verify_structure_task(store: ArchiveStore, name: str, workdir: str) -> dict[str, Any]:
     """Prefect task wrapper of :func:`verify_stored_structure`."""
     return verify_stored_structure(store, name, Path(workdir))
+
+
+# ---------------------------------------------------------------------------- verification records
+
+#: ``<archive>.verified-<level>.burrow-meta``: what the backup that wrote the archive verified
+#: ("full" or "structure-only"), in the name, so one listing tells every archive's level. An
+#: archive the backup could not verify (the store failed during the verify) is left in the
+#: store without one, and list/status show it as unverified.
+VERIFIED_INFIX = ".verified-"
+VERIFICATION_LEVELS = ("full", "structure-only")
+
+
+def verified_record_name(archive_name: str, level: str) -> str:
+    if level not in VERIFICATION_LEVELS:
+        raise ValueError(f"unknown verification level {level!r}")
+    return f"{archive_name}{VERIFIED_INFIX}{level}{SIDECAR_SUFFIX}"
+
+
+def record_verification(store: ArchiveStore, archive_name: str, level: str) -> str:
+    """Write the create-only record of what the backup verified; returns its name. It is a
+    convenience for ``list``/``status``, not a trust anchor: anyone who may write to the store
+    could write one, so no decision (prune, failover, restore) reads it."""
+    name = verified_record_name(archive_name, level)
+    at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    store.put_sidecar(name, json.dumps({"level": level, "at": at}, sort_keys=True).encode())
+    return name
+
+
+@task(name="record-verification", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry)
+def record_verification_task(store: ArchiveStore, archive_name: str, level: str) -> str:
+    """Prefect task wrapper of :func:`record_verification`."""
+    return record_verification(store, archive_name, level)
+
+
+def verification_levels(store: ArchiveStore) -> dict[str, str]:
+    """``{archive name: "full" | "structure-only"}`` for every archive whose backup recorded a
+    verification, from one listing of the store's sidecars (the level is in the record's name).
+    An archive missing here was written before verification records existed, or was left
+    unverified by its backup (``list``/``status`` tell the two apart by the archive's format)."""
+    out: dict[str, str] = {}
+    for name in store.list_sidecars():
+        if not name.endswith(SIDECAR_SUFFIX) or VERIFIED_INFIX not in name:
+            continue
+        archive, _, level = name[: -len(SIDECAR_SUFFIX)].rpartition(VERIFIED_INFIX)
+        if archive.endswith(ARCHIVE_SUFFIX) and level in VERIFICATION_LEVELS:
+            if out.get(archive) != "full":  # both recorded (never by Burrow): the stronger one
+                out[archive] = level
+    return out

@@ -290,14 +290,19 @@ def test_a_failed_upload_is_aborted_and_nothing_is_visible(moto, tmp_path, monke
     assert raw_client(moto).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def test_stray_multipart_uploads_are_aborted(moto, tmp_path):
+def test_stray_multipart_uploads_are_aborted_only_when_burrow_started_them(moto, tmp_path):
+    from blocks.s3 import _MultipartWriter
+
     bucket = new_bucket(moto)
     store = minio_store(moto, bucket, prefix="p")
-    S3Raw(moto, bucket, "p").partial("s/old.burrow")  # moto dates every upload in 2010: "older than a day"
+    S3Raw(moto, bucket, "p").partial("s/theirs.burrow")  # no Burrow record: another writer's, never touched
     raw_client(moto).create_multipart_upload(Bucket=bucket, Key="elsewhere/x.burrow")  # not below our prefix
-    assert store.abort_stray_uploads() == ["p/s/old.burrow"]
+    w = _MultipartWriter(store, "s/killed.burrow", {})  # a backup killed mid-upload
+    w.pool.shutdown()
+    assert store.abort_stray_uploads() == []  # a week must pass (moto dates every Initiated in 2010)
+    assert store.abort_stray_uploads(now=datetime.now(UTC) + timedelta(days=8)) == ["p/s/killed.burrow"]
     left = raw_client(moto).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    assert [u["Key"] for u in left] == ["elsewhere/x.burrow"]
+    assert sorted(u["Key"] for u in left) == ["elsewhere/x.burrow", "p/s/theirs.burrow"]
 
 
 def test_object_lock_keeps_an_archive_until_its_date(moto, tmp_path):
