@@ -383,3 +383,22 @@ def test_ordering_is_by_signed_time_not_by_name(tmp_path):
         p.write_bytes(archive_bytes(name, created, None))
     sel = select_archives(cat.describe_archives(store), SOURCE, keyed=False)
     assert [r["name"] for r in sel.candidates] == [late, early]
+
+
+def test_a_backup_into_a_local_store_names_its_object(zk_a, tmp_path, key):
+    """The backup flow binds the name it publishes the archive under (the local-store path:
+    compressed on scratch, then uploaded)."""
+    from zkutil import kazoo, unique_root
+
+    from flows.backup import backup
+
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/a", b"one", makepath=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    url = backup(source=f"zk://{zk_a.url}", store=str(store), root=root, name=SOURCE, key_file=str(key))["url"]
+    (row,) = cat.describe_archives(LocalStore(path=str(store)), keyring(key))
+    assert row["url"] == url and row["bound"] is True and row["authenticated"] is True
+    with open(store / row["name"], "rb") as f:
+        assert ArchiveReader(f).manifest["object_name"] == row["name"]

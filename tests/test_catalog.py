@@ -67,6 +67,7 @@ def test_list_flags_what_it_cannot_trust(catalog_store, capsys):
     assert code == 0
     rows = {r["url"]: r for r in json.loads(out)}
     assert all(rows[u]["authenticated"] is True and "flagged" not in rows[u] for u in urls)
+    assert all(rows[u]["bound"] is True for u in urls)  # a backup streamed to S3 names its object
     forged = [r for r in rows.values() if r.get("source") == SOURCE and r["url"] not in urls]
     assert len(forged) == 1 and forged[0]["authenticated"] is False
     assert "unencrypted" in forged[0]["unauthenticated_reason"]
