@@ -12,7 +12,8 @@ under a Burrow home that an older Burrow left world-readable:
   ``PREFECT_API_URL`` names the local server itself;
 * ``burrow server status`` says how to log in to the UI and where the credential is, without
   printing it unless asked;
-* a server an older Burrow started without a credential is restarted with one.
+* a server an older Burrow started without a credential is restarted with one, and one whose
+  credential file was replaced is restarted with the new credential.
 """
 
 from __future__ import annotations
@@ -153,3 +154,18 @@ def test_a_server_started_without_a_credential_is_restarted_private(private):
     restarted = json.loads(state_file.read_text())
     assert restarted["pid"] != state["pid"] and restarted["private"] is True, restarted
     assert _call(port, "/block_documents/filter", {"include_secrets": True})[0] == 401
+
+
+def test_a_replaced_credential_restarts_the_server_with_it(private):
+    """The credential file replaced (a leak rotated by hand: delete it) while the server runs:
+    the next start restarts the server with the new credential, and the old one is refused."""
+    env, port, home = private
+    old = _credential(home)
+    pid = json.loads((home / "prefect" / "server.json").read_text())["pid"]
+    (home / "server-credential").unlink()
+    again = run_cli("server", "start", env=env, timeout=240)
+    assert again.code == 0 and "started the local Prefect server" in again.out, again
+    new = _credential(home)
+    assert new != old and json.loads((home / "prefect" / "server.json").read_text())["pid"] != pid
+    assert _call(port, "/flow_runs/filter", {}, credential=old)[0] == 401
+    assert _call(port, "/flow_runs/filter", {}, credential=new)[0] == 200

@@ -43,7 +43,8 @@ string serves saved blocks, secrets included (``POST /api/block_documents/filter
   dead-orchestrator fallback) sends it as ``PREFECT_API_AUTH_STRING`` (``_use``);
 * ``$BURROW_HOME`` and ``prefect/`` are 0700, the database and the server's log 0600, and the
   server runs with umask 077; each start fixes the modes of an older home;
-* a server started by an older Burrow (without the credential) is restarted with it.
+* a server started by an older Burrow (without the credential), or with a credential no longer
+  in the file (deleting the file rotates it), is restarted with the file's.
 
 It keeps running after the command that started it (that is the persistent history);
 ``burrow server stop`` stops it.
@@ -130,6 +131,13 @@ def credential_file() -> Path:
 CREDENTIAL_USER = "admin"
 
 
+def credential_id(credential: str) -> str:
+    """A name for ``credential`` that reveals nothing of it (a hash of 32 random bytes)."""
+    import hashlib
+
+    return hashlib.sha256(credential.encode()).hexdigest()[:16]
+
+
 def secure_home() -> None:
     """Create Burrow's home private (0700, and ``prefect/`` in it), and make an existing one
     private: a home made by an older Burrow was 0755 with a world-readable database, whose rows
@@ -189,6 +197,9 @@ class ServerState:
     speculative: bool = False
     #: started with the credential (a server started by an older Burrow was not: it is restarted)
     private: bool = False
+    #: which credential it was started with (:func:`credential_id`): a server whose credential
+    #: file was replaced since would refuse every command, so it is restarted
+    credential_id: str = ""
 
     @property
     def ui_url(self) -> str:
@@ -204,7 +215,8 @@ def _read_state() -> ServerState | None:
         data = json.loads(_state_file().read_text())
         return ServerState(pid=int(data["pid"]), port=int(data["port"]), started=float(data.get("started", 0)),
                            speculative=bool(data.get("speculative", False)),
-                           private=bool(data.get("private", False)))
+                           private=bool(data.get("private", False)),
+                           credential_id=str(data.get("credential_id", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -608,10 +620,13 @@ def _begin(speculative: bool) -> Starting | None:
         if not locked:
             return None
         secure_home()
-        local_credential()  # before the server reads it
+        current = credential_id(local_credential() or "")  # before the server reads it
         previous = _read_state()
-        if previous is not None and _is_our_server(previous) and not previous.private:
-            _kill(previous)  # started by an older Burrow, without the credential: serves secrets to anyone
+        if previous is not None and _is_our_server(previous) and (not previous.private
+                                                                   or previous.credential_id != current):
+            # started by an older Burrow, without the credential (it serves secrets to anyone), or
+            # with a credential that is no longer in the file (it would refuse every command)
+            _kill(previous)
         elif previous is not None and _is_our_server(previous):
             if previous.speculative and not speculative:
                 previous.speculative = False
@@ -644,7 +659,8 @@ def _begin(speculative: bool) -> Starting | None:
                 argv, env=_server_env(port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=str(home), close_fds=True, umask=0o077,
             )
-        state = ServerState(pid=proc.pid, port=port, started=time.time(), speculative=speculative, private=True)
+        state = ServerState(pid=proc.pid, port=port, started=time.time(), speculative=speculative, private=True,
+                            credential_id=current)
         _write_state(state)
         return Starting(state, started=True, proc=proc)
 
