@@ -3,6 +3,13 @@
 Flow parameters only ever hold references without credentials. When a user passes a URL
 that carries credentials on the command line, the CLI strips them, keeps the configured
 block in this process (``register``) and hands the flow the redacted URL.
+
+Blocks are kept per role (``source``: what a backup reads, and the default; ``target``: what a
+restore or failover writes; ``primary``: the failed cluster a failover probes), never by the
+bare URL alone: ``--into zk://restorer:pw@h/c`` and ``--primary zk://prober:pw@h/c`` name the
+same hosts and chroot, and keyed by URL the prober's credentials replaced the restorer's (an
+in-place failover then created nodes as the prober). A flow resolves each parameter in its
+role; a role with nothing registered falls back to the default role only.
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ if TYPE_CHECKING:  # each source's client library loads only when that source is
     from blocks.etcd import EtcdCluster
     from blocks.zookeeper import ZooKeeperCluster
 
-_registered: dict[str, SourceBlock] = {}
+#: (role, credential-free reference) -> the block the CLI configured for it in this process.
+_registered: dict[tuple[str, str], SourceBlock] = {}
+#: The roles a source block is registered and resolved in.
+ROLES = ("source", "target", "primary")
+DEFAULT_ROLE = "source"
 _HOSTPORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d+$")
 
 
@@ -163,11 +174,26 @@ def scheme_of(ref: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
-def register(block: SourceBlock) -> str:
-    """Keep a configured block for this process; return its credential-free reference."""
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown source role {role!r} (known: {', '.join(ROLES)})")
+    return role
+
+
+def register(block: SourceBlock, role: str = DEFAULT_ROLE) -> str:
+    """Keep a configured block for this process in ``role``; return its credential-free
+    reference. Another role's block for the same reference is left as it is."""
     ref = block.describe()
-    _registered[ref] = block
+    _registered[(_check_role(role), ref)] = block
     return ref
+
+
+def registered(ref: str, role: str = DEFAULT_ROLE) -> SourceBlock | None:
+    """The block registered for ``ref`` in ``role``, else in the default role, else None."""
+    block = _registered.get((_check_role(role), ref))
+    if block is None and role != DEFAULT_ROLE:
+        block = _registered.get((DEFAULT_ROLE, ref))
+    return block
 
 
 #: The form each URL scheme takes, for errors about a URL that is almost one.
@@ -193,10 +219,11 @@ def check_not_almost_url(ref: str) -> None:
         raise UsageError(f"{shown} looks like a malformed {m.group(1).lower()}:// URL; expected {form}")
 
 
-def source_from_ref(ref: str) -> SourceBlock:
-    """Resolve a source reference: a registered block, a URL, or a saved block's name."""
-    if ref in _registered:
-        return _registered[ref]
+def source_from_ref(ref: str, role: str = DEFAULT_ROLE) -> SourceBlock:
+    """Resolve a source reference: a block registered in ``role``, a URL, or a saved block's name."""
+    block = registered(ref, role)
+    if block is not None:
+        return block
     check_not_almost_url(ref)
     scheme = scheme_of(ref)
     if scheme is not None:
@@ -233,12 +260,14 @@ def _load_block(name: str, classes: list, what: str):  # noqa: ANN202 - returns 
     )
 
 
-def secure_source_ref(ref: str) -> str:
-    """For the CLI: resolve ``ref`` now and return a reference safe to use as a flow parameter."""
+def secure_source_ref(ref: str, role: str = DEFAULT_ROLE) -> str:
+    """For the CLI: resolve ``ref`` now and return a reference safe to use as a flow parameter,
+    registering its block in ``role`` (the flow resolves it in the same role)."""
     check_not_almost_url(ref)
     if scheme_of(ref) is None:
         return ref
-    return register(source_from_ref(ref))
+    _check_role(role)
+    return register(source_from_ref(ref, role), role)
 
 
 def store_from_ref(ref: str) -> ArchiveStore:

@@ -171,6 +171,23 @@ class ZooKeeperCluster(SourceBlock):
     def connect(self) -> ZooKeeperSession:
         return ZooKeeperSession(self)
 
+    def nearest_existing(self) -> str:
+        """The chroot when it exists, else its nearest existing ancestor (``/`` at worst): where a
+        restore into this block creates its first node, so where a writability check must write.
+        ``exists`` needs no permission on the node, so an unreadable ancestor is still found."""
+        path = "/" + (self.chroot or "").strip("/")
+        if path == "/":
+            return "/"
+        root = ZooKeeperSession(self, chroot=False)
+        try:
+            while path != "/" and root.client.exists(path) is None:
+                path = path.rsplit("/", 1)[0] or "/"
+        except KazooException as exc:
+            raise root._wrap(exc, path, "reading") from None
+        finally:
+            root.close()
+        return path
+
 
 #: Deletes per multi transaction when a rehearsal cleans its scratch chroot.
 DELETE_MULTI = 500

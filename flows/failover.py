@@ -153,14 +153,14 @@ def failover(
             if max_candidates < 1:
                 raise UsageError("--candidates must be at least 1")
             st = store_from_ref(store)
-            target = source_from_ref(into)
+            target = source_from_ref(into, role="target")
             summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
             if max_age:
                 summary["max_age"] = max_age
 
             # 1. the target first: a dead target must not cost the time to fetch candidates
             with step("target"):
-                preflight.append(f"target {target.describe()}: {target_check(target, write=not dry_run)}")
+                preflight.append(f"target {target.describe()}: {target_check(target, write=not dry_run, force=force)}")
 
             keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
             keyed = bool(keys.keyring)
@@ -218,7 +218,7 @@ def failover(
             guarded = False
             if primary or scheme_or_block(source):
                 with step("primary"):
-                    block, origin = primary_block(primary, source, None, source_from_ref)
+                    block, origin = primary_block(primary, source, None, _resolve_primary)
                     guard = primary_guard(block, target, force, origin)
                 summary["primary_check"] = guard
                 preflight.append(f"primary: {guard.get('primary') or '-'}: {guard['detail']}")
@@ -255,7 +255,7 @@ def failover(
 
                 if not guarded:
                     with step("primary"):
-                        block, origin = primary_block(None, source, manifest.get("source_url"), source_from_ref)
+                        block, origin = primary_block(None, source, manifest.get("source_url"), _resolve_primary)
                         guard = primary_guard(block, target, force, origin)
                     summary["primary_check"] = guard
                     preflight.append(f"primary: {guard.get('primary') or '-'}: {guard['detail']}")
@@ -266,19 +266,23 @@ def failover(
                                           "or pass --force (flow parameter force) to fail over to it anyway")
                 preflight.append("sanity: " + (f"OVERRIDDEN (--force): {problem}" if problem else "key count ok"))
 
-                # 2. plan, (approval), restore, 3. post-verify
-                with step("plan"):
-                    p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
-                _plan_summary(p, summary, lists, dry_run)
-                if dry_run:
-                    summary.update(status="ok", created=0)
-                    return summary
-                if p.conflicts and deployment.id:
-                    with step("approval"):
-                        _approve(p.conflicts, row["url"], target.describe(), approval_timeout_s, summary)
-                # a re-run after an interruption resumes with this archive (a signed, expiring record)
-                record_choice(st, source, target.describe(), row, keys if keyed else None, resume_limit.total_seconds())
+                # 2. plan, (approval), restore, 3. post-verify. As in restore, the target cluster is
+                # locked from planning (its first read) to the last read of the post-verify: a backup
+                # or restore of it on any worker waits, and the plan cannot go stale under the replay.
+                # The on-call's approval is awaited under the lock too, for the same reason.
                 with source_lock(target_lock_name(into, target)):
+                    with step("plan"):
+                        p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
+                    _plan_summary(p, summary, lists, dry_run)
+                    if dry_run:
+                        summary.update(status="ok", created=0)
+                        return summary
+                    if p.conflicts and deployment.id:
+                        with step("approval"):
+                            _approve(p.conflicts, row["url"], target.describe(), approval_timeout_s, summary)
+                    # a re-run after an interruption resumes with this archive (a signed, expiring record)
+                    record_choice(st, source, target.describe(), row, keys if keyed else None,
+                                  resume_limit.total_seconds())
                     with step("replay"):
                         done = replay(p, target)
                     _replay_summary(p, done, summary, lists)
@@ -300,6 +304,12 @@ def failover(
     except BurrowError as exc:
         exc.failover_summary = summary  # type: ignore[attr-defined] - the CLI prints the skips on stdout
         raise
+
+
+def _resolve_primary(ref: str) -> Any:
+    """The failed primary's block, in its own role: its credentials never stand in for the
+    target's, even when both name the same hosts (blocks/resolve.py)."""
+    return source_from_ref(ref, role="primary")
 
 
 def scheme_or_block(source: str) -> bool:

@@ -221,6 +221,8 @@ def _cleanup(target: Any, prepared: Any, work: Any, summary: dict[str, Any], lis
         summary["cleanup_error"] = public_error(exc, "cleanup")
         return
     summary.update(cleanup_deleted=cleaned["deleted"], cleanup_left=cleaned["left"])
+    if cleaned.get("no_plan"):
+        summary["cleanup"] = "no restore plan was made: nothing was written, nothing deleted"
     lists["Left in the scratch target (changed or added meanwhile)"] = cleaned["left_paths"]
 
 

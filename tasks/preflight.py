@@ -57,56 +57,80 @@ class FailoverRefused(PermanentError):
 # ---------------------------------------------------------------------------- the target
 
 
-def check_target(target: SourceBlock, *, write: bool = True) -> str:
+def check_target(target: SourceBlock, *, write: bool = True, force: bool = False) -> str:
     """Check that ``target`` answers and (when ``write``) accepts a write; return what was
     checked, as one line for the report.
 
     Writability is proven by creating one scratch key under a Burrow-owned random name
-    (``/.burrow-preflight-<hex>``) and deleting it again. The services' own permission APIs
+    (``.burrow-preflight-<hex>``) and deleting it again. The services' own permission APIs
     were not used on purpose: they differ per service (ZooKeeper ACLs, etcd roles, Consul
     policies) and none of them sees the other reasons a write fails (a ZooKeeper server in
     read-only mode or without quorum, an etcd NOSPACE alarm, a Consul cluster without a
-    leader). A real create-if-absent exercises exactly the path the restore uses. User keys
-    are never touched: the scratch key's name is random and Burrow's own; it is deleted only if
-    it still holds the value written (``delete_if_unchanged``). A dry run writes nothing, so it
-    only connects and reads.
+    leader). A real create-if-absent exercises exactly the path the restore uses, and where it
+    uses it: at the top of the target's root, or, when a ZooKeeper chroot does not exist yet,
+    under its nearest existing ancestor, where the restore creates the chroot's first level
+    (never at the server's ``/`` when ``/apps`` exists: a target whose ``/`` is read-only but
+    whose ``/apps`` is writable takes a restore into ``/apps/new``, so its failover must too).
+    User keys are never touched: the scratch key's name is random and Burrow's own; it is
+    deleted only if it still holds the value written (``delete_if_unchanged``). A dry run
+    writes nothing, so it only connects and reads.
+
+    A refusal of the scratch write names the flag that overrides it (``--force``, flow
+    parameter ``force``); with it, the refusal is a warning and the restore finds out itself.
     """
     log = logger()
     label = target.describe()
     session = target.connect()  # SourceUnavailable / AuthError / SourceError: one line each
+    where = label
     try:
         key = translate(SCRATCH_PREFIX + uuid.uuid4().hex[:12].encode(), "zookeeper", target.service)
         found = session.lookup([b"/", key] if target.service == "zookeeper" else [key])
         if not write:
             log.info("preflight: target %s answers (dry run: writability not checked)", label)
             return "reachable (dry run: no scratch write)"
-        if target.service == "zookeeper" and found[0] is None and getattr(target, "chroot", None):
-            # the chroot does not exist yet (the restore creates it): check writing at the
-            # server's top level, where the restore will create it
+        nearest = getattr(target, "nearest_existing", None)
+        if target.service == "zookeeper" and found[0] is None and nearest is not None:
+            # the chroot does not exist yet (the restore creates it): check writing under its
+            # nearest existing ancestor, where the restore will create its first level
+            anchor = nearest()
             session.close()
-            target = target.model_copy(update={"chroot": None})
+            target = target.model_copy(update={"chroot": None if anchor == "/" else anchor})
             session = target.connect()
+            where = f"{label} (under {anchor}, its nearest existing node)"
         record, _ = session.prepare(Record(key, b"burrow failover preflight", {}), target.service)
-        created = session.create([record])
+        try:
+            created = session.create([record])
+        except AuthError as exc:
+            if not force:
+                raise AuthError(
+                    f"the failover target refused the writability check at {where}: {exc}; the restore would be "
+                    "refused the same way: fix the target's credentials or ACL, or pass --force (flow parameter "
+                    "force) to fail over anyway"
+                ) from None
+            log.warning("preflight: the target %s refused the writability check (%s); OVERRIDDEN by --force",
+                        where, exc)
+            return "reachable; the writability check was refused: OVERRIDDEN (--force)"
         if not created or not created[0]:
             raise SourceError(f"the writability check of {label} found its scratch key already there")
         remove = getattr(session, "delete_if_unchanged", None)
         removed = bool(remove([record])[0]) if remove is not None else False
         if not removed:
             log.warning("preflight: could not remove the scratch key %s from %s; delete it by hand",
-                        key.decode(), label)
-        log.info("preflight: target %s answers and accepts writes (scratch key created and removed)", label)
+                        key.decode(), where)
+        log.info("preflight: target %s answers and accepts writes (scratch key created and removed)", where)
         return "reachable and writable (scratch key created" + (" and removed)" if removed else ", NOT removed)")
     except AuthError as exc:
+        if str(exc).startswith("the failover target refused"):
+            raise
         raise AuthError(f"the failover target refused the writability check: {exc}") from None
     finally:
         session.close()
 
 
 @task(name="preflight-target", retries=2, retry_delay_seconds=[1, 3], retry_condition_fn=should_retry)
-def target_check(target: SourceBlock, write: bool = True) -> str:
+def target_check(target: SourceBlock, write: bool = True, force: bool = False) -> str:
     """Prefect task wrapper of :func:`check_target` (retried: the target may be electing a leader)."""
-    return check_target(target, write=write)
+    return check_target(target, write=write, force=force)
 
 
 # ---------------------------------------------------------------------------- the primary

@@ -232,10 +232,17 @@ def clean_scratch_target(
 
     ``restored`` is the restore's plan spool (tasks/plan.py: every key it creates, with the
     value it creates it with, intermediate parents included): exactly those keys are deleted,
-    children first, each only if it still holds that value. Without it (no plan was made) the
-    scratch target is walked instead: it was empty before the rehearsal. Returns ``{"deleted",
-    "left", "left_paths"}``; a key left alone is counted, never an error."""
+    children first, each only if it still holds that value. Without it (planning failed before
+    it wrote one) nothing is deleted, and one log line says so: the restore wrote nothing
+    without a plan, and whatever the scratch target holds then is not the rehearsal's to delete
+    (walking it and deleting what it read once could remove keys someone else wrote there).
+    Returns ``{"deleted", "left", "left_paths"}`` (and ``"no_plan": True`` when there was none);
+    a key left alone is counted, never an error."""
     log = logger()
+    if restored is None or not restored.exists():
+        log.warning("rehearse: no restore plan was made, so the rehearsal wrote nothing to %s; cleanup deletes "
+                    "nothing there", target.describe())
+        return {"deleted": 0, "left": 0, "left_paths": [], "no_plan": True}
     started = time.monotonic()
     deleted = 0
     left_paths: list[str] = []
@@ -247,11 +254,7 @@ def clean_scratch_target(
         raise SourceError(f"{target.service} targets cannot be cleaned up by this Burrow (no delete support)")
     try:
         tree = session.parent_key(b"/a/b") is not None
-        records: Iterator[Record]
-        if restored is not None and restored.exists():
-            records = _restored_records(restored)
-        else:
-            records = session.walk(b"/", WalkStats())
+        records: Iterator[Record] = _restored_records(restored)
         if tree:
             records = _deepest_first(records, base)  # (reads them all before the first delete)
         batch: list[Record] = []

@@ -12,19 +12,25 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from kazoo.exceptions import NoAuthError
+from kazoo.security import make_acl, make_digest_acl_credential
 from pydantic import SecretStr
 from test_stores import KEY, SECRET, minio_store, new_bucket, raw_client
-from zkutil import kazoo, unique_root
+from zkutil import kazoo, snapshot, unique_root
 
 from blocks.resolve import store_from_ref
 from blocks.s3 import UPLOADS_PREFIX, S3Store, UploadVanished, _MultipartWriter
-from burrow.errors import ArchiveError, BurrowError, StoreUnavailable
+from blocks.zookeeper import ZooKeeperCluster
+from burrow.errors import ArchiveError, AuthError, BurrowError, StoreUnavailable
 from burrow.keys import keygen
+from burrow.testing.servers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +251,140 @@ def test_a_failing_delete_does_not_hide_the_verify_error(zk_a, tmp_path, monkeyp
     with pytest.raises(BurrowError) as err:
         backup(source=f"zk://{zk_a.url}", store=str(tmp_path / "store"), root=root, encryption=False)
     assert isinstance(err.value, ArchiveError) and "SHA-256" in str(err.value)
+
+
+# ------------------------------------------------------------------------ the target, the lock, the roles
+
+DEAD = f"zk://127.0.0.1:{free_port()}"  # the failed primary: nothing listens there
+
+
+def _archive(zk_url: str, store, key_file, name: str) -> str:
+    """A tree on ``zk_url`` backed up as ``name`` into the local ``store``; its root."""
+    from flows.backup import backup
+
+    root = unique_root()
+    with kazoo(zk_url) as c:
+        c.create(root + "/cfg/a", b"v1", makepath=True)
+        c.create(root + "/cfg/b", b"v2")
+    backup(source=f"zk://{zk_url}", store=str(store), name=name, root=root, key_file=str(key_file))
+    return root
+
+
+def test_failover_writes_its_scratch_key_under_the_nearest_existing_node(zk_a, zk_b, store, tmp_path):
+    from flows.failover import failover
+    from tasks.preflight import check_target
+
+    key = tmp_path / "k.key"
+    keygen(key, x25519=False)
+    root = _archive(zk_a.url, store, key, "dc-ro")
+    apps, locked = f"/apps-{uuid.uuid4().hex[:8]}", f"/ro-{uuid.uuid4().hex[:8]}"
+    with kazoo(zk_b.url) as c:
+        c.create(apps, b"", acl=[make_acl("world", "anyone", all=True)])
+        c.create(locked, b"", acl=[make_acl("world", "anyone", read=True, admin=True)])
+        before = c.get_acls("/")[0]
+        c.set_acls("/", [make_acl("world", "anyone", read=True, admin=True)])  # "/" is read-only
+        try:
+            with pytest.raises(NoAuthError):
+                c.create("/proof-root-is-read-only", b"")
+            done = failover(source="dc-ro", store=str(store), into=f"zk://{zk_b.url}{apps}/new", primary=DEAD,
+                            key_files=[str(key)])
+            assert done["status"] == "ok" and done["created"] >= 2
+            assert c.get(f"{apps}/new{root}/cfg/a")[0] == b"v1"
+            assert [n for n in c.get_children(apps) if n.startswith(".burrow-preflight-")] == []
+            # where the restore really could not write, the refusal names the flag that overrides it
+            with pytest.raises(AuthError) as err:
+                check_target(ZooKeeperCluster(hosts=[zk_b.url], chroot=f"{locked}/new"))
+            msg = str(err.value)
+            assert f"under {locked}, its nearest existing node" in msg and "--force" in msg and "\n" not in msg
+            forced = check_target(ZooKeeperCluster(hosts=[zk_b.url], chroot=f"{locked}/new"), force=True)
+            assert "OVERRIDDEN (--force)" in forced
+        finally:
+            c.set_acls("/", before)
+
+
+def test_failover_plans_under_the_per_cluster_lock(zk_a, zk_b, store, tmp_path, monkeypatch):
+    import flows.failover
+    from flows.failover import failover
+
+    key = tmp_path / "k.key"
+    keygen(key, x25519=False)
+    _archive(zk_a.url, store, key, "dc-lock")
+    held: list[str] = []
+    seen: dict[str, list[str]] = {}
+    real_lock, real_plan, real_replay = flows.failover.source_lock, flows.failover.plan_task, flows.failover.replay
+
+    @contextmanager
+    def recording_lock(name, **kw):
+        with real_lock(name, **kw):
+            held.append(name)
+            try:
+                yield
+            finally:
+                held.remove(name)
+
+    def plan(*a, **kw):
+        seen["plan"] = list(held)
+        return real_plan(*a, **kw)
+
+    def replay(*a, **kw):
+        seen["replay"] = list(held)
+        return real_replay(*a, **kw)
+
+    monkeypatch.setattr(flows.failover, "source_lock", recording_lock)
+    monkeypatch.setattr(flows.failover, "plan_task", plan)
+    monkeypatch.setattr(flows.failover, "replay", replay)
+    target = f"zk://{zk_b.url}/lock-{uuid.uuid4().hex[:8]}"
+    assert failover(source="dc-lock", store=str(store), into=target, primary=DEAD, key_files=[str(key)])["status"] == "ok"
+    assert seen == {"plan": [target], "replay": [target]}
+
+
+def test_primary_credentials_never_replace_the_targets(cli, zk_a, zk_b, store, tmp_path):
+    """--into and --primary name the same hosts and chroot with different users: the restore
+    creates as the --into user (the chroot it creates gets that user's restorer-only ACL)."""
+    key = tmp_path / "k.key"
+    keygen(key, x25519=False)
+    _archive(zk_a.url, store, key, "dc-roles")
+    chroot = f"/roles-{uuid.uuid4().hex[:8]}"
+    restorer, prober = ("restorer", "restorer-pw"), ("prober", "prober-pw")
+    r = cli("failover", "dc-roles", "--from", str(store), "--key-file", str(key),
+            "--into", f"zk://{restorer[0]}:{restorer[1]}@{zk_b.url}{chroot}",
+            "--primary", f"zk://{prober[0]}:{prober[1]}@{zk_b.url}{chroot}")
+    assert r.code == 0, r
+    with kazoo(zk_b.url, auth=restorer) as c:
+        acl = {(a.perms, a.id.scheme, a.id.id) for a in c.get_acls(chroot)[0]}
+    assert acl == {(31, "digest", make_digest_acl_credential(*restorer))}
+
+
+def test_resolution_keeps_each_roles_credentials():
+    from blocks import resolve
+
+    target = resolve.secure_source_ref("zk://restorer:a@127.0.0.1:2181/c", role="target")
+    primary = resolve.secure_source_ref("zk://prober:b@127.0.0.1:2181/c", role="primary")
+    assert target == primary == "zk://127.0.0.1:2181/c"
+    assert resolve.source_from_ref(target, role="target").digest_user == "restorer"
+    assert resolve.source_from_ref(primary, role="primary").digest_user == "prober"
+
+
+# ------------------------------------------------------------------------ rehearsal cleanup
+
+
+def test_rehearsal_cleanup_without_a_plan_deletes_nothing(zk_b, tmp_path, caplog):
+    from flows.rehearse import _cleanup
+    from tasks.rehearse import Scratch
+
+    chroot = f"/scratch-{uuid.uuid4().hex[:8]}"
+    with kazoo(zk_b.url) as c:  # keys someone else wrote into the scratch chroot meanwhile
+        c.create(chroot + "/theirs/a", b"not the rehearsal's", makepath=True)
+        c.create(chroot + "/theirs/b", b"not the rehearsal's either")
+        before = snapshot(c, chroot)
+    target = ZooKeeperCluster(hosts=[zk_b.url], chroot=chroot)
+    work = tmp_path / "work"
+    work.mkdir()  # no plan.jsonl: planning failed before it wrote one
+    summary: dict = {}
+    with caplog.at_level(logging.INFO):
+        _cleanup(target, Scratch(target=target.describe(), missing_levels=[chroot]), work, summary, {})
+    with kazoo(zk_b.url) as c:
+        assert snapshot(c, chroot) == before
+    assert summary["cleanup_deleted"] == 0 and "nothing deleted" in summary["cleanup"]
+    lines = [r.getMessage() for r in caplog.records if "cleanup deletes nothing" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]

@@ -78,8 +78,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
     parse_duration(args.prefer_rehearsed_within, "--prefer-rehearsed-within")
     parse_duration(args.resume_within, "--resume-within")
     store_from_ref(args.store).check()
-    ref = secure_source_ref(args.into)
-    primary = secure_source_ref(args.primary) if args.primary else None
+    ref = secure_source_ref(args.into, role="target")  # each role keeps its own credentials
+    primary = secure_source_ref(args.primary, role="primary") if args.primary else None
     refs = read_refs(args)
     keyring(refs)
     from flows.failover import failover
