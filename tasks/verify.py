@@ -124,3 +124,15 @@ def verification_levels(store: ArchiveStore) -> dict[str, str]:
             if out.get(archive) != "full":  # both recorded (never by Burrow): the stronger one
                 out[archive] = level
     return out
+
+
+def verification_of(name: str, levels: dict[str, str]) -> str | None:
+    """The level :func:`verification_levels` recorded for the archive ``name``, matched as
+    binding matches names: ``name`` itself, or ``name`` ending with ``/<recorded name>`` (a store
+    opened one directory above the one the backup wrote to)."""
+    parts = name.split("/")
+    for i in range(len(parts)):
+        level = levels.get("/".join(parts[i:]))
+        if level is not None:
+            return level
+    return None

@@ -202,7 +202,7 @@ def _fail_verify(monkeypatch, exc: Exception) -> None:
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
-def test_a_store_outage_during_verify_leaves_the_archive(kind, zk_a, moto, creds_name, tmp_path, monkeypatch):
+def test_a_store_outage_during_verify_leaves_the_archive(kind, zk_a, moto, creds_name, tmp_path, monkeypatch, cli):
     from flows.backup import backup
     from tasks.verify import verification_levels
 
@@ -223,6 +223,10 @@ def test_a_store_outage_during_verify_leaves_the_archive(kind, zk_a, moto, creds
     assert len(names) == 2  # the unverified archive stays
     (first,) = [n for n in names if store.url(n) == ok["url"]]
     assert verification_levels(store) == {first: "full"}  # the second one shows as unverified
+    listed = cli("list", url, "--key-file", str(key_file))
+    assert listed.code == 0, listed
+    unverified = [ln for ln in listed.out.splitlines() if "UNVERIFIED" in ln]
+    assert len(unverified) == 1 and ok["url"] not in unverified[0], listed
 
 
 def test_a_content_error_during_verify_removes_the_archive(zk_a, tmp_path, monkeypatch):

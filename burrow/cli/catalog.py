@@ -91,10 +91,18 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r.get("source") == args.source]
     _annotate(store, rows, keys)
     keyed = bool(keys.keyring)
+    from tasks.verify import verification_levels, verification_of
+
+    levels = verification_levels(store)  # what each backup's verify covered (tasks/verify.py)
     for r in rows:
         why = distrust(r, keyed=keyed, allow_unencrypted=args.allow_unencrypted)
         if why and not r.get("error"):
             r["flagged"] = why
+        level = verification_of(str(r.get("name", "")), levels)
+        if level is not None:
+            r["verified"] = level
+        elif r.get("bound") is True:  # written since backups record their verify, and none recorded
+            r["verified"] = "unverified"
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -110,6 +118,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         if r.get("bound") == "legacy" and not flag:
             flag = "  legacy-bound"  # written before archives named their object: bound by the id its name carries
         rehearsed = f"  {rehearsal_text(r['rehearsal'])}" if r.get("rehearsal") else ""
+        if r.get("verified") == "unverified":
+            flag += "  UNVERIFIED (its backup could not verify it: check it with burrow verify)"
         print(
             f"{r['url']}  {r['size']:>12} B  {r['modified']}  {r.get('service', '?')}  "
             f"{r.get('source', '?')}  keys={r.get('keys', '?')}  {enc}{auth}{flag}{rehearsed}"
