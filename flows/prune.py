@@ -15,7 +15,13 @@ from burrow.runlog import logger
 from flows.common import Ref, burrow_flow, recorded_run
 from tasks.catalog import catalog
 from tasks.markers import archive_of
-from tasks.retention import delete_archive, plan_retention, reauthenticate_task, recheck_decision
+from tasks.retention import (
+    block_sources,
+    delete_archive,
+    iter_reauthenticated,
+    plan_retention,
+    reauthenticate_task,
+)
 
 
 def _run_name() -> str:
@@ -109,8 +115,9 @@ def prune(
                     "prune deletes only archives whose manifests it authenticated, and these are encrypted: pass the "
                     "read key (--key-file, --identity, --passphrase-env or --key-block); nothing was deleted"
                 )
-            verdicts = reauthenticate_task(st, targets, keys if keyed else None)
-            for row, why in recheck_decision(decision, verdicts):
+            # each source's newest first: if it fails, nothing of that source is deleted
+            verdicts = reauthenticate_task(st, list(decision.newest.values()), keys if keyed else None)
+            for row, why in block_sources(decision, verdicts):
                 log.warning("prune: keeping %s: %s", row["url"], why)
                 not_reauthenticated[row["url"]] = why
             if not keyed:
@@ -123,12 +130,23 @@ def prune(
             kept.append(f"{url}: {'; '.join(rules)}")
         markers = _markers(st) if decision.delete and not dry_run else {}
         markers_deleted = 0
-        for row, why in decision.delete:
+        done: list[tuple[dict[str, Any], str]] = []
+        # every archive is re-read and authenticated just before it is deleted (the re-reads run
+        # ahead of the deletes, several at once); one that fails is kept and reported
+        for row, why, problem in iter_reauthenticated(st, decision.delete, keys if keyed else None):
+            if problem is not None:
+                log.warning("prune: keeping %s: %s", row["url"], problem)
+                not_reauthenticated[row["url"]] = problem
+                decision.left_alone.append((row, problem))
+                left_alone.append(f"{row['url']}: {problem}")
+                continue
             if not dry_run:
                 delete_archive(st, row["name"])
                 markers_deleted += _delete_markers(st, markers.get(row["name"], []))
             log.info("prune: %s %s: %s", "would delete" if dry_run else "deleted", row["url"], why)
             deleted.append(f"{row['url']}: {why}")
+            done.append((row, why))
+        decision.delete = done
         # stray uploads: engineer C (the sweep moves here from the backup path)
         aborted = []
         if not dry_run and hasattr(st, "abort_stray_uploads"):

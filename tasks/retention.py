@@ -18,6 +18,7 @@ source's newest fails, nothing of that source is deleted.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -151,18 +152,31 @@ def reauthenticate(store: ArchiveStore, rows: list[dict[str, Any]], keys: Archiv
 
     A transient StoreUnavailable is raised (the task retries); any other failure to read is a
     reason to keep the archive."""
+    unique = list({r["url"]: r for r in rows}.values())
+    return {row["url"]: why for row, _, why in iter_reauthenticated(store, [(r, "") for r in unique], keys)}
 
-    def check(row: dict[str, Any]) -> tuple[str, str | None]:
+
+def iter_reauthenticated(
+    store: ArchiveStore, items: list[tuple[dict[str, Any], str]], keys: ArchiveKeys | None
+) -> Iterator[tuple[dict[str, Any], str, str | None]]:
+    """``(row, reason, why)`` for every ``(row, reason)`` of ``items``, in order, with ``why``
+    as :func:`reauthenticate` says it. The re-reads run REREAD_WORKERS at a time ahead of the
+    consumer, so a prune deleting each archive as its verdict comes in pays for the re-reads
+    little more than the first one."""
+
+    def check(item: tuple[dict[str, Any], str]) -> tuple[dict[str, Any], str, str | None]:
+        row, reason = item
         try:
             with open_stored(store, row["name"], row.get("size")) as reader:
-                return row["url"], _recheck(reader, row, keys)
+                return row, reason, _recheck(reader, row, keys)
         except (ArchiveError, StoreError) as exc:
-            return row["url"], f"cannot be re-read and authenticated: {exc}"
+            return row, reason, f"cannot be re-read and authenticated: {exc}"
 
-    unique = list({r["url"]: r for r in rows}.values())
-    workers = max(1, min(REREAD_WORKERS, len(unique)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="burrow-reauth") as pool:
-        return dict(pool.map(check, unique))
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, min(REREAD_WORKERS, len(items))),
+                            thread_name_prefix="burrow-reauth") as pool:
+        yield from pool.map(check, items)
 
 
 def _recheck(reader: ArchiveReader, row: dict[str, Any], keys: ArchiveKeys | None) -> str | None:
@@ -192,30 +206,28 @@ def reauthenticate_task(store: ArchiveStore, rows: list[dict[str, Any]], keys: A
     return reauthenticate(store, rows, keys)
 
 
-def recheck_decision(d: Decision, verdicts: dict[str, str | None]) -> list[tuple[dict[str, Any], str]]:
-    """Move out of ``d.delete`` every archive that failed :func:`reauthenticate`, and every
-    archive of a source whose newest failed it, into ``d.left_alone``; returns what moved
-    (the failed newest archives included), with the reason."""
+def block_sources(d: Decision, verdicts: dict[str, str | None]) -> list[tuple[dict[str, Any], str]]:
+    """Move out of ``d.delete`` every archive of a source whose newest archive failed
+    :func:`reauthenticate` (``verdicts`` by URL) into ``d.left_alone``: if the catalog's
+    newest cannot be trusted, neither can its picture of what is older. Returns what is kept
+    this way (the failed newest archives included, though they stay in ``d.keep``), with why."""
     moved: list[tuple[dict[str, Any], str]] = []
     blocked: dict[str, str] = {}
     for src, newest in d.newest.items():
         why = verdicts.get(newest["url"])
-        if why is not None and newest["url"] in verdicts:
+        if why is not None:
             blocked[src] = newest["url"]
             moved.append((newest, f"the newest archive of its source failed re-authentication: {why}"))
     keep: list[tuple[dict[str, Any], str]] = []
     for row, reason in d.delete:
-        why = verdicts.get(row["url"], "not re-read")
         src = str(row.get("source"))
         if src in blocked:
-            why = (f"nothing of source {src!r} is deleted: its newest archive by the catalog, {blocked[src]}, "
-                   "failed re-authentication")
-        if why is None:
-            keep.append((row, reason))
+            moved.append((row, f"nothing of source {src!r} is deleted: its newest archive by the catalog, "
+                               f"{blocked[src]}, failed re-authentication"))
         else:
-            moved.append((row, why))
+            keep.append((row, reason))
     d.delete = keep
-    d.left_alone.extend((r, why) for r, why in moved if r["url"] not in d.keep)  # (a newest one stays kept)
+    d.left_alone.extend((r, why) for r, why in moved if r["url"] not in d.keep)
     return moved
 
 
