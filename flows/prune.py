@@ -22,6 +22,7 @@ from tasks.retention import (
     plan_retention,
     reauthenticate_task,
 )
+from tasks.verify import VERIFIED_INFIX
 
 
 def _run_name() -> str:
@@ -173,6 +174,8 @@ def _markers(st: Any) -> dict[str, list[str]]:
     by: dict[str, list[str]] = {}
     for name in names:
         archive = archive_of(name)
+        if archive is None and VERIFIED_INFIX in name:  # the backup's verification record goes with it too
+            archive = name.rpartition(VERIFIED_INFIX)[0] or None
         if archive is not None:
             by.setdefault(archive, []).append(name)
     return by

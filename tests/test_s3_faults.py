@@ -70,8 +70,10 @@ def test_backup_list_restore_prune_through_a_faulty_network(zk_a, zk_b, moto, cr
         src, dst = snapshot(a, root), snapshot(b, target)
     assert {k.replace(root, target, 1): v for k, v in src.items()} == dst
     left = raw_client(moto).list_objects_v2(Bucket=bucket).get("Contents", [])
-    # besides sidecars (the catalog index, verification records: never archives), one archive is left
-    assert [o["Key"] for o in left if not o["Key"].endswith(".burrow-meta")] == [summaries[-1]["url"].split("?")[0].split(f"{bucket}/", 1)[1]]
+    # besides sidecars (the catalog index, its verification record: never archives), one archive is left
+    kept = summaries[-1]["url"].split("?")[0].split(f"{bucket}/", 1)[1]
+    assert [o["Key"] for o in left if not o["Key"].endswith(".burrow-meta")] == [kept]
+    assert [o["Key"] for o in left if ".verified-" in o["Key"]] == [kept + ".verified-full.burrow-meta"]
     assert raw_client(moto).list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
