@@ -14,6 +14,7 @@ from burrow.errors import ArchiveNotFound, StoreError, StoreUnavailable, UsageEr
 from burrow.runlog import logger
 from flows.common import Ref, burrow_flow, recorded_run
 from tasks.catalog import catalog
+from tasks.journal import stale_journal_records
 from tasks.markers import archive_of
 from tasks.retention import (
     block_sources,
@@ -152,11 +153,12 @@ def prune(
         aborted = []
         if not dry_run and hasattr(st, "abort_stray_uploads"):
             aborted = st.abort_stray_uploads()
+        journal_removed = 0 if dry_run else _remove_stale_journal(st, keys if keyed else None)
         summary.update(
             status="ok", policy=policy.describe(), archives=len(rows), deleted=len(deleted), kept=len(decision.keep),
             left_alone=len(left_alone), unreadable=sum(1 for r in rows if r.get("error")),
             locked=sum(1 for _, why in decision.left_alone if "Object Lock" in why),
-            stray_uploads_aborted=len(aborted), max_age_days=max_age_days, markers_deleted=markers_deleted,
+            stray_uploads_aborted=len(aborted), journal_records_removed=journal_removed, max_age_days=max_age_days, markers_deleted=markers_deleted,
             authenticated=keyed, not_reauthenticated=not_reauthenticated,
             kept_because={u: rules for u, rules in decision.keep.items()},
             deleted_because={r["url"]: why for r, why in decision.delete},
@@ -193,4 +195,25 @@ def _delete_markers(st: Any, names: list[str]) -> int:
             pass
         except (StoreError, StoreUnavailable) as exc:
             logger().warning("prune: the rehearsal marker %s was not removed: %s", name, exc)
+    return n
+
+
+def _remove_stale_journal(st: Any, keys: Any) -> int:
+    """Remove the failover journal records that no failover would resume: unauthenticated,
+    bound elsewhere or expired (tasks/journal.py). Needs a secret key to tell them apart; a
+    failure is logged, never fails the prune."""
+    n = 0
+    try:
+        names = stale_journal_records(st, keys)
+    except (StoreError, StoreUnavailable) as exc:
+        logger().warning("prune: cannot list the failover journal (%s); stale records are left", exc)
+        return 0
+    for name in names:
+        try:
+            st.delete_sidecar(name)
+            n += 1
+        except (StoreError, StoreUnavailable, ArchiveNotFound) as exc:
+            logger().warning("prune: a stale failover journal record was not removed: %s", exc)
+    if n:
+        logger().info("prune: removed %d stale failover journal record(s)", n)
     return n

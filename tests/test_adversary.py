@@ -276,6 +276,10 @@ def test_a_planted_journal_record_does_not_steer_failover(st: Store, zk_b):
     with kazoo(zk_b.url) as zk:
         got = snapshot(zk, target_root + st.g["root"])
     assert got == {target_root + k: v for k, v in st.g["want"].items()}, "the planted record chose the archive"
+    assert st.objects("_failover/"), "the planted record is left for prune, not removed by the failover"
+    r = st.prune()
+    assert r.code in (0, 3), r
+    assert not st.objects("_failover/"), "prune leaves a record no failover would resume"
 
 
 def test_the_trust_document_names_a_test_for_every_holder():

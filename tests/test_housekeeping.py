@@ -227,6 +227,8 @@ def test_a_store_outage_during_verify_leaves_the_archive(kind, zk_a, moto, creds
     assert listed.code == 0, listed
     unverified = [ln for ln in listed.out.splitlines() if "UNVERIFIED" in ln]
     assert len(unverified) == 1 and ok["url"] not in unverified[0], listed
+    status = cli("status", url, "--key-file", str(key_file), "--no-verify")
+    assert status.code == 0 and "1 UNVERIFIED at backup" in status.out, status
 
 
 def test_a_content_error_during_verify_removes_the_archive(zk_a, tmp_path, monkeypatch):

@@ -91,18 +91,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows = [r for r in rows if r.get("source") == args.source]
     _annotate(store, rows, keys)
     keyed = bool(keys.keyring)
-    from tasks.verify import verification_levels, verification_of
-
-    levels = verification_levels(store)  # what each backup's verify covered (tasks/verify.py)
+    _mark_verification(store, rows)
     for r in rows:
         why = distrust(r, keyed=keyed, allow_unencrypted=args.allow_unencrypted)
         if why and not r.get("error"):
             r["flagged"] = why
-        level = verification_of(str(r.get("name", "")), levels)
-        if level is not None:
-            r["verified"] = level
-        elif r.get("bound") is True:  # written since backups record their verify, and none recorded
-            r["verified"] = "unverified"
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -127,6 +120,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _mark_verification(store: Any, rows: list[dict[str, Any]]) -> None:
+    """Set ``row["verified"]`` to what the archive's backup verified ("full", "structure-only"),
+    or "unverified" for an archive written since backups record their verify that has no such
+    record (its backup's verify was cut short, e.g. by a store outage). Informational only:
+    anyone who can write to the store can forge the record, so nothing decides from it."""
+    from tasks.verify import verification_levels, verification_of
+
+    levels = verification_levels(store)  # one listing of the store's sidecars (tasks/verify.py)
+    for r in rows:
+        level = verification_of(str(r.get("name", "")), levels)
+        if level is not None:
+            r["verified"] = level
+        elif r.get("bound") is True:  # written since backups record their verify, and none recorded
+            r["verified"] = "unverified"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import tempfile
     from datetime import UTC, datetime, timedelta
@@ -143,6 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     keyed = bool(keys.keyring)
     store, rows = catalog_rows(args.store, keys)
     _annotate(store, rows, keys)
+    _mark_verification(store, rows)
     now = datetime.now(UTC)
     sources = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
     if args.source:
@@ -159,6 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "source": source, "archives": len(mine), "stored_bytes": sum(int(r.get("size") or 0) for r in mine),
             "flagged": len(sel.skipped), "flagged_archives": [f"{url}: {why}" for url, why in sel.skipped],
             "rehearsal": newest_rehearsal(mine),
+            "unverified_at_backup": sum(1 for r in mine if r.get("verified") == "unverified"),
         }
         if good:
             newest = good[0]
@@ -204,6 +215,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                        + ("" if e.get("verified_fully") else " (structure only: no key)")
                        if "newest_verified" in e else ", NONE verified")
             flag = f", {e['flagged']} flagged" if e["flagged"] else ""
+            if e["unverified_at_backup"]:
+                flag += f", {e['unverified_at_backup']} UNVERIFIED at backup (check with burrow verify)"
             mark = "  STALE" if e["source"] in stale else ""
             rehearsed = ", " + rehearsal_text(e.get("rehearsal"))
             print(f"{e['source']}: {e['archives']} archives, {e['stored_bytes']} B, {newest}{ver}{flag}{rehearsed}{mark}")
