@@ -122,7 +122,34 @@ def describe_archives(store: ArchiveStore, keys: ArchiveKeys | None = None) -> l
             entries = {**cached, **fresh}
             readable = sorted(r["name"] for r in rows if not r.get("error") and r["name"] in entries)
             _write_index(store, [entries[n] for n in readable], replaces=index_names)
+    _flag_copies(rows)
     return rows
+
+
+#: Why a bound archive's second copy, under a longer name, is not acted on.
+COPY_UNDER_LONGER_NAME = "a copy of {url} under a longer name (the same manifest; only the original is acted on)"
+
+
+def _flag_copies(rows: list[dict[str, Any]]) -> None:
+    """One archive, one row. A manifest's binding accepts ``name`` ending with
+    ``/<object_name>`` (a store opened one directory up), so a copy of an archive under a
+    longer name (``evil/<name>``) would pass as bound too, and a copy of each of the newest
+    archives would fill a keep-last rule with duplicates so that prune deletes what it should
+    keep. Rows that share a manifest are one archive: the one under the shortest name is the
+    original (a copy that passes the suffix test is always longer), the others are unbound
+    copies, never chosen and never deleted by prune (which keeps what it cannot act on)."""
+    by_manifest: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        digest = row.get("manifest_sha256")
+        if not row.get("error") and row.get("bound") in (True, "legacy") and isinstance(digest, str):
+            by_manifest.setdefault(digest, []).append(row)
+    for same in by_manifest.values():
+        if len(same) < 2:
+            continue
+        same.sort(key=lambda r: (str(r["name"]).count("/"), len(str(r["name"])), str(r["name"])))
+        original = same[0]
+        for copy in same[1:]:
+            copy.update(bound=False, unbound_reason=COPY_UNDER_LONGER_NAME.format(url=original.get("url")))
 
 
 def _indexed(store: ArchiveStore) -> bool:

@@ -229,6 +229,21 @@ def test_a_manifest_copied_under_a_newer_name_is_detected_and_never_chosen(st: S
     assert newer in st.archives(), "prune deleted a row it could not authenticate instead of keeping it"
 
 
+def test_copies_under_longer_names_do_not_fill_the_policy_with_duplicates(st: Store):
+    """A store opened one directory up names archives with a prefix, so a manifest bound to
+    ``src/x.burrow`` passes under ``evil/src/x.burrow`` too. Copies of the three newest archives
+    there must not take the places keep-last 3 gives the genuine ones."""
+    for n in st.names[-3:]:
+        st.put(f"evil/{n}", st.get(n))
+    rows = {r["name"]: r for r in st.list_json()}
+    for n in st.names[-3:]:
+        assert rows[f"evil/{n}"].get("bound") is False and "a copy of" in rows[f"evil/{n}"]["unbound_reason"]
+        assert rows[n].get("bound") is True
+    assert ends_with(st.latest(), st.newest)
+    st.assert_prune_keeps_newest_three()
+    assert {f"evil/{n}" for n in st.names[-3:]} <= st.archives(), "prune deleted a copy it should only report"
+
+
 def test_a_deleted_index_changes_nothing(st: Store):
     build_index(st)
     for k in st.objects("_catalog/"):
