@@ -30,7 +30,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect.input import RunInput
@@ -43,7 +44,7 @@ from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatc
 from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
-from flows.restore import publish_summary, target_lock_name
+from flows.restore import plan_summary, publish_summary, replay_summary, target_lock_name
 from tasks.catalog import Selection, catalog, created_at, select_archives
 from tasks.download import download
 from tasks.journal import close_journal, record_choice, unfinished_failover
@@ -79,6 +80,61 @@ def _run_name() -> str:
     p = flow_run.parameters
     kind = "failover-dry-run" if p.get("dry_run") else "failover"
     return f"{kind}-{naming.slug(str(p.get('source', 'source')))}-to-{naming.slug(str(p.get('into', 'target')))}"
+
+
+@dataclass
+class _Run:
+    """What a failover run gathers for its report as it goes: the summary, each step's time,
+    the artifact's lists, the skipped candidates and the preflight lines (stdout)."""
+
+    summary: dict[str, Any]
+    dry_run: bool
+    steps: dict[str, float] = field(default_factory=dict)
+    lists: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    preflight: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.summary["steps_s"] = self.steps
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time one step into ``steps_s`` (the RTO's parts)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.steps[name] = round(self.steps.get(name, 0.0) + time.monotonic() - t0, 3)
+
+    def publish(self) -> None:
+        self.summary["rto_s"] = round(time.monotonic() - self.started, 3)
+        self.summary["skipped"] = list(self.skipped)
+        self.summary["preflight"] = list(self.preflight)
+        self.lists["Preflight"] = self.preflight
+        self.lists["Archives skipped"] = self.skipped
+        publish_summary("failover", self.summary, self.lists, self.dry_run)
+
+
+@dataclass
+class _Limits:
+    """The run's durations and bounds, parsed before anything is contacted (a malformed one is
+    a usage error, never a failed probe)."""
+
+    max_age: timedelta | None
+    resume_within: timedelta
+    prefer_rehearsed_within: timedelta
+    max_candidates: int
+
+
+@dataclass
+class _Choice:
+    """The candidates to try, in order, and what chose them."""
+
+    candidates: list[dict[str, Any]]
+    trusted: list[dict[str, Any]]
+    resumed: dict[str, Any] | None = None  # the unfinished failover's journal record
+    resumed_row: dict[str, Any] | None = None  # ... and its archive among the candidates
 
 
 @burrow_flow(name="failover", flow_run_name=_run_name, persist_result=False)
@@ -120,38 +176,11 @@ def failover(
     by more than half. A ``dry_run`` runs every read-only check and the plan, and writes nothing
     (not even the scratch key of the writability check). Returns the run summary.
     """
-    started = time.monotonic()
-    log = logger()
-    summary: dict[str, Any] = {"status": "failed", "source": source, "dry_run": dry_run, "force": force}
-    steps: dict[str, float] = {}
-    summary["steps_s"] = steps
-    lists: dict[str, list[str]] = {}
-    skipped: list[str] = []
-    preflight: list[str] = []
-
-    @contextmanager
-    def step(name: str) -> Iterator[None]:
-        t0 = time.monotonic()
-        try:
-            yield
-        finally:
-            steps[name] = round(steps.get(name, 0.0) + time.monotonic() - t0, 3)
-
-    def _publish() -> None:
-        summary["rto_s"] = round(time.monotonic() - started, 3)
-        summary["skipped"] = list(skipped)
-        summary["preflight"] = list(preflight)
-        lists["Preflight"] = preflight
-        lists["Archives skipped"] = skipped
-        publish_summary("failover", summary, lists, dry_run)
-
+    run = _Run({"status": "failed", "source": source, "dry_run": dry_run, "force": force}, dry_run)
+    summary = run.summary
     try:
-        with recorded_run("failover", summary, _publish):
-            limit = naming.parse_duration(max_age, "--max-age") if max_age else None
-            resume_limit = naming.parse_duration(resume_within, "--resume-within")
-            window = naming.parse_duration(prefer_rehearsed_within, "--prefer-rehearsed-within")
-            if max_candidates < 1:
-                raise UsageError("--candidates must be at least 1")
+        with recorded_run("failover", summary, run.publish):
+            limits = _limits(max_age, resume_within, prefer_rehearsed_within, max_candidates)
             st = store_from_ref(store)
             target = source_from_ref(into, role="target")
             summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
@@ -159,151 +188,196 @@ def failover(
                 summary["max_age"] = max_age
 
             # 1. the target first: a dead target must not cost the time to fetch candidates
-            with step("target"):
-                preflight.append(f"target {target.describe()}: {target_check(target, write=not dry_run, force=force)}")
-
+            with run.step("target"):
+                run.preflight.append(
+                    f"target {target.describe()}: {target_check(target, write=not dry_run, force=force)}")
             keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
-            keyed = bool(keys.keyring)
-            with step("catalog"):
-                rows = catalog(st, keys if keyed else None)
-                mine = [r for r in rows if r.get("source") == source]
-                if not mine:
-                    held = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
-                    raise ArchiveNotFound(
-                        f"no archive of source {source!r} in {st.describe()}"
-                        + (f" (it holds: {', '.join(held)})" if held else " (it holds no readable archive)")
-                    )
-                annotate_task(st, mine, keys if keyed else None)
-                for row in rows:  # unreadable (truncated, corrupt) files named like this source's archives
-                    if row.get("error") and _named_like(str(row.get("name", "")), source):
-                        skipped.append(f"{row['url']}: unreadable: {row['error']}")
-            selection = select_archives(mine, source, keyed=keyed, allow_unencrypted=allow_unencrypted,
-                                        prefer_rehearsed_within=window)
-            trusted = _trusted(selection, skipped)
-            if keyed and not trusted and any(
-                r.get("encrypted") and r.get("unauthenticated_reason") == "no configured key opens it" for r in mine
-            ):
-                raise KeyMismatch(
-                    f"no configured key opens any archive of {source!r} in {st.describe()}; pass the right "
-                    "--key-file, --identity or --passphrase-env (a failover never falls back to stale data over a "
-                    "key problem)"
-                )
-            candidates = _pinned(archive, mine, trusted, skipped) if archive else selection.candidates
-            if not archive and candidates:
-                preflight.append(selection.note)
-            # an interrupted failover of this source into this target: finish it with its archive
-            # (its record is signed with a reader key, bound to source, target and manifest, and
-            # young enough: tasks/journal.py), whatever appeared since
-            resumed, resumed_row = None, None
-            if archive is None and resume:
-                resumed = unfinished_failover(st, source, target.describe(), keys if keyed else None,
-                                              within=resume_limit)
-            elif archive is None:
-                log.info("failover: not resuming an unfinished failover (--no-resume): choosing afresh")
-            if resumed is not None:
-                same = [r for r in candidates if r["name"] == resumed["archive"]
-                        and r.get("manifest_sha256") == resumed.get("manifest_sha256")]
-                if same:
-                    resumed_row = same[0]
-                    candidates = same + [r for r in candidates if r is not same[0]]
-                    log.info("failover: an unfinished failover of %s into %s (begun %s) chose %s: trying it first",
-                             source, target.describe(), resumed["started"], same[0]["url"])
-                else:
-                    log.warning("failover: an unfinished failover (started %s) used %s, which is no longer a "
-                                "trusted candidate; choosing again", resumed["started"], resumed.get("url"))
-            if not candidates:
-                raise ArchiveError(f"no archive of {source!r} in {st.describe()} can be trusted ({len(skipped)} skipped)")
-
+            choice = _select(run, st, source, target.describe(), keys, archive, resume, limits, allow_unencrypted)
             # the split-brain guard, before any download when the primary is known without one
-            guarded = False
-            if primary or scheme_or_block(source):
-                with step("primary"):
-                    block, origin = primary_block(primary, source, None, _resolve_primary)
-                    guard = primary_guard(block, target, force, origin)
-                summary["primary_check"] = guard
-                preflight.append(f"primary: {guard.get('primary') or '-'}: {guard['detail']}")
-                guarded = True
+            guarded = bool(primary or scheme_or_block(source))
+            if guarded:
+                _guard_primary(run, primary, source, None, target, force)
 
             with staging_dir() as work:
-                with step("download_validate"):
+                with run.step("download_validate"):
                     row, local, manifest = _choose(
-                        candidates[: max_candidates], st, work, keys, limit, allow_unencrypted, skipped,
-                        pinned=bool(archive),
+                        choice.candidates[: limits.max_candidates], st, work, keys, limits.max_age,
+                        allow_unencrypted, run.skipped, pinned=bool(archive),
                     )
-                now = datetime.now(UTC)
-                when = created_at(row)
-                summary.update(
-                    archive=row["url"], archive_created=manifest["created"], service=manifest["service"],
-                    archive_keys=manifest["keys"], content_sha256=manifest["content_sha256"],
-                    skipped_archives=len(skipped), rpo_s=round((now - when).total_seconds(), 3) if when else None,
-                )
-                if keys.opened_by:
-                    summary["decrypted_with"] = keys.opened_by
-                if rehearsed(row):
-                    summary["rehearsal"] = row["rehearsal"]
-                why_used = _why_used(row, resumed_row, resumed and resumed["started"], bool(archive), trusted)
-                summary["archive_chosen"] = why_used[0]
-                if why_used[0] == "resumed":
-                    summary["resumed"] = resumed["started"]  # type: ignore[index]
-                    log.info("failover: %s", why_used[1])
-                elif why_used[0] == "newest":
-                    log.warning("failover: %s has no passing authenticated rehearsal; %s", row["url"], why_used[1])
-                preflight.append(why_used[1] if why_used[0] == "resumed" else f"archive: {why_used[1]}")
-                preflight.append(f"rpo: the archive is {naming.age_text(now - when) if when else '?'} old"
-                                 + (f" (--max-age {max_age})" if max_age else ""))
-                log.info("failover: using %s (created %s)", row["url"], manifest["created"])
-
+                _report_archive(run, row, manifest, keys, choice, pinned=bool(archive), max_age=max_age)
                 if not guarded:
-                    with step("primary"):
-                        block, origin = primary_block(None, source, manifest.get("source_url"), _resolve_primary)
-                        guard = primary_guard(block, target, force, origin)
-                    summary["primary_check"] = guard
-                    preflight.append(f"primary: {guard.get('primary') or '-'}: {guard['detail']}")
-
-                problem = sanity_problem(int(manifest["keys"]), previous_archive(row, trusted))
-                if problem and not force:
-                    raise FailoverRefused(f"sanity check: {row['url']}: {problem}; pin another with --archive, "
-                                          "or pass --force (flow parameter force) to fail over to it anyway")
-                preflight.append("sanity: " + (f"OVERRIDDEN (--force): {problem}" if problem else "key count ok"))
+                    _guard_primary(run, None, source, manifest.get("source_url"), target, force)
+                _sanity(run, row, manifest, choice.trusted, force)
 
                 # 2. plan, (approval), restore, 3. post-verify. As in restore, the target cluster is
                 # locked from planning (its first read) to the last read of the post-verify: a backup
                 # or restore of it on any worker waits, and the plan cannot go stale under the replay.
                 # The on-call's approval is awaited under the lock too, for the same reason.
                 with source_lock(target_lock_name(into, target)):
-                    with step("plan"):
+                    with run.step("plan"):
                         p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
-                    _plan_summary(p, summary, lists, dry_run)
+                    plan_summary(p, summary, run.lists, dry_run=dry_run)
                     if dry_run:
-                        summary.update(status="ok", created=0)
                         return summary
                     if p.conflicts and deployment.id:
-                        with step("approval"):
+                        with run.step("approval"):
                             _approve(p.conflicts, row["url"], target.describe(), approval_timeout_s, summary)
                     # a re-run after an interruption resumes with this archive (a signed, expiring record)
-                    record_choice(st, source, target.describe(), row, keys if keyed else None,
-                                  resume_limit.total_seconds())
-                    with step("replay"):
+                    record_choice(st, source, target.describe(), row, keys if keys.keyring else None,
+                                  limits.resume_within.total_seconds())
+                    with run.step("replay"):
                         done = replay(p, target)
-                    _replay_summary(p, done, summary, lists)
-                    with step("postverify"):
+                    replay_summary(p, done, summary, run.lists)
+                    with run.step("postverify"):
                         checked = postverify(
                             local, target, subtree=subtree, maps=maps, decryptor=keys,
                             conflict_paths=summary["conflict_paths"], conflicts=summary["conflicts"],
                         )
-                summary.update(checked.as_summary())
-                lists["Post-verify: missing from the target (first 1000)"] = checked.missing_paths
-                lists["Post-verify: differing, not a reported conflict (first 1000)"] = checked.differing_paths
-                if not checked.ok:
-                    raise PostVerifyFailed(
-                        f"post-verify of {target.describe()} failed: {checked.missing} archived keys are missing and "
-                        f"{checked.differing} differ without being reported conflicts (paths in the run's artifact)"
-                    )
-                close_journal(st, source, target.describe(), keys if keyed else None)
+                _report_postverify(run, checked, target)
+                close_journal(st, source, target.describe(), keys if keys.keyring else None)
             return summary
     except BurrowError as exc:
         exc.failover_summary = summary  # type: ignore[attr-defined] - the CLI prints the skips on stdout
         raise
+
+
+def _limits(max_age: str | None, resume_within: str, prefer_rehearsed_within: str, max_candidates: int) -> _Limits:
+    if max_candidates < 1:
+        raise UsageError("--candidates must be at least 1")
+    return _Limits(
+        max_age=naming.parse_duration(max_age, "--max-age") if max_age else None,
+        resume_within=naming.parse_duration(resume_within, "--resume-within"),
+        prefer_rehearsed_within=naming.parse_duration(prefer_rehearsed_within, "--prefer-rehearsed-within"),
+        max_candidates=max_candidates,
+    )
+
+
+def _select(run: _Run, st: Any, source: str, target: str, keys: Any, archive: str | None, resume: bool,
+            limits: _Limits, allow_unencrypted: bool) -> _Choice:
+    """Select the archive: the source's trusted archives from the catalog, in the selector's
+    order (tasks/catalog.py), or the one ``archive`` pins; an unfinished failover of this source
+    into this target puts its archive first. Nothing is downloaded yet."""
+    log = logger()
+    keyed = bool(keys.keyring)
+    with run.step("catalog"):
+        rows = catalog(st, keys if keyed else None)
+        mine = [r for r in rows if r.get("source") == source]
+        if not mine:
+            held = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")})
+            raise ArchiveNotFound(
+                f"no archive of source {source!r} in {st.describe()}"
+                + (f" (it holds: {', '.join(held)})" if held else " (it holds no readable archive)")
+            )
+        annotate_task(st, mine, keys if keyed else None)
+        for row in rows:  # unreadable (truncated, corrupt) files named like this source's archives
+            if row.get("error") and _named_like(str(row.get("name", "")), source):
+                run.skipped.append(f"{row['url']}: unreadable: {row['error']}")
+    selection = select_archives(mine, source, keyed=keyed, allow_unencrypted=allow_unencrypted,
+                                prefer_rehearsed_within=limits.prefer_rehearsed_within)
+    trusted = _trusted(selection, run.skipped)
+    if keyed and not trusted and any(
+        r.get("encrypted") and r.get("unauthenticated_reason") == "no configured key opens it" for r in mine
+    ):
+        raise KeyMismatch(
+            f"no configured key opens any archive of {source!r} in {st.describe()}; pass the right "
+            "--key-file, --identity or --passphrase-env (a failover never falls back to stale data over a "
+            "key problem)"
+        )
+    choice = _Choice(_pinned(archive, mine, trusted, run.skipped) if archive else selection.candidates, trusted)
+    if not archive and choice.candidates:
+        run.preflight.append(selection.note)
+    if archive is None and resume:
+        _resume_first(choice, st, source, target, keys if keyed else None, limits.resume_within)
+    elif archive is None:
+        log.info("failover: not resuming an unfinished failover (--no-resume): choosing afresh")
+    if not choice.candidates:
+        raise ArchiveError(f"no archive of {source!r} in {st.describe()} can be trusted ({len(run.skipped)} skipped)")
+    return choice
+
+
+def _resume_first(choice: _Choice, st: Any, source: str, target: str, keys: Any, within: timedelta) -> None:
+    """An interrupted failover of this source into this target is finished with its archive
+    (its record is signed with a reader key, bound to source, target and manifest, and young
+    enough: tasks/journal.py), whatever appeared since: that archive goes first."""
+    log = logger()
+    resumed = unfinished_failover(st, source, target, keys, within=within)
+    if resumed is None:
+        return
+    choice.resumed = resumed
+    same = [r for r in choice.candidates if r["name"] == resumed["archive"]
+            and r.get("manifest_sha256") == resumed.get("manifest_sha256")]
+    if same:
+        choice.resumed_row = same[0]
+        choice.candidates = same + [r for r in choice.candidates if r is not same[0]]
+        log.info("failover: an unfinished failover of %s into %s (begun %s) chose %s: trying it first",
+                 source, target, resumed["started"], same[0]["url"])
+    else:
+        log.warning("failover: an unfinished failover (started %s) used %s, which is no longer a "
+                    "trusted candidate; choosing again", resumed["started"], resumed.get("url"))
+
+
+def _guard_primary(run: _Run, primary: str | None, source: str, manifest_url: str | None, target: Any,
+                   force: bool) -> None:
+    """Guard the primary: the split-brain guard probes the failed primary (``--primary``, else
+    the source name, else the URL the archive records) and refuses while it answers."""
+    with run.step("primary"):
+        block, origin = primary_block(primary, source, manifest_url, _resolve_primary)
+        guard = primary_guard(block, target, force, origin)
+    run.summary["primary_check"] = guard
+    run.preflight.append(f"primary: {guard.get('primary') or '-'}: {guard['detail']}")
+
+
+def _report_archive(run: _Run, row: dict[str, Any], manifest: dict[str, Any], keys: Any, choice: _Choice, *,
+                    pinned: bool, max_age: str | None) -> None:
+    """What the chosen archive is, why it was used and how old it is (the RPO): in the summary,
+    the preflight lines and the log."""
+    log = logger()
+    now = datetime.now(UTC)
+    when = created_at(row)
+    run.summary.update(
+        archive=row["url"], archive_created=manifest["created"], service=manifest["service"],
+        archive_keys=manifest["keys"], content_sha256=manifest["content_sha256"],
+        skipped_archives=len(run.skipped), rpo_s=round((now - when).total_seconds(), 3) if when else None,
+    )
+    if keys.opened_by:
+        run.summary["decrypted_with"] = keys.opened_by
+    if rehearsed(row):
+        run.summary["rehearsal"] = row["rehearsal"]
+    begun = choice.resumed["started"] if choice.resumed else None
+    why, line = _why_used(row, choice.resumed_row, begun, pinned, choice.trusted)
+    run.summary["archive_chosen"] = why
+    if why == "resumed":
+        run.summary["resumed"] = begun
+        log.info("failover: %s", line)
+    elif why == "newest":
+        log.warning("failover: %s has no passing authenticated rehearsal; %s", row["url"], line)
+    run.preflight.append(line if why == "resumed" else f"archive: {line}")
+    run.preflight.append(f"rpo: the archive is {naming.age_text(now - when) if when else '?'} old"
+                         + (f" (--max-age {max_age})" if max_age else ""))
+    log.info("failover: using %s (created %s)", row["url"], manifest["created"])
+
+
+def _sanity(run: _Run, row: dict[str, Any], manifest: dict[str, Any], trusted: list[dict[str, Any]],
+            force: bool) -> None:
+    """The sanity check: an archive whose key count fell by more than half against the previous
+    one is refused (a prefix typo or an empty read looks like this), unless ``force``."""
+    problem = sanity_problem(int(manifest["keys"]), previous_archive(row, trusted))
+    if problem and not force:
+        raise FailoverRefused(f"sanity check: {row['url']}: {problem}; pin another with --archive, "
+                              "or pass --force (flow parameter force) to fail over to it anyway")
+    run.preflight.append("sanity: " + (f"OVERRIDDEN (--force): {problem}" if problem else "key count ok"))
+
+
+def _report_postverify(run: _Run, checked: Any, target: Any) -> None:
+    """The post-verify's outcome in the summary and the artifact; a difference fails the run."""
+    run.summary.update(checked.as_summary())
+    run.lists["Post-verify: missing from the target (first 1000)"] = checked.missing_paths
+    run.lists["Post-verify: differing, not a reported conflict (first 1000)"] = checked.differing_paths
+    if not checked.ok:
+        raise PostVerifyFailed(
+            f"post-verify of {target.describe()} failed: {checked.missing} archived keys are missing and "
+            f"{checked.differing} differ without being reported conflicts (paths in the run's artifact)"
+        )
 
 
 def _resolve_primary(ref: str) -> Any:
@@ -409,33 +483,6 @@ def _choose(candidates: list[dict[str, Any]], st: Any, work: Any, keys: Any, lim
             + "; pass a larger --max-age (flow parameter max_age) to accept it"
         )
     raise ArchiveError(f"none of the {len(candidates)} candidate archives passed verification ({len(skipped)} skipped)")
-
-
-def _plan_summary(p: Any, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool) -> None:
-    summary.update(
-        planned_create=p.to_create, planned_intermediate=p.intermediate, identical=p.identical,
-        conflicts=p.conflicts, outside_subtree=p.outside_subtree, metadata_not_carried=p.dropped_metadata,
-    )
-    if p.warnings:
-        summary["warnings"] = p.warnings
-    lists["Planned creates (first 1000)" if dry_run else "Created (first 1000)"] = p.create_paths
-    lists["Conflicts (kept as they are)"] = list(p.conflict_paths)
-    summary["conflict_paths"] = list(p.conflict_paths)
-    summary["planned_paths"] = p.create_paths
-
-
-def _replay_summary(p: Any, done: Any, summary: dict[str, Any], lists: dict[str, list[str]]) -> None:
-    conflict_paths = list(p.conflict_paths) + done.conflict_paths
-    summary.update(
-        status="ok" if not (p.conflicts + done.conflicts) else "ok-with-conflicts",
-        created=done.created, intermediate_created=done.intermediate_created,
-        identical=p.identical + done.identical, conflicts=p.conflicts + done.conflicts,
-    )
-    summary.update(done.target_report)
-    lists["Created with an ACL only the restorer holds (first 1000)"] = done.target_report.get("acl_restricted_paths", [])
-    lists["Archived ACL not applied (first 1000)"] = done.target_report.get("acl_not_applied_paths", [])
-    lists["Conflicts (kept as they are)"] = conflict_paths
-    summary["conflict_paths"] = conflict_paths
 
 
 def _approve(conflicts: int, archive: str, target: str, timeout_s: int, summary: dict[str, Any]) -> None:

@@ -16,8 +16,9 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from tasks.download import download
+from tasks.plan import Plan
 from tasks.plan import plan as plan_task
-from tasks.replay import replay
+from tasks.replay import Replayed, replay
 from tasks.validate import validate
 
 
@@ -112,35 +113,45 @@ def plan_and_replay(
     """The part of a restore after the archive passed validation: plan, then (unless a dry
     run) replay. Fills ``summary`` and the artifact ``lists`` in place."""
     p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
+    plan_summary(p, summary, lists, dry_run=dry_run)
+    if not dry_run:
+        replay_summary(p, replay(p, target), summary, lists)
+
+
+def plan_summary(p: Plan, summary: dict[str, Any], lists: dict[str, list[str]], *, dry_run: bool) -> None:
+    """What the plan found, into a restore's or failover's summary and artifact ``lists`` (one
+    helper for both flows); a dry run ends here, so its status is set too."""
     summary.update(
         planned_create=p.to_create, planned_intermediate=p.intermediate, identical=p.identical,
-        conflicts=p.conflicts, outside_subtree=p.outside_subtree,
-        metadata_not_carried=p.dropped_metadata,
+        conflicts=p.conflicts, outside_subtree=p.outside_subtree, metadata_not_carried=p.dropped_metadata,
     )
     if p.warnings:
         summary["warnings"] = p.warnings
-    conflict_paths = list(p.conflict_paths)
     lists["Planned creates (first 1000)" if dry_run else "Created (first 1000)"] = p.create_paths
+    lists["Conflicts (kept as they are)"] = list(p.conflict_paths)
+    summary["conflict_paths"] = list(p.conflict_paths)
+    summary["planned_paths"] = p.create_paths
     if dry_run:
         summary.update(status="ok", created=0)
-    else:
-        done = replay(p, target)
-        conflict_paths += done.conflict_paths
-        summary.update(
-            status="ok" if not (p.conflicts + done.conflicts) else "ok-with-conflicts",
-            created=done.created,
-            intermediate_created=done.intermediate_created,
-            identical=p.identical + done.identical,
-            conflicts=p.conflicts + done.conflicts,
-        )
-        summary.update(done.target_report)
-        lists["Created with an ACL only the restorer holds (first 1000)"] = done.target_report.get(
-            "acl_restricted_paths", []
-        )
-        lists["Archived ACL not applied (first 1000)"] = done.target_report.get("acl_not_applied_paths", [])
+
+
+def replay_summary(p: Plan, done: Replayed, summary: dict[str, Any], lists: dict[str, list[str]]) -> None:
+    """What the replay did, on top of :func:`plan_summary`: its counts (a key that appeared
+    meanwhile counts as identical or as a conflict), the target's report (ZooKeeper's ACLs)
+    and every conflict, the plan's and the replay's."""
+    conflict_paths = list(p.conflict_paths) + done.conflict_paths
+    summary.update(
+        status="ok" if not (p.conflicts + done.conflicts) else "ok-with-conflicts",
+        created=done.created, intermediate_created=done.intermediate_created,
+        identical=p.identical + done.identical, conflicts=p.conflicts + done.conflicts,
+    )
+    summary.update(done.target_report)
+    lists["Created with an ACL only the restorer holds (first 1000)"] = done.target_report.get(
+        "acl_restricted_paths", []
+    )
+    lists["Archived ACL not applied (first 1000)"] = done.target_report.get("acl_not_applied_paths", [])
     lists["Conflicts (kept as they are)"] = conflict_paths
-    summary["conflict_paths"] = conflict_paths
-    summary["planned_paths"] = p.create_paths
+    summary["conflict_paths"] = list(conflict_paths)
 
 
 def publish_summary(kind: str, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool) -> None:
