@@ -44,7 +44,7 @@ from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatc
 from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
-from flows.restore import plan_summary, publish_summary, replay_summary, target_lock_name
+from flows.restore import plan_summary, publish_summary, replay_summary, save_list, target_lock_name
 from tasks.catalog import Selection, catalog, created_at, select_archives
 from tasks.download import download
 from tasks.journal import close_journal, record_choice, unfinished_failover
@@ -160,6 +160,8 @@ def failover(
     prefer_rehearsed_within: str = "2h",
     resume: bool = True,
     resume_within: str = "6h",
+    list_file: str | None = None,
+    list_sealed: bool = False,
 ) -> dict[str, Any]:
     """Fail ``source`` (the source name its backups record) over from ``store`` into ``into``.
 
@@ -174,7 +176,9 @@ def failover(
     before the newest only when it is at most this much older than the newest.
     ``force``: fail over although the primary still answers, or the archive's key count fell
     by more than half. A ``dry_run`` runs every read-only check and the plan, and writes nothing
-    (not even the scratch key of the writability check). Returns the run summary.
+    (not even the scratch key of the writability check). ``list_file``/``list_sealed``: every
+    planned create's line, as in flows/restore.py (``--list``, ``--list-file``). Returns the
+    run summary.
     """
     run = _Run({"status": "failed", "source": source, "dry_run": dry_run, "force": force}, dry_run)
     summary = run.summary
@@ -215,9 +219,11 @@ def failover(
                 # The on-call's approval is awaited under the lock too, for the same reason.
                 with source_lock(target_lock_name(into, target)):
                     with run.step("plan"):
-                        p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
+                        p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys,
+                                      listed=bool(list_file))
                     plan_summary(p, summary, run.lists, dry_run=dry_run)
                     if dry_run:
+                        save_list(p, list_file, list_sealed, summary)
                         return summary
                     if p.conflicts and deployment.id:
                         with run.step("approval"):
@@ -228,6 +234,7 @@ def failover(
                     with run.step("replay"):
                         done = replay(p, target)
                     replay_summary(p, done, summary, run.lists)
+                    save_list(p, list_file, list_sealed, summary)
                     with run.step("postverify"):
                         checked = postverify(
                             local, target, subtree=subtree, maps=maps, decryptor=keys,

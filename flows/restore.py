@@ -16,9 +16,10 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
 from tasks.download import download
-from tasks.plan import Plan
+from tasks.plan import Plan, write_plan_list
 from tasks.plan import plan as plan_task
 from tasks.replay import Replayed, replay
+from tasks.undo import UndoSink, undo_sink
 from tasks.validate import validate
 
 
@@ -43,6 +44,8 @@ def restore(
     key_block: str | None = None,
     allow_unencrypted: bool = False,
     expect_manifest_sha256: str | None = None,
+    list_file: str | None = None,
+    list_sealed: bool = False,
 ) -> dict[str, Any]:
     """Restore ``archive`` into the cluster ``into``, creating only missing keys.
 
@@ -55,6 +58,10 @@ def restore(
 
     ``expect_manifest_sha256`` (``restore --latest`` passes the catalog row's) refuses an
     archive whose manifest is not the one it was chosen by.
+
+    ``list_file``: write every planned create's line there (``--list-file``), streamed from
+    the plan's spool, after the replay (or the dry run's plan); ``list_sealed`` writes it as a
+    spool only this process can read back (the CLI's ``--list``, printed after the summary).
 
     Returns the run summary; ``conflicts`` > 0 means existing keys differed and were kept.
     """
@@ -87,7 +94,8 @@ def restore(
             # The target cluster is locked from planning (its first read) to the last write: a backup or
             # another restore of the same cluster, on any worker, waits. A dry run reads it too.
             with source_lock(target_lock_name(into, target)):
-                plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps)
+                plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps,
+                                list_file=list_file, list_sealed=list_sealed, undo=undo_sink(store, keys, "restore"))
         return summary
 
 
@@ -109,13 +117,19 @@ def plan_and_replay(
     dry_run: bool,
     subtree: str | None,
     maps: list[str] | None,
+    list_file: str | None = None,
+    list_sealed: bool = False,
+    undo: UndoSink | None = None,
 ) -> None:
     """The part of a restore after the archive passed validation: plan, then (unless a dry
-    run) replay. Fills ``summary`` and the artifact ``lists`` in place."""
-    p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys)
+    run) replay, then the list of creates when asked for. Fills ``summary`` and the artifact
+    ``lists`` in place. ``undo``: where the replay seals the list of keys it created, for
+    ``burrow undo`` (tasks/undo.py; a rehearsal, which cleans up itself, gives none)."""
+    p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys, listed=bool(list_file))
     plan_summary(p, summary, lists, dry_run=dry_run)
     if not dry_run:
-        replay_summary(p, replay(p, target), summary, lists)
+        replay_summary(p, replay(p, target, undo), summary, lists)
+    save_list(p, list_file, list_sealed, summary)
 
 
 def plan_summary(p: Plan, summary: dict[str, Any], lists: dict[str, list[str]], *, dry_run: bool) -> None:
@@ -146,12 +160,28 @@ def replay_summary(p: Plan, done: Replayed, summary: dict[str, Any], lists: dict
         identical=p.identical + done.identical, conflicts=p.conflicts + done.conflicts,
     )
     summary.update(done.target_report)
+    summary.update(done.undo)  # undo_run, undo_run_id, undo_store, undo_keys: what `burrow undo` takes
     lists["Created with an ACL only the restorer holds (first 1000)"] = done.target_report.get(
         "acl_restricted_paths", []
     )
     lists["Archived ACL not applied (first 1000)"] = done.target_report.get("acl_not_applied_paths", [])
     lists["Conflicts (kept as they are)"] = conflict_paths
     summary["conflict_paths"] = list(conflict_paths)
+
+
+def save_list(p: Plan, list_file: str | None, sealed: bool, summary: dict[str, Any]) -> None:
+    """``--list`` / ``--list-file``: every planned create's line into ``list_file``, streamed
+    from the plan's spool (tasks/plan.py ``write_plan_list``), and the count in the summary
+    (``list_lines``). A list that cannot be written is a warning, not a failure: by then the
+    run's writes are done, and they stand."""
+    if not list_file:
+        return
+    try:
+        summary["list_lines"] = write_plan_list(p, list_file, sealed=sealed)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        summary["list_error"] = f"could not write the list of creates to {list_file}: {why}"
+        logger().warning("%s", summary["list_error"])
 
 
 def publish_summary(kind: str, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool) -> None:

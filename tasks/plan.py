@@ -18,7 +18,10 @@ parents and are planned in archive order."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,7 +43,7 @@ from burrow.paths import (
 from burrow.perf import gc_paused
 from burrow.records import Record, decode_record, display_key, encode_record
 from burrow.runlog import logger
-from burrow.staging import open_spool_writer
+from burrow.staging import open_spool_reader, open_spool_writer
 from tasks import task
 
 BATCH = 1000
@@ -68,10 +71,21 @@ class Plan:
     conflicts: int = 0
     outside_subtree: int = 0
     conflict_paths: list[str] = field(default_factory=list)
-    create_paths: list[str] = field(default_factory=list)
+    create_paths: list[str] = field(default_factory=list)  # the first LIST_LIMIT lines of the list
+    #: With ``listed``: a sealed spool of every planned create's line, in plan order (:func:`plan_lines`).
+    list_path: str | None = None
     dropped_metadata: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the target says would fail (no write yet)
     seconds: float = 0.0
+    _lines: BinaryIO | None = field(default=None, repr=False, compare=False)  # while planning, with ``listed``
+
+    def listed(self, key: bytes, label: str = "") -> None:
+        """A planned create: its line goes to the first LIST_LIMIT (the artifact's) and, when
+        the whole list was asked for, to the list spool."""
+        if len(self.create_paths) < LIST_LIMIT:
+            self.create_paths.append(display_key(key) + label)
+        if self._lines is not None:
+            self._lines.write(_list_line(key, label))
 
     def conflict(self, key: bytes) -> None:
         self.conflicts += 1
@@ -187,8 +201,7 @@ class _FlatPlanner:
         for r, current in zip(batch, found, strict=True):
             if current is None:
                 plan.to_create += 1
-                if len(plan.create_paths) < LIST_LIMIT:
-                    plan.create_paths.append(display_key(r.key))
+                plan.listed(r.key)
                 self.out.write(encode_record(r))
             else:
                 plan.compare(r.key, r.value, current)
@@ -320,7 +333,6 @@ class _TreePlanner:
         need = [node[_KEY] for _, node, _ in batch if node[_STATE] != MISSING]
         found = dict(zip(need, self.session.lookup(need), strict=True)) if need else {}
         plan = self.plan
-        paths = plan.create_paths
         creates: list[bytes] = []
         for kind, node, body in batch:
             current = None if node[_STATE] == MISSING else found.get(node[_KEY])
@@ -334,8 +346,7 @@ class _TreePlanner:
                     plan.to_create += 1
                 else:
                     plan.intermediate += 1
-                if len(paths) < LIST_LIMIT:
-                    paths.append(display_key(node[_KEY]) + _LABEL[kind])
+                plan.listed(node[_KEY], _LABEL[kind])
                 creates.append(body)
             else:
                 node[_STATE] = PRESENT
@@ -357,8 +368,13 @@ def plan_restore(
     subtree: str | None = None,
     maps: list[str] | None = None,
     decryptor: BodyDecryptor | None = None,
+    listed: bool = False,
 ) -> Plan:
-    """Classify every archived key against ``target``; write the creates to a spool."""
+    """Classify every archived key against ``target``; write the creates to a spool.
+
+    ``listed``: also spool every planned create's line (sealed, beside the plan) for
+    ``--list`` and ``--list-file``; :func:`plan_lines` streams them back. Without it only
+    the first LIST_LIMIT are kept (for the artifact)."""
     log = logger()
     started = time.monotonic()
     mapper = KeyMapper(subtree, maps)
@@ -366,6 +382,9 @@ def plan_restore(
     plan = Plan(ops_path=str(ops_path), target=target.describe())
     session = target.connect()
     sorter = ExternalSorter(workdir, RUN_BYTES, "restore plan")
+    if listed:
+        plan.list_path = str(workdir / "plan-list.sealed")
+        plan._lines = open_spool_writer(plan.list_path)
     try:
         tree = session.parent_key(b"/a/b") is not None
         with open(archive_path, "rb") as f, open_spool_writer(ops_path) as out:  # sealed: no plaintext on disk
@@ -413,6 +432,9 @@ def plan_restore(
     finally:
         sorter.close()
         session.close()
+        if plan._lines is not None:
+            plan._lines.close()
+            plan._lines = None  # a Plan goes on to replay (a task's input): no open file in it
     plan.seconds = time.monotonic() - started
     log.info(
         "plan: %d to create (+%d intermediate), %d identical, %d conflicts, %d outside subtree, in %.2fs",
@@ -433,6 +455,65 @@ def plan(
     subtree: str | None = None,
     maps: list[str] | None = None,
     decryptor: BodyDecryptor | None = None,
+    listed: bool = False,
 ) -> Plan:
     """Prefect task wrapper of :func:`plan_restore`."""
-    return plan_restore(Path(archive_path), target, Path(workdir), subtree=subtree, maps=maps, decryptor=decryptor)
+    return plan_restore(
+        Path(archive_path), target, Path(workdir), subtree=subtree, maps=maps, decryptor=decryptor, listed=listed
+    )
+
+
+# ---------------------------------------------------------------------------- the list of creates
+
+#: How a line of the list starts (``create   /a/b``, ``create   /a (intermediate)``).
+LIST_PREFIX = "create   "
+
+
+def _list_line(key: bytes, label: str) -> bytes:
+    """One line of the list spool: the key as shown to humans (a line break in a key is
+    escaped, so one create is always one line), then its label."""
+    shown = display_key(key)
+    if "\n" in shown or "\r" in shown:
+        shown = shown.replace("\r", "\\r").replace("\n", "\\n")
+    return (LIST_PREFIX + shown + label + "\n").encode("utf-8", "backslashreplace")
+
+
+def plan_lines(p: Plan) -> Iterator[str]:
+    """Every planned create's line (with its newline), in plan order, streamed from the
+    plan's list spool: never the whole list in memory. The plan must have been made with
+    ``listed`` by this process (the spool's key lives only in its memory)."""
+    if p.list_path is None:
+        raise ValueError("the plan was made without listed=True: it kept no list of its creates")
+    with open_spool_reader(p.list_path) as f:
+        for line in f:
+            yield line.decode("utf-8")
+
+
+def write_plan_list(p: Plan, path: str, *, sealed: bool = False) -> int:
+    """Write every planned create's line into ``path`` (the user's ``--list-file``; with
+    ``sealed``, a spool only this process can read back, for ``--list`` on stdout). Returns
+    the number of lines, which is ``to_create + intermediate``.
+
+    Written to a temporary name beside ``path`` and renamed over it, so ``path`` is either
+    the old file or the whole new list, never a part of one."""
+    path = os.path.abspath(os.path.expanduser(path))
+    n = 0
+    if sealed:
+        with open_spool_writer(path) as out:
+            for line in plan_lines(p):
+                out.write(line.encode("utf-8"))
+                n += 1
+        return n
+    tmp = f"{path}.burrow-{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for line in plan_lines(p):
+                out.write(line)
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return n
+

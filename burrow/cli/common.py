@@ -4,6 +4,7 @@ restore reports, catalog lookups."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from burrow.errors import (
     EXIT_OK,
     EXIT_USAGE,
     ArchiveNotFound,
+    UsageError,
 )
 
 
@@ -73,12 +75,16 @@ class Output:
     list_file: str | None = None  # --list-file PATH: the paths go there
     stdout: TextIO | None = None  # the real stdout (with --json, print() goes to stderr)
     emitted: bool = False
+    list_spool: str | None = None  # --list of a restore or failover: the sealed spool its flow wrote
 
     def reset(self, **kwargs: Any) -> None:
+        _close_list_spool()
         self.__dict__.update(Output(**kwargs).__dict__)
 
 
 OUTPUT = Output()
+#: The private staging directory holding OUTPUT.list_spool while the command runs.
+_LIST_DIR = contextlib.ExitStack()
 
 #: Conflicts listed without --list (the summary holds the count).
 CONFLICTS_SHOWN = 20
@@ -113,6 +119,78 @@ def write_list(lines: list[str], what: str) -> None:
     elif lines:
         print(f"burrow: {len(lines)} {what} lines not shown (--list shows them, --list-file PATH saves them)",
               file=sys.stderr)
+
+
+def list_parameters() -> dict[str, Any]:
+    """The flow parameters that make a restore or failover write its list of creates.
+
+    The flow writes the list itself, streamed from its plan's spool, while the plan is still
+    on disk (the list can be millions of lines: it is never held in memory, nor returned in
+    the summary). ``--list-file PATH``: into PATH, checked here first (a usage error before
+    anything runs, not a failure after the writes). ``--list``: into a sealed spool in a
+    private staging directory of this process, printed after the summary by
+    :func:`report_restore`. Neither (or ``--json`` without ``--list-file``): nothing."""
+    if OUTPUT.list_file:
+        path = os.path.abspath(os.path.expanduser(OUTPUT.list_file))
+        folder = os.path.dirname(path)
+        if os.path.isdir(path):
+            raise UsageError(f"--list-file {OUTPUT.list_file}: is a directory; name a file")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--list-file {OUTPUT.list_file}: the directory {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise UsageError(f"--list-file {OUTPUT.list_file}: not writable")
+        return {"list_file": path}
+    if OUTPUT.list_paths and not OUTPUT.json:
+        from burrow.staging import staging_dir
+
+        _close_list_spool()
+        folder = _LIST_DIR.enter_context(staging_dir())
+        OUTPUT.list_spool = str(folder / "list.sealed")
+        return {"list_file": OUTPUT.list_spool, "list_sealed": True}
+    return {}
+
+
+def _close_list_spool() -> None:
+    """Remove the --list spool and its staging directory (also at exit, should a run fail)."""
+    OUTPUT.list_spool = None
+    _LIST_DIR.close()
+
+
+def _print_list_spool(path: str) -> int:
+    """Stream the lines of the --list spool the flow wrote to stdout; how many there were."""
+    from burrow.staging import open_spool_reader
+
+    n = 0
+    out = sys.stdout
+    with open_spool_reader(path) as f:
+        for line in f:
+            out.write(line.decode("utf-8"))
+            n += 1
+    out.flush()
+    return n
+
+
+def report_list(summary: dict[str, Any], dry_run: bool) -> None:
+    """The list of a restore's or failover's creates, every line, as the flow wrote it (see
+    :func:`list_parameters`): on stdout with ``--list``, a note with ``--list-file``, else (a
+    dry run) a hint that counts every line the list would have."""
+    lines = summary.get("list_lines")
+    if summary.get("list_error"):
+        return  # the flow warned already
+    if OUTPUT.list_file:
+        if lines is not None:
+            print(f"burrow: wrote {lines} create lines to {OUTPUT.list_file}", file=sys.stderr)
+    elif OUTPUT.list_spool:
+        try:
+            if lines is not None:
+                _print_list_spool(OUTPUT.list_spool)
+        finally:
+            _close_list_spool()
+    elif dry_run and not OUTPUT.json:
+        n = int(summary.get("planned_create") or 0) + int(summary.get("planned_intermediate") or 0)
+        if n:
+            print(f"burrow: {n} create lines not shown (--list shows them, --list-file PATH saves them)",
+                  file=sys.stderr)
 
 
 def add_write_keys(p: argparse.ArgumentParser) -> None:
@@ -177,11 +255,13 @@ def report_restore(summary: dict[str, Any], dry_run: bool) -> int:
     """Print a restore or failover summary on stdout, summary first; return the exit code.
 
     The counts come first. Conflicts follow (up to CONFLICTS_SHOWN of them; all with
-    ``--list``); a dry run's planned creates only with ``--list`` or ``--list-file``. With
-    ``--json`` the whole summary is one JSON object instead."""
+    ``--list``); then every planned create with ``--list`` (or into ``--list-file``), on
+    real and dry runs alike (:func:`report_list`). With ``--json`` the whole summary is one
+    JSON object instead (``--list-file`` is still written)."""
     code = EXIT_CONFLICTS if summary.get("conflicts") and not dry_run else EXIT_OK
     if report_json(summary, code):
         _restore_notes(summary, dry_run, paths=False)
+        report_list(summary, dry_run)
         return code
     if dry_run:
         print(f"dry run: nothing was written to {summary['target']}")
@@ -196,11 +276,7 @@ def report_restore(summary: dict[str, Any], dry_run: bool) -> int:
         print(f"conflict {p}")
     if len(shown) < len(conflicts):
         print(f"burrow: {len(conflicts) - len(shown)} more conflicts not shown (--list shows all)", file=sys.stderr)
-    if dry_run:
-        planned = [f"create   {p}" for p in summary.get("planned_paths", [])]
-        if summary["planned_create"] + summary["planned_intermediate"] > len(planned):
-            planned.append("create   ... (list truncated)")
-        write_list(planned, "create")
+    report_list(summary, dry_run)
     _restore_notes(summary, dry_run, paths=True)
     return code
 

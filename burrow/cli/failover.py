@@ -8,6 +8,7 @@ from typing import Any
 from burrow.cli.common import (
     add_read_keys,
     keyring,
+    list_parameters,
     read_refs,
     report_restore,
 )
@@ -71,6 +72,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
     from burrow.paths import KeyMapper
 
     KeyMapper(args.subtree, args.map)
+    listing = list_parameters()
     if args.candidates < 1:
         raise UsageError("--candidates must be at least 1")
     if args.max_age:
@@ -90,7 +92,7 @@ def cmd_failover(args: argparse.Namespace) -> int:
             max_age=args.max_age, force=args.force, dry_run=args.dry_run, subtree=args.subtree,
             maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted,
             prefer_rehearsed_within=args.prefer_rehearsed_within, resume=not args.no_resume,
-            resume_within=args.resume_within, **refs,
+            resume_within=args.resume_within, **refs, **listing,
         )
     except BurrowError as exc:
         done = getattr(exc, "failover_summary", None)

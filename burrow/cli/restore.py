@@ -10,6 +10,7 @@ from burrow.cli.common import (
     add_read_keys,
     keyring,
     latest_row,
+    list_parameters,
     read_refs,
     report_restore,
 )
@@ -43,6 +44,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from burrow.paths import KeyMapper
 
     KeyMapper(args.subtree, args.map)  # usage errors before a flow starts
+    listing = list_parameters()
     refs = read_refs(args)
     keys = keyring(refs)  # a missing or malformed key file is a usage error before a flow starts
     if args.latest:
@@ -61,6 +63,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     summary = restore(
         archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None,
-        allow_unencrypted=args.allow_unencrypted, expect_manifest_sha256=expect, **refs,
+        allow_unencrypted=args.allow_unencrypted, expect_manifest_sha256=expect, **refs, **listing,
     )
     return report_restore(summary, args.dry_run)
