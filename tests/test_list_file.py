@@ -176,6 +176,10 @@ def test_a_list_file_that_cannot_be_written_is_a_usage_error_before_anything_run
     with kazoo(zk_b.url) as c:
         with pytest.raises(NoNodeError):
             c.get(elsewhere)  # nothing was restored
+    # said by the parser, before any probe: a failover whose store does not exist says it too
+    f = run_cli("failover", "list-small", "--from", str(tmp_path / "no-store"), "--into", f"zk://{zk_b.url}",
+                "--list-file", str(tmp_path))
+    assert f.code == 2 and f.error_line == f"burrow: error: --list-file {tmp_path}: is a directory; name a file", f
 
 
 def test_a_failover_lists_every_create_on_a_dry_run_and_into_the_file_on_a_real_run(small, zk_b, tmp_path):

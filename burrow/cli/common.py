@@ -32,7 +32,11 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
         self._seen = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(args, namespace)
+        ns, extra = super().parse_known_args(args, namespace)
+        problem = list_file_problem(getattr(ns, "list_file", None))
+        if problem:  # a usage error at once, before any probe: not a failure after the run's writes
+            self.error(problem)
+        return ns, extra
 
     def _suggestion(self, message: str) -> str:
         """' (did you mean ...?)' for a mistyped command or flag, else ''."""
@@ -131,15 +135,10 @@ def list_parameters() -> dict[str, Any]:
     private staging directory of this process, printed after the summary by
     :func:`report_restore`. Neither (or ``--json`` without ``--list-file``): nothing."""
     if OUTPUT.list_file:
-        path = os.path.abspath(os.path.expanduser(OUTPUT.list_file))
-        folder = os.path.dirname(path)
-        if os.path.isdir(path):
-            raise UsageError(f"--list-file {OUTPUT.list_file}: is a directory; name a file")
-        if not os.path.isdir(folder):
-            raise UsageError(f"--list-file {OUTPUT.list_file}: the directory {folder} does not exist")
-        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-            raise UsageError(f"--list-file {OUTPUT.list_file}: not writable")
-        return {"list_file": path}
+        problem = list_file_problem(OUTPUT.list_file)  # (the parser said so already: for direct calls)
+        if problem:
+            raise UsageError(problem)
+        return {"list_file": os.path.abspath(os.path.expanduser(OUTPUT.list_file))}
     if OUTPUT.list_paths and not OUTPUT.json:
         from burrow.staging import staging_dir
 
@@ -148,6 +147,21 @@ def list_parameters() -> dict[str, Any]:
         OUTPUT.list_spool = str(folder / "list.sealed")
         return {"list_file": OUTPUT.list_spool, "list_sealed": True}
     return {}
+
+
+def list_file_problem(list_file: str | None) -> str | None:
+    """Why ``--list-file`` cannot be written (a usage error), else None."""
+    if not list_file:
+        return None
+    path = os.path.abspath(os.path.expanduser(list_file))
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"--list-file {list_file}: is a directory; name a file"
+    if not os.path.isdir(folder):
+        return f"--list-file {list_file}: the directory {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"--list-file {list_file}: not writable"
+    return None
 
 
 def _close_list_spool() -> None:
