@@ -58,8 +58,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Any]]:
                             help="print the run summary as one JSON object on stdout (and nothing else there)")
         if name in LISTING_COMMANDS:
             sp.add_argument("--list", dest="list_paths", action="store_true",
-                            help="list every path (dry run: each planned create; prune: each kept archive) "
-                            "after the summary")
+                            help="list every path after the summary (restore, failover: each planned create, "
+                            "real or dry run; prune: each kept archive)")
             sp.add_argument("--list-file", metavar="PATH",
                             help="write that list to PATH instead (one line each)")
     return p, commands
