@@ -657,6 +657,73 @@ class ConsulSession:
                 results[i] = True
         return results
 
+    # -- undo (version-guarded) -----------------------------------------------------------
+    def _indexes(self, full: list[str]) -> dict[str, tuple[int, int]]:
+        """``key -> (CreateIndex, ModifyIndex)`` of those of ``full`` (one txn's worth) that
+        exist: a txn of gets, run again without the keys it found absent."""
+        found: dict[str, tuple[int, int]] = {}
+        pending = list(range(len(full)))
+        for _ in range(10):
+            if not pending:
+                break
+            got, errors = self._txn([{"KV": {"Verb": "get", "Key": full[j]}} for j in pending], "reading keys")
+            if got is not None:
+                for r in got:
+                    kv = r.get("KV") or {}
+                    if kv.get("ModifyIndex"):
+                        found[str(kv.get("Key"))] = (int(kv.get("CreateIndex") or 0), int(kv["ModifyIndex"]))
+                break
+            missing = self._failed_ops(errors, [full[j] for j in pending], _ABSENT, "reading keys")
+            pending = [j for k, j in enumerate(pending) if k not in missing]
+        return found
+
+    def created_versions(self, keys: list[bytes]) -> list[int | None]:
+        """The index each key was created at (its ``CreateIndex``), None where it is gone: read
+        back right after a restore created them, so that ``burrow undo`` can later delete
+        exactly these keys, and only while unchanged. The creation index, not ``ModifyIndex``:
+        a key changed between its create and this read already differs from what is recorded,
+        and undo keeps it."""
+        n = max(1, min(self.block.txn_ops, MAX_TXN_OPS))
+        chunks = [[self.full_key(k) for k in keys[i : i + n]] for i in range(0, len(keys), n)]
+        out: list[int | None] = []
+        for full, found in zip(chunks, self._map(self._indexes, chunks), strict=True):
+            out += [found[k][0] if k in found else None for k in full]
+        return out
+
+    def delete_if_version(self, items: list[tuple[bytes, int]], *, dry_run: bool = False) -> list[bool]:
+        """Delete each ``(key, version)`` whose ``ModifyIndex`` still equals ``version`` (as
+        :meth:`created_versions` recorded it: unchanged since this Burrow created it), with
+        ``delete-cas`` at that index, one txn per batch (a batch rolled back by a key changed
+        meanwhile runs again without it). True = the key is gone (deleted now, or already
+        absent: Consul's ``delete-cas`` succeeds on a missing key); False = kept, changed since.
+        ``dry_run`` reads the indexes and deletes nothing."""
+        results = [False] * len(items)
+        n = max(1, min(self.block.txn_ops, MAX_TXN_OPS))
+        chunks = [list(range(i, min(i + n, len(items)))) for i in range(0, len(items), n)]
+
+        def run(chunk: list[int]) -> list[int]:
+            full = [self.full_key(items[i][0]) for i in chunk]
+            if dry_run:
+                found = self._indexes(full)
+                return [i for i, k in zip(chunk, full, strict=True)
+                        if k not in found or found[k][1] == int(items[i][1])]
+            todo = list(range(len(chunk)))
+            for _ in range(10):
+                if not todo:
+                    break
+                ops = [{"KV": {"Verb": "delete-cas", "Key": full[j], "Index": int(items[chunk[j]][1])}} for j in todo]
+                got, errors = self._txn(ops, "deleting keys", results=False)
+                if got is not None:
+                    return [chunk[j] for j in todo]
+                stale = self._failed_ops(errors, [full[j] for j in todo], _DELETE_STALE, "deleting keys")
+                todo = [j for k, j in enumerate(todo) if k not in stale]
+            return []
+
+        for gone in self._map(run, chunks):
+            for i in gone:
+                results[i] = True
+        return results
+
 
 _WS = b" \t\r\n"
 _SCAN = 64  # "}" looked at per chunk when looking for the end of the last complete element

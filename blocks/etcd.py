@@ -711,6 +711,48 @@ class EtcdSession:
         return [bool(resp.succeeded and resp.responses and resp.responses[0].response_delete_range.deleted)
                 for resp in responses]
 
+    # -- undo (version-guarded) -----------------------------------------------------------
+    def created_versions(self, keys: list[bytes]) -> list[int | None]:
+        """The revision each key was created at (its ``create_revision``), None where it is
+        gone: read back right after a restore created them (one txn of ranges per txn_ops
+        keys, pipelined), so that ``burrow undo`` can later delete exactly these keys, and
+        only while unchanged. The creation revision, not ``mod_revision``: a key changed between
+        its create and this read already differs from what is recorded, and undo keeps it."""
+        n = max(1, min(self.block.txn_ops, 128))
+        chunks = [keys[i : i + n] for i in range(0, len(keys), n)]
+        requests = (
+            rpc.TxnRequest(success=[
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=self.full_key(k), keys_only=True)) for k in chunk
+            ])
+            for chunk in chunks
+        )
+        out: list[int | None] = []
+        for resp in self._many(self.kv.Txn, requests, "reading keys"):
+            for r in resp.responses:
+                kvs = r.response_range.kvs
+                out.append(int(kvs[0].create_revision) if kvs else None)
+        return out
+
+    def delete_if_version(self, items: list[tuple[bytes, int]], *, dry_run: bool = False) -> list[bool]:
+        """Delete each ``(key, version)`` whose ``mod_revision`` still equals ``version`` (as
+        :meth:`created_versions` recorded it: unchanged since this Burrow created it): one txn
+        per key guarding the delete with that comparison, pipelined. True = the key is gone
+        (deleted now, or already absent); False = kept, changed since. ``dry_run`` runs the
+        same comparison and deletes nothing."""
+
+        def guarded(item: tuple[bytes, int]) -> rpc.TxnRequest:
+            key = self.full_key(item[0])
+            count = rpc.RequestOp(request_range=rpc.RangeRequest(key=key, count_only=True))
+            return rpc.TxnRequest(
+                compare=[rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
+                                     mod_revision=int(item[1]))],
+                success=[count if dry_run else rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))],
+                failure=[count],  # a key that is absent has no revision to match: it is gone
+            )
+
+        responses = self._many(self.kv.Txn, (guarded(i) for i in items), "deleting keys")
+        return [bool(resp.succeeded or not resp.responses[0].response_range.count) for resp in responses]
+
 
 class _TooLarge(SourceError):
     """An answer exceeded the gRPC receive limit (asked for too much at once)."""

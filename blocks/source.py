@@ -57,6 +57,25 @@ class SourceSession(Protocol):
         """
         ...
 
+    def created_versions(self, keys: list[bytes]) -> list[int | None]:
+        """The version each key was created at, read back right after :meth:`create` made it
+        (ZooKeeper: the node's czxid; etcd: its create_revision; Consul: its CreateIndex), or
+        None where the key is gone. A restore records these (tasks/undo.py) so that ``burrow
+        undo`` can delete exactly what it created. A key changed before this read shows a newer
+        modification version than the creation version recorded, so undo keeps it."""
+        ...
+
+    def delete_if_version(self, items: list[tuple[bytes, int]], *, dry_run: bool = False) -> list[bool]:
+        """Delete each ``(key, version)`` only if the key's modification version (ZooKeeper
+        mzxid, etcd mod_revision, Consul ModifyIndex) still equals ``version``: unchanged since
+        it was created with that version. Items come children first. True = the key is gone
+        (deleted now or already absent); False = kept (changed since, it gained children, or
+        deleting it was refused). ``dry_run`` deletes nothing and answers as a real run would.
+
+        The one deletion Burrow makes in a cluster: ``burrow undo`` and the rehearsal cleanup
+        use it, never a restore."""
+        ...
+
     def prepare(self, record: Record, source_service: str) -> tuple[Record, list[str]]:
         """Adapt an archived record to this target: returns the record to create and the
         names of metadata that cannot be carried over (reported, never silently dropped)."""

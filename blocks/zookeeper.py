@@ -188,6 +188,12 @@ class ZooKeeperCluster(SourceBlock):
             root.close()
         return path
 
+    def unrooted(self) -> ZooKeeperSession:
+        """A session on the whole tree, above the chroot (its paths are absolute): for what
+        concerns the chroot's own levels, such as a rehearsal checking which of them exist
+        and removing the ones it created (tasks/rehearse.py)."""
+        return ZooKeeperSession(self, chroot=False)
+
 
 #: Deletes per multi transaction when a rehearsal cleans its scratch chroot.
 DELETE_MULTI = 500
@@ -991,4 +997,99 @@ class ZooKeeperSession:
                             continue
         except (KazooException, KazooTimeoutError) as exc:
             raise self._wrap(exc, path, "deleting") from None
+        return results
+
+    # -- undo (version-guarded) -----------------------------------------------------------
+    def created_versions(self, keys: list[bytes]) -> list[int | None]:
+        """The zxid each node was created at (its ``czxid``), None where it is gone: read back
+        right after a restore created them, so that ``burrow undo`` can later delete exactly
+        these nodes, and only while unchanged. Pipelined ``exists`` calls, which need no
+        permission on the node (an archived ACL may deny this identity READ).
+
+        The creation zxid, not the current ``mzxid``: should a node be changed between its
+        create and this read, its ``mzxid`` already differs from what is recorded, and undo
+        keeps it."""
+        out: list[int | None] = []
+        window = max(1, self.block.read_window)
+        wait = max(self.block.session_timeout, 1.0)
+        path = ""
+        try:
+            for start in range(0, len(keys), window):
+                chunk = [k.decode("utf-8") for k in keys[start : start + window]]
+                pending = [self.client.exists_async(p) for p in chunk]
+                for n, asked in enumerate(pending):
+                    path = chunk[n]  # (named by the error, should this one fail)
+                    stat = asked.get(timeout=wait)
+                    out.append(None if stat is None or stat.ephemeralOwner else int(stat.czxid))
+        except (KazooException, KazooTimeoutError) as exc:
+            raise self._wrap(exc, path, "reading") from None
+        return out
+
+    def delete_if_version(self, items: list[tuple[bytes, int]], *, dry_run: bool = False) -> list[bool]:
+        """Delete each ``(key, version)`` node whose ``mzxid`` still equals ``version`` (as
+        :meth:`created_versions` recorded it: unchanged since this Burrow created it). Items
+        come children first. True = the node is gone (deleted now, or already absent); False =
+        kept: changed since, it has children (someone added one), or this identity may not
+        delete it.
+
+        The deletes go in multi transactions of DELETE_MULTI, each node at the data version
+        read with its ``mzxid`` (one quorum write per few hundred nodes); a multi that fails
+        changes nothing, and its nodes are then deleted one by one, each at its version.
+
+        ``dry_run`` deletes nothing and says what a real run would do, counting a node whose
+        only children would be deleted before it as deleted (the session remembers, across
+        calls, how many children of each node it judged gone)."""
+        from kazoo.exceptions import BadVersionError, NotEmptyError
+
+        results = [False] * len(items)
+        window = max(1, self.block.read_window)
+        wait = max(self.block.session_timeout, 1.0)
+        gone_children: dict[str, int] = self.__dict__.setdefault("_dry_run_gone", {})
+        denied = 0
+        path = ""
+        try:
+            for start in range(0, len(items), window):
+                chunk = [(k.decode("utf-8"), int(v)) for k, v in items[start : start + window]]
+                pending = [self.client.exists_async(p) for p, _ in chunk]
+                deletes: list[tuple[int, str, int]] = []
+                for n, ((path, version), asked) in enumerate(zip(chunk, pending, strict=True)):
+                    stat = asked.get(timeout=wait)
+                    if stat is None:
+                        results[start + n] = True
+                    elif stat.mzxid != version or stat.ephemeralOwner:
+                        continue
+                    elif dry_run:
+                        if stat.numChildren - gone_children.pop(path, 0) <= 0:
+                            results[start + n] = True
+                            parent = path.rsplit("/", 1)[0] or "/"
+                            gone_children[parent] = gone_children.get(parent, 0) + 1
+                    else:
+                        deletes.append((start + n, path, stat.version))
+                for first in range(0, len(deletes), DELETE_MULTI):
+                    group = deletes[first : first + DELETE_MULTI]
+                    txn = self.client.transaction()
+                    for _, deleting, version in group:  # in order: children before their parents
+                        txn.delete(deleting, version=version)
+                    path = group[0][1]
+                    outcome = txn.commit_async().get(timeout=wait)
+                    if all(r is True for r in outcome):
+                        for i, _, _ in group:
+                            results[i] = True
+                        continue
+                    for i, deleting, version in group:
+                        path = deleting  # (named by the error, should this one fail)
+                        try:
+                            self.client.delete_async(deleting, version=version).get(timeout=wait)
+                            results[i] = True
+                        except NoNodeError:
+                            results[i] = True
+                        except (BadVersionError, NotEmptyError):
+                            continue
+                        except NoAuthError:
+                            denied += 1
+        except (KazooException, KazooTimeoutError) as exc:
+            raise self._wrap(exc, path, "deleting") from None
+        if denied:
+            log.warning("%d node(s) unchanged since they were created were kept: ZooKeeper at %s denied deleting "
+                        "them (their parent's ACL)", denied, self.label)
         return results

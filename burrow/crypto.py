@@ -425,6 +425,31 @@ class ArchiveKeys:
                 return False, "its MAC does not match (edited, or copied from another record)"
         return False, f"it was signed by reader key {signer[:16]!r}, which is not configured here"
 
+    def reader_seal(self, domain: bytes, plaintext: bytes, aad: bytes) -> tuple[str, bytes]:
+        """Encrypt and authenticate ``plaintext`` so that only holders of a reader key can read
+        it (records that name key paths, such as the undo lists of tasks/undo.py): AES-256-GCM
+        under HKDF-SHA256(the keyring's first reader key, a random 32-byte salt, ``domain``),
+        with ``aad`` authenticated too. Returns ``(signer, salt || nonce || ciphertext)``
+        (``signer``: the reader key's public id). Raises ValueError without a secret identity."""
+        for rid, key in self._reader_keys():
+            salt, nonce = os.urandom(SALT_LEN), os.urandom(12)
+            return rid, salt + nonce + AESGCM(_hkdf(key, salt, domain)).encrypt(nonce, plaintext, aad)
+        raise ValueError("no secret key to seal with: a keyring of public keys only cannot make reader records")
+
+    def reader_open(self, domain: bytes, signer: str, sealed: bytes, aad: bytes) -> bytes:
+        """The plaintext of what :meth:`reader_seal` made; ValueError (a reason without key
+        material) when no configured key is ``signer``'s, or the bytes or ``aad`` were changed."""
+        if len(sealed) < SALT_LEN + 12 + TAG_LEN:
+            raise ValueError("it is too short to be sealed")
+        for rid, key in self._reader_keys():
+            if rid == signer:
+                salt, nonce = sealed[:SALT_LEN], sealed[SALT_LEN : SALT_LEN + 12]
+                try:
+                    return AESGCM(_hkdf(key, salt, domain)).decrypt(nonce, sealed[SALT_LEN + 12 :], aad)
+                except InvalidTag:
+                    raise ValueError("it failed authentication (edited, or copied from another name)") from None
+        raise ValueError(f"it was sealed by reader key {str(signer)[:16]!r}, which is not configured here")
+
 
 def reader_id(key: bytes) -> str:
     """The public id of a reader key: 16 hex digits of a domain-separated SHA-256 of it."""

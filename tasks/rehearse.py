@@ -8,11 +8,11 @@
   it, key by key, with the archive's records (tasks/drift.py: streaming, bounded memory,
   by path and value digest, never printing a value). The only keys allowed in the target
   that the archive lacks are the empty intermediate parents the restore created.
-* :func:`clean_scratch`: delete exactly what the restore created (the keys of its plan spool,
-  intermediate parents included), children first, each key only if it still holds the value
-  it was restored with (``delete_if_unchanged`` of the source sessions: a guarded, atomic
-  delete), then the chroot levels it created. Anything else (a key someone changed or added
-  meanwhile) is left alone and counted.
+* :func:`clean_scratch`: delete exactly what the restore created (the list its replay kept,
+  intermediate parents included, tasks/undo.py), children first, each key only if unchanged
+  since it was created (``delete_if_version`` of the source sessions, as ``burrow undo`` does:
+  a guarded, atomic delete), then the chroot levels it created. Anything else (a key someone
+  changed or added meanwhile) is left alone and counted.
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kazoo.exceptions import KazooException
-
 from blocks.source import SourceBlock, WalkStats
-from blocks.zookeeper import ZooKeeperCluster, ZooKeeperSession
 from burrow.archive import BodyDecryptor
 from burrow.errors import (
     ArchiveError,
@@ -49,6 +46,7 @@ from burrow.staging import open_spool_reader
 from tasks import task
 from tasks.drift import Drift, diff_archive
 from tasks.plan import RUN_BYTES
+from tasks.undo import created_spool
 
 DELETE_BATCH = 1000
 LIST_LIMIT = 1000
@@ -112,7 +110,9 @@ class Scratch:
 
 
 def _chroot_levels(target: SourceBlock) -> list[str]:
-    chroot = getattr(target, "chroot", None) if isinstance(target, ZooKeeperCluster) else None
+    """The levels of a ZooKeeper target's chroot, top first (a target with a session above its
+    chroot, ``unrooted()``); none for any other target."""
+    chroot = getattr(target, "chroot", None) if hasattr(target, "unrooted") else None
     if not chroot or chroot == "/":
         return []
     levels, path = [], ""
@@ -143,13 +143,12 @@ def check_scratch_target(target: SourceBlock) -> Scratch:
     missing: list[str] = []
     levels = _chroot_levels(target)
     if levels:
-        root = ZooKeeperSession(target, chroot=False)  # type: ignore[arg-type]
+        root = target.unrooted()  # type: ignore[attr-defined]
         try:
-            missing = [p for p in levels if root.client.exists(p) is None]
-        except KazooException as exc:
-            raise root._wrap(exc, levels[0], "reading") from None
+            found = root.created_versions([p.encode("utf-8") for p in levels])
         finally:
             root.close()
+        missing = [p for p, version in zip(levels, found, strict=True) if version is None]
     logger().info(
         "rehearse: scratch target %s is empty%s", target.describe(),
         f" ({len(missing)} chroot level(s) to create)" if missing else "",
@@ -218,9 +217,12 @@ def _deepest_first(records: Iterator[Record], workdir: Path) -> Iterator[Record]
         sorter.close()
 
 
-def _restored_records(restored: Path) -> Iterator[Record]:
-    """The records a restore planned to create (its sealed plan spool), as created: key and value."""
-    with open_spool_reader(restored) as f:
+def _created_records(created: Path) -> Iterator[Record]:
+    """The keys the restore created (its replay's sealed list, tasks/undo.py), each with the
+    version it was created at as its value."""
+    if not created.exists():
+        return  # the replay created nothing
+    with open_spool_reader(created) as f:
         for r in read_records(f):
             yield Record(r.key, r.value)
 
@@ -230,10 +232,11 @@ def clean_scratch_target(
 ) -> dict[str, Any]:
     """Delete what the rehearsal restored into ``target``, then the chroot levels it created.
 
-    ``restored`` is the restore's plan spool (tasks/plan.py: every key it creates, with the
-    value it creates it with, intermediate parents included): exactly those keys are deleted,
-    children first, each only if it still holds that value. Without it (planning failed before
-    it wrote one) nothing is deleted, and one log line says so: the restore wrote nothing
+    ``restored`` is the restore's plan spool (tasks/plan.py); beside it, its replay listed every
+    key it created with the version it was created at, intermediate parents included
+    (tasks/undo.py ``CREATED_SPOOL``): exactly those keys are deleted, children first, each only
+    if unchanged since (``delete_if_version``). Without a plan (planning failed before it wrote
+    one) nothing is deleted, and one log line says so: the restore wrote nothing
     without a plan, and whatever the scratch target holds then is not the rehearsal's to delete
     (walking it and deleting what it read once could remove keys someone else wrote there).
     Returns ``{"deleted", "left", "left_paths"}`` (and ``"no_plan": True`` when there was none);
@@ -248,20 +251,20 @@ def clean_scratch_target(
     left_paths: list[str] = []
     base = Path(tempfile.mkdtemp(prefix="cleanup-", dir=workdir))
     session = target.connect()
-    delete = getattr(session, "delete_if_unchanged", None)
+    delete = getattr(session, "delete_if_version", None)
     if delete is None:
         session.close()
         raise SourceError(f"{target.service} targets cannot be cleaned up by this Burrow (no delete support)")
     try:
         tree = session.parent_key(b"/a/b") is not None
-        records: Iterator[Record] = _restored_records(restored)
+        records: Iterator[Record] = _created_records(created_spool(restored))
         if tree:
             records = _deepest_first(records, base)  # (reads them all before the first delete)
         batch: list[Record] = []
 
         def flush() -> None:
             nonlocal deleted
-            deleted += sum(delete(batch))
+            deleted += sum(delete([(r.key, int(r.value)) for r in batch]))
             batch.clear()
 
         for r in records:
@@ -281,7 +284,7 @@ def clean_scratch_target(
     finally:
         session.close()
     if not left and scratch.missing_levels:
-        root = ZooKeeperSession(target, chroot=False)  # type: ignore[arg-type]
+        root = target.unrooted()  # type: ignore[attr-defined]
         try:
             levels = [Record(p.encode("utf-8"), b"") for p in reversed(scratch.missing_levels)]
             for r, ok in zip(levels, root.delete_if_unchanged(levels), strict=True):

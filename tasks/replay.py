@@ -17,6 +17,7 @@ from burrow.runlog import logger
 from burrow.staging import open_spool_reader
 from tasks import task
 from tasks.plan import LIST_LIMIT, Plan
+from tasks.undo import CreatedLog, UndoSink, created_spool, seal_created
 
 BATCH = 20_000  # records handed to the target at once (it pipelines them in transactions)
 BATCH_BYTES = 32 * 1024 * 1024  # ... unless their values add up to this first
@@ -33,14 +34,26 @@ class Replayed:
     conflict_paths: list[str] = field(default_factory=list)
     target_report: dict[str, Any] = field(default_factory=dict)  # e.g. ZooKeeper's ACL counts and lists
     seconds: float = 0.0
+    #: The spool of every key created, with its creation version (tasks/undo.py; the rehearsal cleanup reads it).
+    created_path: str | None = None
+    #: What the run summary says of the sealed undo list (``undo_run``, ...), or nothing.
+    undo: dict[str, Any] = field(default_factory=dict)
 
 
 @gc_paused
-def replay_plan(plan: Plan, target: SourceBlock) -> Replayed:
-    """Execute the creates of ``plan`` against ``target``."""
+def replay_plan(plan: Plan, target: SourceBlock, undo: UndoSink | None = None) -> Replayed:
+    """Execute the creates of ``plan`` against ``target``.
+
+    Every key created is listed, with its creation version, in a spool beside the plan's
+    (``Replayed.created_path``) as it goes. With ``undo``, that list is sealed into the run's
+    store when the replay ends, however it ends (tasks/undo.py): on success ``Replayed.undo``
+    says so; on an error or an interrupt after the first create, the exception carries it as
+    ``undo_summary`` (the CLI prints its ``to undo:`` line either way)."""
     log = logger()
     started = time.monotonic()
     done = Replayed()
+    created = CreatedLog(created_spool(plan.ops_path))
+    done.created_path = str(created.path)
     session = target.connect()
     try:
         session.ensure_root()
@@ -52,17 +65,28 @@ def replay_plan(plan: Plan, target: SourceBlock) -> Replayed:
                 batch.append(rec)
                 size += len(rec.value)
                 if len(batch) >= BATCH or size >= BATCH_BYTES:
-                    _apply(session, batch, done)
+                    _apply(session, batch, done, created)
                     advance(len(batch))
                     batch, size = [], 0
             if batch:
-                _apply(session, batch, done)
+                _apply(session, batch, done, created)
                 advance(len(batch))
         finish = getattr(session, "finish", None)  # ZooKeeper: archived ACLs set once the children exist
         if finish is not None:
             done.target_report = finish()
+    except BaseException as exc:
+        _recover_inflight(session, created)
+        created.close()
+        if undo is not None and created.count:
+            sealed = seal_created(undo, created, target)
+            if sealed:
+                exc.undo_summary = sealed  # type: ignore[attr-defined] - the CLI's "to undo:" line
+        raise
     finally:
+        created.close()
         session.close()
+    if undo is not None:
+        done.undo = seal_created(undo, created, target)
     done.seconds = time.monotonic() - started
     log.info(
         "replay: created %d (+%d intermediate); %d appeared meanwhile identical, %d conflicts; %.2fs",
@@ -71,8 +95,11 @@ def replay_plan(plan: Plan, target: SourceBlock) -> Replayed:
     return done
 
 
-def _apply(session, batch: list[Record], done: Replayed) -> None:  # noqa: ANN001 - a SourceSession
+def _apply(session, batch: list[Record], done: Replayed, created: CreatedLog) -> None:  # noqa: ANN001 - a SourceSession
+    created.inflight = batch
     outcome = session.create(batch)
+    _record_created(session, batch, outcome, created)
+    created.inflight = []
     existed = [r for r, ok in zip(batch, outcome, strict=True) if not ok and not r.meta.get("intermediate")]
     for r, ok in zip(batch, outcome, strict=True):
         if ok:
@@ -91,9 +118,37 @@ def _apply(session, batch: list[Record], done: Replayed) -> None:  # noqa: ANN00
                     done.conflict_paths.append(display_key(r.key))
 
 
+def _record_created(session, batch: list[Record], outcome: list[bool], created: CreatedLog) -> None:  # noqa: ANN001
+    """List the keys of ``batch`` this create made, each with the version it was created at,
+    read back in one batch (``created_versions``); a key gone meanwhile has nothing to undo."""
+    made = [r.key for r, ok in zip(batch, outcome, strict=True) if ok]
+    if not made:
+        return
+    versions = session.created_versions(made)
+    created.add([(k, v) for k, v in zip(made, versions, strict=True) if v is not None])
+
+
+def _recover_inflight(session, created: CreatedLog) -> None:  # noqa: ANN001 - a SourceSession
+    """The replay stopped (an error, an interrupt) inside a batch's create: list the keys of that
+    batch that exist now. Each was planned because it was absent (under the target's lock, which
+    keeps other Burrow runs out), so this run created it; a key someone else made in that very
+    window would be listed too, and undo would delete it only while unchanged since."""
+    batch = [r.key for r in created.inflight if not r.meta.get("acl_pending")]
+    created.inflight = []
+    if not batch:
+        return
+    try:
+        versions = session.created_versions(batch)
+    except Exception as exc:  # noqa: BLE001 - the replay's own error is the one to report
+        logger().warning("undo: the keys of the batch being created when the replay stopped could not be listed "
+                         "(%s); an undo of this run leaves them", type(exc).__name__)
+        return
+    created.add([(k, v) for k, v in zip(batch, versions, strict=True) if v is not None])
+
+
 @task(name="replay")
-def replay(plan: Plan, target: SourceBlock) -> Replayed:
+def replay(plan: Plan, target: SourceBlock, undo: UndoSink | None = None) -> Replayed:
     """Prefect task wrapper of :func:`replay_plan`. Not retried: a half-done replay is safe to
     run again by hand (it only creates what is missing), but not blindly."""
-    return replay_plan(plan, target)
+    return replay_plan(plan, target, undo)
 

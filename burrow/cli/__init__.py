@@ -11,7 +11,8 @@ Which Prefect API a flow command uses (the configured one, Burrow's local server
 local server when the configured one is dead) is decided by ``burrow.cli.server`` before
 Prefect is imported.
 
-Exit codes: 0 success, 1 failure, 2 usage error, 3 restore finished but skipped conflicts,
+Exit codes: 0 success, 1 failure, 2 usage error, 3 restore finished but skipped conflicts (undo:
+kept keys changed since),
 4 ``verify --against``: drift found, 5 ``status --max-age``: a source's newest archive is too old.
 """
 
@@ -27,16 +28,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from burrow.cli import backup, catalog, dump, failover, keygen, prune, rehearse, restore, server, verify
+from burrow.cli import backup, catalog, dump, failover, keygen, prune, rehearse, restore, server, undo, verify
 from burrow.cli.common import OUTPUT, Parser, emit_json
 from burrow.errors import EXIT_FAILURE, BurrowError
 
-MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse)
+MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, undo)
 
 #: Commands that run a Prefect flow (and so need a Prefect API).
-FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune", "rehearse")
-#: Flow commands whose dry run lists paths (--list).
-LISTING_COMMANDS = ("restore", "failover", "prune")
+FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune", "rehearse", "undo")
+#: Flow commands whose dry run lists paths (--list; undo: the keys it kept).
+LISTING_COMMANDS = ("restore", "failover", "prune", "undo")
 #: Commands that show progress bars on a terminal.
 PROGRESS_COMMANDS = ("backup", "restore", "verify", "failover", "rehearse")
 

@@ -12,10 +12,12 @@ from burrow.cli.common import (
     read_refs,
     report_restore,
 )
+from burrow.cli.undo import with_undo_line
 from burrow.errors import (
     BurrowError,
     UsageError,
 )
+from burrow.naming import redact_url
 
 
 def register(sub: Any) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def register(sub: Any) -> dict[str, Any]:
         help="read an unencrypted archive even though read keys are configured (by default it is refused: "
         "anyone who can write to the store could have planted it)",
     )
-    return {"failover": cmd_failover}
+    return {"failover": with_undo_line(cmd_failover, lambda args, _: redact_url(args.store))}  # ends: `to undo: ...`
 
 
 def _print_preflight(summary: dict[str, Any]) -> None:

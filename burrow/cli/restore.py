@@ -14,6 +14,7 @@ from burrow.cli.common import (
     read_refs,
     report_restore,
 )
+from burrow.cli.undo import with_undo_line
 from burrow.errors import (
     UsageError,
 )
@@ -36,7 +37,7 @@ def register(sub: Any) -> dict[str, Any]:
         help="read an unencrypted archive even though read keys are configured (by default it is refused: "
         "anyone who can write to the store could have planted it)",
     )
-    return {"restore": cmd_restore}
+    return {"restore": with_undo_line(cmd_restore, lambda _, sealed: sealed["undo_store"])}  # ends: `to undo: ...`
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

@@ -91,7 +91,7 @@ READY_POLL = 0.05  # seconds between two readiness checks of a starting local se
 _SERVER_MAIN = "import gc, sys; gc.set_threshold(50_000, 10, 10); from uvicorn.main import main; sys.exit(main())"
 START_TIMEOUT = 180.0  # a start takes 3 to 6 s on a small machine, 10 to 30 s when it migrates the database
 #: Commands that run on the local server when the configured orchestrator is down.
-FALLBACK_COMMANDS = ("backup", "restore", "verify", "failover")
+FALLBACK_COMMANDS = ("backup", "restore", "verify", "failover", "undo")
 
 # Loopback and orchestrator probes never go through an HTTP proxy from the environment.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -784,7 +784,7 @@ def choose_orchestrator(command: str) -> Orchestrator:
         if command not in FALLBACK_COMMANDS:
             raise OrchestratorUnavailable(
                 f"the Prefect API at {shown} ({origin}) is unreachable: {cause}; "
-                f"`burrow {command}` waits for the orchestrator (backup, restore, verify and failover "
+                f"`burrow {command}` waits for the orchestrator (backup, restore, verify, failover and undo "
                 "fall back to the local server)"
             )
         if speculative is not None:
