@@ -20,6 +20,7 @@ EXIT_USAGE = 2
 EXIT_CONFLICTS = 3
 EXIT_DRIFT = 4  # burrow verify --against: the live cluster differs from the archive
 EXIT_STALE = 5  # burrow status --max-age: a source's newest archive is too old
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (a failover prints its archive line first)
 
 
 class BurrowError(Exception):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -40,7 +40,7 @@ from prefect.runtime import deployment, flow_run
 from blocks.keys import archive_keys
 from blocks.resolve import source_from_ref, store_from_ref
 from burrow import naming
-from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatch, UsageError
+from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch, UsageError
 from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run, source_lock
@@ -52,7 +52,9 @@ from tasks.markers import annotate_task
 from tasks.plan import plan as plan_task
 from tasks.postverify import PostVerifyFailed, postverify
 from tasks.preflight import (
+    FOREIGN_KEYS_MAX_PCT,
     FailoverRefused,
+    cluster_guard,
     previous_archive,
     primary_block,
     primary_guard,
@@ -62,7 +64,6 @@ from tasks.preflight import (
     target_check,
 )
 from tasks.replay import replay
-from tasks.undo import undo_sink
 from tasks.validate import validate
 
 #: Seconds between two checks of a paused run for the on-call's answer.
@@ -163,6 +164,8 @@ def failover(
     resume_within: str = "6h",
     list_file: str | None = None,
     list_sealed: bool = False,
+    cross_service: bool = False,
+    foreign_keys_max: float = FOREIGN_KEYS_MAX_PCT,
 ) -> dict[str, Any]:
     """Fail ``source`` (the source name its backups record) over from ``store`` into ``into``.
 
@@ -175,8 +178,11 @@ def failover(
     at most ``resume_within`` old (default 6h); ``resume=False`` chooses afresh.
     ``prefer_rehearsed_within``: an archive with a passing, authenticated rehearsal is tried
     before the newest only when it is at most this much older than the newest.
-    ``force``: fail over although the primary still answers, or the archive's key count fell
-    by more than half. A ``dry_run`` runs every read-only check and the plan, and writes nothing
+    ``cross_service``: restore an archive of one service into another on purpose (else the
+    wrong-cluster guard refuses). ``foreign_keys_max``: the percent of the archive's key count
+    the target may already hold outside the archive's paths (default 1) before the guard refuses.
+    ``force``: fail over although the primary still answers, the archive's key count fell by
+    more than half, or the wrong-cluster guard refuses. A ``dry_run`` runs every read-only check and the plan, and writes nothing
     (not even the scratch key of the writability check). ``list_file``/``list_sealed``: every
     planned create's line, as in flows/restore.py (``--list``, ``--list-file``). Returns the
     run summary.
@@ -192,10 +198,10 @@ def failover(
             if max_age:
                 summary["max_age"] = max_age
 
-            # 1. the target first: a dead target must not cost the time to fetch candidates
+            # 1. the target first: a dead target must not cost the time to fetch candidates (its
+            # writability is checked once the wrong-cluster guard has passed: nothing is written before)
             with run.step("target"):
-                run.preflight.append(
-                    f"target {target.describe()}: {target_check(target, write=not dry_run, force=force)}")
+                reached = target_check(target, write=False)
             keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
             choice = _select(run, st, source, target.describe(), keys, archive, resume, limits, allow_unencrypted)
             # the split-brain guard, before any download when the primary is known without one
@@ -213,6 +219,10 @@ def failover(
                 if not guarded:
                     _guard_primary(run, None, source, manifest.get("source_url"), target, force)
                 _sanity(run, row, manifest, choice.trusted, force)
+                with run.step("target"):
+                    _guard_target(run, target, local, manifest, keys, reached, force=force,
+                                  cross_service=cross_service, foreign_keys_max=foreign_keys_max,
+                                  subtree=subtree, maps=maps)
 
                 # 2. plan, (approval), restore, 3. post-verify. As in restore, the target cluster is
                 # locked from planning (its first read) to the last read of the post-verify: a backup
@@ -233,7 +243,7 @@ def failover(
                     record_choice(st, source, target.describe(), row, keys if keys.keyring else None,
                                   limits.resume_within.total_seconds())
                     with run.step("replay"):
-                        done = replay(p, target, undo_sink(st, keys, "failover"))  # seals what it created for undo
+                        done = replay(p, target)
                     replay_summary(p, done, summary, run.lists)
                     save_list(p, list_file, list_sealed, summary)
                     with run.step("postverify"):
@@ -244,8 +254,10 @@ def failover(
                 _report_postverify(run, checked, target)
                 close_journal(st, source, target.describe(), keys if keys.keyring else None)
             return summary
-    except BurrowError as exc:
-        exc.failover_summary = summary  # type: ignore[attr-defined] - the CLI prints the skips on stdout
+    except BaseException as exc:  # a refusal, a failure, or an interruption (Ctrl-C, SIGTERM)
+        # the CLI prints the skips and, once one was chosen, the archive line on stdout
+        with suppress(AttributeError, TypeError):
+            exc.failover_summary = summary  # type: ignore[attr-defined]
         raise
 
 
@@ -374,6 +386,19 @@ def _sanity(run: _Run, row: dict[str, Any], manifest: dict[str, Any], trusted: l
         raise FailoverRefused(f"sanity check: {row['url']}: {problem}; pin another with --archive, "
                               "or pass --force (flow parameter force) to fail over to it anyway")
     run.preflight.append("sanity: " + (f"OVERRIDDEN (--force): {problem}" if problem else "key count ok"))
+
+
+def _guard_target(run: _Run, target: Any, local: str, manifest: dict[str, Any], keys: Any, reached: str, *,
+                  force: bool, cross_service: bool, foreign_keys_max: float, subtree: str | None,
+                  maps: list[str] | None) -> None:
+    """Guard the target: the wrong-cluster guard (its service, and the keys it already holds
+    outside the archive's paths: read-only), then the writability check's scratch key (not in a
+    dry run, which keeps the reachability it found first)."""
+    line = cluster_guard(target, local, manifest, force=force, cross_service=cross_service,
+                         foreign_keys_max=foreign_keys_max, subtree=subtree, maps=maps, decryptor=keys)
+    run.preflight.append(f"cluster: {line}")
+    written = reached if run.dry_run else target_check(target, write=True, force=force)
+    run.preflight.append(f"target {target.describe()}: {written}")
 
 
 def _report_postverify(run: _Run, checked: Any, target: Any) -> None:

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from blocks.source import SourceBlock
+from blocks.source import SourceBlock, WalkStats
+from burrow.archive import ArchiveReader, BodyDecryptor
 from burrow.errors import (
     AuthError,
     BurrowError,
@@ -36,7 +39,7 @@ from burrow.errors import (
     should_retry,
 )
 from burrow.naming import age_text, redact_url
-from burrow.paths import translate
+from burrow.paths import KeyMapper, translate
 from burrow.records import Record
 from burrow.runlog import logger
 from tasks import task
@@ -86,7 +89,7 @@ def check_target(target: SourceBlock, *, write: bool = True, force: bool = False
         key = translate(SCRATCH_PREFIX + uuid.uuid4().hex[:12].encode(), "zookeeper", target.service)
         found = session.lookup([b"/", key] if target.service == "zookeeper" else [key])
         if not write:
-            log.info("preflight: target %s answers (dry run: writability not checked)", label)
+            log.info("preflight: target %s answers", label)
             return "reachable (dry run: no scratch write)"
         nearest = getattr(target, "nearest_existing", None)
         if target.service == "zookeeper" and found[0] is None and nearest is not None:
@@ -131,6 +134,159 @@ def check_target(target: SourceBlock, *, write: bool = True, force: bool = False
 def target_check(target: SourceBlock, write: bool = True, force: bool = False) -> str:
     """Prefect task wrapper of :func:`check_target` (retried: the target may be electing a leader)."""
     return check_target(target, write=write, force=force)
+
+
+# ---------------------------------------------------------------------------- the wrong cluster
+
+#: Keys the target may already hold outside the archive's namespace, in percent of the archive's
+#: key count, before the wrong-cluster guard refuses (``--foreign-keys-max``, flow parameter
+#: ``foreign_keys_max``): a standby's few keys of its own pass, another system's tree does not.
+FOREIGN_KEYS_MAX_PCT = 1.0
+
+
+def _canon(key: bytes) -> bytes:
+    """A key in one form for every service: ``/a/b`` (Consul's ``a/b/`` and etcd's ``a/b`` too)."""
+    return b"/" + key.strip(b"/")
+
+
+def _prefix(key: bytes, depth: int) -> bytes:
+    """The first ``depth`` levels of ``key``, in its own style (the key itself when shallower)."""
+    parts = [p for p in key.split(b"/") if p]
+    if len(parts) <= depth:
+        return key
+    return (b"/" if key.startswith(b"/") else b"") + b"/".join(parts[:depth])
+
+
+def _depth(path: str | bytes | None) -> int:
+    if not path:
+        return 0
+    raw = path.encode("utf-8") if isinstance(path, str) else path
+    return len([p for p in raw.split(b"/") if p])
+
+
+@dataclass
+class Namespace:
+    """The paths an archive holds, in the target's key space (canonical ``/a/b`` form): its
+    root, or its top-level paths when it was taken of a whole cluster, as ``--subtree`` and
+    ``--map`` place them. A target key at, below or above one of them belongs to the archive's
+    namespace; any other key is foreign."""
+
+    roots: set[bytes] = field(default_factory=set)
+    parents: set[bytes] = field(default_factory=set)
+
+    def add(self, root: bytes) -> None:
+        root = _canon(root)
+        if root in self.roots:
+            return
+        self.roots.add(root)
+        parts = [p for p in root.split(b"/") if p]
+        for i in range(1, len(parts)):
+            self.parents.add(b"/" + b"/".join(parts[:i]))
+
+    def holds(self, key: bytes) -> bool:
+        canon = _canon(key)
+        if canon == b"/" or canon in self.parents or b"/" in self.roots:
+            return True
+        parts = [p for p in canon.split(b"/") if p]
+        return any(b"/" + b"/".join(parts[:i]) in self.roots for i in range(1, len(parts) + 1))
+
+
+def archive_namespace(archive_path: str | Path, target_service: str, *, subtree: str | None = None,
+                      maps: list[str] | None = None, decryptor: BodyDecryptor | None = None) -> Namespace:
+    """The :class:`Namespace` of the archive at ``archive_path`` (validated already): one pass
+    over its records, keeping only their first levels (as deep as the archive's root or
+    ``--subtree``), renamed by ``--map`` and translated to the target's service."""
+    mapper = KeyMapper(subtree, maps)
+    ns = Namespace()
+    with open(archive_path, "rb") as f:
+        reader = ArchiveReader(f)
+        service = reader.manifest["service"]
+        depth = max(_depth(reader.manifest.get("root")), _depth(subtree), 1)
+        seen: set[bytes] = set()
+        for rec in reader.records(decryptor):
+            if mapper(rec.key) is None:
+                continue  # outside --subtree: never restored (its parents are "above" the roots)
+            first = _prefix(rec.key, depth)
+            if first in seen:
+                continue
+            seen.add(first)
+            renamed = mapper.rename(first)
+            ns.add(translate(renamed if renamed is not None else b"/", service, target_service))
+    for _old, new in mapper.maps:  # where --map puts keys whose OLD is deeper than these levels
+        ns.add(translate(new, service, target_service))
+    return ns
+
+
+def count_foreign(target: SourceBlock, namespace: Namespace, limit: int) -> int:
+    """How many keys of ``target`` lie outside ``namespace``: a read-only walk that stops once
+    it has counted ``limit + 1`` (so the answer is at most that). Burrow's own scratch keys and
+    the service's own tree (ZooKeeper's ``/zookeeper``, which the walk excludes) never count."""
+    session = target.connect()
+    try:
+        if target.service == "zookeeper" and session.lookup([b"/"])[0] is None:
+            return 0  # the chroot does not exist yet: nothing there at all
+        foreign = 0
+        walker = session.walk(b"/", WalkStats())
+        try:
+            for rec in walker:
+                if namespace.holds(rec.key) or _canon(rec.key).startswith(b"/.burrow-"):
+                    continue
+                foreign += 1
+                if foreign > limit:
+                    break
+        finally:
+            walker.close()
+        return foreign
+    finally:
+        session.close()
+
+
+def guard_cluster(target: SourceBlock, archive_path: str | Path, manifest: dict[str, Any], *, force: bool,
+                  cross_service: bool = False, foreign_keys_max: float = FOREIGN_KEYS_MAX_PCT,
+                  subtree: str | None = None, maps: list[str] | None = None,
+                  decryptor: BodyDecryptor | None = None) -> str:
+    """The wrong-cluster guard, before anything is written (the writability check's scratch key
+    included): refuse, in one line naming ``--force``, a target of another service than the
+    archive's (unless ``cross_service``: on purpose), or one that already holds more keys
+    outside the archive's namespace than ``foreign_keys_max`` percent of the archive's key count
+    (a failover of Consul's ``app/`` into the etcd that holds Kubernetes' ``/registry`` looks
+    exactly like this). Returns the preflight line. Counts only: never a key path."""
+    log = logger()
+    label = target.describe()
+    service = str(manifest.get("service"))
+    problems: list[str] = []
+    if service != target.service and not cross_service:
+        problems.append(f"the archive is of a {service} cluster and the target {label} is {target.service}; pass "
+                        "--cross-service (flow parameter cross_service) to restore across services on purpose")
+    keys = int(manifest.get("keys") or 0)
+    limit = int(keys * max(0.0, foreign_keys_max) / 100)
+    namespace = archive_namespace(archive_path, target.service, subtree=subtree, maps=maps, decryptor=decryptor)
+    foreign = count_foreign(target, namespace, limit)
+    if foreign > limit:
+        held = "keys" if not limit else f"more than {limit} keys"
+        problems.append(f"the target {label} already holds {held} outside the paths the archive holds (at most "
+                        f"{foreign_keys_max:g}% of its {keys} keys may be, --foreign-keys-max): it looks like another "
+                        "system's cluster; check --into")
+    if problems and not force:
+        raise FailoverRefused("wrong-cluster guard: " + "; and ".join(problems)
+                              + "; or pass --force (flow parameter force) to fail over into it anyway")
+    if problems:
+        log.warning("preflight: wrong-cluster guard OVERRIDDEN by --force: %s", "; and ".join(problems))
+        return "OVERRIDDEN (--force): " + "; and ".join(problems)
+    what = f"a {service} archive" + (f" into {target.service} (--cross-service)" if service != target.service else "")
+    held = "no key" if not foreign else f"{foreign} keys (at most {limit} allowed)"
+    log.info("preflight: %s; the target holds %s outside its namespace", what, held)
+    return f"{what}; the target holds {held} outside the archive's paths"
+
+
+@task(name="preflight-cluster", retries=2, retry_delay_seconds=[1, 3], retry_condition_fn=should_retry)
+def cluster_guard(target: SourceBlock, archive_path: str, manifest: dict[str, Any], force: bool = False,
+                  cross_service: bool = False, foreign_keys_max: float = FOREIGN_KEYS_MAX_PCT,
+                  subtree: str | None = None, maps: list[str] | None = None,
+                  decryptor: BodyDecryptor | None = None) -> str:
+    """Prefect task wrapper of :func:`guard_cluster` (its reads are retried; a refusal is not)."""
+    return guard_cluster(target, archive_path, manifest, force=force, cross_service=cross_service,
+                         foreign_keys_max=foreign_keys_max, subtree=subtree, maps=maps, decryptor=decryptor)
 
 
 # ---------------------------------------------------------------------------- the primary

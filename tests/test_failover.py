@@ -20,13 +20,24 @@ from flows.failover import failover
 DEAD = f"zk://127.0.0.1:{free_port()}"
 
 
+@pytest.fixture
+def standby(zk_b) -> str:
+    """A private corner of zk_b (a chroot of its own, ``host:port/chroot``) as one test's failover
+    target: zk_b is shared by every test of the session, and the wrong-cluster guard rightly
+    refuses a target that holds other tests' keys (tests/test_wrong_cluster.py)."""
+    top = unique_root()
+    with kazoo(zk_b.url) as c:
+        c.ensure_path(top)
+    return f"{zk_b.url}{top}"
+
+
 def flip_byte(path: Path, offset_from_middle: int = 0) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2 + offset_from_middle] ^= 0x01
     path.write_bytes(bytes(data))
 
 
-def test_failover_skips_a_corrupt_newest_archive_and_never_overwrites(cli, zk_a, zk_b, store, tmp_path):
+def test_failover_skips_a_corrupt_newest_archive_and_never_overwrites(standby, cli, zk_a, zk_b, store, tmp_path):
     key = tmp_path / "k.key"
     keygen(key, x25519=False)
     root = unique_root()
@@ -41,14 +52,14 @@ def test_failover_skips_a_corrupt_newest_archive_and_never_overwrites(cli, zk_a,
 
     # The newest archive is damaged: failover must report it and fall back to the older one.
     flip_byte(Path(new["url"].removeprefix("file://")))
-    with kazoo(zk_b.url) as c:
+    with kazoo(standby) as c:
         c.create(root + "/cfg/a", b"changed in the target", makepath=True)
-    r = cli("failover", "dc-x", "--from", str(store), "--into", f"zk://{zk_b.url}", "--key-file", str(key),
+    r = cli("failover", "dc-x", "--from", str(store), "--into", f"zk://{standby}", "--key-file", str(key),
             "--primary", DEAD)
     assert r.code == 3, r  # the pre-existing, different /cfg/a is a conflict, kept as it is
     assert f"failover from {old['url']}" in r.out
     assert f"conflict {root}/cfg/a" in r.out
-    with kazoo(zk_b.url) as c:
+    with kazoo(standby) as c:
         after = snapshot(c, root)
     assert after[root + "/cfg/a"] == b"changed in the target"
     assert root + "/cfg/b" not in after  # only in the damaged newest archive
@@ -57,7 +68,7 @@ def test_failover_skips_a_corrupt_newest_archive_and_never_overwrites(cli, zk_a,
     }
 
 
-def test_failover_picks_the_newest_and_stops_on_a_wrong_key(zk_a, zk_b, store, tmp_path):
+def test_failover_picks_the_newest_and_stops_on_a_wrong_key(standby, zk_a, zk_b, store, tmp_path):
     key, other = tmp_path / "k.key", tmp_path / "other.key"
     keygen(key, x25519=False)
     keygen(other, x25519=False)
@@ -70,21 +81,21 @@ def test_failover_picks_the_newest_and_stops_on_a_wrong_key(zk_a, zk_b, store, t
         expected = snapshot(c, root)
 
     with pytest.raises(KeyMismatch):
-        failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(other)])
-    with kazoo(zk_b.url) as c:
+        failover(source="dc-y", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(other)])
+    with kazoo(standby) as c:
         assert c.exists(root) is None  # nothing written
 
     with pytest.raises(ArchiveNotFound):
-        failover(source="no-such-source", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
+        failover(source="no-such-source", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)])
 
-    dry = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)], dry_run=True)
+    dry = failover(source="dc-y", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)], dry_run=True)
     assert dry["archive"] == newest["url"] and dry["planned_create"] == len(expected)
-    with kazoo(zk_b.url) as c:
+    with kazoo(standby) as c:
         assert c.exists(root) is None
 
-    done = failover(source="dc-y", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
+    done = failover(source="dc-y", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)])
     assert done["created"] == len(expected) and done["conflicts"] == 0
-    with kazoo(zk_b.url) as c:
+    with kazoo(standby) as c:
         assert snapshot(c, root) == expected
 
 
@@ -106,7 +117,7 @@ def test_prune_cli(cli, capsys, zk_a, store):
     assert "at least 1" in capsys.readouterr().err
 
 
-def test_failover_passes_over_an_archive_it_cannot_authenticate(zk_a, zk_b, store, tmp_path):
+def test_failover_passes_over_an_archive_it_cannot_authenticate(standby, zk_a, zk_b, store, tmp_path):
     """Someone who can write to the store plants a newer archive of the same source, encrypted to
     their own key: with a key configured, its claims are not trusted, so failover skips it (and
     says why) and restores the newest archive it can authenticate; an unknown source name lists
@@ -121,9 +132,9 @@ def test_failover_passes_over_an_archive_it_cannot_authenticate(zk_a, zk_b, stor
         expected = snapshot(c, root)
         c.set(root + "/x", b"planted")
         backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-z", root=root, key_file=str(theirs))
-    done = failover(source="dc-z", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
+    done = failover(source="dc-z", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)])
     assert done["archive"] == good["url"] and done["skipped_archives"] == 1
-    with kazoo(zk_b.url) as c:
+    with kazoo(standby) as c:
         assert snapshot(c, root) == expected
     with pytest.raises(ArchiveNotFound, match="dc-z"):
-        failover(source="dc-zz", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
+        failover(source="dc-zz", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)])

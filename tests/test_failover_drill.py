@@ -34,6 +34,17 @@ from tasks.preflight import FailoverRefused, previous_archive, rpo_problem, sani
 DEAD = f"zk://127.0.0.1:{free_port()}"
 
 
+@pytest.fixture
+def standby(zk_b) -> str:
+    """A private corner of zk_b (a chroot of its own, ``host:port/chroot``) as one test's failover
+    target: zk_b is shared by every test of the session, and the wrong-cluster guard rightly
+    refuses a target that holds other tests' keys (tests/test_wrong_cluster.py)."""
+    top = unique_root()
+    with kazoo(zk_b.url) as c:
+        c.ensure_path(top)
+    return f"{zk_b.url}{top}"
+
+
 def stamp(delta: timedelta) -> str:
     return (datetime.now(UTC) + delta).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -118,7 +129,7 @@ def test_rpo_and_sanity_rules():
 # ------------------------------------------------------------------------------ preflight refusals
 
 
-def test_rpo_gate_sanity_check_pinning_and_skips_on_stdout(zk_b, store, key, capsys, monkeypatch):
+def test_rpo_gate_sanity_check_pinning_and_skips_on_stdout(standby, zk_b, store, key, capsys, monkeypatch):
     """Archives of dc-r: a (3h old, 10 keys), b (2h, 10 keys), c (30m, 2 keys: an empty read
     looks like this), d (1m, truncated). Each refusal is one line naming its override."""
     monkeypatch.delenv("BURROW_KEYRING", raising=False)
@@ -132,11 +143,11 @@ def test_rpo_gate_sanity_check_pinning_and_skips_on_stdout(zk_b, store, key, cap
     data = bytearray(e.read_bytes())
     data[len(data) // 3] ^= 0x01  # a flipped bit in the body: only a full read finds it
     e.write_bytes(bytes(data))
-    into = f"zk://{zk_b.url}"
+    into = f"zk://{standby}"
     base = ["failover", "dc-r", "--from", str(store), "--into", into, "--key-file", str(key)]
 
     def nothing_written() -> None:
-        with kazoo(zk_b.url) as zk:
+        with kazoo(standby) as zk:
             assert zk.exists(root) is None
 
     # the sanity check: c has 2 keys against b's 11; the skipped d and e are on stdout with their reasons
@@ -165,7 +176,7 @@ def test_rpo_gate_sanity_check_pinning_and_skips_on_stdout(zk_b, store, key, cap
     out, err = capsys.readouterr()
     assert f"failover from file://{b}" in out and "rpo_s=" in out and "post-verify: 11 keys checked, 11 match" in out, out
     assert "primary" in out and "no answer" in out  # the manifest's source URL was probed: down
-    with kazoo(zk_b.url) as zk:
+    with kazoo(standby) as zk:
         assert snapshot(zk, root) == {r.key.decode(): r.value for r in tree(root, 10, "b")}
 
     # the corrupt and the truncated newest candidates are skipped, each with its reason on
@@ -212,7 +223,7 @@ def test_a_dead_target_fails_first_before_any_archive_is_read(store, key):
 # ------------------------------------------------------------------------------ both directions
 
 
-def test_zookeeper_drill_us_to_eu_and_back(cli, zk_a, zk_b, store, key, capsys):
+def test_zookeeper_drill_us_to_eu_and_back(standby, cli, zk_a, zk_b, store, key, capsys):
     """B1/R1: DC-US (zk_a) is backed up; it fails; DC-EU (zk_b) is rebuilt from the archive.
     B2/R2: DC-EU, now serving, is backed up and DC-US is brought back from it. While a primary
     answers, the split-brain guard refuses unless --force."""
@@ -224,29 +235,29 @@ def test_zookeeper_drill_us_to_eu_and_back(cli, zk_a, zk_b, store, key, capsys):
     b1 = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-us", root=root, key_file=str(key))
 
     # R1 while DC-US still answers (the manifest records its URL): refused, nothing written
-    assert main(["failover", "dc-us", "--from", str(store), "--into", f"zk://{zk_b.url}", "--key-file", str(key)]) == 1
+    assert main(["failover", "dc-us", "--from", str(store), "--into", f"zk://{standby}", "--key-file", str(key)]) == 1
     line = errors(capsys.readouterr().err)
     assert len(line) == 1 and "split-brain guard" in line[0] and "--force" in line[0], line
-    with kazoo(zk_b.url) as eu:
+    with kazoo(standby) as eu:
         assert eu.exists(root) is None
     # R1 with DC-US down
-    r = cli("failover", "dc-us", "--from", str(store), "--into", f"zk://{zk_b.url}", "--key-file", str(key),
+    r = cli("failover", "dc-us", "--from", str(store), "--into", f"zk://{standby}", "--key-file", str(key),
             "--primary", DEAD)
     assert r.code == 0, r
     assert f"failover from {b1['url']}" in r.out and "preflight target" in r.out and "rto_s=" in r.out, r
     assert f"post-verify: {len(us_state)} keys checked, {len(us_state)} match" in r.out, r
-    with kazoo(zk_b.url) as eu:
+    with kazoo(standby) as eu:
         assert snapshot(eu, root) == us_state
         # DC-EU serves: it changes one key and adds one
         eu.set(f"{root}/app/k0", b"eu-changed")
         eu.create(f"{root}/app/eu-new", b"eu-only")
         eu_state = snapshot(eu, root)
-    b2 = backup(source=f"zk://{zk_b.url}", store=str(store), name="dc-eu", root=root, key_file=str(key))
+    b2 = backup(source=f"zk://{standby}", store=str(store), name="dc-eu", root=root, key_file=str(key))
 
     # R2: DC-EU still answers, so going back needs --force; DC-US still holds its old data
     assert main(["failover", "dc-eu", "--from", str(store), "--into", f"zk://{zk_a.url}", "--key-file", str(key)]) == 1
     line = errors(capsys.readouterr().err)
-    assert len(line) == 1 and "split-brain guard" in line[0] and f"zk://{zk_b.url}" in line[0], line
+    assert len(line) == 1 and "split-brain guard" in line[0] and f"zk://{standby}" in line[0], line
     r = cli("failover", "dc-eu", "--from", str(store), "--into", f"zk://{zk_a.url}", "--key-file", str(key),
             "--force")
     assert r.code == 3, r  # the key DC-EU changed exists in DC-US with its old value: a conflict, kept
@@ -306,7 +317,7 @@ def test_etcd_drill_through_s3_both_directions(etcd_a, etcd_b, moto, key, tmp_pa
 # ------------------------------------------------------------------------------ idempotence, post-verify, report
 
 
-def test_a_rerun_after_an_interruption_finishes_the_job(zk_a, zk_b, store, key):
+def test_a_rerun_after_an_interruption_finishes_the_job(standby, zk_a, zk_b, store, key):
     """An interrupted failover left part of the tree in the target: the re-run (pinned to the
     archive the first run named) creates the rest, nothing twice, and reports the same archive."""
     from prefect.client.orchestration import get_client
@@ -318,19 +329,19 @@ def test_a_rerun_after_an_interruption_finishes_the_job(zk_a, zk_b, store, key):
             us.create(f"{root}/d{i % 4}/k{i}", f"v{i}".encode(), makepath=True)
         want = snapshot(us, root)
     made = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-i", root=root, key_file=str(key))
-    with kazoo(zk_b.url) as eu:  # what the interrupted run got to write: the first two subtrees
+    with kazoo(standby) as eu:  # what the interrupted run got to write: the first two subtrees
         for path, value in sorted(want.items()):
             if path == root or path.startswith((f"{root}/d0", f"{root}/d1")):
                 eu.create(path, value, makepath=True)
         before = len(snapshot(eu, root))
     since = datetime.now(UTC)
-    first = failover(source="dc-i", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
+    first = failover(source="dc-i", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)])
     assert first["archive"] == made["url"] and first["created"] == len(want) - before
     assert first["identical"] == before and first["conflicts"] == 0 and first["postverify_checked"] == len(want)
-    again = failover(source="dc-i", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)],
+    again = failover(source="dc-i", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)],
                      archive=first["archive"])
     assert again["archive"] == first["archive"] and again["created"] == 0 and again["identical"] == len(want)
-    with kazoo(zk_b.url) as eu:
+    with kazoo(standby) as eu:
         assert snapshot(eu, root) == want
         assert not [c for c in eu.get_children("/") if c.startswith(".burrow-preflight")]  # scratch keys removed
 
@@ -347,11 +358,11 @@ def test_a_rerun_after_an_interruption_finishes_the_job(zk_a, zk_b, store, key):
         time.sleep(0.5)
     assert [e.event for e in events] == ["burrow.failover.completed"] * 2, events
     related = {r.role: r.id for r in events[0].related if r.role in ("target", "archive", "store")}
-    assert related["target"] == f"burrow.target.zk://{zk_b.url}" and related["archive"] == f"burrow.archive.{made['url']}"
+    assert related["target"] == f"burrow.target.zk://{standby}" and related["archive"] == f"burrow.archive.{made['url']}"
     assert events[0].payload["rpo_s"] >= 0 and events[0].payload["rto_s"] > 0
 
 
-def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_chose(zk_a, zk_b, store, key):
+def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_chose(standby, zk_a, zk_b, store, key):
     """A failover killed after recording its choice (and after part of its writes) is run again
     after a newer backup appeared: without --archive it finishes with the same archive, says it
     resumed, and clears its record, so the next failover chooses afresh."""
@@ -366,11 +377,11 @@ def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_ch
             us.create(f"{root}/k{i}", f"v{i}".encode(), makepath=True)
         first_tree = snapshot(us, root)
     old = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-j", root=root, key_file=str(key))
-    st, target = LocalStore(path=str(store)), f"zk://{zk_b.url}"
+    st, target = LocalStore(path=str(store)), f"zk://{standby}"
     keys = archive_keys([str(key)], None, None, None, None)
     (row,) = [r for r in describe_archives(st, keys) if r["url"] == old["url"]]
     open_journal(st, "dc-j", target, row, keys)  # what the killed run left behind, with part of its writes:
-    with kazoo(zk_b.url) as eu:
+    with kazoo(standby) as eu:
         eu.create(f"{root}/k0", b"v0", makepath=True)
     with kazoo(zk_a.url) as us:
         us.create(f"{root}/newer", b"n")
@@ -379,7 +390,7 @@ def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_ch
     assert again["archive"] == old["url"] and again.get("resumed") and again["identical"] == 2  # root, k0
     assert again["archive_chosen"] == "resumed"
     assert f"resuming the failover begun at {again['resumed']} with archive {old['url']}" in again["preflight"]
-    with kazoo(zk_b.url) as eu:
+    with kazoo(standby) as eu:
         assert snapshot(eu, root) == first_tree
     assert unfinished_failover(st, "dc-j", target, keys) is None  # finished: the record is gone
     assert not list((store / "_failover").rglob("*.burrow-meta"))
@@ -387,14 +398,14 @@ def test_a_rerun_without_archive_resumes_with_the_archive_the_interrupted_run_ch
     assert fresh["archive"] == newer["url"] and not fresh.get("resumed") and fresh["created"] == 1
 
 
-def test_postverify_reports_missing_and_differing_keys(zk_a, zk_b, store, key):
+def test_postverify_reports_missing_and_differing_keys(standby, zk_a, zk_b, store, key):
     root = unique_root()
     with kazoo(zk_a.url) as us:
         for i in range(10):
             us.create(f"{root}/k{i}", f"v{i}".encode(), makepath=True)
     made = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-v", root=root, key_file=str(key))
-    failover(source="dc-v", store=str(store), into=f"zk://{zk_b.url}", primary=DEAD, key_files=[str(key)])
-    with kazoo(zk_b.url) as eu:  # after the restore, someone deletes one key and changes another
+    failover(source="dc-v", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)])
+    with kazoo(standby) as eu:  # after the restore, someone deletes one key and changes another
         eu.delete(f"{root}/k3")
         eu.set(f"{root}/k4", b"changed")
     from blocks.keys import archive_keys
@@ -402,15 +413,15 @@ def test_postverify_reports_missing_and_differing_keys(zk_a, zk_b, store, key):
 
     local = Path(made["url"].removeprefix("file://"))
     keys = archive_keys([str(key)], None, None, None, None)
-    got = verify_target(local, source_from_ref(f"zk://{zk_b.url}"), decryptor=keys)
+    got = verify_target(local, source_from_ref(f"zk://{standby}"), decryptor=keys)
     assert (got.checked, got.missing, got.differing, got.matching) == (11, 1, 1, 9), got
     assert got.missing_paths == [f"{root}/k3"] and got.differing_paths == [f"{root}/k4"] and not got.ok
     # a difference the restore reported as a conflict is expected; --subtree narrows the check
-    got = verify_target(local, source_from_ref(f"zk://{zk_b.url}"), decryptor=keys, conflict_paths=[f"{root}/k4"],
+    got = verify_target(local, source_from_ref(f"zk://{standby}"), decryptor=keys, conflict_paths=[f"{root}/k4"],
                         conflicts=1, subtree=f"{root}/k4")
     assert (got.checked, got.conflicts_confirmed, got.ok) == (1, 1, True), got
     with pytest.raises(ArchiveError):  # a wrong key never gets as far as comparing
-        verify_target(local, source_from_ref(f"zk://{zk_b.url}"), decryptor=archive_keys(None, None, None, None, None))
+        verify_target(local, source_from_ref(f"zk://{standby}"), decryptor=archive_keys(None, None, None, None, None))
 
 
 def test_a_rehearsed_archive_is_preferred_over_a_newer_unrehearsed_one(zk_b, store, key):
@@ -453,9 +464,11 @@ def test_consul_target_gets_the_scratch_check_restore_and_post_verify(consul_b, 
     root, prefix = unique_root(), unique("fo")
     put_archive(store, "dc-c", tree(root, 5), stamp(timedelta(minutes=-5)), key)
     done = failover(source="dc-c", store=str(store), into=f"consul://127.0.0.1:{consul_b.port}/{prefix}",
-                    key_files=[str(key)])
+                    key_files=[str(key)], cross_service=True)
     assert done["created"] == 6 and done["postverify_matching"] == 6 and done["postverify_missing"] == 0, done
-    assert "scratch key created and removed" in done["preflight"][0]
+    target_line = [ln for ln in done["preflight"] if ln.startswith("target ")]
+    assert len(target_line) == 1 and "scratch key created and removed" in target_line[0], done["preflight"]
+    assert "a zookeeper archive into consul (--cross-service)" in done["preflight"][-2], done["preflight"]
     got = consul_snapshot(consul_client(consul_b.url), prefix)
     want = {f"{prefix}/{r.key.decode().lstrip('/')}": r.value for r in tree(root, 5)}
     assert {k: v for k, (v, _, _) in got.items()} == want  # nothing else: no scratch key left behind

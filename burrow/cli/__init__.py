@@ -13,7 +13,8 @@ Prefect is imported.
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 restore finished but skipped conflicts (undo:
 kept keys changed since),
-4 ``verify --against``: drift found, 5 ``status --max-age``: a source's newest archive is too old.
+4 ``verify --against``: drift found, 5 ``status --max-age``: a source's newest archive is too old,
+130 interrupted (Ctrl-C, or SIGTERM during a failover).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 from burrow.cli import backup, catalog, dump, failover, keygen, prune, rehearse, restore, server, undo, verify
 from burrow.cli.common import OUTPUT, Parser, emit_json
-from burrow.errors import EXIT_FAILURE, BurrowError
+from burrow.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BurrowError
 
 MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, undo)
 
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     undo: Callable[[], None] = lambda: None  # noqa: E731
     try:
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            precheck = getattr(args, "precheck", None)  # usage errors, before the orchestrator or a cluster
+            if precheck is not None:
+                precheck(args)
             if args.command in FLOW_COMMANDS:
                 # before Prefect is imported: it reads PREFECT_API_URL once
                 orchestrator = server.choose_orchestrator(args.command)
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             emit_json({"command": args.command, "status": "failed", "error": str(exc), "exit_code": code})
     except KeyboardInterrupt:
         print("burrow: interrupted", file=sys.stderr)
-        code = EXIT_FAILURE
+        code = EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, never a value
         if verbose:
             traceback.print_exc()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from burrow.cli.common import (
@@ -12,12 +16,11 @@ from burrow.cli.common import (
     read_refs,
     report_restore,
 )
-from burrow.cli.undo import with_undo_line
 from burrow.errors import (
+    EXIT_INTERRUPTED,
     BurrowError,
     UsageError,
 )
-from burrow.naming import redact_url
 
 
 def register(sub: Any) -> dict[str, Any]:
@@ -43,8 +46,14 @@ def register(sub: Any) -> dict[str, Any]:
                    help="choose the archive afresh even if an interrupted failover of this source into this target "
                    "left a record of its choice")
     f.add_argument("--force", action="store_true",
-                   help="fail over although the primary still answers, or the archive's key count fell by more "
-                   "than half against the previous archive")
+                   help="fail over although the primary still answers, the archive's key count fell by more "
+                   "than half against the previous archive, or the wrong-cluster guard refuses the target")
+    f.add_argument("--cross-service", action="store_true",
+                   help="restore an archive of one service (ZooKeeper, etcd, Consul) into another on purpose "
+                   "(without it, the wrong-cluster guard refuses)")
+    f.add_argument("--foreign-keys-max", metavar="PCT", type=float,
+                   help="refuse a target that already holds more keys outside the archive's paths than PCT percent "
+                   "of the archive's key count (default 1): the wrong-cluster guard")
     f.add_argument("--dry-run", action="store_true",
                    help="run every read-only check and print the plan; write nothing")
     f.add_argument("--subtree", help="restore only this path and below")
@@ -56,7 +65,8 @@ def register(sub: Any) -> dict[str, Any]:
         help="read an unencrypted archive even though read keys are configured (by default it is refused: "
         "anyone who can write to the store could have planted it)",
     )
-    return {"failover": with_undo_line(cmd_failover, lambda args, _: redact_url(args.store))}  # ends: `to undo: ...`
+    f.set_defaults(precheck=check_usage)
+    return {"failover": cmd_failover}
 
 
 def _print_preflight(summary: dict[str, Any]) -> None:
@@ -68,19 +78,73 @@ def _print_preflight(summary: dict[str, Any]) -> None:
         print(f"skipped  {line}")
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    from blocks.resolve import secure_source_ref, store_from_ref
+def check_usage(args: argparse.Namespace) -> None:
+    """Every usage error that needs neither the orchestrator nor a cluster: ``main`` calls this
+    before it probes either, so a malformed duration or a missing key file is said at once."""
+    from burrow.keys import key_from_env, passphrase_from_env, read_key_file
     from burrow.naming import parse_duration
     from burrow.paths import KeyMapper
 
     KeyMapper(args.subtree, args.map)
-    listing = list_parameters()
     if args.candidates < 1:
         raise UsageError("--candidates must be at least 1")
+    if args.foreign_keys_max is not None and not 0 <= args.foreign_keys_max <= 100:
+        raise UsageError("--foreign-keys-max takes a percentage from 0 to 100")
     if args.max_age:
         parse_duration(args.max_age, "--max-age")
     parse_duration(args.prefer_rehearsed_within, "--prefer-rehearsed-within")
     parse_duration(args.resume_within, "--resume-within")
+    refs = read_refs(args)
+    for path in (refs["key_files"] or []) + (refs["identity_files"] or []):
+        read_key_file(path)
+    if refs["key_env"]:
+        key_from_env(refs["key_env"])
+    if refs["passphrase_env"]:
+        passphrase_from_env(refs["passphrase_env"])
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C (KeyboardInterrupt), or SIGTERM: ours before the run, Prefect's inside it."""
+    return isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TerminationSignal"
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts the failover as Ctrl-C does (inside the flow run Prefect's own handler
+    takes over, raising its TerminationSignal), so both end with the archive line and exit 130."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (a test calling main in a worker): nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_interrupted(done: dict[str, Any] | None) -> int:
+    """An interrupted failover (Ctrl-C, SIGTERM): the preflight so far and, once it was chosen,
+    the archive line the runbook pins on the re-run, on stdout; exit 130. The journal keeps the
+    choice (its record is written before the first write), so a plain re-run resumes with it."""
+    if done:
+        _print_preflight(done)
+        if done.get("archive"):
+            print(f"failover from {done['archive']} (created {done.get('archive_created')})")
+    sys.stdout.flush()
+    print("burrow: interrupted" + (f": re-run the failover to finish it with {done['archive']} (or pin it with "
+                                   "--archive)" if done and done.get("archive") else ""), file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from blocks.resolve import secure_source_ref, store_from_ref
+
+    check_usage(args)  # (main did too, before any probe; a direct call still gets them first)
+    listing = list_parameters()
     store_from_ref(args.store).check()
     ref = secure_source_ref(args.into, role="target")  # each role keeps its own credentials
     primary = secure_source_ref(args.primary, role="primary") if args.primary else None
@@ -89,14 +153,20 @@ def cmd_failover(args: argparse.Namespace) -> int:
     from flows.failover import failover
 
     try:
-        summary = failover(
-            source=args.source, store=args.store, into=ref, primary=primary, archive=args.archive,
-            max_age=args.max_age, force=args.force, dry_run=args.dry_run, subtree=args.subtree,
-            maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted,
-            prefer_rehearsed_within=args.prefer_rehearsed_within, resume=not args.no_resume,
-            resume_within=args.resume_within, **refs, **listing,
-        )
-    except BurrowError as exc:
+        with _sigterm_interrupts():
+            summary = failover(
+                source=args.source, store=args.store, into=ref, primary=primary, archive=args.archive,
+                max_age=args.max_age, force=args.force, dry_run=args.dry_run, subtree=args.subtree,
+                maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted,
+                prefer_rehearsed_within=args.prefer_rehearsed_within, resume=not args.no_resume,
+                resume_within=args.resume_within, cross_service=args.cross_service, **refs, **listing,
+                **({} if args.foreign_keys_max is None else {"foreign_keys_max": args.foreign_keys_max}),
+            )
+    except BaseException as exc:
+        if _interrupted(exc):
+            return _report_interrupted(getattr(exc, "failover_summary", None))
+        if not isinstance(exc, BurrowError):
+            raise
         done = getattr(exc, "failover_summary", None)
         if done:
             _print_preflight(done)
