@@ -64,6 +64,7 @@ from tasks.preflight import (
     target_check,
 )
 from tasks.replay import replay
+from tasks.undo import undo_sink
 from tasks.validate import validate
 
 #: Seconds between two checks of a paused run for the on-call's answer.
@@ -243,7 +244,7 @@ def failover(
                     record_choice(st, source, target.describe(), row, keys if keys.keyring else None,
                                   limits.resume_within.total_seconds())
                     with run.step("replay"):
-                        done = replay(p, target)
+                        done = replay(p, target, undo_sink(st, keys, "failover"))  # seals what it created for undo
                     replay_summary(p, done, summary, run.lists)
                     save_list(p, list_file, list_sealed, summary)
                     with run.step("postverify"):

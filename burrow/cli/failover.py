@@ -16,11 +16,13 @@ from burrow.cli.common import (
     read_refs,
     report_restore,
 )
+from burrow.cli.undo import with_undo_line
 from burrow.errors import (
     EXIT_INTERRUPTED,
     BurrowError,
     UsageError,
 )
+from burrow.naming import redact_url
 
 
 def register(sub: Any) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def register(sub: Any) -> dict[str, Any]:
         "anyone who can write to the store could have planted it)",
     )
     f.set_defaults(precheck=check_usage)
-    return {"failover": cmd_failover}
+    return {"failover": with_undo_line(cmd_failover, lambda args, _: redact_url(args.store))}  # ends: `to undo: ...`
 
 
 def _print_preflight(summary: dict[str, Any]) -> None:
