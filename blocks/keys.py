@@ -102,8 +102,10 @@ class EncryptionKeys(BurrowBlock):
 
 def load_key_block(name: str) -> EncryptionKeys:
     """The saved EncryptionKeys block ``name``; a usage error when there is none."""
+    from blocks.localcopy import load_block  # refreshes the local copy; used when the API is down
+
     try:
-        return EncryptionKeys.load(name)
+        return load_block(name, [EncryptionKeys], "encryption-keys")
     except (ValueError, RuntimeError) as exc:
         raise UsageError(f"no saved encryption-keys block named {name!r}: {type(exc).__name__}") from None
 

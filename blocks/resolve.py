@@ -236,28 +236,27 @@ def source_from_ref(ref: str, role: str = DEFAULT_ROLE) -> SourceBlock:
 
 
 def _load_block(name: str, classes: list, what: str):  # noqa: ANN202 - returns one of `classes`
-    """A saved block by name: the only resolution that imports Prefect (it asks the Prefect API)."""
-    from prefect.blocks.core import Block
-
+    """A saved block by name: the only resolution that imports Prefect (it asks the Prefect API).
+    Through ``blocks/localcopy.py``: a load refreshes the local copy, and with the Prefect API
+    unreachable the name resolves from that copy (one warning names its age)."""
+    from blocks.localcopy import load_block
     from blocks.registry import register_twins
 
     if "/" in name:
         register_twins()  # Block.load finds the class by the document's block type slug
         try:
-            block = Block.load(name)
+            block = load_block(name, classes, what)
         except (ValueError, RuntimeError) as exc:
             raise UsageError(f"no saved {what} block named {name!r}: {type(exc).__name__}") from None
         if not isinstance(block, tuple(classes)):
             raise UsageError(f"block {name!r} is not a {what}")
         return block
-    for cls in classes:
-        try:
-            return cls.load(name)
-        except ValueError:
-            continue
-    raise UsageError(
-        f"{name!r} is neither a {what} URL nor the name of a saved {what} block"
-    )
+    try:
+        return load_block(name, classes, what)
+    except ValueError:
+        raise UsageError(
+            f"{name!r} is neither a {what} URL nor the name of a saved {what} block"
+        ) from None
 
 
 def secure_source_ref(ref: str, role: str = DEFAULT_ROLE) -> str:

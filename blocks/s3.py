@@ -279,20 +279,12 @@ class S3Store(ArchiveStore):
         if self.credentials is not None:
             return self.credentials
         if self.credentials_block:
-            from prefect.blocks.core import Block
             from prefect_aws import AwsCredentials, MinIOCredentials
 
+            from blocks.localcopy import load_block  # refreshes the local copy; used when the API is down
+
             try:
-                if "/" in self.credentials_block:
-                    block = Block.load(self.credentials_block)
-                else:
-                    block = None
-                    for cls in (AwsCredentials, MinIOCredentials):
-                        try:
-                            block = cls.load(self.credentials_block)
-                            break
-                        except ValueError:
-                            continue
+                block = load_block(self.credentials_block, [AwsCredentials, MinIOCredentials], "credentials")
             except (ValueError, RuntimeError):
                 block = None
             if not isinstance(block, (AwsCredentials, MinIOCredentials)):

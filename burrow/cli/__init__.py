@@ -29,11 +29,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from burrow.cli import backup, catalog, dump, failover, keygen, prune, rehearse, restore, server, undo, verify
+from burrow.cli import (
+    backup,
+    blocks,
+    catalog,
+    dump,
+    failover,
+    keygen,
+    prune,
+    rehearse,
+    restore,
+    server,
+    undo,
+    verify,
+)
 from burrow.cli.common import OUTPUT, Parser, emit_json
 from burrow.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BurrowError
 
-MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, undo)
+MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, blocks, undo)
 
 #: Commands that run a Prefect flow (and so need a Prefect API).
 FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune", "rehearse", "undo")
@@ -168,8 +181,10 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def _api_failure(exc: BaseException) -> str | None:
-    """The named cause when ``exc`` (or what caused it) is the Prefect API failing, else None."""
+def _api_failure(exc: BaseException, during_run: bool = True) -> str | None:
+    """The named cause when ``exc`` (or what caused it) is the Prefect API failing, else None.
+    ``during_run``: the command runs a flow (list, status and inspect run none: for them the API
+    is only where saved blocks live, and an outage is "unreachable", not a run that failed)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -186,6 +201,9 @@ def _api_failure(exc: BaseException) -> str | None:
             status = getattr(getattr(e, "response", None), "status_code", None)
             if status:
                 reason = f"it answered HTTP {status}"
+            if not during_run:
+                return (f"the Prefect API at {redact_url(url)} is unreachable ({reason}); it holds the saved blocks "
+                        "this command names (`burrow blocks import` brings a local copy of them)")
             return f"the Prefect API at {redact_url(url)} failed during the run: {reason}"
         e = e.__cause__ or e.__context__
     return None
@@ -210,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command in FLOW_COMMANDS:
                 # before Prefect is imported: it reads PREFECT_API_URL once
                 orchestrator = server.choose_orchestrator(args.command)
+                if orchestrator.fallback_from:  # saved blocks live on the dead API: resolve them from the copy
+                    from blocks.localcopy import api_unreachable
+
+                    api_unreachable(orchestrator.fallback_from, orchestrator.cause or "unreachable")
                 undo = _console(verbose)  # imports Prefect while a local server starts
                 from flows.common import install_prompt_heartbeats
 
@@ -233,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, never a value
         if verbose:
             traceback.print_exc()
-        message = _api_failure(exc) or f"unexpected {type(exc).__name__}"
+        message = _api_failure(exc, args.command in FLOW_COMMANDS) or f"unexpected {type(exc).__name__}"
         print(f"burrow: error: {message}", file=sys.stderr)
         code = EXIT_FAILURE
         if as_json:
