@@ -249,3 +249,50 @@ def test_an_exported_copy_runs_the_failover_on_another_machine(world, zk_b, tmp_
     _one_copy_warning(r, world["api"])
     assert "created=13" in r.out, r
     _check_target(zk_b, world)
+
+
+def test_an_export_for_recipients_opens_only_with_their_identity(tmp_path, monkeypatch):
+    """``--recipient`` X25519 keys: the identity opens the export, another identity does not, and
+    the import re-seals every document with the importing machine's own key."""
+    from blocks import localcopy
+    from burrow.errors import KeyMismatch
+    from burrow.keys import Keyring, X25519Identity
+
+    monkeypatch.setenv("BURROW_HOME", str(tmp_path / "desk"))
+    doc = localcopy.SavedBlock("burrow-zookeeper-cluster", "dc-eu", localcopy._now(),
+                               {"hosts": ["h:2181"], "digest_password": ZK_SECRET})
+    localcopy.write(doc)
+    oncall, stranger = X25519Identity.generate(), X25519Identity.generate()
+    export = tmp_path / "copy.export"
+    assert localcopy.export_copy(export, [oncall.recipient]) == 1
+    assert ZK_SECRET.encode() not in export.read_bytes()
+
+    monkeypatch.setenv("BURROW_HOME", str(tmp_path / "laptop"))
+    with pytest.raises(KeyMismatch):
+        localcopy.import_copy(export, Keyring([stranger]))
+    assert localcopy.documents() == []
+    assert localcopy.import_copy(export, Keyring([oncall])) == (1, 0)
+    (got,) = localcopy.documents()
+    assert (got.type, got.name, got.saved, got.data) == (doc.type, doc.name, doc.saved, doc.data)
+    # a document moved to another name does not open: the name is sealed with it
+    path = localcopy._file(doc.type, doc.name)
+    record = json.loads(path.read_text())
+    record["name"] = "dc-us"
+    localcopy._file(doc.type, "dc-us").write_text(json.dumps(record))
+    with pytest.raises(localcopy.LocalCopyError, match="does not open"):
+        localcopy.read(doc.type, "dc-us")
+
+
+def test_blocks_refresh_copies_saved_blocks_now(tmp_path):
+    """``burrow blocks refresh NAME`` (preparing before an outage) copies a block from the live API."""
+    from blocks.local import LocalStore
+
+    name = f"refresh-{TAG}"
+    LocalStore(path=str(tmp_path / "store")).save(name)
+    env = {"BURROW_HOME": str(tmp_path / "home")}
+    r = run_cli("blocks", "refresh", name, env=env)
+    assert r.code == 0 and f"copied burrow-local-store/{name}" in r.out, r
+    listed = run_cli("blocks", "list", env=env)
+    assert listed.code == 0 and f"burrow-local-store/{name}  saved " in listed.out, listed
+    everything = run_cli("blocks", "refresh", env={"BURROW_HOME": str(tmp_path / "home-all")})  # no names: all
+    assert everything.code == 0 and f"copied burrow-local-store/{name}" in everything.out, everything

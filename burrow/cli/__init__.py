@@ -202,8 +202,9 @@ def _api_failure(exc: BaseException, during_run: bool = True) -> str | None:
             if status:
                 reason = f"it answered HTTP {status}"
             if not during_run:
-                return (f"the Prefect API at {redact_url(url)} is unreachable ({reason}); it holds the saved blocks "
-                        "this command names (`burrow blocks import` brings a local copy of them)")
+                state = reason if status else f"is unreachable ({reason})"
+                return (f"the Prefect API at {redact_url(url)} {state}; it holds the saved blocks this command "
+                        "names (`burrow blocks import` brings a local copy of them)")
             return f"the Prefect API at {redact_url(url)} failed during the run: {reason}"
         e = e.__cause__ or e.__context__
     return None

@@ -89,15 +89,28 @@ def _refresh(args: argparse.Namespace) -> int:
 
 def _saved_names(twins: list[type]) -> list[str]:
     """``slug/name`` of every saved block of Burrow's types and the credentials types."""
+    import httpx
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import BlockTypeFilter, BlockTypeFilterSlug
+    from prefect.exceptions import ObjectNotFound
 
     slugs = [t.get_block_type_slug() for t in twins] + list(CREDENTIAL_SLUGS)
+    names: list[str] = []
+    page = 200
     with get_client(sync_client=True) as client:
-        docs = client.read_block_documents(
-            block_type_filter=BlockTypeFilter(slug=BlockTypeFilterSlug(any_=slugs)), include_secrets=False)
-    return sorted(f"{d.block_type.slug}/{d.name}" for d in docs
-                  if d.block_type is not None and d.name and not d.is_anonymous)
+        for slug in slugs:
+            offset = 0
+            while True:
+                try:
+                    docs = client.read_block_documents_by_type(slug, offset=offset, limit=page, include_secrets=False)
+                except (ObjectNotFound, httpx.HTTPStatusError) as exc:  # a block type that server never had
+                    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code != 404:
+                        raise
+                    break
+                names += [f"{slug}/{d.name}" for d in docs if d.name and not d.is_anonymous]
+                if len(docs) < page:
+                    break
+                offset += page
+    return sorted(set(names))
 
 
 def _export(args: argparse.Namespace) -> int:
