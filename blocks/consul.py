@@ -452,7 +452,13 @@ class ConsulSession:
         return set(orjson.loads(b"".join(chunks)))
 
     def _lookup_chunk(self, keys: list[bytes]) -> list[bytes | None]:
-        values: list[bytes | None] = [None] * len(keys)
+        return [None if e is None else base64.b64decode(e["Value"]) if e.get("Value") else b""
+                for e in self._read_chunk(keys)]
+
+    def _read_chunk(self, keys: list[bytes]) -> list[dict[str, Any] | None]:
+        """Each key's KV entry as Consul's txn ``get`` answers it (Value in base64, Flags, ...),
+        or None where the key does not exist."""
+        values: list[dict[str, Any] | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         full = [self.full_key(k) for k in keys]
         for _ in range(10):
@@ -471,8 +477,7 @@ class ConsulSession:
                         "(block token or CONSUL_HTTP_TOKEN)"
                     )
                 for i, r in zip(pending, results, strict=True):
-                    v = (r.get("KV") or {}).get("Value")
-                    values[i] = base64.b64decode(v) if v else b""
+                    values[i] = r.get("KV") or {}
                 return values
             missing = self._failed_ops(errors, [full[i] for i in pending], _ABSENT, "reading keys")
             # A failed read-only txn returns no results: ask again for the keys that exist.
@@ -502,6 +507,17 @@ class ConsulSession:
                 "(block token or CONSUL_HTTP_TOKEN)"
             )
         return SourceError(f"Consul at {self.label} failed {action}: {_safe(what)}")
+
+    def check_metadata(self, records: list[Record], source_service: str) -> list[str | None]:
+        """Post-verify (tasks/postverify.py): for each archived record whose key holds its value,
+        "flags" when the key's flags are not the ones the restore writes (the archived flags from
+        Consul, 0 from another service), else None."""
+        want = [int(r.meta.get("flags") or 0) if source_service == "consul" else 0 for r in records]
+        n = max(1, min(self.block.txn_ops, MAX_TXN_OPS))
+        chunks = [records[i : i + n] for i in range(0, len(records), n)]
+        entries = [e for got in self._map(self._read_chunk, [[r.key for r in c] for c in chunks]) for e in got]
+        return [None if e is None or int(e.get("Flags") or 0) == w else "flags"
+                for e, w in zip(entries, want, strict=True)]
 
     def prepare(self, record: Record, source_service: str) -> tuple[Record, list[str]]:
         # Fail while planning, before anything is written, on what Consul would refuse.

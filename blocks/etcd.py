@@ -574,6 +574,59 @@ class EtcdSession:
             results.append(values)
         return results
 
+    def _key_stats(self, keys: list[bytes]) -> list[Any]:
+        """Each key's KeyValue without its value (version, lease, ...), or None where it does
+        not exist: keys-only ranges, a txn per 128 keys, pipelined."""
+        n = max(1, min(self.block.txn_ops, 128))
+        requests = (
+            rpc.TxnRequest(success=[
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=self.full_key(k), keys_only=True))
+                for k in keys[i : i + n]
+            ])
+            for i in range(0, len(keys), n)
+        )
+        out: list[Any] = []
+        for resp in self._many(self.kv.Txn, requests, "reading keys"):
+            out.extend(r.response_range.kvs[0] if r.response_range.kvs else None for r in resp.responses)
+        return out
+
+    def check_metadata(self, records: list[Record], source_service: str) -> list[str | None]:
+        """Post-verify (tasks/postverify.py): for each archived record whose key holds its value,
+        "lease" when the key's lease is not what the restore gives it (a key archived as leased,
+        with ``--include-leased``, holds a lease; any other holds none), else None."""
+        out: list[str | None] = []
+        for r, kv in zip(records, self._key_stats([r.key for r in records]), strict=True):
+            lease = r.meta.get("lease") if source_service == "etcd" else None
+            leased = isinstance(lease, dict) and int(lease.get("ttl") or 0) > 0
+            out.append(None if kv is None or bool(kv.lease) == leased else "lease")
+        return out
+
+    def leases_held(self, records: list[Record]) -> set[int]:
+        """The leases held by the keys of ``records`` that were written once and never since
+        (version 1): for a rehearsal's cleanup (tasks/rehearse.py), the leases its restore
+        granted them (a restore grants each leased key a fresh lease; a later write by anyone
+        would raise the version)."""
+        return {int(kv.lease) for kv in self._key_stats([r.key for r in records])
+                if kv is not None and kv.lease and kv.version == 1}
+
+    def revoke_unused(self, leases: set[int]) -> int:
+        """Revoke each of ``leases`` that no key holds any more (revoking one that still holds
+        keys would delete them: those are left to expire). Returns how many were revoked."""
+        revoked = 0
+        for lease in sorted(leases):
+            ttl = self._call(self.leases.LeaseTimeToLive, rpc.LeaseTimeToLiveRequest(ID=lease, keys=True),
+                             "reading a lease")
+            if int(ttl.TTL) == -1 or ttl.keys:
+                continue  # expired already, or holds someone's key
+            try:
+                self._call(self.leases.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease), "revoking a lease")
+            except SourceError as exc:
+                if "not found" not in str(exc).lower():
+                    raise
+                continue  # expired meanwhile
+            revoked += 1
+        return revoked
+
     def prepare(self, record: Record, source_service: str) -> tuple[Record, list[str]]:
         meta: dict[str, Any] = {}
         dropped: list[str] = []

@@ -118,6 +118,17 @@ def _acl_tuple(acl: Any) -> Acl:
     return tuple((int(p), str(s), str(i)) for p, s, i in acl)
 
 
+#: Where a getACL reply's stat holds the ACL version: after czxid, mzxid, ctime, mtime, version, cversion.
+_AVERSION_AT = 4 * 8 + 2 * 4
+
+
+def _acl_and_version(frame: bytes, offset: int) -> tuple[list[list[Any]], int]:
+    """A getACL reply: the ACL and the node's ACL version (aversion) from the stat after it."""
+    acl = zkwire.parse_acl(frame, offset)
+    end = offset + 4 + sum(12 + len(s.encode("utf-8")) + len(i.encode("utf-8")) for _, s, i in acl)
+    return acl, struct.unpack_from("!i", frame, end + _AVERSION_AT)[0]
+
+
 def _kazoo_acl(acl: Acl) -> list[ACL]:
     return [ACL(p, Id(s, i)) for p, s, i in acl]
 
@@ -260,6 +271,9 @@ class ZooKeeperSession:
                 redacted_ids.add(("digest", user + ":x"))
         self._ids = frozenset(ids)
         self._redacted_ids = frozenset(redacted_ids)
+        # What the server makes of RESTORER_ONLY for this session (the ``auth`` scheme becomes each of its
+        # digest identities, with every permission): how a node a restore left on it looks when read back.
+        self._placeholder: Acl = tuple(sorted((Permissions.ALL, s, i) for s, i in ids if s == "digest"))
         self._identified = len(ids) > 1
         self._local_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self._acl_seen: dict[tuple, tuple[Acl, Acl | None, None]] = {}
@@ -273,6 +287,7 @@ class ZooKeeperSession:
         self._restricted: list[str] = []  # nodes created with RESTORER_ONLY, with the reason
         self._restricted_count = 0
         self._deferred: list[tuple[str, Acl]] = []  # created with RESTORER_ONLY; archived ACL set by finish()
+        self._resumed: list[tuple[str, Acl]] = []  # left on RESTORER_ONLY by an interrupted run; set by finish()
 
     # -- errors -------------------------------------------------------------------------
     def _wrap(self, exc: BaseException, path: str, action: str) -> Exception:
@@ -530,6 +545,101 @@ class ZooKeeperSession:
         while len(checked) > _MEMORY:
             checked.popitem(last=False)
 
+    def unfinished_acls(self, records: list[Record]) -> list[bool]:
+        """Which of ``records`` (prepared for this target; each node exists and holds the record's
+        value, as planning found) a restore that was interrupted left on Burrow's placeholder:
+        nodes whose archived ACL is set only once their children exist (see :meth:`_choose`) and
+        whose ACL is still exactly RESTORER_ONLY as the server made it for this identity, never
+        changed since (ACL version 0). A re-run hands them back to replay marked ``acl_pending``
+        (tasks/plan.py): :meth:`create` skips them and :meth:`finish` sets their archived ACL, as
+        in a run that was not interrupted. A node with any other ACL (someone else's, or one an
+        administrator set) is never recognised, so never touched."""
+        out = [False] * len(records)
+        if not self._placeholder:
+            return out  # an anonymous session never creates nodes on the placeholder
+        ask: list[int] = []
+        for i, r in enumerate(records):
+            _, final, _ = self._choose(r)
+            if final is not None and tuple(sorted(final)) != self._placeholder:
+                ask.append(i)
+        window = max(1, self.block.read_window)
+        no_node, no_auth = NoNodeError.code, NoAuthError.code
+        path = ""
+        try:
+            wire = self._wire_session()
+            for start in range(0, len(ask), window):
+                chunk = ask[start : start + window]
+                for i in chunk:
+                    wire.get_acl(records[i].key.decode("utf-8"))
+                for n, i in enumerate(chunk):
+                    path = display_key(records[i].key)
+                    frame, err, off = wire.reply()
+                    if err in (no_node, no_auth):
+                        continue  # gone, or not even readable to this identity: not its placeholder
+                    if err:
+                        if n + 1 < len(chunk):
+                            self._drop_wire()  # replies still in flight: this connection is out of step
+                        raise EXCEPTIONS[err]()
+                    acl, aversion = _acl_and_version(frame, off)
+                    out[i] = aversion == 0 and tuple(sorted(_acl_tuple(acl))) == self._placeholder
+        except KazooException as exc:
+            self._drop_wire()
+            raise self._wrap(exc, path, "reading the ACL of") from None
+        return out
+
+    def expected_acl(self, record: Record, source_service: str) -> Acl | None:
+        """The ACL a restore through this session gives ``record``'s node (an archived record,
+        its key in this target's key space), sorted; None where that depends on the target
+        (an anonymous session's invented nodes take their parent's). As :meth:`prepare` and
+        :meth:`_choose` decide: the archived ACL, else (redacted by the source, or no ZooKeeper
+        ACL in the archive) world:anyone with ``default_acl='open'``, else the placeholder."""
+        acl_meta = record.meta.get("acl") if source_service == "zookeeper" else None
+        if acl_meta and not _has_redacted(acl_meta):
+            return tuple(sorted(set(_acl_tuple(acl_meta))))
+        if self.block.default_acl == "open":
+            return WORLD_OPEN
+        return self._placeholder or None
+
+    def check_metadata(self, records: list[Record], source_service: str) -> list[str | None]:
+        """Post-verify (tasks/postverify.py): for each archived record whose node holds its value,
+        "acl" when the node's ACL is not the one the restore gives it (:meth:`expected_acl`), else
+        None. Read as this session's identity: without ADMIN on a node ZooKeeper shows its digest
+        entries as ``user:x``, and the expected ACL is compared in that form then."""
+        out: list[str | None] = [None] * len(records)
+        want = [self.expected_acl(r, source_service) for r in records]
+        ask = [i for i, w in enumerate(want) if w is not None]
+        window = max(1, self.block.read_window)
+        no_node = NoNodeError.code
+        path = ""
+        try:
+            wire = self._wire_session()
+            for start in range(0, len(ask), window):
+                chunk = ask[start : start + window]
+                for i in chunk:
+                    wire.get_acl(records[i].key.decode("utf-8"))
+                for n, i in enumerate(chunk):
+                    path = display_key(records[i].key)
+                    frame, err, off = wire.reply()
+                    if err == no_node:
+                        continue  # (deleted since its value was read: not an ACL question)
+                    if err:
+                        if n + 1 < len(chunk):
+                            self._drop_wire()
+                        raise EXCEPTIONS[err]()
+                    got = tuple(sorted(set(_acl_tuple(zkwire.parse_acl(frame, off)))))
+                    expected = want[i]
+                    if _has_redacted([list(e) for e in got]):
+                        expected = tuple(sorted({
+                            (p, s, ident.split(":", 1)[0] + ":x" if s == "digest" else ident)
+                            for p, s, ident in expected  # type: ignore[union-attr]
+                        }))
+                    if got != expected:
+                        out[i] = "acl"
+        except KazooException as exc:
+            self._drop_wire()
+            raise self._wrap(exc, path, "reading the ACL of") from None
+        return out
+
     def plan_warnings(self) -> list[str]:
         """What planning found that would make the restore fail although it writes nothing
         yet: existing nodes (the chroot's parent included) under which this session's identity
@@ -761,6 +871,8 @@ class ZooKeeperSession:
             self._restricted.append(f"{path} ({why})")
 
     def create(self, records: list[Record]) -> list[bool]:
+        if any(r.meta.get("acl_pending") for r in records):
+            return self._create_resuming(records)
         results = [False] * len(records)
         window = max(1, self.block.multi_window)
         no_node, exists = NoNodeError.code, NodeExistsError.code
@@ -812,6 +924,24 @@ class ZooKeeperSession:
             self._note_created(records, results, choices)
         return results
 
+    def _create_resuming(self, records: list[Record]) -> list[bool]:
+        """:meth:`create` for a batch holding nodes planning found on the placeholder an interrupted
+        run left (meta ``acl_pending``, see :meth:`unfinished_acls`): they exist, so they are not
+        created (False); their archived ACL is queued for :meth:`finish`. The rest are created."""
+        rest: list[int] = []
+        for i, r in enumerate(records):
+            if not r.meta.get("acl_pending"):
+                rest.append(i)
+                continue
+            _, final, _ = self._choose(r)
+            if final is not None:
+                self._resumed.append((r.key.decode("utf-8"), final))
+        results = [False] * len(records)
+        if rest:
+            for i, ok in zip(rest, self.create([records[i] for i in rest]), strict=True):
+                results[i] = ok
+        return results
+
     def _note_created(self, records: list[Record], results: list[bool], choices: list[tuple]) -> None:
         """Remember what finish() sets and the report lists: only nodes this run created."""
         for r, ok, (_, final, note) in zip(records, results, choices, strict=True):
@@ -825,27 +955,34 @@ class ZooKeeperSession:
     def finish(self) -> dict[str, Any]:
         """Complete a restore whose creates all succeeded: set the archived ACL on the nodes
         this run created with a temporary restorer-only ACL (an archived ACL that denies this
-        identity CREATE), now that their children exist. The only change Burrow makes to a
-        node after creating it, and only to a node it created in this run: each setACL is
-        guarded by ACL version 0, so an ACL someone changed meanwhile is left alone.
+        identity CREATE), now that their children exist, and on the nodes an interrupted run
+        left on that placeholder (:meth:`unfinished_acls`). The only change Burrow makes to a
+        node after creating it, and only to a node a restore created with the placeholder:
+        each setACL is guarded by ACL version 0, so an ACL someone changed meanwhile is left alone.
 
-        Returns the ACL part of the restore report."""
+        Returns the ACL part of the restore report: ``acl_set_after_children`` counts every
+        archived ACL set, ``acl_resumed`` those of them an interrupted run had left."""
         deferred, self._deferred = self._deferred, []
-        applied = 0
+        resumed, self._resumed = self._resumed, []
+        applied = resumed_applied = 0
         not_applied: list[str] = []
         failures = 0
-        if deferred:
+        work = deferred + resumed
+        first_resumed = len(deferred)
+        if work:
             window = max(1, self.block.read_window)
             try:
                 wire = self._wire_session()
-                for start in range(0, len(deferred), window):
-                    chunk = deferred[start : start + window]
+                for start in range(0, len(work), window):
+                    chunk = work[start : start + window]
                     for path, acl in chunk:
                         wire.set_acl(path, acl, 0)
-                    for path, _ in chunk:
+                    for n, (path, _) in enumerate(chunk):
                         _, err, _ = wire.reply()
                         if not err:
                             applied += 1
+                            if start + n >= first_resumed:
+                                resumed_applied += 1
                             continue
                         failures += 1
                         if len(not_applied) < REPORT_LIMIT:
@@ -862,6 +999,7 @@ class ZooKeeperSession:
             "acl_restricted": self._restricted_count,
             "acl_restricted_paths": list(self._restricted),
             "acl_set_after_children": applied,
+            "acl_resumed": resumed_applied,
             "acl_not_applied": failures,
             "acl_not_applied_paths": not_applied,
         }

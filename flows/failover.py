@@ -407,10 +407,10 @@ def _report_postverify(run: _Run, checked: Any, target: Any) -> None:
     run.summary.update(checked.as_summary())
     run.lists["Post-verify: missing from the target (first 1000)"] = checked.missing_paths
     run.lists["Post-verify: differing, not a reported conflict (first 1000)"] = checked.differing_paths
+    run.lists["Post-verify: value as archived, ACL, flags or lease not (first 1000)"] = checked.metadata_paths
     if not checked.ok:
         raise PostVerifyFailed(
-            f"post-verify of {target.describe()} failed: {checked.missing} archived keys are missing and "
-            f"{checked.differing} differ without being reported conflicts (paths in the run's artifact)"
+            f"post-verify of {target.describe()} failed: {checked.problem()} (paths in the run's artifact)"
         )
 
 

@@ -76,6 +76,9 @@ class Plan:
     list_path: str | None = None
     dropped_metadata: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the target says would fail (no write yet)
+    #: Existing nodes (counted identical, or parents) an interrupted restore left on its placeholder ACL:
+    #: replay sets their archived ACL (``acl_pending`` records in the spool; ZooKeeper's ``unfinished_acls``).
+    acl_pending: int = 0
     seconds: float = 0.0
     _lines: BinaryIO | None = field(default=None, repr=False, compare=False)  # while planning, with ``listed``
 
@@ -251,6 +254,8 @@ class _TreePlanner:
         self.source_service = source_service
         self.stack: list[list[Any]] = []
         self.planned = 0  # stack[:planned] are planned
+        # ZooKeeper: which existing nodes an interrupted restore left on its placeholder ACL
+        self.unfinished = getattr(session, "unfinished_acls", None)
         self.batch: list[tuple[int, list[Any], bytes]] = []
 
     def add(self, line: bytes) -> None:
@@ -334,6 +339,7 @@ class _TreePlanner:
         found = dict(zip(need, self.session.lookup(need), strict=True)) if need else {}
         plan = self.plan
         creates: list[bytes] = []
+        present: list[Record] = []  # existing nodes holding the archived value (see below)
         for kind, node, body in batch:
             current = None if node[_STATE] == MISSING else found.get(node[_KEY])
             if kind == DUP:
@@ -353,6 +359,19 @@ class _TreePlanner:
                 if kind == CREATE:
                     plan.compare(node[_KEY], decode_record(body).value, current)
                 # a parent (intermediate, folder key, outside the selection) only needs to exist
+                if self.unfinished is not None and kind in (CREATE, PARENT):
+                    rec = decode_record(body)
+                    if rec.value == current:
+                        present.append(rec)
+        if present:
+            # An interrupted restore may have left some of them on its placeholder ACL (their
+            # archived ACL is set once their children exist): replay finishes those, as the
+            # interrupted run would have. Any other existing node stays exactly as it is.
+            for rec, left in zip(present, self.unfinished(present), strict=True):  # type: ignore[misc]
+                if left:
+                    rec.meta["acl_pending"] = True
+                    creates.append(encode_record(rec))
+                    plan.acl_pending += 1
         self.out.writelines(creates)
 
 
@@ -440,6 +459,9 @@ def plan_restore(
         "plan: %d to create (+%d intermediate), %d identical, %d conflicts, %d outside subtree, in %.2fs",
         plan.to_create, plan.intermediate, plan.identical, plan.conflicts, plan.outside_subtree, plan.seconds,
     )
+    if plan.acl_pending:
+        log.info("plan: %d existing nodes an interrupted restore left on its restorer-only placeholder ACL get "
+                 "their archived ACL", plan.acl_pending)
     for warning in plan.warnings:
         log.warning("plan: %s", warning)
     for name, n in sorted(plan.dropped_metadata.items()):

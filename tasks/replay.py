@@ -57,7 +57,7 @@ def replay_plan(plan: Plan, target: SourceBlock, undo: UndoSink | None = None) -
     session = target.connect()
     try:
         session.ensure_root()
-        total = plan.to_create + plan.intermediate
+        total = plan.to_create + plan.intermediate + plan.acl_pending
         with open_spool_reader(plan.ops_path) as f, progress.stage(f"restore into {plan.target}", total=total) as advance:
             batch: list[Record] = []
             size = 0
@@ -100,7 +100,9 @@ def _apply(session, batch: list[Record], done: Replayed, created: CreatedLog) ->
     outcome = session.create(batch)
     _record_created(session, batch, outcome, created)
     created.inflight = []
-    existed = [r for r, ok in zip(batch, outcome, strict=True) if not ok and not r.meta.get("intermediate")]
+    # (a node an interrupted run left on its placeholder ACL, ``acl_pending``, was planned as identical)
+    existed = [r for r, ok in zip(batch, outcome, strict=True)
+               if not ok and not r.meta.get("intermediate") and not r.meta.get("acl_pending")]
     for r, ok in zip(batch, outcome, strict=True):
         if ok:
             if r.meta.get("intermediate"):
