@@ -171,13 +171,25 @@ class Comparison:
     problem: str | None = None
 
 
+def _as_restored(target: SourceBlock) -> SourceBlock:
+    """``target`` walking every key a restore may have written: leased etcd keys included."""
+    if getattr(target, "include_leased", True) is False:
+        return target.model_copy(update={"include_leased": True})
+    return target
+
+
 def compare_scratch_target(
     archive_path: Path, target: SourceBlock, workdir: Path, decryptor: BodyDecryptor | None,
     intermediate_created: int, label: str = "archive",
 ) -> Comparison:
     """Diff the scratch target against the archive: every archived key must be there with
-    its value; the only extra keys allowed are the empty parents the restore created."""
-    d = diff_archive(archive_path, target, workdir, decryptor=decryptor, root="/", label=label)
+    its value; the only extra keys allowed are the empty parents the restore created.
+
+    The scratch target is walked as it was restored, leased keys included: an archive taken
+    with ``--include-leased`` was restored with a fresh lease on each of its leased keys, and an
+    etcd walk of a block without ``include_leased`` would skip them all (every one would count
+    as missing)."""
+    d = diff_archive(archive_path, _as_restored(target), workdir, decryptor=decryptor, root="/", label=label)
     problems = []
     if d.removed:
         problems.append(f"{d.removed} archived keys missing")
@@ -247,7 +259,7 @@ def clean_scratch_target(
                     "nothing there", target.describe())
         return {"deleted": 0, "left": 0, "left_paths": [], "no_plan": True}
     started = time.monotonic()
-    deleted = 0
+    deleted = revoked = 0
     left_paths: list[str] = []
     base = Path(tempfile.mkdtemp(prefix="cleanup-", dir=workdir))
     session = target.connect()
@@ -261,9 +273,14 @@ def clean_scratch_target(
         if tree:
             records = _deepest_first(records, base)  # (reads them all before the first delete)
         batch: list[Record] = []
+        # etcd: the leases the restore granted the keys it created, read before they are deleted
+        held = getattr(session, "leases_held", None)
+        leases: set[int] = set()
 
         def flush() -> None:
             nonlocal deleted
+            if held is not None and batch:
+                leases.update(held(batch))
             deleted += sum(delete([(r.key, int(r.value)) for r in batch]))
             batch.clear()
 
@@ -272,10 +289,14 @@ def clean_scratch_target(
             if len(batch) >= DELETE_BATCH:
                 flush()
         flush()
+        if leases:
+            # A granted lease outlives its keys until its TTL runs out: revoke each that holds no
+            # key any more (one that still holds a key someone attached to it is left to expire).
+            revoked = session.revoke_unused(leases)  # type: ignore[attr-defined]
     finally:
         session.close()
     left = 0
-    session = target.connect()
+    session = _as_restored(target).connect()  # (a leased key left behind is counted too)
     try:
         for r in session.walk(b"/", WalkStats()):
             left += 1
@@ -297,9 +318,9 @@ def clean_scratch_target(
             "rehearse: cleanup of %s left %d keys the rehearsal did not restore, or that changed since "
             "(left alone)", target.describe(), left,
         )
-    log.info("rehearse: cleaned up %s: %d keys deleted, %d left, in %.2fs", target.describe(), deleted, left,
-             time.monotonic() - started)
-    return {"deleted": deleted, "left": left, "left_paths": left_paths}
+    log.info("rehearse: cleaned up %s: %d keys deleted, %d left%s, in %.2fs", target.describe(), deleted, left,
+             f", {revoked} leases revoked" if revoked else "", time.monotonic() - started)
+    return {"deleted": deleted, "left": left, "left_paths": left_paths, "leases_revoked": revoked}
 
 
 @task(name="clean-scratch", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)

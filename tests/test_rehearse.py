@@ -191,6 +191,44 @@ def test_etcd_rehearsal_into_a_prefix_and_a_scratch_that_is_not_empty(etcd_a, et
     assert related["scratch"] == f"burrow.scratch.{scratch}" and related["archive"] == f"burrow.archive.{made['url']}"
 
 
+def etcd_leases(e: Etcd) -> set[int]:
+    """Every lease the etcd server holds (LeaseLeases, through the JSON gateway)."""
+    return {int(x["ID"]) for x in e._post("/v3/lease/leases", {}).get("leases") or []}
+
+
+def test_an_etcd_rehearsal_of_leased_keys_passes_and_leaves_no_lease_behind(etcd_a, etcd_b, store):
+    """An archive taken with --include-leased: the rehearsal restores its leased keys with fresh
+    leases, compares them like any other key (they are not "missing"), and its cleanup revokes
+    the leases it granted: none is left in the scratch cluster."""
+    src_prefix, scratch_prefix = unique("leased"), unique("scratch")
+    e_a, e_b = Etcd(etcd_a.url), Etcd(etcd_b.url)
+    try:
+        plain = {f"/{src_prefix}/cfg/k{i}".encode(): f"v{i}".encode() for i in range(40)}
+        sessions = {f"/{src_prefix}/svc/n{i}".encode(): f"10.0.0.{i}".encode() for i in range(25)}
+        locks = {f"/{src_prefix}/locks/l{i}".encode(): b"held" for i in range(5)}
+        e_a.put_many(plain)
+        e_a.put_many(sessions, lease=e_a.grant(900))
+        e_a.put_many(locks, lease=e_a.grant(600))
+        host = etcd_a.url.split("://", 1)[1]
+        made = backup(source=f"etcd://{host}/{src_prefix}", store=str(store), name="etcd-leased",
+                      include_leased=True, encryption=False)
+        assert made["keys"] == len(plain) + len(sessions) + len(locks)
+        scratch = f"etcd://{etcd_b.url.split('://', 1)[1]}/{scratch_prefix}"
+        before = etcd_leases(e_b)
+
+        done = rehearse(store=str(store), source="etcd-leased", scratch=scratch)
+        assert done["status"] == "ok", done
+        assert done["compared"] == made["keys"] and done["scratch_missing"] == done["scratch_changed"] == 0
+        assert done["cleanup_deleted"] == made["keys"] and done["cleanup_left"] == 0
+        assert e_b.snapshot(f"/{scratch_prefix}".encode()) == {}
+        assert etcd_leases(e_b) - before == set()  # the two leases it granted are revoked
+        (found,) = markers(store)
+        assert json.loads(found.read_bytes())["ok"] is True
+    finally:
+        e_a.close()
+        e_b.close()
+
+
 def rehearsal_events(source: str, since: datetime, want: int) -> list:
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
