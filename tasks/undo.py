@@ -192,8 +192,9 @@ def _open_part(keys: ArchiveKeys, name: str, data: bytes) -> dict[str, Any]:
 
 def seal_created(sink: UndoSink, created: CreatedLog, target: SourceBlock) -> dict[str, Any]:
     """Seal the list of keys ``created`` holds into ``sink.store`` (see the module docstring);
-    returns what the run summary says of it (``undo_run``, ``undo_run_id``, ``undo_store``,
-    ``undo_keys``), or ``{}`` when nothing was created or nothing could be sealed (one warning
+    returns what the run summary says of it (``undo_run``: what ``burrow undo`` takes, the run's
+    name or, when another run of that name keeps a list too, its id; ``undo_run_name``,
+    ``undo_run_id``, ``undo_store``, ``undo_keys``), or ``{}`` when nothing was created or nothing could be sealed (one warning
     says why: a run never fails over its undo list)."""
     created.close()
     if not created.count:
@@ -227,10 +228,21 @@ def seal_created(sink: UndoSink, created: CreatedLog, target: SourceBlock) -> di
         return {}
     log.info("undo: the %d keys this run created are listed, sealed, in %s (burrow undo %s)",
              written, sink.store.describe(), sink.run_name)
-    sealed = {"undo_run": sink.run_name, "undo_run_id": sink.run_id, "undo_store": sink.store.describe(),
-              "undo_keys": written}
+    sealed = {"undo_run": _unambiguous(sink), "undo_run_name": sink.run_name, "undo_run_id": sink.run_id,
+              "undo_store": sink.store.describe(), "undo_keys": written}
     _sealed.append(sealed)
     return sealed
+
+
+def _unambiguous(sink: UndoSink) -> str:
+    """What ``burrow undo`` finds this run by: its name, unless another run of the same name
+    (a failover of the same source into the same target, run again) keeps a list in the store
+    too; then its id (a name that names several runs is refused, never guessed)."""
+    try:
+        others = {n.split("/")[2] for n in sink.store.list_sidecars(f"{UNDO_PREFIX}{slug(sink.run_name)}/")}
+    except (StoreError, StoreUnavailable, NotImplementedError):
+        return sink.run_id
+    return sink.run_name if others <= {slug(sink.run_id)} else sink.run_id
 
 
 def _put_part(sink: UndoSink, common: dict[str, Any], part: int, entries: list[Any], *, last: bool) -> None:
@@ -285,8 +297,8 @@ def load_undo_list(store: ArchiveStore, run: str, keys: ArchiveKeys | None, work
         raise ArchiveNotFound(f"no undo list of run {run!r} in {store.describe()} (a restore or failover that created "
                               "keys keeps one there, in the store it read its archive from)")
     if len(runs) > 1:
-        raise UsageError(f"{len(runs)} runs are named {run!r} in {store.describe()}: give the run id instead "
-                         f"({', '.join(sorted(runs))})")
+        raise UsageError(f"{len(runs)} runs named {run!r} keep an undo list in {store.describe()}: give the run id "
+                         f"instead (one of {', '.join(sorted(runs))}; the `to undo:` line of each run names it)")
     (rid, parts), = runs.items()
     if keys is None or not keys.can_reader_sign():
         raise UsageError("the undo list is sealed with a reader key: give the secret key the run had (--key-file, "

@@ -345,11 +345,13 @@ def test_the_rehearse_flow_refuses_credentials_in_its_parameters(tmp_path):
 
 
 def test_cleanup_deletes_only_what_the_restore_created_and_still_holds_its_value(zk_b, tmp_path):
-    """Cleanup works from the restore's plan spool: a key someone changed, and a key someone
+    """Cleanup works from the list of keys the restore created, beside its plan spool (each with
+    the version it was created at, tasks/undo.py): a key someone changed since, and a key someone
     added, are left alone (and so are their parents and the chroot), the rest is deleted."""
     from burrow.records import encode_record
     from burrow.staging import open_spool_writer
     from tasks.rehearse import Scratch, clean_scratch_target
+    from tasks.undo import CreatedLog, created_spool
 
     top = f"/burrow-rehearsal-{uuid.uuid4().hex[:8]}"
     spool = tmp_path / "plan.jsonl"
@@ -358,9 +360,13 @@ def test_cleanup_deletes_only_what_the_restore_created_and_still_holds_its_value
             out.write(encode_record(Record(key, value, {"acl": None})))
     with kazoo(zk_b.url) as c:
         c.create(top + "/a/b", b"1", makepath=True)
-        c.create(top + "/a/c", b"changed meanwhile")
-        c.create(top + "/a/d", b"someone else's")
+        c.create(top + "/a/c", b"2")
         c.create(top + "/e", b"5")
+        created = CreatedLog(created_spool(spool))
+        created.add([(k, c.exists(top + k.decode()).czxid) for k in (b"/a", b"/a/b", b"/a/c", b"/e")])
+        created.close()
+        c.set(top + "/a/c", b"changed meanwhile")
+        c.create(top + "/a/d", b"someone else's")
     target = source_from_ref(f"zk://{zk_b.url}{top}")
     got = clean_scratch_target(target, Scratch(target.describe(), [top]), tmp_path, spool)
     assert got["deleted"] == 2 and got["left"] == 3 and sorted(got["left_paths"]) == ["/a", "/a/c", "/a/d"]

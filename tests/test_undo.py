@@ -222,6 +222,20 @@ def test_consul_failover_ends_with_the_undo_line_and_undo_takes_back_what_it_cre
     assert consul_snapshot(b, prefix + "/") == {f"{prefix}/own": (b"the target's own", 0, None),
                                                 f"{prefix}/y": (b"changed since", 0, None)}
 
+    # The same failover again has the same run name: its line names it by id, and the name, which
+    # now names two runs, is refused rather than guessed.
+    again = cli("failover", "consul-undo", "--from", str(store), "--into", f"consul://{consul_b.host}:{consul_b.port}",
+                "--key-file", str(key), "--primary", DEAD_CONSUL)
+    assert again.code == 3, again  # y is a conflict now
+    second, _ = undo_line(again.err)
+    assert second != run
+    refused = cli("undo", run, "--from", store_ref, "--key-file", str(key))
+    assert refused.code == 2 and "give the run id" in refused.error_line, refused
+    u = cli("undo", second, "--from", store_ref, "--key-file", str(key))
+    assert u.code == 0, u
+    assert "deleted=2 kept=0 listed=2" in u.out
+    assert set(consul_snapshot(b, prefix + "/")) == {f"{prefix}/own", f"{prefix}/y"}
+
 
 def test_a_restore_without_a_secret_key_says_undo_is_unavailable(cli, zk_a, zk_b, store):
     root = unique_root()
