@@ -394,7 +394,10 @@ def test_failover_prefers_the_rehearsed_archive_over_a_newer_unrehearsed_one(zk_
     from burrow.testing.servers import free_port
 
     dead = f"zk://127.0.0.1:{free_port()}"  # the failed primary (the split-brain guard probes it)
-    plan = failover(source="dc-f", store=str(store), into=f"zk://{zk_b.url}", primary=dead, dry_run=True,
+    standby = unique_root()  # a private corner of the shared zk_b: the wrong-cluster guard refuses other tests' keys
+    with kazoo(zk_b.url) as c:
+        c.ensure_path(standby)
+    plan = failover(source="dc-f", store=str(store), into=f"zk://{zk_b.url}{standby}", primary=dead, dry_run=True,
                     key_files=[str(key)])
     assert plan["archive"] == old["url"]
     assert plan["rehearsal"]["ok"] is True and plan["rehearsal"]["authenticated"] is True
