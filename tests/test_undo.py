@@ -202,30 +202,33 @@ def test_consul_failover_ends_with_the_undo_line_and_undo_takes_back_what_it_cre
     key = tmp_path / "k.key"
     keygen(key, x25519=False)
     prefix = unique("cu")
+    # the target is a prefix of its own in the shared server: it holds only what this test puts there
+    into = f"consul://{consul_b.host}:{consul_b.port}/{unique('tgt')}"
+    top = into.rsplit("/", 1)[1] + "/" + prefix
     a, b = consul_client(consul_a.url), consul_client(consul_b.url)
     for n in ("x", "y", "z"):
         a.kv.put(f"{prefix}/{n}", n.encode())
     backup(source=f"consul://{consul_a.host}:{consul_a.port}", store=str(store), name="consul-undo",
            root=prefix, key_file=str(key))
-    b.kv.put(f"{prefix}/own", b"the target's own")
-    r = cli("failover", "consul-undo", "--from", str(store), "--into", f"consul://{consul_b.host}:{consul_b.port}",
-            "--key-file", str(key), "--primary", DEAD_CONSUL)
+    b.kv.put(f"{top}/own", b"the target's own")
+    failover = ("failover", "consul-undo", "--from", str(store), "--into", into, "--key-file", str(key),
+                "--primary", DEAD_CONSUL)
+    r = cli(*failover)
     assert r.code == 0, r
     run, store_ref = undo_line(r.err)
     assert store_ref == str(store)  # the store as it was given
-    assert set(consul_snapshot(b, prefix + "/")) == {f"{prefix}/{n}" for n in ("x", "y", "z", "own")}
-    b.kv.put(f"{prefix}/y", b"changed since")
+    assert set(consul_snapshot(b, top + "/")) == {f"{top}/{n}" for n in ("x", "y", "z", "own")}
+    b.kv.put(f"{top}/y", b"changed since")
 
     u = cli("undo", run, "--from", store_ref, "--key-file", str(key), "--list")
     assert u.code == 3, u
     assert f"kept     {prefix}/y" in u.out.splitlines()
-    assert consul_snapshot(b, prefix + "/") == {f"{prefix}/own": (b"the target's own", 0, None),
-                                                f"{prefix}/y": (b"changed since", 0, None)}
+    assert consul_snapshot(b, top + "/") == {f"{top}/own": (b"the target's own", 0, None),
+                                             f"{top}/y": (b"changed since", 0, None)}
 
     # The same failover again has the same run name: its line names it by id, and the name, which
     # now names two runs, is refused rather than guessed.
-    again = cli("failover", "consul-undo", "--from", str(store), "--into", f"consul://{consul_b.host}:{consul_b.port}",
-                "--key-file", str(key), "--primary", DEAD_CONSUL)
+    again = cli(*failover)
     assert again.code == 3, again  # y is a conflict now
     second, _ = undo_line(again.err)
     assert second != run
@@ -234,7 +237,7 @@ def test_consul_failover_ends_with_the_undo_line_and_undo_takes_back_what_it_cre
     u = cli("undo", second, "--from", store_ref, "--key-file", str(key))
     assert u.code == 0, u
     assert "deleted=2 kept=0 listed=2" in u.out
-    assert set(consul_snapshot(b, prefix + "/")) == {f"{prefix}/own", f"{prefix}/y"}
+    assert set(consul_snapshot(b, top + "/")) == {f"{top}/own", f"{top}/y"}
 
 
 def test_a_restore_without_a_secret_key_says_undo_is_unavailable(cli, zk_a, zk_b, store):
