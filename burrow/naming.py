@@ -101,10 +101,13 @@ def parse_duration(text: str, what: str = "a duration") -> timedelta:
 
 
 def age_text(delta: timedelta) -> str:
-    """A short human rendering of an age: 45s, 12m, 5h 3m, 2d 4h."""
+    """A short human rendering of an age: 45s, 5m 12s, 12m, 5h 3m, 2d 4h. Under 10 minutes it
+    keeps the seconds: an RPO gate of ``5m`` refusing an archive of "age 5m" would say nothing."""
     s = int(max(0, delta.total_seconds()))
     if s < 60:
         return f"{s}s"
+    if s < 600:
+        return f"{s // 60}m {s % 60}s" if s % 60 else f"{s // 60}m"
     if s < 3600:
         return f"{s // 60}m"
     if s < 86400:

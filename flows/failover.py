@@ -4,8 +4,11 @@
 task with its own retries, each timed and reported in the artifact:
 
 1. **Preflight** (tasks/preflight.py). Nothing is written if any check fails, and every
-   refusal names the flag that overrides it. The target is checked first (reachable and
-   writable), before any archive is listed or downloaded. Candidates (the source's trusted
+   refusal names the flag that overrides it. The target is checked first (reachable),
+   before any archive is listed or downloaded; it is written to (the writability check's
+   scratch key) only once the wrong-cluster guard passed: the archive's service is the
+   target's (or ``cross_service``) and the target holds no more than ``foreign_keys_max``
+   percent of the archive's key count outside the archive's paths. Candidates (the source's trusted
    archives by signed time, newest first, a rehearsed one first only when it is within
    ``prefer_rehearsed_within`` of the newest; or the one ``archive`` pins) are downloaded
    and validated in turn: a missing, corrupt, truncated or too old one is skipped with its
@@ -48,7 +51,7 @@ from flows.restore import plan_summary, publish_summary, replay_summary, save_li
 from tasks.catalog import Selection, catalog, created_at, select_archives
 from tasks.download import download
 from tasks.journal import close_journal, record_choice, unfinished_failover
-from tasks.markers import annotate_task
+from tasks.markers import annotate_task, rehearsal_text
 from tasks.plan import plan as plan_task
 from tasks.postverify import PostVerifyFailed, postverify
 from tasks.preflight import (
@@ -69,6 +72,11 @@ from tasks.validate import validate
 
 #: Seconds between two checks of a paused run for the on-call's answer.
 APPROVAL_POLL_S = 2
+
+#: The summary of the failover this process runs now (``summary``): the CLI reads the chosen
+#: archive from it when the run is interrupted, as the exception a signal raises may be a new one
+#: that carries nothing (Prefect re-delivers a SIGTERM to the handler it replaced).
+RUNNING: dict[str, dict[str, Any]] = {}
 
 
 class FailoverApproval(RunInput):
@@ -190,6 +198,7 @@ def failover(
     """
     run = _Run({"status": "failed", "source": source, "dry_run": dry_run, "force": force}, dry_run)
     summary = run.summary
+    RUNNING["summary"] = summary
     try:
         with recorded_run("failover", summary, run.publish):
             limits = _limits(max_age, resume_within, prefer_rehearsed_within, max_candidates)
@@ -452,10 +461,8 @@ def _why_used(row: dict[str, Any], resumed_row: dict[str, Any] | None, begun: st
     r = row.get("rehearsal")
     if row is resumed_row:
         return "resumed", f"resuming the failover begun at {begun} with archive {row['url']}"
-    state = ("never rehearsed" if not isinstance(r, dict) else
-             f"rehearsed at {r.get('at')} (ok, authenticated)" if rehearsed(row) else
-             f"rehearsal FAILED at {r.get('at')}" if r.get("ok") is not True else
-             "rehearsal marker unauthenticated")
+    # the words list and status use (tasks/markers.py): "never rehearsed" only without any marker
+    state = rehearsal_text(r if isinstance(r, dict) else None)
     if pinned:
         return "pinned", f"pinned with --archive, {state}"
     if rehearsed(row):

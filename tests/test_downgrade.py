@@ -74,15 +74,17 @@ def setup(tmp_path, monkeypatch):
 
 def test_failover_skips_a_planted_unencrypted_archive_when_keys_are_configured(zk_b, setup):
     key, root, store, genuine, planted = setup
-    dry = failover(source="dc-z", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)], dry_run=True)
+    top = unique_root()  # a chroot of its own: zk_b holds every other test's keys (the wrong-cluster guard)
+    into = f"zk://{zk_b.url}{top}"
+    dry = failover(source="dc-z", store=str(store), into=into, key_files=[str(key)], dry_run=True)
     assert dry["archive"] == "file://" + str(genuine), dry  # the planted one is newer, and refused
     assert dry["skipped_archives"] == 1
-    done = failover(source="dc-z", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)])
+    done = failover(source="dc-z", store=str(store), into=into, key_files=[str(key)])
     assert done["created"] == 2
-    with kazoo(zk_b.url) as c:
+    with kazoo(zk_b.url + top) as c:
         assert snapshot(c, root) == {root: b"", f"{root}/cfg": b"genuine"}
     # on purpose: --allow-unencrypted takes the newest, plaintext or not (dry run: writes nothing)
-    dry = failover(source="dc-z", store=str(store), into=f"zk://{zk_b.url}", key_files=[str(key)], dry_run=True,
+    dry = failover(source="dc-z", store=str(store), into=into, key_files=[str(key)], dry_run=True,
                    allow_unencrypted=True)
     assert dry["archive"] == "file://" + str(planted)
 
@@ -110,6 +112,6 @@ def test_restore_and_verify_refuse_an_unencrypted_archive_when_keys_are_configur
     assert main(["verify", str(planted), "--key-file", str(key), "--allow-unencrypted"]) == 0
     assert "3 keys" in capsys.readouterr().out
     assert main(["restore", str(planted), "--into", f"zk://{zk_b.url}", "--key-file", str(key), "--dry-run"]) == 1
-    assert main(["failover", "dc-z", "--from", str(store), "--into", f"zk://{zk_b.url}", "--key-file", str(key),
+    assert main(["failover", "dc-z", "--from", str(store), "--into", f"zk://{zk_b.url}{unique_root()}", "--key-file", str(key),
                  "--dry-run", "--allow-unencrypted"]) == 0
     assert f"failover from file://{planted}" in capsys.readouterr().out

@@ -472,3 +472,50 @@ def test_consul_target_gets_the_scratch_check_restore_and_post_verify(consul_b, 
     got = consul_snapshot(consul_client(consul_b.url), prefix)
     want = {f"{prefix}/{r.key.decode().lstrip('/')}": r.value for r in tree(root, 5)}
     assert {k: v for k, (v, _, _) in got.items()} == want  # nothing else: no scratch key left behind
+
+
+# ------------------------------------------------------------------------------ small things (issue 17, item 8)
+
+
+def test_ages_to_the_second_under_ten_minutes():
+    now = datetime.now(UTC)
+    assert naming.age_text(timedelta(minutes=5, seconds=12)) == "5m 12s"
+    assert naming.age_text(timedelta(minutes=5)) == "5m" and naming.age_text(timedelta(seconds=45)) == "45s"
+    assert naming.age_text(timedelta(minutes=12, seconds=30)) == "12m"
+    old = row("o", (now - timedelta(minutes=5, seconds=12)).isoformat())
+    assert rpo_problem(old, timedelta(minutes=5), now) == "older than --max-age 5m (age 5m 12s)"
+
+
+def test_the_preflight_tells_a_failed_rehearsal_from_none(standby, store, key):
+    """An archive whose (authenticated) rehearsal failed is "rehearsal FAILED", never "never
+    rehearsed": the words list and status use."""
+    from blocks.keys import archive_keys
+    from blocks.local import LocalStore
+    from burrow.archive import ArchiveReader
+    from tasks.markers import build_marker, write_marker_record
+
+    root = unique_root()
+    path = put_archive(store, "dc-f1", tree(root, 3), stamp(timedelta(minutes=-5)), key)
+    keys = archive_keys([str(key)], None, None, None, None)
+    with open(path, "rb") as f:
+        manifest = dict(ArchiveReader(f).manifest)
+    name = str(path.relative_to(store))
+    write_marker_record(LocalStore(path=str(store)), name, build_marker(
+        name, manifest, at=datetime.now(UTC), ok=False, keys=0, restore_s=0.1, scratch="zk://scratch", signer=keys))
+    dry = failover(source="dc-f1", store=str(store), into=f"zk://{standby}", key_files=[str(key)], dry_run=True)
+    assert any(ln.startswith("archive: rehearsal FAILED at ") for ln in dry["preflight"]), dry["preflight"]
+    assert not any("never rehearsed" in ln for ln in dry["preflight"]), dry["preflight"]
+
+
+def test_usage_errors_come_before_any_probe(cli, store, tmp_path):
+    """A missing key file or a malformed duration is said at once (exit 2), before the Prefect API
+    (here: one that never answers) or any cluster is contacted."""
+    silent = f"http://127.0.0.1:{free_port()}/api"  # nothing listens: a probe would warn and fall back
+    base = ["failover", "dc-u", "--from", str(store), "--into", f"zk://127.0.0.1:{free_port()}"]
+    for args, said in (([*base, "--key-file", str(tmp_path / "nowhere.key")], "does not exist"),
+                       ([*base, "--max-age", "5 minutes"], "--max-age takes a number and a unit"),
+                       ([*base, "--resume-within", "soon"], "--resume-within takes")):
+        r = cli(*args, env={"PREFECT_API_URL": silent})
+        assert r.code == 2, r
+        assert said in r.error_line, r
+        assert "Prefect API" not in r.err and "local Prefect server" not in r.err, r

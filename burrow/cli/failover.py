@@ -166,7 +166,9 @@ def cmd_failover(args: argparse.Namespace) -> int:
             )
     except BaseException as exc:
         if _interrupted(exc):
-            return _report_interrupted(getattr(exc, "failover_summary", None))
+            from flows.failover import RUNNING
+
+            return _report_interrupted(getattr(exc, "failover_summary", None) or RUNNING.get("summary"))
         if not isinstance(exc, BurrowError):
             raise
         done = getattr(exc, "failover_summary", None)
