@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from burrow.errors import UsageError
 
@@ -113,3 +114,16 @@ def age_text(delta: timedelta) -> str:
     if s < 86400:
         return f"{s // 3600}h {s % 3600 // 60}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def parse_signed_time(value: Any) -> datetime | None:
+    """An ISO-8601 time with its zone (``...Z`` or ``+00:00``) as a datetime, or None when
+    ``value`` is not one: the time a signed record (marker, journal record) carries. A time
+    without a zone is refused rather than guessed."""
+    if not isinstance(value, str):
+        return None
+    try:
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else None

@@ -40,7 +40,7 @@ import orjson
 from blocks.store import SIDECAR_SUFFIX, ArchiveStore
 from burrow.crypto import ArchiveKeys
 from burrow.errors import BurrowError, StoreError, StoreUnavailable, should_retry
-from burrow.naming import redact_url, slug
+from burrow.naming import parse_signed_time, redact_url, slug
 from burrow.runlog import logger
 from tasks import task
 
@@ -66,16 +66,6 @@ def journal_dir(source: str, target: str) -> str:
 
 def _iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _parse(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return at if at.tzinfo is not None else None
 
 
 def build_record(
@@ -118,7 +108,7 @@ def check_record(
         return False, "foreign: it names another target"
     if not isinstance(record.get("archive"), str) or not isinstance(record.get("manifest_sha256"), str):
         return False, "foreign: it names no archive and manifest checksum"
-    started, expires = _parse(record.get("started")), _parse(record.get("expires"))
+    started, expires = parse_signed_time(record.get("started")), parse_signed_time(record.get("expires"))
     if started is None or expires is None:
         return False, "unauthenticated: its times are malformed"
     if started > now + CLOCK_SKEW:
@@ -165,7 +155,7 @@ def unfinished_failover(
         record = _load(store, name)
         ok, why = check_record(record, source, target, keys, now=now, within=within)
         if ok:
-            good.append((_parse(record["started"]), name, record))  # type: ignore[index]
+            good.append((parse_signed_time(record["started"]), name, record))  # type: ignore[index]
         else:
             reason = (why or "unreadable").split(":")[0]
             ignored[reason] = ignored.get(reason, 0) + 1

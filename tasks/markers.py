@@ -38,6 +38,7 @@ import orjson
 from blocks.store import SIDECAR_SUFFIX, ArchiveStore
 from burrow.crypto import ArchiveKeys
 from burrow.errors import StoreError, should_retry
+from burrow.naming import parse_signed_time
 from burrow.runlog import logger
 from burrow.version import __version__
 from tasks import task
@@ -87,16 +88,6 @@ def same_archive(named: str, archive_name: str) -> bool:
     return bool(named) and (
         named == archive_name or archive_name.endswith("/" + named) or named.endswith("/" + archive_name)
     )
-
-
-def _parse_at(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return at if at.tzinfo is not None else None
 
 
 def build_marker(
@@ -163,7 +154,7 @@ def check_marker(
         return False, "the archive's manifest checksum is unknown, so the marker cannot be bound to it"
     if marker.get("manifest_sha256") != manifest_sha256:
         return False, "its manifest_sha256 is not the archive's (copied from another archive)"
-    at = _parse_at(marker.get("at"))
+    at = parse_signed_time(marker.get("at"))
     if at is None:
         return False, "its signed time is malformed"
     if sidecar is not None:
@@ -241,7 +232,7 @@ def _summary(marker: dict[str, Any], authenticated: bool, why: str | None, name:
 
 
 def _claimed(marker: dict[str, Any]) -> datetime:
-    return _parse_at(marker.get("at")) or datetime.min.replace(tzinfo=UTC)
+    return parse_signed_time(marker.get("at")) or datetime.min.replace(tzinfo=UTC)
 
 
 def rehearsal_of(
