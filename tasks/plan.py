@@ -59,6 +59,12 @@ CREATE, FOLDED, PARENT, GAP, DUP = range(5)
 _CHECK_CACHE = 10_000
 
 
+#: Metadata that is never restored, into any service, because it belongs to the source cluster
+#: and not to the key: said as such, not as a difference between services.
+SOURCE_BOUND_METADATA = {
+    "session": "a Consul lock's session lives on the source cluster's agents, so the key is created unlocked",
+}
+
 @dataclass
 class Plan:
     """The outcome of planning a restore."""
@@ -465,7 +471,10 @@ def plan_restore(
     for warning in plan.warnings:
         log.warning("plan: %s", warning)
     for name, n in sorted(plan.dropped_metadata.items()):
-        log.warning("plan: %s cannot be carried over to %s for %d keys", name, target.service, n)
+        if name in SOURCE_BOUND_METADATA:  # the same service too: it belongs to the source cluster
+            log.warning("plan: %d keys are created without their %s: %s", n, name, SOURCE_BOUND_METADATA[name])
+        else:
+            log.warning("plan: %s cannot be carried over to %s for %d keys", name, target.service, n)
     return plan
 
 
