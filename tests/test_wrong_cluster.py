@@ -7,6 +7,7 @@ back with etcd's own API (its JSON gateway) and Consul's HTTP API, never through
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -77,12 +78,24 @@ def test_a_consul_archive_into_an_etcd_holding_other_data_is_refused_then_forced
         # --force (with --cross-service: on purpose) proceeds; the other system's keys stay as they were
         capsys.readouterr()
         assert main([*base, "--cross-service", "--force"]) == 0
-        out, _ = capsys.readouterr()
+        out, err = capsys.readouterr()
         assert "preflight cluster: OVERRIDDEN (--force)" in out and "post-verify: 200 keys checked, 200 match" in out
         after = etcd.snapshot(prefix.encode())
         created = {k: v for k, v in after.items() if k not in before}
         assert created == {f"{prefix}/app/k{i}".encode(): f"v{i}".encode() for i in range(ARCHIVED)}
         assert {k: after[k] for k in before} == before
+
+        # the mistake undone: exactly what the failover created goes, but a key changed since stays
+        (undo_line,) = [ln for ln in err.splitlines() if ln.startswith("to undo: ")]
+        undo = shlex.split(undo_line[len("to undo: "):])
+        assert undo[:2] == ["burrow", "undo"] and "--from" in undo, undo_line
+        etcd.put(f"{prefix}/app/k7".encode(), b"written by the other system since")
+        capsys.readouterr()
+        assert main([*undo[1:], "--key-file", str(key)]) == 3  # 3: some keys were kept
+        out, _ = capsys.readouterr()
+        assert "1" in out and "kept" in out.lower(), out
+        assert etcd.snapshot(prefix.encode()) == {**before,
+                                                   f"{prefix}/app/k7".encode(): b"written by the other system since"}
     finally:
         etcd.close()
 
