@@ -177,7 +177,7 @@ def install_prompt_heartbeats() -> bool:
     source it was written against (:data:`PROMPT_HEARTBEATS_FOR`); otherwise Prefect's own
     heartbeat stays. Returns whether it is installed.
 
-    Only the CLI calls this (``burrow.cli.main``, for flow commands): a flow run a worker starts
+    Only the CLI calls this (``cli.main``, for flow commands): a flow run a worker starts
     keeps Prefect's heartbeat untouched, as nothing there waits on the run's end.
     """
     import prefect

@@ -2,7 +2,7 @@
 last line on stderr, a non-zero exit code, and nothing written (no archive, no partial file,
 not a single node in the restore target). Some cases run the real console script (at once:
 most of their time is interpreter start-up and, for unreachable servers, Prefect's retry
-delays), the others call the same ``burrow.cli.main`` in this process."""
+delays), the others call the same ``cli.main`` in this process."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def closed_port() -> int:
 
 
 def run_main(*args: str) -> SimpleNamespace:
-    """``burrow.cli.main`` in-process, with its stdout and stderr captured."""
-    from burrow.cli import main
+    """``cli.main`` in-process, with its stdout and stderr captured."""
+    from cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -148,7 +148,7 @@ def test_bad_input_one_clear_line_and_exit_code(bad, case):
 
 
 def test_failed_backups_leave_nothing_in_the_store(bad, capsys):
-    from burrow.cli import main
+    from cli import main
 
     for name, d in bad["stores"].items():
         assert files_under(d) == [], name  # not even a hidden partial file

@@ -62,7 +62,7 @@ def archive_bytes(name: str | None, created: datetime, key: Path | None, source:
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    from burrow.cli import main
+    from cli import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -200,7 +200,7 @@ def test_a_forged_index_entry_cannot_make_prune_delete_the_newest(s3, key, capsy
     plant_index_entry(client, bucket, forged)  # (the listing above merged the index: plant it again)
     code, out, err = run_main(capsys, "list", url, "--latest", "--source", SOURCE, "--key-file", str(key))
     assert code == 0 and out.strip() == genuine[newest]["url"], err
-    from burrow.cli.common import latest_row
+    from cli.common import latest_row
 
     plant_index_entry(client, bucket, forged)
     assert latest_row(url, SOURCE, keys)["name"] == newest  # what restore --latest restores

@@ -53,7 +53,7 @@ def catalog_store(zk_a, moto, tmp_path_factory):
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    from burrow.cli import main
+    from cli import main
 
     capsys.readouterr()
     code = main(list(args))

@@ -57,7 +57,7 @@ def test_backup_last_stdout_line_is_the_archive_url(backed_up):
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
     """The CLI in-process (same code as the console script, without a new interpreter)."""
-    from burrow.cli import main
+    from cli import main
 
     capsys.readouterr()
     try:
@@ -239,7 +239,7 @@ def test_the_prompt_heartbeat_is_installed_by_the_cli_only(tmp_path):
     command of the CLI (``main``, as the console script calls it) installs Burrow's."""
     prefect_own = "prefect.flow_engine._send_heartbeats"
     assert _heartbeat_in_fresh_interpreter("import flows.backup, flows.restore, flows.failover") == prefect_own
-    cli = (f"from burrow.cli import main\nassert main(['prune', {str(tmp_path)!r}, '--dry-run', "
+    cli = (f"from cli import main\nassert main(['prune', {str(tmp_path)!r}, '--dry-run', "
            "'--keep-last', '1']) == 0")
     assert _heartbeat_in_fresh_interpreter(cli) == "flows.common._prompt_heartbeats"
 

@@ -180,7 +180,7 @@ def test_cli_contract(cli, etcd_a, consul_a, tmp_path, capsys, monkeypatch) -> N
     the archive URL last; through the CLI's entry point in this process (much cheaper than
     more subprocesses), verify, list, inspect and dump work and an unreachable server is one
     line, exit 1, nothing written."""
-    from burrow.cli import main
+    from cli import main
 
     servers = {"etcd": etcd_a, "consul": consul_a}
     seeded = {svc: seed(svc, a, 1024) for svc, a in servers.items()}
@@ -226,7 +226,7 @@ def test_cli_contract(cli, etcd_a, consul_a, tmp_path, capsys, monkeypatch) -> N
 
 def test_cli_errors_in_process(etcd_a, consul_a, store, capsys, monkeypatch) -> None:
     """More bad-input rules through the CLI's entry point, in this process (cheap)."""
-    from burrow.cli import main
+    from cli import main
 
     cases = [
         ({}, ["backup", f"etcd://127.0.0.1:{etcd_a.port}?user=x"], 2, "unknown etcd URL option"),

@@ -103,7 +103,7 @@ def test_restore_and_verify_refuse_an_unencrypted_archive_when_keys_are_configur
     assert restore(archive=str(planted), into=f"zk://{zk_b.url}", dry_run=True, key_files=[str(key)],
                    allow_unencrypted=True)["planned_create"] == 3
     # the CLI: exit 1 with one line naming the flag, and the flag itself
-    from burrow.cli import main
+    from cli import main
 
     capsys.readouterr()
     assert main(["verify", str(planted), "--key-file", str(key)]) == 1

@@ -10,8 +10,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from zkutil import kazoo, unique_root
 
-from burrow.cli import main
 from burrow.keys import keygen
+from cli import main
 from flows.backup import backup
 from flows.verify import verify
 from tasks.drift import Drift, merge_diff

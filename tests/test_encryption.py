@@ -238,7 +238,7 @@ def seed(url: str, root: str) -> dict[str, bytes]:
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:
     """The CLI in-process (same parser, commands and output; no interpreter start-up)."""
-    from burrow.cli import main
+    from cli import main
 
     capsys.readouterr()
     code = main(list(args))

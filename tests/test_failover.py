@@ -100,7 +100,7 @@ def test_failover_picks_the_newest_and_stops_on_a_wrong_key(standby, zk_a, zk_b,
 
 
 def test_prune_cli(cli, capsys, zk_a, store):
-    from burrow.cli import main
+    from cli import main
 
     root = unique_root()
     with kazoo(zk_a.url) as c:

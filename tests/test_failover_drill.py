@@ -18,12 +18,12 @@ from zkutil import kazoo, snapshot, unique_root
 
 from burrow import naming
 from burrow.archive import ArchiveWriter
-from burrow.cli import main
 from burrow.crypto import StreamEncryptor
 from burrow.errors import ArchiveError, SourceUnavailable
 from burrow.keys import WriteKeys, keygen, read_key_file
 from burrow.records import Record
 from burrow.testing.servers import free_port
+from cli import main
 from flows.backup import backup
 from flows.failover import failover
 from tasks.catalog import select_archives

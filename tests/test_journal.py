@@ -20,11 +20,11 @@ from blocks.keys import archive_keys
 from blocks.local import LocalStore
 from burrow import naming
 from burrow.archive import ArchiveWriter
-from burrow.cli import main
 from burrow.crypto import ArchiveKeys, StreamEncryptor
 from burrow.keys import Keyring, WriteKeys, X25519Identity, keygen, read_key_file
 from burrow.records import Record
 from burrow.testing.servers import free_port
+from cli import main
 from flows.failover import failover
 from tasks.catalog import describe_archives
 from tasks.journal import (

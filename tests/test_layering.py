@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("burrow", "blocks", "tasks", "flows")
+PACKAGES = ("burrow", "blocks", "tasks", "flows", "cli")
 #: Layer rank: a module may import modules of its own rank or below, never above.
 RANKS = {"core": 0, "blocks": 1, "tasks": 2, "flows": 3, "cli": 4}
 TESTING = "burrow.testing"
@@ -38,9 +38,7 @@ def layer_of(module: str) -> str | None:
     if module == TESTING or module.startswith(TESTING + "."):
         return None
     top = module.split(".")[0]
-    if top == "burrow":
-        return "cli" if module == "burrow.cli" or module.startswith("burrow.cli.") else "core"
-    return top
+    return "core" if top == "burrow" else top
 
 
 def imported_modules(module: str, path: Path, known: set[str]) -> set[str]:
@@ -167,7 +165,7 @@ def test_every_tasks_module_defines_a_task():
 def test_the_harness_is_not_the_product():
     """Importing the backup flow and the CLI loads neither the test harness nor a test client."""
     code = (
-        "import sys, flows.backup, flows.restore, flows.failover, burrow.cli;"
+        "import sys, flows.backup, flows.restore, flows.failover, cli;"
         "bad = sorted(m for m in sys.modules if m.startswith('burrow.testing') or m in ('consul', 'moto'));"
         "print(','.join(bad))"
     )
@@ -193,7 +191,7 @@ def fake_tree(tmp_path: Path) -> Path:
     _write(tmp_path, "blocks/store.py", "from burrow.errors import E\n")
     _write(tmp_path, "tasks/upload.py", "from prefect import task\nfrom blocks import store\n@task\ndef up(): pass\n")
     _write(tmp_path, "flows/backup.py", "from tasks.upload import up\n")
-    _write(tmp_path, "burrow/cli.py", "def main():\n    from flows.backup import up\n")
+    _write(tmp_path, "cli/main.py", "def main():\n    from flows.backup import up\n")
     return tmp_path
 
 
@@ -234,7 +232,7 @@ import sys, io, contextlib, json
 from pathlib import Path
 from burrow.archive import ArchiveWriter
 from burrow.records import Record
-from burrow.cli import main
+from cli import main
 store, out = Path(sys.argv[1]), Path(sys.argv[2])
 name = "demo-20261125T000000Z-abcdef.burrow"
 (store / "demo").mkdir(parents=True)

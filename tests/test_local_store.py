@@ -26,7 +26,7 @@ def test_a_backup_whose_verify_fails_removes_its_archive(zk_a, store, monkeypatc
     """Upload succeeded, verification did not: the archive is deleted again, so nothing that
     looks like a good backup is left, and the flow fails with the verify error."""
     import tasks.verify
-    from burrow.cli import main
+    from cli import main
     from flows.backup import backup
 
     root = unique_root()

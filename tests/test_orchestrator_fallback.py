@@ -39,8 +39,8 @@ import pytest
 from conftest import BURROW, REPO, run_cli
 from zkutil import kazoo, unique_root
 
-from burrow.cli import server
 from burrow.testing.servers import free_port, silent_listener
+from cli import server
 
 DETECT_LIMIT_S = 3.0  # the issue: "detect it within 3 s"
 MARGIN_S = 2.0  # interpreter start on a loaded 2-core machine
@@ -332,8 +332,8 @@ def test_the_schema_snapshot_is_what_prefects_migrations_make(tmp_path):
     Prefect's migrations: it must be the schema they make, for the Prefect installed."""
     key, sql = server.migrated_schema()
     assert server._PREFECT_SCHEMA[0] == key, (
-        "Prefect changed: regenerate _PREFECT_SCHEMA in burrow/cli/server.py with\n"
-        "    .venv/bin/python -c 'from burrow.cli.server import *; print(schema_source(*migrated_schema()))'"
+        "Prefect changed: regenerate _PREFECT_SCHEMA in cli/server.py with\n"
+        "    .venv/bin/python -c 'from cli.server import *; print(schema_source(*migrated_schema()))'"
     )
     migrated = tmp_path / "migrated.db"
     with sqlite3.connect(migrated) as con:

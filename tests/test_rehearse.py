@@ -19,10 +19,10 @@ from zkutil import kazoo, snapshot, unique_root
 
 from blocks.resolve import source_from_ref
 from burrow.archive import ArchiveReader
-from burrow.cli import main
 from burrow.errors import UsageError
 from burrow.keys import keygen
 from burrow.records import Record
+from cli import main
 from flows.backup import backup
 from flows.rehearse import rehearse
 

@@ -111,7 +111,7 @@ def archive_bytes(source: str, created: datetime, name: str) -> bytes:
 def test_prune_flow_gfs_on_s3_with_object_lock_and_a_policy_block(moto, tmp_path, capsys):
     from prefect.client.orchestration import get_client
 
-    from burrow.cli import main
+    from cli import main
     from flows.prune import prune
 
     now = datetime.now(UTC)

@@ -247,7 +247,7 @@ def test_no_secret_leaks_anywhere(
                 "--key-file", str(key_file))
         assert r.code == 1 and "passphrase" in r.error_line, r
         out += [r.out, r.err]
-        from burrow.cli import main
+        from cli import main
 
         capsys.readouterr()
         assert main(["inspect", s["url"], "--key-file", str(key_file), "--keys", "--json"]) == 0

@@ -26,7 +26,6 @@ from blocks.etcd import EtcdCluster
 from blocks.local import LocalStore
 from blocks.resolve import register
 from burrow.archive import ArchiveWriter
-from burrow.cli import main
 from burrow.errors import (
     EXIT_FAILURE,
     AuthError,
@@ -37,6 +36,7 @@ from burrow.errors import (
 )
 from burrow.records import Record
 from burrow.testing.servers import LocalServer, free_port, start_consul, start_etcd
+from cli import main
 from flows.backup import backup
 from flows.restore import restore
 from tasks.extract import extract

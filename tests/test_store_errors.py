@@ -20,9 +20,9 @@ from prefect import flow
 
 from blocks.local import LocalStore
 from burrow.archive import ArchiveWriter
-from burrow.cli import main
 from burrow.errors import EXIT_OK, StoreError, is_transient
 from burrow.records import Record
+from cli import main
 from tasks.catalog import catalog
 from tasks.download import download
 from tasks.retention import delete_archive

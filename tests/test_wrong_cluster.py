@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from kvutil import Etcd, consul_client, consul_snapshot, unique
 
-from burrow.cli import main
 from burrow.keys import keygen
 from burrow.testing.servers import free_port
+from cli import main
 from flows.backup import backup
 from flows.failover import failover
 from tasks.preflight import FailoverRefused

@@ -9,20 +9,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from burrow.cli.common import (
-    add_read_keys,
-    keyring,
-    list_parameters,
-    read_refs,
-    report_restore,
-)
-from burrow.cli.undo import with_undo_line
 from burrow.errors import (
     EXIT_INTERRUPTED,
     BurrowError,
     UsageError,
 )
 from burrow.naming import redact_url
+from cli.common import (
+    add_read_keys,
+    keyring,
+    list_parameters,
+    read_refs,
+    report_restore,
+)
+from cli.undo import with_undo_line
 
 
 def register(sub: Any) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from burrow.cli.common import add_read_keys, keyring, read_refs, report_json
 from burrow.errors import EXIT_OK
+from cli.common import add_read_keys, keyring, read_refs, report_json
 
 
 def register(sub: Any) -> dict[str, Any]:

@@ -6,7 +6,10 @@ import argparse
 import sys
 from typing import Any
 
-from burrow.cli.common import (
+from burrow.errors import (
+    UsageError,
+)
+from cli.common import (
     add_read_keys,
     keyring,
     latest_row,
@@ -14,10 +17,7 @@ from burrow.cli.common import (
     read_refs,
     report_restore,
 )
-from burrow.cli.undo import with_undo_line
-from burrow.errors import (
-    UsageError,
-)
+from cli.undo import with_undo_line
 
 
 def register(sub: Any) -> dict[str, Any]:

@@ -7,19 +7,19 @@ import json
 import sys
 from typing import Any
 
-from burrow.cli.common import (
-    add_read_keys,
-    catalog_rows,
-    keyring,
-    latest,
-    read_refs,
-)
 from burrow.errors import (
     EXIT_OK,
     EXIT_STALE,
     ArchiveNotFound,
     BurrowError,
     UsageError,
+)
+from cli.common import (
+    add_read_keys,
+    catalog_rows,
+    keyring,
+    latest,
+    read_refs,
 )
 
 

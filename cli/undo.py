@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from burrow.cli.common import (
+from burrow.errors import EXIT_CONFLICTS, EXIT_OK
+from cli.common import (
     OUTPUT,
     add_read_keys,
     keyring,
@@ -17,7 +18,6 @@ from burrow.cli.common import (
     report_json,
     write_list,
 )
-from burrow.errors import EXIT_CONFLICTS, EXIT_OK
 
 
 def register(sub: Any) -> dict[str, Any]:

@@ -6,16 +6,16 @@ import argparse
 import sys
 from typing import Any
 
-from burrow.cli.common import (
+from burrow.errors import (
+    EXIT_OK,
+    UsageError,
+)
+from cli.common import (
     add_read_keys,
     keyring,
     read_refs,
     report_json,
     write_list,
-)
-from burrow.errors import (
-    EXIT_OK,
-    UsageError,
 )
 
 

@@ -906,7 +906,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def schema_source(key: str, sql: str) -> str:
     """The ``_PREFECT_SCHEMA = ...`` assignment for this module, from ``migrated_schema()``.
-    After upgrading Prefect: ``.venv/bin/python -c "from burrow.cli.server import *;
+    After upgrading Prefect: ``.venv/bin/python -c "from cli.server import *;
     print(schema_source(*migrated_schema()))"`` and paste it over the one below."""
     lines = "".join(f'        "{line}"\n' for line in _pack(sql))
     return f'_PREFECT_SCHEMA: tuple[str, tuple[str, ...]] = (\n    "{key}",\n    (\n{lines}    ),\n)\n'

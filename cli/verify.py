@@ -7,17 +7,17 @@ import argparse
 import sys
 from typing import Any
 
-from burrow.cli.common import (
-    add_read_keys,
-    keyring,
-    read_refs,
-    report_json,
-)
 from burrow.errors import (
     EXIT_DRIFT,
     EXIT_OK,
     DriftFound,
     UsageError,
+)
+from cli.common import (
+    add_read_keys,
+    keyring,
+    read_refs,
+    report_json,
 )
 
 

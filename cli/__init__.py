@@ -8,7 +8,7 @@ only with ``-v``; they always reach the flow run's logs on the server. stdout ca
 only (``--json``: one JSON object).
 
 Which Prefect API a flow command uses (the configured one, Burrow's local server, or the
-local server when the configured one is dead) is decided by ``burrow.cli.server`` before
+local server when the configured one is dead) is decided by ``cli.server`` before
 Prefect is imported.
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 restore finished but skipped conflicts (undo:
@@ -29,7 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from burrow.cli import (
+from burrow.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BurrowError
+from cli import (
     backup,
     blocks,
     catalog,
@@ -43,8 +44,7 @@ from burrow.cli import (
     undo,
     verify,
 )
-from burrow.cli.common import OUTPUT, Parser, emit_json
-from burrow.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BurrowError
+from cli.common import OUTPUT, Parser, emit_json
 
 MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, blocks, undo)
 

@@ -6,14 +6,14 @@ import argparse
 import os
 from typing import Any
 
-from burrow.cli.common import (
-    add_write_keys,
-    print_summary,
-    report_json,
-)
 from burrow.errors import (
     EXIT_OK,
     UsageError,
+)
+from cli.common import (
+    add_write_keys,
+    print_summary,
+    report_json,
 )
 
 

@@ -1,3 +1,0 @@
-from burrow.cli import run
-
-run()
