@@ -422,6 +422,22 @@ class ConsulSession:
                 out[i] = v
         return out
 
+    def holds_no_keys(self) -> bool:
+        """Whether the prefix (the whole KV store without one) holds no key at all: one
+        ``?keys&separator=/`` listing of its top level (404 when empty). Planning then looks
+        nothing up: every key is missing. A token that may not list says False (lookups follow)."""
+        ask = self.prefix + "/" if self.prefix else ""
+        try:
+            resp = self.http.get(
+                "/v1/kv/" + quote(ask, safe="/"), params={**self.params, "keys": "", "separator": "/"},
+                extensions=self._extensions,
+            )
+        except httpx.HTTPError:
+            return False  # the lookups that follow report any real trouble
+        if resp.status_code == 404:
+            return True
+        return resp.status_code == 200 and not orjson.loads(resp.content)
+
     def _present_under_prefix(self, full: list[str]) -> set[str] | None:
         """Keys that exist under the common prefix of ``full``, or None when that listing
         would be much larger than the batch (then listings are not tried again)."""

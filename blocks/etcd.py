@@ -525,6 +525,15 @@ class EtcdSession:
             out[i] = v
         return out
 
+    def holds_no_keys(self) -> bool:
+        """Whether the prefix (the whole keyspace without one) holds no key at all: one
+        keys-only Range with limit 1. Planning then looks nothing up: every key is missing."""
+        _, start, end = self._range_for(b"")
+        resp = self._call(
+            self.kv.Range, rpc.RangeRequest(key=start, range_end=end, keys_only=True, limit=1), "listing keys"
+        )
+        return not resp.kvs
+
     def _present_in_interval(self, full: list[bytes]) -> set[bytes] | None:
         """The keys between min(full) and max(full) that exist, or None when there are many
         more of them than in ``full`` (then point lookups are cheaper)."""

@@ -504,6 +504,19 @@ class ZooKeeperSession:
             raise self._wrap(exc, display_key(keys[0]) if keys else "", "reading") from None
         return out
 
+    def holds_no_keys(self) -> bool:
+        """Whether this session's tree holds no node at all, told with one request: its chroot
+        does not exist yet. Planning then looks nothing up (every node is below the missing
+        chroot); whether this identity may create the chroot is still checked (plan_warnings).
+        An existing chroot, even an empty one, says False: its top nodes are looked up, which
+        also checks that this identity may create under it."""
+        if not self._use_chroot or not (self.block.chroot or "").strip("/"):
+            return False
+        try:
+            return self.client.exists("/") is None
+        except KazooException as exc:
+            raise self._wrap(exc, self.block.chroot or "/", "reading") from None
+
     def _check_parents(self, keys: list[bytes], found: list[bytes | None]) -> None:
         """Note the existing nodes that missing keys would be created under and that do not let
         this session create children (planning reports them: the creates would be refused).

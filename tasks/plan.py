@@ -188,12 +188,14 @@ class _Checker:
 
 
 class _FlatPlanner:
-    """Plans a flat store (no parents): records in archive order, looked up in batches."""
+    """Plans a flat store (no parents): records in archive order, looked up in batches,
+    or not at all when the target holds no key (``empty``): then every key is missing."""
 
-    def __init__(self, session: SourceSession, out: BinaryIO, plan: Plan) -> None:
+    def __init__(self, session: SourceSession, out: BinaryIO, plan: Plan, empty: bool = False) -> None:
         self.session = session
         self.out = out
         self.plan = plan
+        self.empty = empty
         self.batch: list[Record] = []
 
     def add(self, record: Record) -> None:
@@ -206,7 +208,7 @@ class _FlatPlanner:
         if not batch:
             return
         plan = self.plan
-        found = self.session.lookup([r.key for r in batch])
+        found = [None] * len(batch) if self.empty else self.session.lookup([r.key for r in batch])
         for r, current in zip(batch, found, strict=True):
             if current is None:
                 plan.to_create += 1
@@ -246,8 +248,12 @@ class _TreePlanner:
     collision, etcd ``x`` and ``/x``) is identical or a conflict, and a later folder key
     or outside record adds nothing. A record outside the selection (``--subtree``) waits
     on the stack and is planned only when a selected key below it needs its parent; a level
-    no record holds is planned as an empty intermediate node. A node below a missing one is
-    missing too: only the others are looked up, a batch at a time.
+    no record holds is planned as an empty intermediate node.
+
+    A node below a missing one is missing too, and is never looked up: a batch is looked up
+    level by level (a node waits until its parent's answer is in), so into an empty or new
+    chroot only the top nodes are asked for, and into a target that holds nothing at all
+    (``empty``: the session said so with one request) nothing is.
     """
 
     def __init__(
@@ -262,7 +268,9 @@ class _TreePlanner:
         self.planned = 0  # stack[:planned] are planned
         # ZooKeeper: which existing nodes an interrupted restore left on its placeholder ACL
         self.unfinished = getattr(session, "unfinished_acls", None)
-        self.batch: list[tuple[int, list[Any], bytes]] = []
+        #: (kind, node, body, parent node or None at the top); a DUP's parent is never needed
+        self.batch: list[tuple[int, list[Any], bytes, list[Any] | None]] = []
+        self.empty = False  # the target holds no key at all: every node is missing
 
     def add(self, line: bytes) -> None:
         cut = line.index(b"\x00")
@@ -280,7 +288,7 @@ class _TreePlanner:
             self.planned = len(stack)
         if stack and stack[-1][_KEY] == key:
             if rank == SELECTED:  # a second archived key on a planned one: never created
-                self.batch.append((DUP, stack[-1], body))
+                self.batch.append((DUP, stack[-1], body, None))
                 if len(self.batch) >= BATCH:
                     self.flush()
             return
@@ -304,7 +312,7 @@ class _TreePlanner:
         if self.planned == last and rank == SELECTED:  # the usual case: every parent is planned
             if last and stack[last - 1][_STATE] == MISSING:
                 node[_STATE] = MISSING  # below a missing parent: missing too, no need to ask
-            batch.append((CREATE, node, body))
+            batch.append((CREATE, node, body, stack[last - 1] if last else None))
             self.planned = last + 1
             if len(batch) >= BATCH:
                 self.flush()
@@ -322,7 +330,7 @@ class _TreePlanner:
                 kind, node[_BODY] = GAP, encode_record(Record(node[_KEY], b"", {"intermediate": True}))
             if i and stack[i - 1][_STATE] == MISSING:
                 node[_STATE] = MISSING  # below a missing parent: missing too, no need to ask
-            batch.append((kind, node, node[_BODY]))
+            batch.append((kind, node, node[_BODY], stack[i - 1] if i else None))
         self.planned = len(stack)
         if len(batch) >= BATCH:
             self.flush()
@@ -341,12 +349,11 @@ class _TreePlanner:
         batch, self.batch = self.batch, []
         if not batch:
             return
-        need = [node[_KEY] for _, node, _ in batch if node[_STATE] != MISSING]
-        found = dict(zip(need, self.session.lookup(need), strict=True)) if need else {}
+        found = self._resolve(batch)
         plan = self.plan
         creates: list[bytes] = []
         present: list[Record] = []  # existing nodes holding the archived value (see below)
-        for kind, node, body in batch:
+        for kind, node, body, _ in batch:
             current = None if node[_STATE] == MISSING else found.get(node[_KEY])
             if kind == DUP:
                 if current is None:  # the first record on this key is about to create it
@@ -380,6 +387,43 @@ class _TreePlanner:
                     plan.acl_pending += 1
         self.out.writelines(creates)
 
+    def _resolve(self, batch: list[tuple[int, list[Any], bytes, list[Any] | None]]) -> dict[bytes, bytes]:
+        """Settle whether each node of ``batch`` exists (its ``_STATE``); return the current
+        value of those that do. Level by level: a node whose parent is known to exist (or that
+        has none on the stack: a top node) is looked up, one below a missing parent is missing
+        without a request, and one whose parent is still being asked waits for the answer."""
+        waiting: list[tuple[list[Any], list[Any] | None]] = []
+        seen: set[int] = set()
+        for _, node, _, parent in batch:
+            if node[_STATE] is None and id(node) not in seen:
+                seen.add(id(node))
+                if self.empty:
+                    node[_STATE] = MISSING
+                else:
+                    waiting.append((node, parent))
+        found: dict[bytes, bytes] = {}
+        while waiting:
+            ask: list[list[Any]] = []
+            later: list[tuple[list[Any], list[Any] | None]] = []
+            for node, parent in waiting:  # parents come before their children here
+                state = PRESENT if parent is None else parent[_STATE]
+                if state == PRESENT:
+                    ask.append(node)
+                elif state == MISSING:
+                    node[_STATE] = MISSING
+                else:
+                    later.append((node, parent))
+            if not ask:  # (cannot happen: a waiting node's parent is asked before it)
+                ask, later = [node for node, _ in later], []
+            for node, current in zip(ask, self.session.lookup([n[_KEY] for n in ask]), strict=True):
+                if current is None:
+                    node[_STATE] = MISSING
+                else:
+                    node[_STATE] = PRESENT
+                    found[node[_KEY]] = current
+            waiting = later
+        return found
+
 
 # ---------------------------------------------------------------------------- the stage
 
@@ -412,11 +456,15 @@ def plan_restore(
         plan._lines = open_spool_writer(plan.list_path)
     try:
         tree = session.parent_key(b"/a/b") is not None
+        # One request says whether the target holds any key at all (a new chroot, an empty
+        # prefix): then nothing is looked up. Create-if-absent at replay still guards every key.
+        holds_no_keys = getattr(session, "holds_no_keys", None)
+        empty = bool(holds_no_keys()) if holds_no_keys is not None else False
         with open(archive_path, "rb") as f, open_spool_writer(ops_path) as out:  # sealed: no plaintext on disk
             reader = ArchiveReader(f)
             source_service = reader.manifest["service"]
             checker = _Checker(session, source_service, target)
-            flat = None if tree else _FlatPlanner(session, out, plan)
+            flat = None if tree else _FlatPlanner(session, out, plan, empty)
             # Outside --subtree, only keys that may be parents of selected ones are kept.
             outside = tree and mapper.subtree is not None
             roots = mapper.selection_roots(source_service, target.service) if outside else None
@@ -448,6 +496,7 @@ def plan_restore(
                 flat.flush()
             else:
                 planner = _TreePlanner(session, out, plan, checker, source_service)
+                planner.empty = empty
                 for line in sorter:
                     planner.add(line)
                 planner.flush()
