@@ -13,6 +13,7 @@ every step creates what is missing and updates what is there, never duplicates.
 
 Usage: python deployments/setup.py [--notify-block SLUG/NAME] [--cluster NAME ...]
                                    [--only DEPLOYMENT ...] [--skip-deploy] [--prefect-file PATH]
+                                   [--backup-missing-hours HOURS]
 Then start workers (on as many machines as you like):  prefect worker start --pool burrow
 """
 
@@ -69,12 +70,22 @@ def clusters_of(spec: dict[str, Any], extra: list[str]) -> list[str]:
     return sorted(dict.fromkeys(n for n in names if n))
 
 
-def automations_of(path: Path, notify_block_id: str) -> list[Any]:
-    """The automations of ``path``, with ``${NOTIFY_BLOCK_ID}`` filled in, as Prefect models."""
+#: The automation that pages when a source's backups stop (its window: ``backup_missing_within``).
+BACKUP_MISSING = "burrow-backup-missing"
+
+
+def automations_of(path: Path, notify_block_id: str, backup_missing_within: float | None = None) -> list[Any]:
+    """The automations of ``path``, with ``${NOTIFY_BLOCK_ID}`` filled in, as Prefect models.
+    ``backup_missing_within`` (seconds, at least 10) replaces the window of
+    ``burrow-backup-missing``: how long after a source's last completed backup it pages."""
     from prefect.events.schemas.automations import AutomationCore
 
     text = path.read_text().replace("${NOTIFY_BLOCK_ID}", notify_block_id)
-    return [AutomationCore.model_validate(a) for a in yaml.safe_load(text)["automations"]]
+    specs = yaml.safe_load(text)["automations"]
+    for spec in specs:
+        if spec["name"] == BACKUP_MISSING and backup_missing_within is not None:
+            spec["trigger"]["within"] = backup_missing_within
+    return [AutomationCore.model_validate(a) for a in specs]
 
 
 async def apply(clusters: list[str], automations: list[Any]) -> None:
@@ -130,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="one more cluster (block name or source name) to create a per-cluster limit for")
     p.add_argument("--only", action="append", default=[], metavar="DEPLOYMENT",
                    help="deploy only this deployment of prefect.yaml (repeatable)")
+    p.add_argument("--backup-missing-hours", type=float, default=None, metavar="HOURS",
+                   help="page when a source has had no completed backup for this long "
+                        "(default: the 26 hours of automations.yaml)")
     p.add_argument("--skip-deploy", action="store_true", help="register blocks, pool, limits and automations only")
     p.add_argument("--prefect-file", default=str(HERE / "prefect.yaml"), help="the deployments file")
     args = p.parse_args(argv)
@@ -149,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     register_block_types()
     automations = []
     if args.notify_block:
-        automations = automations_of(HERE / "automations.yaml", notify_block_id(args.notify_block))
+        within = args.backup_missing_hours * 3600 if args.backup_missing_hours is not None else None
+        automations = automations_of(HERE / "automations.yaml", notify_block_id(args.notify_block), within)
     else:
         print("automations skipped: pass --notify-block SLUG/NAME to wire them to a notification block")
     asyncio.run(apply(clusters_of(spec, args.cluster), automations))

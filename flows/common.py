@@ -211,7 +211,7 @@ def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:
 #: Summary fields that go into an event's payload (counts, times, status: never values).
 _EVENT_PAYLOAD = (
     "status", "error", "duration_s", "keys", "created", "conflicts", "identical", "planned_create", "deleted",
-    "archives", "archive_created", "rpo_s", "rto_s", "stored_bytes", "dry_run", "verified", "drift",
+    "archives", "archive_created", "rpo_s", "rto_s", "approval_wait_s", "stored_bytes", "dry_run", "verified", "drift",
 )
 
 
@@ -283,8 +283,11 @@ def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterato
     must exist (``strict=True``): a missing limit is an error, never silently unenforced. A
     run outside a deployment (the CLI) uses the limit when it exists.
 
-    Logs the limit's name (a cluster name, never a credential) when it waits and when it holds
-    the slot, so a run that waits for another run of the same cluster says so in its logs."""
+    Logs the limit's name (a cluster name, never a credential) when it holds the slot and, only
+    when the slot is taken by another run so that this one really waits, that it is waiting: the
+    slot is first asked for without waiting (no retry on the server's "locked" answer), and only
+    when that is refused does the run log the wait and queue for the slot."""
+    import httpx
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import deployment
@@ -299,10 +302,16 @@ def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterato
         log.debug("no global concurrency limit %s: this run outside a deployment does not lock the cluster", limit)
         yield
         return
-    log.info("waiting for the per-cluster lock %s", limit)
     with ExitStack() as stack:
         try:
-            stack.enter_context(concurrency(limit, occupy=1, strict=strict, timeout_seconds=timeout_seconds))
+            try:  # without waiting: an uncontended run takes the slot at once, and says nothing of waiting
+                stack.enter_context(concurrency(limit, occupy=1, strict=strict, max_retries=0))
+            except ConcurrencySlotAcquisitionError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):
+                    raise
+                log.info("waiting for the per-cluster lock %s (another run holds it)", limit)
+                stack.enter_context(concurrency(limit, occupy=1, strict=strict, timeout_seconds=timeout_seconds))
         except ConcurrencySlotAcquisitionError as exc:
             if "must be created" not in str(exc):
                 raise

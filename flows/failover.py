@@ -21,7 +21,8 @@ task with its own retries, each timed and reported in the artifact:
 3. **Post-verify** (tasks/postverify.py): the target is re-read; every selected archived key
    must be there with its archived value, except the reported conflicts.
 4. **Report**: the artifact and summary give the RPO (``rpo_s``: the archive's age at
-   failover) and the RTO (``rto_s``: the run's duration, and ``steps_s``: each step's time),
+   failover) and the RTO (``rto_s``: the run's machine time, its duration less the on-call's
+   approval wait, which is reported beside it as ``approval_wait_s``; ``steps_s``: each step's time),
    and the event ``burrow.failover.completed`` / ``.failed`` names source, target and archive.
 
 Idempotent: a re-run after an interruption creates only what is still missing. The archive
@@ -119,7 +120,10 @@ class _Run:
             self.steps[name] = round(self.steps.get(name, 0.0) + time.monotonic() - t0, 3)
 
     def publish(self) -> None:
-        self.summary["rto_s"] = round(time.monotonic() - self.started, 3)
+        # the RTO is machine time: the on-call's approval wait (the paused run) is reported beside it
+        waited = self.steps.get("approval", 0.0)
+        self.summary["rto_s"] = round(max(0.0, time.monotonic() - self.started - waited), 3)
+        self.summary["approval_wait_s"] = round(waited, 3)
         self.summary["skipped"] = list(self.skipped)
         self.summary["preflight"] = list(self.preflight)
         self.lists["Preflight"] = self.preflight

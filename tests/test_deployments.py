@@ -4,14 +4,21 @@ carries the key block that opens them, the schedules are what the issue asks for
 automations parse as Prefect automations with the triggers they promise.
 
 Applying all of it to a real server (and re-applying it) and running it with real workers is
-tests/test_orchestrator.py's job: one full setup serves both."""
+tests/test_orchestrator.py's job: one full setup serves both. Two parts are checked here against
+the session's Prefect server: the per-cluster limit setup.py creates, whose "waiting" line only a
+run that really waits logs; and (tests/test_automation_fires.py) burrow-backup-missing firing."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +82,12 @@ def test_the_automations_parse_and_watch_what_they_promise():
     missing = autos["burrow-backup-missing"].trigger
     assert missing.posture.value == "Proactive" and set(missing.for_each) == {"prefect.resource.id"}
     assert missing.within.total_seconds() == 26 * 3600 and set(missing.expect) == {"burrow.backup.completed"}
+    # each completed backup re-arms the window, so one that never comes lets it run out (issue 18)
+    assert set(missing.after) == {"burrow.backup.completed"}
+    short = {a.name: a for a in automations_of(REPO / "deployments" / "automations.yaml",
+                                               "00000000-0000-0000-0000-000000000001", backup_missing_within=20)}
+    assert short["burrow-backup-missing"].trigger.within.total_seconds() == 20
+    assert short["burrow-run-failed"].trigger == failed  # the others keep their own windows
     assert missing.match.get("prefect.resource.id") == ["burrow.source.*"]
     for a in autos.values():
         assert [str(x.block_document_id) for x in a.actions] == ["00000000-0000-0000-0000-000000000001"]
@@ -87,3 +100,94 @@ def test_setup_refuses_an_unknown_deployment_name():
     )
     assert proc.returncode != 0
     assert "no deployment named no-such-deployment" in proc.stderr
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_the_per_cluster_lock_says_it_waits_only_when_it_does():
+    """The limit setup.py creates for a cluster: a run that takes it uncontended logs no
+    "waiting" line; one that finds it held by another run logs it once, then gets it."""
+    sys.path.insert(0, str(REPO / "deployments"))
+    from setup import apply
+
+    from flows.common import source_lock
+
+    cluster = "lock-" + uuid.uuid4().hex[:8]
+    asyncio.run(apply([cluster], []))
+    log, lines = logging.getLogger("burrow"), _Lines()  # outside a run, source_lock logs to "burrow"
+    level = log.level
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        with source_lock(cluster):
+            pass
+        assert f"holding the per-cluster lock burrow-source-{cluster}" in lines.lines
+        assert not [m for m in lines.lines if "waiting" in m], lines.lines
+
+        held, release = threading.Event(), threading.Event()
+
+        def other_run() -> None:
+            with source_lock(cluster):
+                held.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=other_run, daemon=True)
+        holder.start()
+        assert held.wait(60)
+        threading.Timer(2.0, release.set).start()  # the other run finishes while this one waits
+        with source_lock(cluster, timeout_seconds=120):
+            assert release.is_set()  # it really waited for the other run
+        holder.join(30)
+    finally:
+        log.removeHandler(lines)
+        log.setLevel(level)
+    assert [m for m in lines.lines if "waiting" in m] == [
+        f"waiting for the per-cluster lock burrow-source-{cluster} (another run holds it)"]
+
+
+def test_a_failover_rto_is_machine_time_and_the_approval_wait_is_beside_it(monkeypatch):
+    """Under a deployment a failover pauses for the on-call's approval: that wait is not part of
+    the RTO. ``rto_s`` is the run's time less the approval step, reported as ``approval_wait_s``
+    in the summary, the artifact and the ``burrow.failover.*`` event (a fake clock: no real pause)."""
+    import types
+
+    import prefect.events
+
+    import flows.failover
+
+    now = [1000.0]
+    monkeypatch.setattr(flows.failover, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    published: list[dict] = []
+    monkeypatch.setattr(flows.failover, "publish_summary",
+                        lambda kind, summary, lists, dry_run: published.append(dict(summary)))
+    emitted: list[dict] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: emitted.append(kw))
+
+    run = flows.failover._Run({"status": "done", "source": "dc-us"}, dry_run=False, started=now[0])
+    for step, seconds in (("target", 1.5), ("plan", 2.0), ("approval", 86.6), ("replay", 4.0), ("postverify", 0.7)):
+        with run.step(step):
+            now[0] += seconds  # the approval step: the on-call reads the conflicts, then approves
+    now[0] += 0.2  # the report itself
+    run.publish()
+    assert run.summary["rto_s"] == pytest.approx(8.4) and run.summary["approval_wait_s"] == pytest.approx(86.6)
+    assert published[-1]["rto_s"] == pytest.approx(8.4) and published[-1]["approval_wait_s"] == pytest.approx(86.6)
+    from flows.common import emit_run_event
+
+    emit_run_event("failover", "completed", run.summary)
+    (event,) = emitted
+    assert event["event"] == "burrow.failover.completed"
+    assert event["payload"]["rto_s"] == pytest.approx(8.4) and event["payload"]["approval_wait_s"] == pytest.approx(86.6)
+
+    # without an approval (no conflicts, or a CLI run) the whole run is machine time
+    run = flows.failover._Run({"status": "done", "source": "dc-us"}, dry_run=False, started=now[0])
+    with run.step("replay"):
+        now[0] += 3.0
+    run.publish()
+    assert run.summary["rto_s"] == pytest.approx(3.0) and run.summary["approval_wait_s"] == 0.0
