@@ -33,6 +33,7 @@ STAT_SIZE = _STAT.size
 
 OP_CREATE, OP_GETDATA, OP_GETACL, OP_SETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 4, 6, 7, 8, 14, -11, 100
 OP_MULTI_READ = 22  # ZooKeeper 3.6+: many getData/getChildren in one request
+OP_EXISTS = 3  # needs no permission on the node; the reply is its Stat
 AUTH_XID = -4
 NO_WATCH = b"\x00"
 RECV_SIZE = 1 << 18
@@ -154,6 +155,10 @@ class WireSession:
 
     def get_acl(self, path: str) -> None:
         self._queue(OP_GETACL, _string(self._path(path)))
+
+    def exists(self, path: str) -> None:
+        """Queue an exists (no watch): its reply body is the node's Stat (:func:`parse_stat`)."""
+        self._queue(OP_EXISTS, _string(self._path(path)) + NO_WATCH)
 
     def get_children(self, path: str) -> None:
         self._queue(OP_GETCHILDREN, _string(self._path(path)) + NO_WATCH)
@@ -278,6 +283,12 @@ def parse_data(frame: bytes, offset: int) -> tuple[bytes, tuple]:
         data = frame[offset : offset + n]
         offset += n
     return data, _STAT.unpack_from(frame, offset)
+
+
+def parse_stat(frame: bytes, offset: int) -> tuple:
+    """A Stat: (czxid, mzxid, ctime, mtime, version, cversion, aversion, ephemeralOwner,
+    dataLength, numChildren, pzxid)."""
+    return _STAT.unpack_from(frame, offset)
 
 
 def parse_acl(frame: bytes, offset: int) -> list[list[Any]]:

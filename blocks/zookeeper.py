@@ -1154,26 +1154,36 @@ class ZooKeeperSession:
     def created_versions(self, keys: list[bytes]) -> list[int | None]:
         """The zxid each node was created at (its ``czxid``), None where it is gone: read back
         right after a restore created them, so that ``burrow undo`` can later delete exactly
-        these nodes, and only while unchanged. Pipelined ``exists`` calls, which need no
-        permission on the node (an archived ACL may deny this identity READ).
+        these nodes, and only while unchanged. ``exists`` calls pipelined on the bulk wire
+        connection (as :meth:`lookup`; kazoo's one call at a time cost a wake-up each), which
+        need no permission on the node (an archived ACL may deny this identity READ).
 
         The creation zxid, not the current ``mzxid``: should a node be changed between its
         create and this read, its ``mzxid`` already differs from what is recorded, and undo
         keeps it."""
         out: list[int | None] = []
         window = max(1, self.block.read_window)
-        wait = max(self.block.session_timeout, 1.0)
-        path = ""
+        no_node = NoNodeError.code
         try:
+            wire = self._wire_session()
             for start in range(0, len(keys), window):
-                chunk = [k.decode("utf-8") for k in keys[start : start + window]]
-                pending = [self.client.exists_async(p) for p in chunk]
-                for n, asked in enumerate(pending):
-                    path = chunk[n]  # (named by the error, should this one fail)
-                    stat = asked.get(timeout=wait)
-                    out.append(None if stat is None or stat.ephemeralOwner else int(stat.czxid))
-        except (KazooException, KazooTimeoutError) as exc:
-            raise self._wrap(exc, path, "reading") from None
+                chunk = keys[start : start + window]
+                for key in chunk:
+                    wire.exists(key.decode("utf-8"))
+                for n, key in enumerate(chunk):
+                    frame, err, off = wire.reply()
+                    if err == no_node:
+                        out.append(None)
+                    elif err:
+                        if n + 1 < len(chunk):
+                            self._drop_wire()  # replies still in flight: this connection is out of step
+                        raise self._wrap(EXCEPTIONS[err](), display_key(key), "reading")
+                    else:
+                        stat = zkwire.parse_stat(frame, off)
+                        out.append(None if stat[7] else int(stat[0]))  # ephemeralOwner, czxid
+        except KazooException as exc:
+            self._drop_wire()
+            raise self._wrap(exc, display_key(keys[0]) if keys else "", "reading") from None
         return out
 
     def delete_if_version(self, items: list[tuple[bytes, int]], *, dry_run: bool = False) -> list[bool]:

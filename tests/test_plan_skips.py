@@ -273,3 +273,30 @@ def test_consul_partial_prefix_counts_exactly(consul_a, consul_b, tmp_path, monk
     p = _plan(archive, _consul_block(consul_b, dst), tmp_path, "plan")
     assert (p.to_create, p.identical, p.conflicts) == (create, identical, len(conflicts))
     assert sorted(p.conflict_paths) == conflicts
+
+
+# --------------------------------------------------------------------------- the undo list's read-back
+
+
+def test_zookeeper_created_versions_pipelined(zk_b) -> None:
+    """Replay reads back each created node's creation zxid (for ``burrow undo``) on the
+    pipelined wire connection: the czxid kazoo sees, None for a missing or ephemeral node,
+    and no READ needed (a node whose ACL denies it still answers)."""
+    from kazoo.security import make_acl
+
+    chroot = unique_root()
+    no_read = [make_acl("world", "anyone", create=True, write=True, delete=True, admin=True)]
+    with kazoo(zk_b.url) as c:
+        c.create(chroot + "/a", b"a", makepath=True)
+        c.create(chroot + "/a/secret", b"s", acl=no_read)
+        c.create(chroot + "/a/eph", b"e", ephemeral=True)
+        for i in range(250):
+            c.create(f"{chroot}/a/n{i}", b"n")
+        want = {p: c.exists(chroot + p).czxid for p in ["/a", "/a/secret"] + [f"/a/n{i}" for i in range(250)]}
+        keys = [p.encode() for p in want] + [b"/a/eph", b"/a/missing"]
+        session = ZooKeeperCluster(hosts=[zk_b.url], chroot=chroot, read_window=64).connect()
+        try:
+            got = session.created_versions(keys)
+        finally:
+            session.close()
+    assert got == [*want.values(), None, None]

@@ -1,0 +1,210 @@
+"""The restore plan into an empty target, and the whole-CLI restore around it (issue 20, item 6).
+
+    .venv/bin/python bench/bench_plan.py [--n 100000] [--runs 5] [--before COMMIT]
+
+Starts two local ZooKeeper servers and a Prefect server, seeds N znodes under /bench in
+ZooKeeper A (bench_zookeeper.seed: 1,000 x 100 with 100-byte values, 101,001 znodes), backs
+them up once with ``burrow backup --no-encryption`` into a local store, then times:
+
+* plan:  ``plan_restore`` alone (a child process each run) into a chroot of B that does not
+         exist yet; its lookups are counted (the session's ``lookup`` wrapped). With
+         ``--before COMMIT``, tasks/plan.py of that commit is timed the same way, interleaved;
+* cli:   the whole ``burrow restore ARCHIVE --into zk://B/<fresh chroot> --json`` command
+         (a subprocess: start-up, Prefect flow, download, validate, plan, replay), wall time;
+* fresh: the same command into the root of a ZooKeeper server started for that run (a cold JVM).
+
+Medians are printed with the machine's load average (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench_zookeeper import seed, znode_count  # noqa: E402  (bench/ is the script's directory)
+from childproc import run_child  # noqa: E402
+
+BURROW = str(REPO / ".venv" / "bin" / "burrow")
+
+
+def phase_plan(hosts: str, archive: Path, workdir: Path, chroot: str, module: str | None) -> dict:
+    """plan_restore alone into ``chroot`` (``module``: a file holding another tasks/plan.py)."""
+    import importlib.util
+
+    from blocks.zookeeper import ZooKeeperCluster, ZooKeeperSession
+
+    if module:
+        spec = importlib.util.spec_from_file_location("plan_before", module)
+        assert spec is not None and spec.loader is not None
+        plan_mod = importlib.util.module_from_spec(spec)
+        sys.modules["plan_before"] = plan_mod  # (dataclasses look their module up)
+        spec.loader.exec_module(plan_mod)
+    else:
+        import tasks.plan as plan_mod
+    asked = [0, 0]
+    original = ZooKeeperSession.lookup
+
+    def lookup(self: ZooKeeperSession, keys: list[bytes]) -> list[bytes | None]:
+        asked[0] += 1
+        asked[1] += len(keys)
+        return original(self, keys)
+
+    ZooKeeperSession.lookup = lookup  # type: ignore[method-assign]
+    target = ZooKeeperCluster(hosts=[hosts], chroot=chroot)
+    t0 = time.monotonic()
+    p = plan_mod.plan_restore(archive, target, workdir)
+    seconds = time.monotonic() - t0
+    return {"seconds": seconds, "to_create": p.to_create, "identical": p.identical, "conflicts": p.conflicts,
+            "lookup_calls": asked[0], "lookup_keys": asked[1]}
+
+
+def cli_restore(url: str, into: str, env: dict[str, str]) -> tuple[float, dict]:
+    t0 = time.monotonic()
+    proc = subprocess.run([BURROW, "restore", url, "--into", into, "--json"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"restore failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return seconds, json.loads(proc.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--fanout", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=5, help="timed runs of each measurement (default 5)")
+    ap.add_argument("--fresh-runs", type=int, default=3, help="runs into a fresh server (default 3)")
+    ap.add_argument("--before", help="also time tasks/plan.py of this commit (plan only)")
+    ap.add_argument("--workdir")
+    ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--source", help=argparse.SUPPRESS)
+    ap.add_argument("--archive", help=argparse.SUPPRESS)
+    ap.add_argument("--chroot", help=argparse.SUPPRESS)
+    ap.add_argument("--module", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.phase:  # child process
+        result = phase_plan(args.source, Path(args.archive), Path(args.workdir), args.chroot, args.module or None)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    from burrow.testing.servers import start_prefect, start_zookeeper
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="burrow-bench-plan-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    servers = []
+    loads = [os.getloadavg()]
+    try:
+        a = start_zookeeper(workdir / "zk-a")
+        servers.append(a)
+        b = start_zookeeper(workdir / "zk-b")
+        servers.append(b)
+        prefect = start_prefect(workdir / "prefect")
+        servers.append(prefect)
+        env = {**os.environ, "PREFECT_API_URL": prefect.url + "/api",
+               "PREFECT_HOME": str(workdir / "prefect" / "prefect-home"), "BURROW_HOME": str(workdir / "home"),
+               "BURROW_STAGING_DIR": str(workdir / "staging")}
+        for var in ("BURROW_KEY_FILE", "BURROW_KEY", "BURROW_IDENTITY_FILE", "BURROW_PASSPHRASE_ENV",
+                    "BURROW_KEY_BLOCK", "BURROW_RECIPIENTS", "BURROW_KEYRING"):
+            env.pop(var, None)
+        seed_s = seed(a.url, args.n, args.fanout, 100)
+        seeded = args.n // args.fanout * (args.fanout + 1) + 1
+        print(f"seeded {seeded} znodes in {seed_s:.1f}s", flush=True)
+        store = workdir / "store"
+        store.mkdir()
+        proc = subprocess.run([BURROW, "backup", f"zk://{a.url}", "--root", "/bench", "--to", str(store),
+                               "--name", "bench", "--no-encryption", "--json"],
+                              env=env, capture_output=True, text=True, timeout=600, check=True)
+        url = json.loads(proc.stdout)["url"]
+        archive = next(store.rglob("*.burrow"))
+        print(f"archive {url}", flush=True)
+
+        before_mod = None
+        if args.before:
+            before_mod = workdir / "plan_before.py"
+            before_mod.write_text(subprocess.run(["git", "-C", str(REPO), "show", f"{args.before}:tasks/plan.py"],
+                                                 capture_output=True, text=True, check=True).stdout)
+
+        def plan_once(module: Path | None) -> dict:
+            chroot = "/plan-" + uuid.uuid4().hex[:8]  # never created: a plan writes nothing
+            run = workdir / ("plan-" + uuid.uuid4().hex[:8])
+            run.mkdir()
+            res, rss, _ = run_child(__file__, "plan", ["--source", b.url, "--archive", str(archive),
+                                                       "--workdir", str(run), "--chroot", chroot,
+                                                       "--module", str(module or "")], None)
+            shutil.rmtree(run, ignore_errors=True)
+            if res["to_create"] != seeded:
+                raise SystemExit(f"plan found {res['to_create']} to create, expected {seeded}")
+            res["rss"] = rss
+            return res
+
+        plans: dict[str, list[dict]] = {"after": [], "before": []}
+        plan_once(None)  # warm-up (page cache, JIT of the server)
+        for _ in range(args.runs):
+            plans["after"].append(plan_once(None))
+            if before_mod is not None:
+                plans["before"].append(plan_once(before_mod))
+        loads.append(os.getloadavg())
+
+        cli_restore(url, f"zk://{b.url}/warmup", env)  # warm-up: the server's JIT
+        cli: list[float] = []
+        for i in range(args.runs):
+            base = znode_count(b.url)
+            secs, summary = cli_restore(url, f"zk://{b.url}/cli-{i}", env)
+            created = znode_count(b.url) - base - 1  # the chroot itself
+            if summary.get("created") != seeded or created != seeded:
+                raise SystemExit(f"restore created {summary.get('created')} (server counts {created})")
+            cli.append(secs)
+            print(f"cli restore {i + 1}: {secs:.2f}s", flush=True)
+        loads.append(os.getloadavg())
+
+        fresh: list[float] = []
+        for i in range(args.fresh_runs):
+            z = start_zookeeper(workdir / f"zk-fresh-{i}")
+            try:
+                secs, summary = cli_restore(url, f"zk://{z.url}", env)
+                if summary.get("created") != seeded:
+                    raise SystemExit(f"restore created {summary.get('created')}")
+            finally:
+                z.stop()
+            fresh.append(secs)
+            print(f"cli restore into a fresh server {i + 1}: {secs:.2f}s", flush=True)
+        loads.append(os.getloadavg())
+
+        print()
+        for name, rows in plans.items():
+            if rows:
+                secs = [r["seconds"] for r in rows]
+                print(f"plan ({name}): median {statistics.median(secs):.2f}s of {', '.join(f'{s:.2f}' for s in secs)}; "
+                      f"lookup calls {rows[-1]['lookup_calls']}, keys looked up {rows[-1]['lookup_keys']}; "
+                      f"peak RSS {max(r['rss'] for r in rows):.0f} MiB")
+        print(f"whole-CLI restore into a fresh chroot: median {statistics.median(cli):.2f}s of "
+              f"{', '.join(f'{s:.2f}' for s in cli)}")
+        if fresh:
+            print(f"whole-CLI restore into a fresh server: median {statistics.median(fresh):.2f}s of "
+                  f"{', '.join(f'{s:.2f}' for s in fresh)}")
+        print(f"{seeded} znodes; {os.cpu_count()} CPUs; load average (1/5/15 min) at start, after plans, "
+              f"after CLI, after fresh: " + "; ".join(f"{x:.2f} {y:.2f} {z:.2f}" for x, y, z in loads))
+        return 0
+    finally:
+        for s in reversed(servers):
+            s.stop()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
