@@ -88,7 +88,7 @@ class _Silent(logging.Filter):
 
 
 _PRODUCT_DIRS = tuple(
-    str(Path(__file__).resolve().parents[2] / d) + os.sep for d in ("burrow", "blocks", "tasks", "flows")
+    str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("burrow", "blocks", "tasks", "flows", "cli")
 )
 
 
