@@ -55,15 +55,39 @@ def _client() -> Any:
     return get_client(sync_client=True)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 150, every: float = 0.5) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
+def server_progress() -> tuple:
+    """What the orchestrator has done lately: every flow run's state and the newest log's time.
+    Any state change of any run (a worker picking it up, the engine starting, a task finishing)
+    or any new log moves it."""
+    from prefect.client.schemas.sorting import LogSort
+
+    with _client() as c:
+        runs = c.read_flow_runs(limit=200)
+        newest = c.read_logs(limit=1, sort=LogSort.TIMESTAMP_DESC)
+    return (frozenset((r.id, r.state_type, r.state_name) for r in runs), newest[0].timestamp if newest else None)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 150, every: float = 0.5,
+             progress: Callable[[], Any] | None = server_progress, ceiling: float = 1800) -> Any:
+    """Poll ``check`` until it returns something truthy. Waits follow progress, not the clock: the
+    ``timeout`` counts only while ``progress`` (by default the orchestrator's runs and logs) stands
+    still, so a busy machine that is slow but moving never fails a test; a stuck one fails after
+    ``timeout`` seconds without progress, naming ``what`` (``ceiling`` bounds the whole wait)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    seen = progress() if progress else None
+    looked = start
     while True:
         got = check()
         if got:
             return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+        now = time.monotonic()
+        if progress is not None and now - looked >= 5:  # look at the orchestrator every few seconds
+            looked, current = now, progress()
+            if current != seen:
+                seen, deadline = current, now + timeout
+        if now > deadline or now - start > ceiling:
+            raise AssertionError(f"timed out waiting for {what} ({timeout:.0f} s without progress)")
         time.sleep(every)
 
 
