@@ -1098,6 +1098,45 @@ class ZooKeeperSession:
 
 
     # -- cleanup (rehearsals) -------------------------------------------------------------
+    def _delete_at_versions(self, deletes: list[tuple[int, str, int]], results: list[bool], wait: float, *,
+                            gone_is_deleted: bool) -> int:
+        """Delete ``(index, path, data version)`` nodes, children before their parents, setting
+        ``results[index]`` for each one deleted. One multi transaction per DELETE_MULTI deletes
+        (one quorum write instead of one each); if any of them would fail (changed meanwhile,
+        gained a child), the multi changes nothing and those nodes are deleted one by one, each at
+        its version. ``gone_is_deleted``: a node already gone counts as deleted. Returns how many
+        one-by-one deletes this identity was denied (NoAuth): kept, never an error."""
+        from kazoo.exceptions import BadVersionError, NotEmptyError
+
+        denied = 0
+        path = ""
+        try:
+            for first in range(0, len(deletes), DELETE_MULTI):
+                group = deletes[first : first + DELETE_MULTI]
+                txn = self.client.transaction()
+                for _, deleting, version in group:  # in order: children before their parents
+                    txn.delete(deleting, version=version)
+                path = group[0][1]
+                outcome = txn.commit_async().get(timeout=wait)
+                if all(r is True for r in outcome):
+                    for i, _, _ in group:
+                        results[i] = True
+                    continue
+                for i, deleting, version in group:
+                    path = deleting  # (named by the error, should this one fail)
+                    try:
+                        self.client.delete_async(deleting, version=version).get(timeout=wait)
+                        results[i] = True
+                    except NoNodeError:
+                        results[i] = gone_is_deleted
+                    except (BadVersionError, NotEmptyError):
+                        continue
+                    except NoAuthError:
+                        denied += 1
+        except (KazooException, KazooTimeoutError) as exc:
+            raise self._wrap(exc, path, "deleting") from None
+        return denied
+
     def delete_if_unchanged(self, records: list[Record]) -> list[bool]:
         """Delete each record's node if it still holds exactly the record's data, guarded by
         the version read just before (a node changed meanwhile is left alone). Records come
@@ -1105,7 +1144,6 @@ class ZooKeeperSession:
 
         Added for rehearsals (tasks/rehearse.py), which remove what they restored into a
         scratch chroot once compared: a restore itself never deletes anything."""
-        from kazoo.exceptions import BadVersionError, NotEmptyError
 
         results = [False] * len(records)
         window = max(1, self.block.read_window)
@@ -1125,27 +1163,7 @@ class ZooKeeperSession:
                     if (data or b"") != r.value or stat.ephemeralOwner:
                         continue
                     deletes.append((start + n, path, stat.version))
-                # One multi transaction per few hundred deletes (one quorum write instead of one
-                # each); if any of them would fail (changed meanwhile, gained a child), the multi
-                # changes nothing and those nodes are deleted one by one, each at its version.
-                for first in range(0, len(deletes), DELETE_MULTI):
-                    group = deletes[first : first + DELETE_MULTI]
-                    txn = self.client.transaction()
-                    for _, deleting, version in group:  # in order: children before their parents
-                        txn.delete(deleting, version=version)
-                    path = group[0][1]
-                    outcome = txn.commit_async().get(timeout=wait)
-                    if all(r is True for r in outcome):
-                        for i, _, _ in group:
-                            results[i] = True
-                        continue
-                    for i, deleting, version in group:
-                        path = deleting  # (named by the error, should this one fail)
-                        try:
-                            self.client.delete_async(deleting, version=version).get(timeout=wait)
-                            results[i] = True
-                        except (NoNodeError, BadVersionError, NotEmptyError):
-                            continue
+                self._delete_at_versions(deletes, results, wait, gone_is_deleted=False)
         except (KazooException, KazooTimeoutError) as exc:
             raise self._wrap(exc, path, "deleting") from None
         return results
@@ -1200,7 +1218,6 @@ class ZooKeeperSession:
         ``dry_run`` deletes nothing and says what a real run would do, counting a node whose
         only children would be deleted before it as deleted (the session remembers, across
         calls, how many children of each node it judged gone)."""
-        from kazoo.exceptions import BadVersionError, NotEmptyError
 
         results = [False] * len(items)
         window = max(1, self.block.read_window)
@@ -1226,28 +1243,7 @@ class ZooKeeperSession:
                             gone_children[parent] = gone_children.get(parent, 0) + 1
                     else:
                         deletes.append((start + n, path, stat.version))
-                for first in range(0, len(deletes), DELETE_MULTI):
-                    group = deletes[first : first + DELETE_MULTI]
-                    txn = self.client.transaction()
-                    for _, deleting, version in group:  # in order: children before their parents
-                        txn.delete(deleting, version=version)
-                    path = group[0][1]
-                    outcome = txn.commit_async().get(timeout=wait)
-                    if all(r is True for r in outcome):
-                        for i, _, _ in group:
-                            results[i] = True
-                        continue
-                    for i, deleting, version in group:
-                        path = deleting  # (named by the error, should this one fail)
-                        try:
-                            self.client.delete_async(deleting, version=version).get(timeout=wait)
-                            results[i] = True
-                        except NoNodeError:
-                            results[i] = True
-                        except (BadVersionError, NotEmptyError):
-                            continue
-                        except NoAuthError:
-                            denied += 1
+                denied += self._delete_at_versions(deletes, results, wait, gone_is_deleted=True)
         except (KazooException, KazooTimeoutError) as exc:
             raise self._wrap(exc, path, "deleting") from None
         if denied:
