@@ -11,7 +11,10 @@ them up once with ``burrow backup --no-encryption`` into a local store, then tim
          ``--before COMMIT``, tasks/plan.py of that commit is timed the same way, interleaved;
 * cli:   the whole ``burrow restore ARCHIVE --into zk://B/<fresh chroot> --json`` command
          (a subprocess: start-up, Prefect flow, download, validate, plan, replay), wall time;
-* fresh: the same command into the root of a ZooKeeper server started for that run (a cold JVM).
+* fresh: the same command into the root of a ZooKeeper server started for that run (a cold JVM);
+* burry: with ``--burry BIN`` (a burry binary: GOPATH build of github.com/mhausenblas/burry.sh with
+         its vendored dependencies, Go 1.19), ``burry -o backup -t local`` of server A once, then
+         ``burry -o restore -t local`` into a fresh server, timed the same way, beside Burrow's.
 
 Medians are printed with the machine's load average (the machine may be shared).
 """
@@ -87,6 +90,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed runs of each measurement (default 5)")
     ap.add_argument("--fresh-runs", type=int, default=3, help="runs into a fresh server (default 3)")
     ap.add_argument("--before", help="also time tasks/plan.py of this commit (plan only)")
+    ap.add_argument("--burry", help="a burry binary: also time its restore into a fresh server")
+    ap.add_argument("--burry-runs", type=int, default=1)
     ap.add_argument("--workdir")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -184,6 +189,32 @@ def main() -> int:
             print(f"cli restore into a fresh server {i + 1}: {secs:.2f}s", flush=True)
         loads.append(os.getloadavg())
 
+        burry: list[float] = []
+        if args.burry:
+            bdir = workdir / "burry"
+            bdir.mkdir()
+            t0 = time.monotonic()
+            out = subprocess.run([args.burry, "-o", "backup", "-e", a.url, "-t", "local", "--timeout=30"],
+                                 cwd=bdir, capture_output=True, text=True, timeout=3600)
+            snap = next(bdir.glob("*.zip")).stem
+            print(f"burry backup: {time.monotonic() - t0:.2f}s (snapshot {snap}, rc {out.returncode})", flush=True)
+            for i in range(args.burry_runs):
+                z = start_zookeeper(workdir / f"zk-burry-{i}")
+                try:
+                    base = znode_count(z.url)
+                    t0 = time.monotonic()
+                    out = subprocess.run([args.burry, "-o", "restore", "-e", z.url, "-t", "local", "-s", snap,
+                                          "--timeout=30"], cwd=bdir, capture_output=True, text=True, timeout=3600)
+                    secs = time.monotonic() - t0
+                    created = znode_count(z.url) - base
+                finally:
+                    z.stop()
+                if created < seeded:
+                    raise SystemExit(f"burry restored {created} znodes (rc {out.returncode}): {out.stderr[-1500:]}")
+                burry.append(secs)
+                print(f"burry restore into a fresh server {i + 1}: {secs:.2f}s ({created} znodes)", flush=True)
+            loads.append(os.getloadavg())
+
         print()
         for name, rows in plans.items():
             if rows:
@@ -196,8 +227,13 @@ def main() -> int:
         if fresh:
             print(f"whole-CLI restore into a fresh server: median {statistics.median(fresh):.2f}s of "
                   f"{', '.join(f'{s:.2f}' for s in fresh)}")
+        if burry:
+            print(f"burry restore into a fresh server: median {statistics.median(burry):.2f}s of "
+                  f"{', '.join(f'{s:.2f}' for s in burry)}")
+            if fresh:
+                print(f"ratio burry / Burrow (fresh server medians): {statistics.median(burry) / statistics.median(fresh):.1f}x")
         print(f"{seeded} znodes; {os.cpu_count()} CPUs; load average (1/5/15 min) at start, after plans, "
-              f"after CLI, after fresh: " + "; ".join(f"{x:.2f} {y:.2f} {z:.2f}" for x, y, z in loads))
+              f"after CLI, after fresh{', after burry' if burry else ''}: " + "; ".join(f"{x:.2f} {y:.2f} {z:.2f}" for x, y, z in loads))
         return 0
     finally:
         for s in reversed(servers):
