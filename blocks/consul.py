@@ -640,6 +640,22 @@ class ConsulSession:
             self._pool.shutdown(wait=True)
         self.http.close()
 
+    def _delete_cas(self, keys: list[str], indexes: list[int]) -> list[int]:
+        """Delete each of ``keys`` (one txn's worth) at its ``ModifyIndex`` with ``delete-cas``,
+        in one txn; a txn rolled back by keys changed meanwhile runs again without them (up to
+        10 times). Returns the positions of the keys deleted."""
+        todo = list(range(len(keys)))
+        for _ in range(10):
+            if not todo:
+                break
+            ops = [{"KV": {"Verb": "delete-cas", "Key": keys[j], "Index": indexes[j]}} for j in todo]
+            got, errors = self._txn(ops, "deleting keys", results=False)
+            if got is not None:
+                return todo
+            stale = self._failed_ops(errors, [keys[j] for j in todo], _DELETE_STALE, "deleting keys")
+            todo = [j for k, j in enumerate(todo) if k not in stale]
+        return []
+
     # -- cleanup (rehearsals) -------------------------------------------------------------
     def delete_if_unchanged(self, records: list[Record]) -> list[bool]:
         """Delete each record's key if it still holds exactly the record's value: read value
@@ -672,17 +688,9 @@ class ConsulSession:
                     break
                 missing = self._failed_ops(errors, [full[j] for j in pending], _ABSENT, "reading keys to delete")
                 pending = [j for k, j in enumerate(pending) if k not in missing]
-            todo = [j for j in range(len(chunk)) if full[j] in index]
-            for _ in range(10):
-                if not todo:
-                    break
-                ops = [{"KV": {"Verb": "delete-cas", "Key": full[j], "Index": index[full[j]]}} for j in todo]
-                got, errors = self._txn(ops, "deleting keys", results=False)
-                if got is not None:
-                    return [chunk[j] for j in todo]
-                stale = self._failed_ops(errors, [full[j] for j in todo], _DELETE_STALE, "deleting keys")
-                todo = [j for k, j in enumerate(todo) if k not in stale]
-            return []
+            held = [j for j in range(len(chunk)) if full[j] in index]
+            done = self._delete_cas([full[j] for j in held], [index[full[j]] for j in held])
+            return [chunk[held[d]] for d in done]
 
         for deleted in self._map(run, chunks):
             for i in deleted:
@@ -739,17 +747,8 @@ class ConsulSession:
                 found = self._indexes(full)
                 return [i for i, k in zip(chunk, full, strict=True)
                         if k not in found or found[k][1] == int(items[i][1])]
-            todo = list(range(len(chunk)))
-            for _ in range(10):
-                if not todo:
-                    break
-                ops = [{"KV": {"Verb": "delete-cas", "Key": full[j], "Index": int(items[chunk[j]][1])}} for j in todo]
-                got, errors = self._txn(ops, "deleting keys", results=False)
-                if got is not None:
-                    return [chunk[j] for j in todo]
-                stale = self._failed_ops(errors, [full[j] for j in todo], _DELETE_STALE, "deleting keys")
-                todo = [j for k, j in enumerate(todo) if k not in stale]
-            return []
+            done = self._delete_cas(full, [int(items[i][1]) for i in chunk])
+            return [chunk[d] for d in done]
 
         for gone in self._map(run, chunks):
             for i in gone:
