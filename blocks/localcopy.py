@@ -58,7 +58,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from burrow.errors import ArchiveError, PermanentError, UsageError
-from burrow.keys import Keyring, Passphrase, X25519Recipient, b64d, b64e, new_file_key
+from burrow.keys import (
+    Keyring,
+    Passphrase,
+    X25519Recipient,
+    b64d,
+    b64e,
+    new_file_key,
+    read_or_create_secret,
+    write_secret_file,
+)
 from burrow.naming import age_text, redact_url
 from burrow.runlog import logger
 
@@ -111,30 +120,18 @@ def machine_key(create: bool = True) -> bytes | None:
     (0600), created once and exclusively, so two commands never make two. ``None`` when there is
     none and ``create`` is false."""
     path = burrow_home() / KEY_FILE
-    for _ in range(2):
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            if not create:
-                return None
-            _private_dir(burrow_home())
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue  # another command made it meanwhile: use theirs
-            with os.fdopen(fd, "w") as f:
-                f.write(b64e(os.urandom(32)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            continue
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            path.chmod(0o600)
-        try:
-            return b64d(text, 32, "the local copy's machine key")
-        except ValueError as exc:
-            raise LocalCopyError(f"{path}: {exc}; remove it (the local copy then refreshes on the next "
-                                 "successful run, or import an export)") from None
-    raise LocalCopyError(f"cannot read {path}")
+    try:
+        text = read_or_create_secret(path, lambda: b64e(os.urandom(32)) + "\n", create=create,
+                                     before_create=lambda: _private_dir(burrow_home()))
+    except OSError as exc:
+        raise LocalCopyError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if text is None:
+        return None
+    try:
+        return b64d(text, 32, "the local copy's machine key")
+    except ValueError as exc:
+        raise LocalCopyError(f"{path}: {exc}; remove it (the local copy then refreshes on the next "
+                             "successful run, or import an export)") from None
 
 
 # ------------------------------------------------------------------------------ documents
@@ -555,17 +552,7 @@ def export_copy(path: Path, recipients: Sequence[Passphrase | X25519Recipient]) 
     body = json.dumps([{"type": d.type, "name": d.name, "saved": d.saved, "data": d.data} for d in docs]).encode()
     sealed = AESGCM(_export_key(file_key, salt)).encrypt(nonce, body, _header_ad(header))
     text = json.dumps({"header": header, "nonce": b64e(nonce), "sealed": b64e(sealed)}) + "\n"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, 0o600)
+    write_secret_file(Path(path), text, what="it")
     return len(docs)
 
 

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -577,19 +577,51 @@ class WriteKeys:
 # ---------------------------------------------------------------------------- keygen
 
 
-def write_secret_file(path: Path, text: str) -> None:
-    """Create ``path`` with mode 0600; refuse to overwrite anything."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise UsageError(f"{path} already exists; refusing to overwrite a key") from None
-    except OSError as exc:
-        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
+def _create_secret(path: Path, text: str) -> None:
+    """Create ``path`` exclusively with mode 0600 and ``text`` in it, synced to disk; raises
+    FileExistsError when it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.chmod(path, 0o600)  # in case the umask or filesystem widened it
+
+
+def write_secret_file(path: Path, text: str, what: str = "a key") -> None:
+    """Create ``path`` with mode 0600; refuse to overwrite anything."""
+    try:
+        _create_secret(path, text)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; refusing to overwrite {what}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create {path}: {exc.strerror}") from None
+
+
+def read_or_create_secret(path: Path, make: Callable[[], str], *, create: bool = True,
+                          before_create: Callable[[], None] | None = None) -> str | None:
+    """The text of the secret file ``path``, stripped; when it does not exist (and ``create``),
+    first made once from ``make()`` (``before_create`` runs before, e.g. to make its directory
+    private), created exclusively and 0600, so two processes never write two different
+    secrets: the second reads the first's. A file whose mode lets anyone but its owner read it
+    is set back to 0600. ``None`` when there is none and ``create`` is false."""
+    for _ in range(2):
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            if not create:
+                return None
+            if before_create is not None:
+                before_create()
+            try:
+                _create_secret(path, make())
+            except FileExistsError:
+                pass  # another process made it meanwhile: read theirs
+            continue
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+        return text
+    raise OSError(f"cannot read {path}")
 
 
 def keygen(out: Path, *, x25519: bool) -> dict[str, str]:

@@ -159,30 +159,20 @@ def local_credential(create: bool = True) -> str | None:
     """The local server's auth string, generated once (``admin:`` and 32 random bytes, URL-safe
     base64) into :func:`credential_file`, created 0600 and exclusively, so two commands never
     write two different ones. ``None`` when there is none and ``create`` is false."""
+    from burrow.keys import read_or_create_secret
+
     path = credential_file()
-    for _ in range(2):
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            if not create:
-                return None
-            secure_home()
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                continue  # another command created it meanwhile: read theirs
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{CREDENTIAL_USER}:{secrets.token_urlsafe(32)}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            continue
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            path.chmod(0o600)
-        if ":" not in text or not text.split(":", 1)[1]:
-            raise LocalServerError(f"{path} does not hold a credential (user:password); remove it and "
-                                   "`burrow server stop`, then the next start makes a new one")
-        return text
-    raise LocalServerError(f"cannot read {path}")
+    try:
+        text = read_or_create_secret(path, lambda: f"{CREDENTIAL_USER}:{secrets.token_urlsafe(32)}\n",
+                                     create=create, before_create=secure_home)
+    except OSError as exc:
+        raise LocalServerError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if text is None:
+        return None
+    if ":" not in text or not text.split(":", 1)[1]:
+        raise LocalServerError(f"{path} does not hold a credential (user:password); remove it and "
+                               "`burrow server stop`, then the next start makes a new one")
+    return text
 
 
 @dataclass
