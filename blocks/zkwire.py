@@ -285,6 +285,12 @@ def parse_data(frame: bytes, offset: int) -> tuple[bytes, tuple]:
     return data, _STAT.unpack_from(frame, offset)
 
 
+def reply_zxid(frame: bytes) -> int:
+    """The zxid of a reply's header: for a multi transaction that succeeded, the czxid (and
+    mzxid) of every node it created."""
+    return _REPLY.unpack_from(frame, 0)[1]
+
+
 def parse_stat(frame: bytes, offset: int) -> tuple:
     """A Stat: (czxid, mzxid, ctime, mtime, version, cversion, aversion, ephemeralOwner,
     dataLength, numChildren, pzxid)."""

@@ -892,13 +892,19 @@ class ZooKeeperSession:
         inflight: deque[range] = deque()
         failed: list[range] = []
         choices = [self._choose(r) for r in records]  # may refuse: before anything is sent
+        # Every node a multi transaction creates has that transaction's zxid as its czxid: the
+        # reply's zxid is what undo records (created_versions), with no read-back of the node.
+        made_at: dict[bytes, int] = {}
+        self._made_at = made_at
 
         def settle(batch: range) -> None:
             frame, err, off = wire.reply()
             codes = zkwire.parse_multi(frame, off) if not err else [err] * len(batch)
             if all(code is None for code in codes):
+                zxid = zkwire.reply_zxid(frame)
                 for i in batch:
                     results[i] = True
+                    made_at[records[i].key] = zxid
                 return
             # 0 = rolled back, -2 = not run: only the op that failed tells why
             for i, code in zip(batch, codes, strict=False):
@@ -1178,7 +1184,11 @@ class ZooKeeperSession:
 
         The creation zxid, not the current ``mzxid``: should a node be changed between its
         create and this read, its ``mzxid`` already differs from what is recorded, and undo
-        keeps it."""
+        keeps it. Nodes the last :meth:`create` made in its multi transactions need no read:
+        their czxid is the zxid of the transaction's reply."""
+        made_at: dict[bytes, int] = getattr(self, "_made_at", None) or {}
+        if all(k in made_at for k in keys):  # all made by the last create's multi transactions
+            return [made_at[k] for k in keys]
         out: list[int | None] = []
         window = max(1, self.block.read_window)
         no_node = NoNodeError.code
