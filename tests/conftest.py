@@ -141,6 +141,15 @@ class CliResult:
         return f"CliResult(code={self.code}, out={self.out[-2000:]!r}, err={self.err[-3000:]!r})"
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a subprocess a test will SIGINT: a process started by a shell in the
+    background (as CI may run the suite) inherits SIGINT *ignored*, and Python then installs no
+    KeyboardInterrupt handler: Ctrl-C must reach the child as it reaches a user's command."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> CliResult:
     """Run the real ``burrow`` console script as a subprocess."""
     full_env = os.environ.copy()

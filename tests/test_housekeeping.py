@@ -141,6 +141,7 @@ def test_another_applications_upload_survives_a_backup_and_a_prune(zk_a, moto, c
     assert store_from_ref(url).list_sidecars(UPLOADS_PREFIX) == []
 
 
+@pytest.mark.timeout(1200)  # a hang guard, not a budget: 48 backups take 1-3 minutes here, longer on a busy machine
 def test_48_encrypted_backups_8_at_a_time_into_one_bucket_all_succeed(zk_a, moto, creds_name, tmp_path):
     from flows.backup import backup
 

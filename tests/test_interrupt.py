@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BURROW, REPO
+from conftest import BURROW, REPO, interruptible
 from zkutil import kazoo, snapshot, unique_root
 
 from blocks.keys import archive_keys
@@ -67,6 +67,7 @@ def _interrupted_failover(sig: int, big_archive, zk_b) -> tuple[int, str, str, s
         [BURROW, "failover", "dc-int", "--from", str(store), "--into", target, "--key-file", str(key),
          "--primary", DEAD],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO), env=os.environ.copy(),
+        preexec_fn=interruptible,
     )
     try:
         deadline = time.monotonic() + 240

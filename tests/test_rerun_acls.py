@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import BURROW, REPO
+from conftest import BURROW, REPO, interruptible
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 from kazoo.security import ACL, Id, Permissions, make_acl, make_digest_acl, make_digest_acl_credential
@@ -167,6 +167,7 @@ def interrupt_when(args: list[str], c: KazooClient, progress: str, at_least: int
     """Run ``burrow`` with ``args``; SIGINT it once ``progress`` (a node of the target) has
     ``at_least`` children: progress read from the target, never a fixed sleep. Returns its exit code."""
     proc = subprocess.Popen([BURROW, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible,
                             env=os.environ.copy(), cwd=str(REPO))
     try:
         deadline = time.monotonic() + 240
