@@ -15,7 +15,7 @@ import os
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 from kazoo.client import KazooClient
@@ -479,7 +479,20 @@ class ZooKeeperSession:
 
     # -- restore ------------------------------------------------------------------------
     def lookup(self, keys: list[bytes]) -> list[bytes | None]:
-        out: list[bytes | None] = []
+        out = self._pipelined(keys, zkwire.WireSession.get_data, lambda frame, off: zkwire.parse_data(frame, off)[0])
+        try:
+            self._check_parents(keys, out)
+        except KazooException as exc:
+            self._drop_wire()
+            raise self._wrap(exc, display_key(keys[0]) if keys else "", "reading") from None
+        return out
+
+    def _pipelined(self, keys: list[bytes], send: Callable[[zkwire.WireSession, str], None],
+                   parse: Callable[[bytes, int], Any]) -> list[Any]:
+        """One read per key on the bulk wire connection, ``read_window`` requests in flight at a
+        time (kazoo's one call at a time costs a wake-up each): ``send`` queues the request for
+        a path, ``parse`` reads a reply; None where the node does not exist."""
+        out: list[Any] = []
         window = max(1, self.block.read_window)
         no_node = NoNodeError.code
         try:
@@ -487,7 +500,7 @@ class ZooKeeperSession:
             for start in range(0, len(keys), window):
                 chunk = keys[start : start + window]
                 for key in chunk:
-                    wire.get_data(key.decode("utf-8"))
+                    send(wire, key.decode("utf-8"))
                 for n, key in enumerate(chunk):
                     frame, err, off = wire.reply()
                     if err == no_node:
@@ -497,8 +510,7 @@ class ZooKeeperSession:
                             self._drop_wire()  # replies still in flight: this connection is out of step
                         raise self._wrap(EXCEPTIONS[err](), display_key(key), "reading")
                     else:
-                        out.append(zkwire.parse_data(frame, off)[0])
-            self._check_parents(keys, out)
+                        out.append(parse(frame, off))
         except KazooException as exc:
             self._drop_wire()
             raise self._wrap(exc, display_key(keys[0]) if keys else "", "reading") from None
@@ -1189,30 +1201,11 @@ class ZooKeeperSession:
         made_at: dict[bytes, int] = getattr(self, "_made_at", None) or {}
         if all(k in made_at for k in keys):  # all made by the last create's multi transactions
             return [made_at[k] for k in keys]
-        out: list[int | None] = []
-        window = max(1, self.block.read_window)
-        no_node = NoNodeError.code
-        try:
-            wire = self._wire_session()
-            for start in range(0, len(keys), window):
-                chunk = keys[start : start + window]
-                for key in chunk:
-                    wire.exists(key.decode("utf-8"))
-                for n, key in enumerate(chunk):
-                    frame, err, off = wire.reply()
-                    if err == no_node:
-                        out.append(None)
-                    elif err:
-                        if n + 1 < len(chunk):
-                            self._drop_wire()  # replies still in flight: this connection is out of step
-                        raise self._wrap(EXCEPTIONS[err](), display_key(key), "reading")
-                    else:
-                        stat = zkwire.parse_stat(frame, off)
-                        out.append(None if stat[7] else int(stat[0]))  # ephemeralOwner, czxid
-        except KazooException as exc:
-            self._drop_wire()
-            raise self._wrap(exc, display_key(keys[0]) if keys else "", "reading") from None
-        return out
+        def czxid(frame: bytes, off: int) -> int | None:
+            stat = zkwire.parse_stat(frame, off)
+            return None if stat[7] else int(stat[0])  # ephemeralOwner, czxid
+
+        return self._pipelined(keys, zkwire.WireSession.exists, czxid)
 
     def delete_if_version(self, items: list[tuple[bytes, int]], *, dry_run: bool = False) -> list[bool]:
         """Delete each ``(key, version)`` node whose ``mzxid`` still equals ``version`` (as
