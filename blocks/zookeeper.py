@@ -488,13 +488,15 @@ class ZooKeeperSession:
         return out
 
     def _pipelined(self, keys: list[bytes], send: Callable[[zkwire.WireSession, str], None],
-                   parse: Callable[[bytes, int], Any]) -> list[Any]:
+                   parse: Callable[[bytes, int], Any], *, absent: tuple[int, ...] = (NoNodeError.code,),
+                   what: str = "reading") -> list[Any]:
         """One read per key on the bulk wire connection, ``read_window`` requests in flight at a
         time (kazoo's one call at a time costs a wake-up each): ``send`` queues the request for
-        a path, ``parse`` reads a reply; None where the node does not exist."""
+        a path, ``parse`` reads a reply; None where the reply is an error of ``absent`` (by
+        default: the node does not exist). Any other error names the key and ``what``."""
         out: list[Any] = []
         window = max(1, self.block.read_window)
-        no_node = NoNodeError.code
+        path = display_key(keys[0]) if keys else ""
         try:
             wire = self._wire_session()
             for start in range(0, len(keys), window):
@@ -503,17 +505,18 @@ class ZooKeeperSession:
                     send(wire, key.decode("utf-8"))
                 for n, key in enumerate(chunk):
                     frame, err, off = wire.reply()
-                    if err == no_node:
+                    if err in absent:
                         out.append(None)
                     elif err:
                         if n + 1 < len(chunk):
                             self._drop_wire()  # replies still in flight: this connection is out of step
-                        raise self._wrap(EXCEPTIONS[err](), display_key(key), "reading")
+                        path = display_key(key)
+                        raise EXCEPTIONS[err]()
                     else:
                         out.append(parse(frame, off))
         except KazooException as exc:
             self._drop_wire()
-            raise self._wrap(exc, display_key(keys[0]) if keys else "", "reading") from None
+            raise self._wrap(exc, path, what) from None
         return out
 
     def holds_no_keys(self) -> bool:
@@ -587,29 +590,15 @@ class ZooKeeperSession:
             _, final, _ = self._choose(r)
             if final is not None and tuple(sorted(final)) != self._placeholder:
                 ask.append(i)
-        window = max(1, self.block.read_window)
-        no_node, no_auth = NoNodeError.code, NoAuthError.code
-        path = ""
-        try:
-            wire = self._wire_session()
-            for start in range(0, len(ask), window):
-                chunk = ask[start : start + window]
-                for i in chunk:
-                    wire.get_acl(records[i].key.decode("utf-8"))
-                for n, i in enumerate(chunk):
-                    path = display_key(records[i].key)
-                    frame, err, off = wire.reply()
-                    if err in (no_node, no_auth):
-                        continue  # gone, or not even readable to this identity: not its placeholder
-                    if err:
-                        if n + 1 < len(chunk):
-                            self._drop_wire()  # replies still in flight: this connection is out of step
-                        raise EXCEPTIONS[err]()
-                    acl, aversion = _acl_and_version(frame, off)
-                    out[i] = aversion == 0 and tuple(sorted(_acl_tuple(acl))) == self._placeholder
-        except KazooException as exc:
-            self._drop_wire()
-            raise self._wrap(exc, path, "reading the ACL of") from None
+        got = self._pipelined(
+            [records[i].key for i in ask], zkwire.WireSession.get_acl, _acl_and_version,
+            # gone, or not even readable to this identity: not its placeholder
+            absent=(NoNodeError.code, NoAuthError.code), what="reading the ACL of",
+        )
+        for i, found in zip(ask, got, strict=True):
+            if found is not None:
+                acl, aversion = found
+                out[i] = aversion == 0 and tuple(sorted(_acl_tuple(acl))) == self._placeholder
         return out
 
     def expected_acl(self, record: Record, source_service: str) -> Acl | None:
@@ -633,36 +622,21 @@ class ZooKeeperSession:
         out: list[str | None] = [None] * len(records)
         want = [self.expected_acl(r, source_service) for r in records]
         ask = [i for i, w in enumerate(want) if w is not None]
-        window = max(1, self.block.read_window)
-        no_node = NoNodeError.code
-        path = ""
-        try:
-            wire = self._wire_session()
-            for start in range(0, len(ask), window):
-                chunk = ask[start : start + window]
-                for i in chunk:
-                    wire.get_acl(records[i].key.decode("utf-8"))
-                for n, i in enumerate(chunk):
-                    path = display_key(records[i].key)
-                    frame, err, off = wire.reply()
-                    if err == no_node:
-                        continue  # (deleted since its value was read: not an ACL question)
-                    if err:
-                        if n + 1 < len(chunk):
-                            self._drop_wire()
-                        raise EXCEPTIONS[err]()
-                    got = tuple(sorted(set(_acl_tuple(zkwire.parse_acl(frame, off)))))
-                    expected = want[i]
-                    if _has_redacted([list(e) for e in got]):
-                        expected = tuple(sorted({
-                            (p, s, ident.split(":", 1)[0] + ":x" if s == "digest" else ident)
-                            for p, s, ident in expected  # type: ignore[union-attr]
-                        }))
-                    if got != expected:
-                        out[i] = "acl"
-        except KazooException as exc:
-            self._drop_wire()
-            raise self._wrap(exc, path, "reading the ACL of") from None
+        # (a node deleted since its value was read is not an ACL question)
+        acls = self._pipelined([records[i].key for i in ask], zkwire.WireSession.get_acl, zkwire.parse_acl,
+                               what="reading the ACL of")
+        for i, acl in zip(ask, acls, strict=True):
+            if acl is None:
+                continue
+            got = tuple(sorted(set(_acl_tuple(acl))))
+            expected = want[i]
+            if _has_redacted([list(e) for e in got]):
+                expected = tuple(sorted({
+                    (p, s, ident.split(":", 1)[0] + ":x" if s == "digest" else ident)
+                    for p, s, ident in expected  # type: ignore[union-attr]
+                }))
+            if got != expected:
+                out[i] = "acl"
         return out
 
     def plan_warnings(self) -> list[str]:
