@@ -425,7 +425,13 @@ class ConsulSession:
     def holds_no_keys(self) -> bool:
         """Whether the prefix (the whole KV store without one) holds no key at all: one
         ``?keys&separator=/`` listing of its top level (404 when empty). Planning then looks
-        nothing up: every key is missing. A token that may not list says False (lookups follow)."""
+        nothing up: every key is missing. A token that may not list says False (lookups follow).
+
+        Only where the agent has ACLs turned off: with ACLs, a listing silently leaves out the
+        keys the token may not read, so an empty answer does not mean an empty prefix (and the
+        lookups must run, to refuse such keys before the first write)."""
+        if not self._acls_disabled():
+            return False
         ask = self.prefix + "/" if self.prefix else ""
         try:
             resp = self.http.get(
@@ -437,6 +443,15 @@ class ConsulSession:
         if resp.status_code == 404:
             return True
         return resp.status_code == 200 and not orjson.loads(resp.content)
+
+    def _acls_disabled(self) -> bool:
+        """Whether the agent runs without ACLs (``/v1/acl/token/self`` answers "ACL support
+        disabled"); False on any other answer or error."""
+        try:
+            resp = self.http.get("/v1/acl/token/self", params=self.params, extensions=self._extensions)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code in (401, 403) and "ACL support disabled" in resp.text
 
     def _present_under_prefix(self, full: list[str]) -> set[str] | None:
         """Keys that exist under the common prefix of ``full``, or None when that listing
