@@ -2,7 +2,10 @@
 # Install everything a fresh Debian 12 (bookworm) machine needs to run Burrow,
 # its tests, the demo and the benchmarks.
 #
-#   * apt: Java runtime + ZooKeeper 3.8, etcd 3.4 (server + etcdctl), curl, zstd, jq
+#   * apt: Java runtime + ZooKeeper 3.8, etcd 3.4 (server + etcdctl), curl, zstd, jq,
+#     PostgreSQL 15 (the database of the Prefect server the orchestrator tests and a fleet use;
+#     the tests start it as a plain process from /usr/lib/postgresql/<version>/bin, never through
+#     the service manager, so the cluster the package may set up and start is not used)
 #   * Consul 1.8.7: not packaged in bookworm, so the .deb is fetched from
 #     bullseye with a *private* apt configuration under .tools/apt/ (nothing in
 #     /etc/apt is touched) and unpacked into .tools/consul-root/
@@ -38,6 +41,7 @@ APT_PACKAGES=(
     ca-certificates
     python3
     python3-pip
+    postgresql
 )
 
 missing=()
@@ -60,6 +64,10 @@ for bin in java etcd etcdctl curl zstd jq; do
     command -v "$bin" >/dev/null || die "'$bin' not on PATH after apt install"
 done
 [[ -f /usr/share/java/zookeeper.jar ]] || die "/usr/share/java/zookeeper.jar missing after apt install"
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null ||
+    die "no /usr/lib/postgresql/<version>/bin/postgres after apt install"
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null ||
+    die "no /usr/lib/postgresql/<version>/bin/initdb after apt install"
 
 # A headless Chromium for scripts/screenshots.py (the README's UI screenshots). Only that script
 # needs it, so a failure here is a warning, not an error.

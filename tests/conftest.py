@@ -29,6 +29,7 @@ from burrow.testing.servers import (  # noqa: E402
     start_consul,
     start_etcd,
     start_moto,
+    start_postgres,
     start_zookeeper,
 )
 
@@ -49,14 +50,33 @@ os.environ.setdefault("BURROW_STAGING_DIR", str(SESSION_DIR / "staging"))
 BURROW = str(Path(sys.executable).parent / "burrow")
 
 
+#: The session Prefect server's log: a test may read it (the fleet test looks for database errors).
+PREFECT_SERVER_LOG = SESSION_DIR / "prefect-server.log"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalServer]:
+    """The session's PostgreSQL server (a process of its own, private port and data directory):
+    the Prefect server's database, as Prefect recommends for a production orchestrator."""
+    server = start_postgres(SESSION_DIR / "postgres")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_server() -> Iterator[str]:
-    """One real Prefect API server for the whole session (a cold start takes ~10 s)."""
-    log = open(SESSION_DIR / "prefect-server.log", "wb")
+def prefect_server(postgres: LocalServer) -> Iterator[str]:
+    """One real Prefect API server for the whole session (a cold start takes ~10 s), on
+    PostgreSQL. Only the server is given the database URL: a local ``burrow server`` a test starts
+    keeps its own SQLite database."""
+    log = open(PREFECT_SERVER_LOG, "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
          "--port", str(PREFECT_PORT)],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": postgres.database_url,
+             # a fleet's burst of runs needs more than the default 5 (+10) connections
+             "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+             "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20"},
     )
     url = os.environ["PREFECT_API_URL"]
     deadline = time.monotonic() + 120
@@ -69,7 +89,7 @@ def prefect_server() -> Iterator[str]:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            tail = (SESSION_DIR / "prefect-server.log").read_text(errors="replace")[-3000:]
+            tail = PREFECT_SERVER_LOG.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the Prefect server did not start:\n{tail}")
         time.sleep(0.3)
     yield url

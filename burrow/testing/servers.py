@@ -17,6 +17,8 @@ Binaries:
 * Consul 1.8 -- ``<repo>/.tools/consul-root/usr/bin/consul`` (installed by
   ``scripts/install-deps.sh``), falling back to ``consul`` on PATH.
 * moto -- the ``moto_server`` console script next to ``sys.executable``.
+* PostgreSQL 15 -- Debian ``postgresql`` (``/usr/lib/postgresql/<version>/bin``), the
+  database of a Prefect server that serves a fleet.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ __all__ = [
     "start_consul",
     "start_moto",
     "start_prefect",
+    "start_postgres",
+    "postgres_bin_dir",
     "REPO_ROOT",
     "consul_binary",
 ]
@@ -122,6 +126,12 @@ class LocalServer:
     log_path: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)  # every port the server uses, by role
     _log_offset: int = 0
+    #: the signal that stops it cleanly and promptly (PostgreSQL's SIGTERM waits for every client)
+    stop_signal: signal.Signals = signal.SIGTERM
+    #: a PostgreSQL server's SQLAlchemy URL (see ``start_postgres``)
+    database_url: str = ""
+    #: a scratch directory of the server's own, removed once it has stopped
+    scratch: Path | None = None
 
     @property
     def url(self) -> str:
@@ -140,13 +150,18 @@ class LocalServer:
     def stop(self, timeout: float = 15) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
         if self.process.poll() is None:
-            self._signal(signal.SIGTERM)
+            self._signal(self.stop_signal)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self.process.wait(timeout=30)
         _forget(self)
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        if self.scratch is not None and self.process.poll() is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL the server immediately (simulates a crash). Idempotent."""
@@ -154,6 +169,7 @@ class LocalServer:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=30)
         _forget(self)
+        self._remove_scratch()
 
     def _signal(self, sig: signal.Signals) -> None:
         # Each server runs in its own session/process group, so signal the group:
@@ -227,6 +243,7 @@ def _launch(
     scheme: str,
     env: dict[str, str] | None = None,
     ports: dict[str, int] | None = None,
+    user: str | None = None,
 ) -> LocalServer:
     log_path = workdir / f"{name}.log"
     log = open(log_path, "ab")  # handed to the child; our copy is closed below
@@ -245,6 +262,8 @@ def _launch(
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
+                user=user,
+                group=_primary_group(user) if user else None,
             )
         except OSError as exc:
             raise _fail(f"{name}: could not execute {argv[0]}: {exc}", log_path, offset) from exc
@@ -632,14 +651,20 @@ def start_moto(workdir: Path, port: int | None = None, timeout: float = 60) -> L
     return _start_with_retry("moto", start, port)
 
 
-def start_prefect(workdir: Path, port: int | None = None, timeout: float = 180) -> LocalServer:
+def start_prefect(
+    workdir: Path, port: int | None = None, timeout: float = 180, database_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> LocalServer:
     """Start a Prefect API server (``prefect server start``) with its own PREFECT_HOME in
     ``workdir``; ``url`` is ``http://127.0.0.1:PORT`` and the API is at ``url + "/api"``.
-    A cold start (database migrations) takes 10-30 s."""
+    A cold start (database migrations) takes 10-30 s. ``database_url`` (say
+    ``start_postgres(...).database_url``) puts it on that database instead of SQLite in its
+    PREFECT_HOME; ``env`` adds settings (``PREFECT_SERVER_...``)."""
     workdir = _prepare_workdir(workdir)
     prefect = _require_binary(
         "prefect", [Path(sys.executable).parent / "prefect", "prefect"], "Run `uv sync`."
     )
+    extra = env
 
     def start(p: int) -> LocalServer:
         argv = [prefect, "server", "start", "--host", HOST, "--port", str(p)]
@@ -647,7 +672,10 @@ def start_prefect(workdir: Path, port: int | None = None, timeout: float = 180) 
             "PREFECT_HOME": str(workdir / "prefect-home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": f"http://{HOST}:{p}/api",
+            **(extra or {}),
         }
+        if database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         server = _launch("prefect", argv, workdir, p, scheme="http", env=env)
 
         def probe() -> bool:
@@ -658,3 +686,113 @@ def start_prefect(workdir: Path, port: int | None = None, timeout: float = 180) 
         return server
 
     return _start_with_retry("prefect", start, port)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+#: The database ``start_postgres`` creates (and ``database_url`` names).
+POSTGRES_DATABASE = "prefect"
+
+
+def postgres_bin_dir() -> Path:
+    """``/usr/lib/postgresql/<newest version>/bin`` (Debian keeps the server binaries off PATH)."""
+    root = Path("/usr/lib/postgresql")
+    versions = sorted(
+        (d for d in root.glob("*") if (d / "bin" / "postgres").is_file()),
+        key=lambda d: [int(x) if x.isdigit() else 0 for x in d.name.split(".")],
+    ) if root.is_dir() else []
+    if not versions:
+        raise RuntimeError(f"postgres: no server binaries under {root}/<version>/bin. {_INSTALL_HINT}")
+    return versions[-1] / "bin"
+
+
+def _primary_group(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_gid
+
+
+def _postgres_user() -> str | None:
+    """The account PostgreSQL runs as: the caller's own, unless that is root (the server refuses
+    to run as root): then Debian's ``postgres`` system account."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise RuntimeError(f"postgres: running as root and there is no 'postgres' account. {_INSTALL_HINT}") from None
+    return "postgres"
+
+
+def start_postgres(workdir: Path, port: int | None = None, timeout: float = 60) -> LocalServer:
+    """Start a private PostgreSQL server as a plain process (no service manager): ``initdb``
+    into its own data directory, ``postgres -D dir -p PORT -k dir`` listening on 127.0.0.1
+    only, trust authentication for local connections, and a database named ``prefect``.
+    ``database_url`` on the result is its SQLAlchemy/asyncpg URL for
+    ``PREFECT_API_DATABASE_CONNECTION_URL``.
+
+    Durability is traded for speed (``fsync=off``): the data is a test's, thrown away with it.
+    As root the server runs as the ``postgres`` account (PostgreSQL refuses root), so its data
+    directory then lives in a directory of its own under the system's temporary directory, which
+    that account can reach (the log stays in ``workdir``).
+    """
+    import tempfile
+
+    workdir = _prepare_workdir(workdir)
+    bindir = postgres_bin_dir()
+    user = _postgres_user()
+    if user is None:
+        data_dir = workdir / "data"
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="burrow-postgres-")) / "data"
+        shutil.chown(data_dir.parent, user, user)
+    if not (data_dir / "PG_VERSION").is_file():
+        init = subprocess.run(
+            [str(bindir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+             "--locale=C", "--no-sync"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, user=user,
+            group=_primary_group(user) if user else None, cwd="/",
+        )
+        (workdir / "initdb.log").write_text(init.stdout + init.stderr)
+        if init.returncode != 0:
+            raise _fail(f"postgres: initdb failed with code {init.returncode}", workdir / "initdb.log", 0)
+
+    def start(p: int) -> LocalServer:
+        argv = [
+            str(bindir / "postgres"), "-D", str(data_dir), "-p", str(p), "-k", str(data_dir),
+            "-c", f"listen_addresses={HOST}",
+            "-c", "max_connections=300",
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+        ]
+        server = _launch("postgres", argv, workdir, p, scheme="", user=user)
+        server.stop_signal = signal.SIGINT  # "fast" shutdown: SIGTERM's "smart" one waits for clients
+        server.scratch = data_dir.parent if user is not None else None
+
+        def probe() -> bool:
+            ready = subprocess.run(
+                [str(bindir / "pg_isready"), "-h", HOST, "-p", str(p), "-U", "postgres", "-d", "postgres"],
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+            )
+            return ready.returncode == 0
+
+        _wait_ready(server, probe, timeout)
+        made = subprocess.run(
+            [str(bindir / "psql"), "-h", HOST, "-p", str(p), "-U", "postgres", "-d", "postgres", "-v",
+             "ON_ERROR_STOP=1", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{POSTGRES_DATABASE}'"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )
+        if made.returncode == 0 and made.stdout.strip() != "1":
+            made = subprocess.run(
+                [str(bindir / "createdb"), "-h", HOST, "-p", str(p), "-U", "postgres", POSTGRES_DATABASE],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+            )
+        if made.returncode != 0:
+            server.stop()
+            raise _fail(f"postgres: could not create the {POSTGRES_DATABASE} database: {made.stderr.strip()}",
+                        server.log_path, server._log_offset)
+        server.database_url = f"postgresql+asyncpg://postgres@{HOST}:{p}/{POSTGRES_DATABASE}"
+        return server
+
+    return _start_with_retry("postgres", start, port)
