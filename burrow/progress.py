@@ -10,6 +10,13 @@ call the ``advance(n)`` it yields as work gets done. What that shows is up to th
 
 Off a terminal (CI, cron) there are no bars: the stage's own log lines say what happened.
 
+Inside a long flow run (backup, restore, failover, rehearse: ``run_progress``), a Prefect
+progress artifact follows the stages too: created once a stage has run for
+``BURROW_PROGRESS_ARTIFACT_INTERVAL`` seconds (default 2; a short run makes none), then updated at
+most that often with the stage's count of its total ("plan: 5,000 of 10,421 keys"), and set to
+100 when the run's stages are done. It is fed from the same ``advance`` calls, so the tasks that
+report progress need nothing more; ``advance`` stays a counter and a clock read.
+
 The bar redraws at most every ``BURROW_PROGRESS_INTERVAL`` seconds (default 0.1) on
 ``advance`` and also from rich's refresh thread; 0 redraws on every call (the tests use it).
 Only counts and descriptions are shown, never keys or values.
@@ -24,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any
 
 _reporter: Any = None
+_artifact: Any = None
 
 
 class _TerminalReporter:
@@ -128,8 +136,103 @@ def active() -> bool:
 @contextmanager
 def stage(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
     """Report progress of one step; yields ``advance(n)`` (a no-op without a reporter)."""
-    if _reporter is None:
+    art = _artifact
+    if _reporter is None and art is None:
         yield lambda n: None
         return
-    with _reporter.stage(description, total) as advance:
-        yield advance
+    if art is None:
+        with _reporter.stage(description, total) as advance:
+            yield advance
+        return
+    with art.stage(description, total) as counted:
+        if _reporter is None:
+            yield counted
+            return
+        with _reporter.stage(description, total) as shown:
+
+            def both(n: int) -> None:
+                counted(n)
+                shown(n)
+
+            yield both
+
+
+class _ArtifactReporter:
+    """A Prefect progress artifact for one flow run: created lazily, updated at most every
+    ``interval`` seconds, never failing the run (a failed call is logged once at DEBUG)."""
+
+    def __init__(self, title: str, interval: float) -> None:
+        self.title = title
+        self.interval = interval
+        self.id: Any = None
+        self.broken = False
+        self.last = 0.0
+
+    def _send(self, percent: float, text: str) -> None:
+        if self.broken:
+            return
+        try:
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+            percent = max(0.0, min(100.0, percent))
+            if self.id is None:
+                self.id = create_progress_artifact(progress=percent, description=f"{self.title}: {text}")
+            else:
+                update_progress_artifact(artifact_id=self.id, progress=percent, description=f"{self.title}: {text}")
+        except Exception:  # noqa: BLE001 - progress must never fail the run it shows
+            import logging
+
+            self.broken = True
+            logging.getLogger("burrow").debug("the progress artifact could not be updated", exc_info=True)
+
+    @contextmanager
+    def stage(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        label = description.split(" ", 1)[0]  # "restore into zk://..." -> "restore": no location in it
+        done = [0]
+        started = time.monotonic()
+        if not self.last:
+            self.last = started
+
+        def report() -> None:
+            n = done[0]
+            if total:
+                self._send(100.0 * n / total, f"{label}: {n:,} of {total:,} keys")
+            else:
+                self._send(0.0, f"{label}: {n:,} keys")
+
+        def advance(n: int) -> None:
+            done[0] += n
+            now = time.monotonic()
+            if now - self.last >= self.interval:
+                self.last = now
+                report()
+
+        try:
+            yield advance
+        finally:
+            if self.id is not None:  # a stage that finished: its final count
+                report()
+
+    def finish(self, ok: bool) -> None:
+        if self.id is not None:
+            self._send(100.0, "done" if ok else "stopped")
+
+
+@contextmanager
+def run_progress(title: str) -> Iterator[None]:
+    """Show this flow run's stages in a Prefect progress artifact (see the module's text).
+    ``title`` names the run ("backup of dc-us"): no key, value or credential."""
+    global _artifact
+    try:
+        interval = float(os.environ.get("BURROW_PROGRESS_ARTIFACT_INTERVAL", "2"))
+    except ValueError:
+        interval = 2.0
+    previous, _artifact = _artifact, _ArtifactReporter(title, interval)
+    art = _artifact
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _artifact = previous
+        art.finish(ok)

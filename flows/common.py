@@ -16,13 +16,19 @@ so only a Python call or a deployment parameter ever meets the refusal.
 
 from __future__ import annotations
 
+import functools
+import getpass
+import logging
+import os
+import socket
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Annotated, Any
 
 from prefect import Flow
 from pydantic import Field
 
+from burrow.errors import BurrowError
 from burrow.naming import has_userinfo, redact_url, refuse_credentials, slug
 
 #: JSON-schema pattern of a reference parameter: no URL with user-info. The API server checks it
@@ -198,12 +204,115 @@ def install_prompt_heartbeats() -> bool:
 
 
 def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:
-    """``@flow(...)`` for Burrow's flows: the same options, a :class:`BurrowFlow`."""
+    """``@flow(...)`` for Burrow's flows: the same options, a :class:`BurrowFlow` whose expected
+    failures are quiet under a deployment (:func:`quiet_failure`)."""
 
     def decorate(fn: Callable[..., Any]) -> BurrowFlow:
-        return BurrowFlow(fn=fn, **options)
+        @functools.wraps(fn)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except BurrowError as exc:
+                if not under_deployment():
+                    raise  # the CLI, a test, a Python call: the exception, as always
+                return quiet_failure(exc)
+
+        return BurrowFlow(fn=body, **options)
 
     return decorate
+
+
+# ------------------------------------------------------------------------ quiet expected failures
+
+
+def under_deployment() -> bool:
+    """Whether this flow run belongs to a deployment (a worker, the schedule, an automation)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return bool(ctx and ctx.flow_run and ctx.flow_run.deployment_id)
+
+
+class _ExpectedFailureFilter(logging.Filter):
+    """Drops Prefect's own records of a :class:`BurrowError` (the task's "Task run failed with
+    exception", the engine's "Engine execution exited with unexpected exception", each with its
+    traceback): the flow logged the error's one line itself. Any other exception stays loud."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, BurrowError) and record.levelno >= logging.ERROR)
+
+
+_expected_failure_filter = _ExpectedFailureFilter()
+
+#: Prefect's loggers that report a run's exception with a traceback.
+_ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.engine")
+
+
+def install_quiet_failures() -> None:
+    """Attach :class:`_ExpectedFailureFilter` to Prefect's run loggers (idempotent)."""
+    for name in _ENGINE_LOGGERS:
+        lg = logging.getLogger(name)
+        if _expected_failure_filter not in lg.filters:
+            lg.addFilter(_expected_failure_filter)
+
+
+def quiet_failure(exc: BurrowError) -> Any:
+    """An expected failure (a refusal, a conflict, an unreachable cluster: a :class:`BurrowError`,
+    each with its exit code) of a deployment run: one ERROR line with its message, no traceback,
+    and the run Failed with that message. The state carries the exception, so whoever reads the
+    run's result (``state.result()``) still gets it."""
+    from prefect.context import FlowRunContext
+    from prefect.states import Failed
+
+    from burrow.runlog import logger
+
+    install_quiet_failures()
+    ctx = FlowRunContext.get()
+    name = ctx.flow.name if ctx and ctx.flow else "run"
+    message = str(exc).replace("\n", " ")
+    logger().error("%s failed: %s", name, message)
+    return Failed(message=message, data=exc)
+
+
+# ------------------------------------------------------------------------------------ triggers
+
+
+def run_trigger() -> dict[str, Any]:
+    """Who or what started this run, for its summary, event, artifact and the evidence report.
+
+    A run outside a deployment (the CLI, a Python call) is ``{"kind": "cli", "by": "user@host"}``.
+    A deployment run is ``{"kind": "schedule" | "automation" | "manual", "by": ..., "deployment":
+    "<flow>/<deployment>"}``: ``schedule`` when the scheduler made it (``auto_scheduled``),
+    ``automation`` when an automation did (``created_by``; ``by`` is its name, ``automation_id``
+    its id), else ``manual`` (``prefect deployment run``, the UI, the API, a fleet), ``by`` being
+    the deployment. ``user@host`` names an account and a machine, never a secret."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx else None
+    if run is None or not run.deployment_id:
+        return {"kind": "cli", "by": f"{_user()}@{socket.gethostname()}"}
+    from prefect.runtime import deployment
+
+    flow_name = ctx.flow.name if ctx and ctx.flow else "flow"
+    name = f"{flow_name}/{deployment.name or run.deployment_id}"
+    created = run.created_by
+    kind_of = str(getattr(created, "type", "") or "").upper()
+    if kind_of == "AUTOMATION":
+        return {"kind": "automation", "by": str(created.display_value or created.id), "deployment": name,
+                "automation_id": str(created.id)}
+    if run.auto_scheduled:
+        return {"kind": "schedule", "by": name, "deployment": name}
+    return {"kind": "manual", "by": str(created.display_value) if created and created.display_value else name,
+            "deployment": name}
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return str(os.getuid()) if hasattr(os, "getuid") else "unknown"
 
 
 # ---------------------------------------------------------------- events and per-source locks
@@ -212,7 +321,15 @@ def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:
 _EVENT_PAYLOAD = (
     "status", "error", "duration_s", "keys", "created", "conflicts", "identical", "planned_create", "deleted",
     "archives", "archive_created", "rpo_s", "rto_s", "approval_wait_s", "stored_bytes", "dry_run", "verified", "drift",
+    "approval", "trigger",
 )
+
+#: Summary fields never published as facts: they name keys (paths), which stay in the run's logs
+#: and its own lists.
+_NOT_FACTS = ("warnings",)
+
+#: The facts table's ``kind`` of a run kind whose events are named otherwise.
+_FACT_KIND = {"rehearsal": "rehearse"}
 
 
 def source_resource(source: str) -> dict[str, str]:
@@ -232,7 +349,7 @@ def emit_run_event(kind: str, outcome: str, summary: dict[str, Any]) -> None:
         source = str(summary.get("source") or "unknown")
         related = []
         for role in ("target", "store", "archive", "url", "scratch"):
-            value = summary.get(role)
+            value = summary.get(f"{role}_block") or summary.get(role)  # a saved block's name when known
             if isinstance(value, str) and value:
                 related.append({"prefect.resource.id": f"burrow.{'archive' if role == 'url' else role}.{redact_url(value)}",
                                 "prefect.resource.role": "archive" if role == "url" else role})
@@ -243,19 +360,53 @@ def emit_run_event(kind: str, outcome: str, summary: dict[str, Any]) -> None:
         logger().warning("could not emit the burrow.%s.%s event: %s", kind, outcome, type(exc).__name__)
 
 
-@contextmanager
-def recorded_run(kind: str, summary: dict[str, Any], publish: Callable[[], None]) -> Iterator[None]:
-    """:func:`burrow.report.recorded` (timing, one-line error, the artifact) plus the run's
-    event: ``burrow.<kind>.completed`` or ``burrow.<kind>.failed``."""
+def run_facts(kind: str, outcome: str, summary: dict[str, Any]) -> list[dict[str, str]]:
+    """The rows of the run's ``burrow run facts`` table (burrow/report.py ``facts_table``): the
+    summary without what names keys (``*_paths``, warnings)."""
     from burrow import report
 
-    ok = False
+    safe = {k: v for k, v in summary.items() if not k.endswith("_paths") and k not in _NOT_FACTS}
+    return report.facts_table(_FACT_KIND.get(kind, kind), outcome, safe)
+
+
+def publish_facts(kind: str, outcome: str, summary: dict[str, Any]) -> None:
+    """Publish the run's facts table artifact (unkeyed, described ``burrow run facts``)."""
+    from burrow import report
+    from burrow.runlog import logger
+
     try:
-        with report.recorded(summary, publish):
+        report.publish_table(None, report.FACTS_DESCRIPTION, run_facts(kind, outcome, summary))
+    except Exception as exc:  # noqa: BLE001 - the facts must never fail the run they describe
+        logger().warning("could not publish the run's facts: %s", type(exc).__name__)
+
+
+#: Run kinds long enough to show a progress artifact.
+_PROGRESS_KINDS = ("backup", "restore", "failover", "rehearsal")
+
+
+@contextmanager
+def recorded_run(kind: str, summary: dict[str, Any], publish: Callable[[], None], *, event: bool = True,
+                 progress_title: str | None = None) -> Iterator[None]:
+    """Run a flow body: its trigger (:func:`run_trigger`) into ``summary``, then
+    :func:`burrow.report.recorded` (timing, one-line error, the artifact), the run's facts table
+    and (``event``) its event ``burrow.<kind>.completed`` or ``burrow.<kind>.failed``. Long runs
+    show their stages in a progress artifact (``progress_title`` names the run in it)."""
+    from burrow import progress, report
+
+    try:
+        summary.setdefault("trigger", run_trigger())
+    except Exception:  # noqa: BLE001 - outside a run (a unit test): no trigger to record
+        pass
+    ok = False
+    shown = progress.run_progress(progress_title or kind) if kind in _PROGRESS_KINDS else nullcontext()
+    try:
+        with shown, report.recorded(summary, publish):
             yield
         ok = True
     finally:
-        emit_run_event(kind, "completed" if ok else "failed", summary)
+        publish_facts(kind, "completed" if ok else "failed", summary)
+        if event:
+            emit_run_event(kind, "completed" if ok else "failed", summary)
 
 
 def source_limit_name(source: str) -> str:
