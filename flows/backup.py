@@ -14,7 +14,7 @@ from burrow.errors import ArchiveError, BurrowError, UsageError
 from burrow.keys import KeyRefs
 from burrow.runlog import logger
 from burrow.staging import discard_spool, staging_dir
-from flows.common import Ref, burrow_flow, recorded_run, source_lock
+from flows.common import Ref, burrow_flow, recorded_run, source_lock, store_block_name
 from tasks.compress import compress, compress_upload
 from tasks.extract import extract
 from tasks.upload import check_store, upload
@@ -58,26 +58,26 @@ def backup(
     """
     log = logger()
     summary: dict[str, Any] = {"status": "failed", "source": name or source}
+    steps = report.Steps()
 
     def _publish() -> None:
-        report.publish(
-            f"backup-{summary.get('source', 'source')}",
-            f"Burrow backup of {summary.get('source')}: {summary['status']}",
-            {k: v for k, v in summary.items() if k != "warnings"},
-            {"Warnings": summary.get("warnings", [])},
-        )
+        summary["steps_s"] = dict(steps.seconds)
+        publish_summary(summary, steps)
 
-    with recorded_run("backup", summary, _publish):
+    with recorded_run("backup", summary, _publish, progress_title=f"backup of {name or source}"):
         src = source_from_ref(source)
         if include_leased:
             if "include_leased" not in type(src).model_fields:
                 raise UsageError(f"--include-leased applies to etcd sources only, not {src.service}")
             src = src.model_copy(update={"include_leased": True})
         dst = store_from_ref(store)
-        check_store(dst)  # fail before touching the cluster
+        with steps.step("store"):
+            check_store(dst)  # fail before touching the cluster
         # default: the block's name, or the URL as the block describes it (no credentials or options)
         source_name = naming.check_source_name(name or (src.describe() if "://" in source else source))
         summary.update(service=src.service, source=source_name, source_url=src.describe(), store=dst.describe())
+        if store_block_name(store):
+            summary["store_block"] = store
         refs = KeyRefs(
             key_files=[key_file] if key_file else [], key_env=key_env, recipients=list(recipients or []),
             passphrase_env=passphrase_env, block=key_block,
@@ -92,22 +92,26 @@ def backup(
             summary.update(encrypted=True, encryption=write_keys.mode, key_fingerprints=write_keys.fingerprints())
         archive = naming.archive_name(source_name)
         with staging_dir() as work:
-            with source_lock(source_name):  # one run at a time reads (or writes) this cluster, on any worker
+            with source_lock(source_name), steps.step("extract"):  # one run at a time reads this cluster
                 ex = extract(src, root, str(work))
             extra = {"encryption": encryptor.summary()} if encryptor else None
             if hasattr(dst, "writer"):
                 # object storage: parts leave as they are produced, no archive file on scratch disk
-                _, info = compress_upload(ex, dst, archive, source_name, compression_level, encryptor, extra)
+                with steps.step("compress and upload"):
+                    _, info = compress_upload(ex, dst, archive, source_name, compression_level, encryptor, extra)
                 discard_spool(ex.spool)
             else:
-                comp = compress(ex, str(work / "archive.burrow"), source_name, compression_level, encryptor, extra,
-                                object_name=archive)
+                with steps.step("compress"):
+                    comp = compress(ex, str(work / "archive.burrow"), source_name, compression_level, encryptor,
+                                    extra, object_name=archive)
                 discard_spool(ex.spool)
-                info = upload(dst, comp.path, archive)
+                with steps.step("upload"):
+                    info = upload(dst, comp.path, archive)
             try:
                 if write_keys is not None and not write_keys.can_decrypt():
                     # Public keys only: this worker cannot decrypt what it wrote (by design).
-                    verified = verify_structure_task(dst, archive, str(work))
+                    with steps.step("verify"):
+                        verified = verify_structure_task(dst, archive, str(work))
                     summary["verified"] = "structure-only"
                     summary["verified_note"] = (
                         "public-key recipients: framing, header, sizes and body SHA-256 checked; "
@@ -115,7 +119,8 @@ def backup(
                     )
                 else:
                     keys = ArchiveKeys(write_keys.keyring()) if write_keys else None
-                    verified = verify(dst, archive, str(work), keys)
+                    with steps.step("verify"):
+                        verified = verify(dst, archive, str(work), keys)
                     summary["verified"] = "full"
             except ArchiveError:
                 # The bytes are wrong: only this removes the archive, so it is never taken for a good one.
@@ -148,6 +153,19 @@ def backup(
             warnings=m.get("warnings", []),
         )
         return summary
+
+
+def publish_summary(summary: dict[str, Any], steps: report.Steps) -> None:
+    """The backup's artifact, keyed ``backup-<source>`` (the block's or source's name): the
+    outcome line, the steps, the facts; the warnings below."""
+    source = str(summary.get("source") or "source")
+    outcome = f"backup of {source}: {report.done_word(summary)}"
+    if summary.get("status") == "ok":
+        outcome += (f", {report.count(summary.get('keys'), 'key')}, {report.size(summary.get('stored_bytes'))} stored "
+                    f"({summary.get('ratio')}), {report.seconds(summary.get('duration_s'))}")
+    facts = {k: v for k, v in summary.items() if k not in ("warnings", "steps_s", "status", "error")}
+    report.publish(f"backup-{naming.slug(source)}", outcome, facts, steps=steps.rows(),
+                   lists={"Warnings": summary.get("warnings", [])})
 
 
 def _remove_bad_archive(dst: Any, archive: str, url: str) -> None:

@@ -40,15 +40,25 @@ from typing import Any
 
 from prefect.input import RunInput
 from prefect.runtime import deployment, flow_run
+from pydantic import Field
 
 from blocks.keys import archive_keys
-from blocks.resolve import source_from_ref, store_from_ref
+from blocks.resolve import scheme_of, source_from_ref, store_from_ref
 from burrow import naming
 from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch, UsageError
 from burrow.runlog import logger
 from burrow.staging import staging_dir
-from flows.common import Ref, burrow_flow, recorded_run, source_lock
-from flows.restore import plan_summary, publish_summary, replay_summary, save_list, target_lock_name
+from flows.common import Ref, burrow_flow, recorded_run, source_lock, store_block_name
+from flows.restore import (
+    conflict_rows,
+    plan_summary,
+    publish_summary,
+    replay_summary,
+    run_key,
+    save_list,
+    target_lock_name,
+    target_name,
+)
 from tasks.catalog import Selection, catalog, created_at, select_archives
 from tasks.download import download
 from tasks.journal import close_journal, record_choice, unfinished_failover
@@ -82,10 +92,15 @@ RUNNING: dict[str, dict[str, Any]] = {}
 
 class FailoverApproval(RunInput):
     """The on-call's answer when a failover's plan finds conflicts (existing keys in the
-    target that differ from the archive and will be left as they are)."""
+    target that differ from the archive and will be left as they are). The approver's name and
+    a comment are required: Prefect's API refuses a resume without them (the run stays paused),
+    and both go into the run's summary, artifact, facts and ``burrow.failover.*`` event."""
 
     approve: bool = False
-    comment: str = ""
+    approver: str = Field(min_length=1, max_length=200, pattern=r"\S",
+                          description="Your name: who approves (or aborts) this failover")
+    comment: str = Field(min_length=1, max_length=2000, pattern=r"\S",
+                         description="Why: what you checked in the conflicts table")
 
 
 def _run_name() -> str:
@@ -106,6 +121,7 @@ class _Run:
     skipped: list[str] = field(default_factory=list)
     preflight: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    outcomes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.summary["steps_s"] = self.steps
@@ -116,6 +132,10 @@ class _Run:
         t0 = time.monotonic()
         try:
             yield
+            self.outcomes.setdefault(name, "ok")
+        except BaseException:
+            self.outcomes[name] = "failed"
+            raise
         finally:
             self.steps[name] = round(self.steps.get(name, 0.0) + time.monotonic() - t0, 3)
 
@@ -126,9 +146,8 @@ class _Run:
         self.summary["approval_wait_s"] = round(waited, 3)
         self.summary["skipped"] = list(self.skipped)
         self.summary["preflight"] = list(self.preflight)
-        self.lists["Preflight"] = self.preflight
-        self.lists["Archives skipped"] = self.skipped
-        publish_summary("failover", self.summary, self.lists, self.dry_run)
+        rows = [(n, self.outcomes.get(n, "interrupted"), s) for n, s in self.steps.items()]
+        publish_summary("failover", self.summary, self.lists, self.dry_run, steps=rows, preflight=self.preflight)
 
 
 @dataclass
@@ -203,12 +222,17 @@ def failover(
     run = _Run({"status": "failed", "source": source, "dry_run": dry_run, "force": force}, dry_run)
     summary = run.summary
     RUNNING["summary"] = summary
+    title = f"failover of {source} into {into if scheme_of(into) is None else naming.redact_url(into)}"
     try:
-        with recorded_run("failover", summary, run.publish):
+        with recorded_run("failover", summary, run.publish, progress_title=title):
             limits = _limits(max_age, resume_within, prefer_rehearsed_within, max_candidates)
             st = store_from_ref(store)
             target = source_from_ref(into, role="target")
             summary.update(store=st.describe(), target=target.describe(), target_service=target.service)
+            if scheme_of(into) is None:
+                summary["target_block"] = into  # the artifact's key and the event's resource name it
+            if store_block_name(store):
+                summary["store_block"] = store
             if max_age:
                 summary["max_age"] = max_age
 
@@ -252,7 +276,7 @@ def failover(
                         return summary
                     if p.conflicts and deployment.id:
                         with run.step("approval"):
-                            _approve(p.conflicts, row["url"], target.describe(), approval_timeout_s, summary)
+                            _approve(p.conflicts, row["url"], approval_timeout_s, summary)
                     # a re-run after an interruption resumes with this archive (a signed, expiring record)
                     record_choice(st, source, target.describe(), row, keys if keys.keyring else None,
                                   limits.resume_within.total_seconds())
@@ -530,25 +554,43 @@ def _choose(candidates: list[dict[str, Any]], st: Any, work: Any, keys: Any, lim
     raise ArchiveError(f"none of the {len(candidates)} candidate archives passed verification ({len(skipped)} skipped)")
 
 
-def _approve(conflicts: int, archive: str, target: str, timeout_s: int, summary: dict[str, Any]) -> None:
-    """Pause the deployment run for the on-call: approve or abort, with a comment (kept in the
-    artifact). Paths of the conflicts are in the run's logs and artifact; never values."""
+def _approve(conflicts: int, archive: str, timeout_s: int, summary: dict[str, Any]) -> None:
+    """Pause the deployment run for the on-call. First the plan's conflicts go out as a table
+    artifact (path and kind, never values; ``failover-<source>-to-<target>-conflicts``), linked
+    from the pause's description; the on-call reads them there and resumes the run with
+    ``approve``, their name (``approver``) and a ``comment``, all required. The answer goes into
+    the summary (``approval``), hence the artifact, the facts and the event."""
     from prefect.flow_runs import pause_flow_run
 
+    from burrow import report
+
     log = logger()
-    log.warning("failover: the plan found %d conflicts in %s (kept as they are); waiting for on-call approval "
-                "(resume the run with approve=true or false and a comment)", conflicts, target)
+    target = target_name(summary)
+    key = f"{run_key('failover', summary)}-conflicts"
+    link = None
+    try:
+        link = report.artifact_url(report.publish_table(
+            key, f"failover of {summary.get('source')} into {target}: conflicts to approve (path and kind, never values)",
+            conflict_rows(summary)))
+    except Exception as exc:  # noqa: BLE001 - the approval must still be asked for; the log says where to look
+        log.warning("failover: could not publish the conflicts table: %s", type(exc).__name__)
+    where = f"the conflicts table {link}" if link else f"the table artifact {key}"
+    log.warning("failover: the plan found %d conflicts in %s (kept as they are): read them in %s, then resume the "
+                "run with approve (true or false), approver (your name) and comment", conflicts, target, where)
     answer = pause_flow_run(
         wait_for_input=FailoverApproval.with_initial_data(
-            description=f"The failover of {archive} into {target} found {conflicts} existing keys that differ "
-            "from the archive; they will be left as they are. Approve to restore everything else.",
-            approve=False, comment="",
+            description=f"The failover of {summary.get('source')} into {target} found {conflicts} existing keys that "
+            f"differ from the archive {archive}; they will be left as they are. Read them in {where} "
+            "(paths and kinds, never values). Approve to restore everything else; your name and a comment are "
+            "required.",
+            approve=False,
         ),
         timeout=timeout_s, poll_interval=APPROVAL_POLL_S, key="failover-approval",
     )
-    comment = (answer.comment or "").replace("\n", " ")[:500]
-    summary["approval"] = {"approved": bool(answer.approve), "comment": comment}
+    approver = " ".join(str(answer.approver or "").split())[:200]
+    comment = " ".join(str(answer.comment or "").split())[:500]
+    summary["approval"] = {"approved": bool(answer.approve), "approver": approver, "comment": comment}
     if not answer.approve:
-        raise FailoverRefused(f"the on-call aborted the failover at the approval step ({conflicts} conflicts)"
+        raise FailoverRefused(f"{approver} aborted the failover at the approval step ({conflicts} conflicts)"
                               + (f": {comment}" if comment else ""))
-    log.info("failover: approved by the on-call")
+    log.info("failover: approved by %s: %s", approver, comment)

@@ -24,7 +24,7 @@ from typing import Any
 from burrow import naming, report
 from burrow.errors import PermanentError, UsageError
 from burrow.runlog import logger
-from flows.common import burrow_flow
+from flows.common import burrow_flow, recorded_run
 
 #: Final states of a child run that count as success.
 _OK = {"COMPLETED"}
@@ -95,14 +95,20 @@ def backup_fleet(
     rows: list[str] = []
 
     def _publish() -> None:
+        outcome = f"backup fleet: {report.done_word(summary)}"
+        if summary.get("status") == "ok":
+            outcome += f", {summary.get('completed', 0):,} of {report.count(summary.get('deployments'), 'backup')} completed"
+        elif summary.get("status") == "started":
+            outcome = f"backup fleet: {report.count(summary.get('deployments'), 'backup')} started"
         report.publish(
-            "backup-fleet",
-            f"Burrow backup fleet: {summary['status']}",
-            {k: v for k, v in summary.items() if k != "runs"},
-            {"Backups": rows},
+            "backup-fleet", outcome, {k: v for k, v in summary.items() if k not in ("runs", "status", "error")},
+            tables={"runs": ("backup fleet: each backup run and its final state", [
+                {"deployment": n, "run": str(r.get("run") or "-"), "state": str(r.get("state"))}
+                for n, r in (summary.get("runs") or {}).items()])},
+            lists={"Backups": rows} if summary.get("status") == "started" else None,
         )
 
-    with report.recorded(summary, _publish):
+    with recorded_run("fleet", summary, _publish, event=False):
         names = [d if "/" in d else f"backup/{d}" for d in (deployments or [])]
         if not names:
             names = _backup_deployments(tags if tags is not None else ["burrow", "backup"])

@@ -12,7 +12,7 @@ from blocks.retention import RetentionPolicy
 from burrow import naming, report
 from burrow.errors import ArchiveNotFound, StoreError, StoreUnavailable, UsageError
 from burrow.runlog import logger
-from flows.common import Ref, burrow_flow, recorded_run
+from flows.common import Ref, burrow_flow, recorded_run, store_block_name
 from tasks.catalog import catalog
 from tasks.journal import stale_journal_records
 from tasks.markers import archive_of
@@ -68,15 +68,22 @@ def prune(
 
     def _publish() -> None:
         summary["deleted_urls"] = [u.split(": ", 1)[0] for u in deleted]
+        outcome = f"prune of {naming.redact_url(store)}: {report.done_word(summary)}"
+        if summary.get("status") != "failed":
+            outcome += (f", {summary.get('deleted', 0):,} of {report.count(summary.get('archives'), 'archive')} "
+                        f"{'would be deleted' if dry_run else 'deleted'}, {summary.get('kept', 0):,} kept, "
+                        f"{summary.get('left_alone', 0):,} left alone")
         report.publish(
-            f"prune-{naming.slug(store)}",
-            f"Burrow prune of {store}: {summary['status']}",
+            f"prune-{naming.slug(store_block_name(store) or naming.redact_url(store))}",
+            outcome,
             {k: v for k, v in summary.items()
-             if k not in ("deleted_urls", "kept_because", "deleted_because", "not_reauthenticated")},
-            {("Would delete" if dry_run else "Deleted"): deleted, "Left alone (never deleted)": left_alone,
-             "Kept: could not be re-authenticated for this run": [
-                 f"{u}: {why}" for u, why in (summary.get("not_reauthenticated") or {}).items()],
-             "Kept, and by which rule": kept},
+             if k not in ("deleted_urls", "kept_because", "deleted_because", "not_reauthenticated", "status", "error")},
+            lists={("Would delete" if dry_run else "Deleted"): deleted, "Left alone (never deleted)": left_alone,
+                   "Kept: could not be re-authenticated for this run": [
+                       f"{u}: {why}" for u, why in (summary.get("not_reauthenticated") or {}).items()],
+                   "Kept, and by which rule": kept},
+            tables={"deletions": ("prune: archives " + ("that would be deleted" if dry_run else "deleted") + ", and why",
+                                  [dict(zip(("archive", "reason"), d.split(": ", 1), strict=False)) for d in deleted])},
         )
 
     with recorded_run("prune", summary, _publish):

@@ -71,12 +71,15 @@ def rehearse(
     log = logger()
     summary: dict[str, Any] = {"status": "failed", "source": source}
     lists: dict[str, list[str]] = {}
+    steps = report.Steps()
 
     def _publish() -> None:
         # No key path leaves the run's logs: the artifact gets counts (the lists of paths, and
         # the plan's warnings, which name keys, are logged instead), the marker and the event a
         # path-free error (tasks/rehearse.py public_error).
-        rows = {k: v for k, v in summary.items() if not k.endswith("_paths") and k != "warnings"}
+        summary["steps_s"] = dict(steps.seconds)
+        rows = {k: v for k, v in summary.items()
+                if not k.endswith("_paths") and k not in ("warnings", "status", "error", "steps_s")}
         if summary.get("warnings"):
             rows["plan_warnings"] = len(summary["warnings"])
             for w in summary["warnings"]:
@@ -85,9 +88,13 @@ def rehearse(
             if paths:
                 rows[f"{title}: count"] = len(paths)
                 log.info("rehearse: %s: %s", title, ", ".join(paths))
-        report.publish(f"rehearsal-{naming.slug(source)}", f"Burrow rehearsal of {source}: {summary['status']}", rows)
+        outcome = f"rehearsal of {source}: " + ("passed" if summary["status"] == "ok" else report.done_word(summary))
+        if summary["status"] == "ok":
+            outcome += (f", {report.count(summary.get('compared'), 'key')} restored and compared, "
+                        f"RTO {report.seconds(summary.get('rto_s'))}")
+        report.publish(f"rehearsal-{naming.slug(source)}", outcome, rows, steps=steps.rows())
 
-    with recorded_run("rehearsal", summary, _publish):
+    with recorded_run("rehearsal", summary, _publish, progress_title=f"rehearsal of {source}"):
         st = store_from_ref(store)
         target = source_from_ref(scratch)
         summary.update(store=st.describe(), scratch=target.describe(), scratch_service=target.service)
@@ -116,11 +123,13 @@ def rehearse(
                 started = time.monotonic()
                 stage = "download"  # what a failure is reported as (public_error: no key path)
                 try:
-                    local = download(st, name, str(work))
+                    with steps.step("download"):
+                        local = download(st, name, str(work))
                     stage = "validate"
                     # the archive must be the one its catalog row (perhaps from the index) described
-                    manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted,
-                                        expect_manifest_sha256=row.get("manifest_sha256"))
+                    with steps.step("validate"):
+                        manifest = validate(local, keys, label=row["url"], allow_unencrypted=allow_unencrypted,
+                                            expect_manifest_sha256=row.get("manifest_sha256"))
                     if archive and manifest.get("source") != source:
                         mark = False
                         raise UsageError(
@@ -132,7 +141,9 @@ def rehearse(
                                    content_sha256=manifest["content_sha256"])
                     touched = True
                     stage = "restore"
-                    plan_and_replay(local, target, work, keys, summary, lists, dry_run=False, subtree=None, maps=None)
+                    with steps.step("restore"):
+                        plan_and_replay(local, target, work, keys, summary, lists, dry_run=False, subtree=None,
+                                        maps=None)
                     restore_s = time.monotonic() - started
                     outcome.update(restore_s=restore_s, keys=manifest["keys"])
                     summary.update(rto_s=round(restore_s, 3), restore_s=round(restore_s, 3))
@@ -143,8 +154,9 @@ def rehearse(
                             "with other values (written there during the rehearsal?): the rehearsal proves nothing"
                         )
                     stage = "compare"
-                    cmp = compare_scratch(local, target, str(work), keys, int(summary.get("intermediate_created") or 0),
-                                          label=row["url"])
+                    with steps.step("compare"):
+                        cmp = compare_scratch(local, target, str(work), keys,
+                                              int(summary.get("intermediate_created") or 0), label=row["url"])
                     stage = "own"
                     d = cmp.drift
                     summary.update(compared=d.archive_keys, scratch_missing=d.removed, scratch_changed=d.changed,
@@ -170,7 +182,8 @@ def rehearse(
                     raise
                 finally:
                     if touched:
-                        _cleanup(target, prepared, work, summary, lists)
+                        with steps.step("cleanup"):
+                            _cleanup(target, prepared, work, summary, lists)
                     if mark:
                         _mark(st, name, row, manifest, local, keys, at, outcome, target.describe(), summary)
         summary["status"] = "ok"

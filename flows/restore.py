@@ -67,19 +67,26 @@ def restore(
     """
     summary: dict[str, Any] = {"status": "failed", "archive": archive, "dry_run": dry_run}
     lists: dict[str, list[str]] = {}
+    steps = report.Steps()
 
     def _publish() -> None:
-        publish_summary("restore", summary, lists, dry_run)
+        summary["steps_s"] = dict(steps.seconds)
+        publish_summary("restore", summary, lists, dry_run, steps=steps.rows())
 
-    with recorded_run("restore", summary, _publish):
+    title = f"restore into {into if scheme_of(into) is None else naming.redact_url(into)}"
+    with recorded_run("restore", summary, _publish, progress_title=title):
         store, name = archive_from_ref(archive)
         target = source_from_ref(into)
         summary.update(target=target.describe(), target_service=target.service)
+        if scheme_of(into) is None:
+            summary["target_block"] = into  # the artifact's key and the event's resource name it
         keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
         with staging_dir() as work:
-            local = download(store, name, str(work))
-            manifest = validate(local, keys, label=store.url(name), allow_unencrypted=allow_unencrypted,
-                                expect_manifest_sha256=expect_manifest_sha256)
+            with steps.step("download"):
+                local = download(store, name, str(work))
+            with steps.step("validate"):
+                manifest = validate(local, keys, label=store.url(name), allow_unencrypted=allow_unencrypted,
+                                    expect_manifest_sha256=expect_manifest_sha256)
             if keys.opened_by:
                 summary["decrypted_with"] = keys.opened_by
             elif not manifest.get("encrypted"):
@@ -93,7 +100,7 @@ def restore(
             )
             # The target cluster is locked from planning (its first read) to the last write: a backup or
             # another restore of the same cluster, on any worker, waits. A dry run reads it too.
-            with source_lock(target_lock_name(into, target)):
+            with source_lock(target_lock_name(into, target)), steps.step("plan and restore"):
                 plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps,
                                 list_file=list_file, list_sealed=list_sealed, undo=undo_sink(store, keys, "restore"))
         return summary
@@ -167,6 +174,7 @@ def replay_summary(p: Plan, done: Replayed, summary: dict[str, Any], lists: dict
     lists["Archived ACL not applied (first 1000)"] = done.target_report.get("acl_not_applied_paths", [])
     lists["Conflicts (kept as they are)"] = conflict_paths
     summary["conflict_paths"] = list(conflict_paths)
+    summary["replay_conflict_paths"] = list(done.conflict_paths)  # (their kind in the conflicts table)
 
 
 def save_list(p: Plan, list_file: str | None, sealed: bool, summary: dict[str, Any]) -> None:
@@ -184,12 +192,71 @@ def save_list(p: Plan, list_file: str | None, sealed: bool, summary: dict[str, A
         logger().warning("%s", summary["list_error"])
 
 
-def publish_summary(kind: str, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool) -> None:
-    """The markdown artifact of a restore or failover run."""
-    rows = {k: v for k, v in summary.items() if not k.endswith("_paths")}
+def target_name(summary: dict[str, Any]) -> str:
+    """How a restore's or failover's target is named for people: the saved block's name when the
+    run was given one, else its URL without credentials."""
+    return str(summary.get("target_block") or summary.get("target") or "target")
+
+
+def run_key(kind: str, summary: dict[str, Any]) -> str:
+    """``restore-<source>-to-<target>`` / ``failover-<source>-to-<target>``: the source's name
+    (as its backups record it) and the target's block name (else its URL, slugged), so the
+    artifact page shows each pair's latest run."""
+    return report.artifact_key(kind, naming.slug(str(summary.get("source") or "archive")), "to",
+                               naming.slug(target_name(summary)))
+
+
+def conflict_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """The conflicts table: each conflicting key's path and kind, never a value."""
+    late = set(summary.get("replay_conflict_paths") or [])
+    return [{"path": p, "kind": "appeared during the restore with another value (kept)" if p in late
+             else "exists with another value (kept)"} for p in summary.get("conflict_paths") or []]
+
+
+def outcome_line(kind: str, summary: dict[str, Any]) -> str:
+    """The artifact's first line: ``failover of dc-us into dc-eu: done, RPO 12 m, RTO 18 s, 3
+    conflicts left, approved by A. Name``."""
+    source, target = summary.get("source") or "an archive", target_name(summary)
+    line = f"{kind} of {source} into {target}: {report.done_word(summary)}"
+    if summary.get("status") == "failed":
+        return line
+    if summary.get("dry_run"):
+        return (line + f", {report.count(summary.get('planned_create'), 'key')} to create, "
+                f"{report.count(summary.get('conflicts'), 'conflict')}")
+    if kind == "failover":
+        line += f", RPO {report.seconds(summary.get('rpo_s'))}, RTO {report.seconds(summary.get('rto_s'))}"
+    else:
+        line += f", {report.count(summary.get('created'), 'key')} created"
+    line += f", {report.count(summary.get('conflicts'), 'conflict')} left"
+    approval = summary.get("approval")
+    if isinstance(approval, dict) and approval.get("approved"):
+        line += f", approved by {approval.get('approver')}"
+    if kind != "failover":
+        line += f", {report.seconds(summary.get('duration_s'))}"
+    return line
+
+
+#: Summary fields the artifact shows elsewhere than in its facts table.
+_SHOWN_APART = ("status", "error", "steps_s", "preflight", "skipped", "warnings", "list_error")
+
+
+def publish_summary(kind: str, summary: dict[str, Any], lists: dict[str, list[str]], dry_run: bool, *,
+                    steps: list[tuple[str, str, float]] | None = None, preflight: list[str] | None = None) -> None:
+    """The artifacts of a restore or failover run: the markdown (outcome line, steps, preflight,
+    facts, lists of paths), and the conflicts and skipped archives as table artifacts."""
+    key = run_key(kind, summary)
+    facts = {k: v for k, v in summary.items() if not k.endswith("_paths") and k not in _SHOWN_APART}
+    skipped = [dict(zip(("archive", "reason"), s.split(": ", 1), strict=False)) for s in summary.get("skipped") or []]
+    shown = {h: v for h, v in lists.items() if h not in ("Conflicts (kept as they are)", "Preflight", "Archives skipped")}
+    notes = {}
+    if summary.get("conflict_paths"):
+        notes["Conflicts"] = (f"{report.count(summary.get('conflicts'), 'key')} kept as they are, by path and kind in "
+                              f"the table artifact {key}-conflicts")
+    if skipped:
+        notes["Archives skipped"] = f"{len(skipped)}, with their reasons in the table artifact {key}-skipped"
     report.publish(
-        f"{kind}-{naming.slug(str(summary.get('target', 'target')))}",
-        f"Burrow {kind}{' (dry run)' if dry_run else ''} into {summary.get('target')}: {summary['status']}",
-        rows,
-        lists,
+        key, outcome_line(kind, summary),
+        facts, steps=steps, preflight=preflight, lists=shown, notes=notes,
+        tables={"conflicts": (f"{kind}: conflicts left as they are (path and kind, never values)", conflict_rows(summary)),
+                "skipped": (f"{kind}: archives skipped, and why", skipped)},
     )

@@ -49,12 +49,12 @@ def undo(
     lists: dict[str, list[str]] = {}
 
     def _publish() -> None:
-        rows = {k: v for k, v in summary.items() if not k.endswith("_paths")}
-        report.publish(
-            f"undo-{naming.slug(run)}",
-            f"Burrow undo{' (dry run)' if dry_run else ''} of {summary.get('undone_run', run)}: {summary['status']}",
-            rows, lists,
-        )
+        rows = {k: v for k, v in summary.items() if not k.endswith("_paths") and k not in ("status", "error")}
+        outcome = f"undo of {summary.get('undone_run', run)}: {report.done_word(summary)}"
+        if summary.get("status") != "failed":
+            outcome += (f", {report.count(summary.get('deleted'), 'key')} {'to delete' if dry_run else 'deleted'}, "
+                        f"{summary.get('kept', 0):,} kept (changed since)")
+        report.publish(f"undo-{naming.slug(run)}", outcome, rows, lists=lists)
 
     with recorded_run("undo", summary, _publish):
         st = store_from_ref(store)

@@ -8,7 +8,7 @@ from typing import Any
 from prefect.runtime import flow_run
 
 from blocks.keys import archive_keys
-from blocks.resolve import archive_from_ref, source_from_ref
+from blocks.resolve import archive_from_ref, scheme_of, source_from_ref
 from burrow import naming, report
 from burrow.errors import UsageError
 from burrow.staging import staging_dir
@@ -54,16 +54,20 @@ def verify(
     lists: dict[str, list[str]] = {}
 
     def _publish() -> None:
-        rows = {k: v for k, v in summary.items() if not k.endswith("_paths")}
+        rows = {k: v for k, v in summary.items() if not k.endswith("_paths") and k not in ("status", "error")}
+        what = summary.get("source") or naming.redact_url(archive).rsplit("/", 1)[-1]
         if against is not None:
-            report.publish(
-                f"drift-{summary.get('source') or 'archive'}",
-                f"Burrow drift of {summary.get('target', against)} from {summary.get('url', 'the archive')}: "
-                f"{summary['status']}",
-                rows, lists,
-            )
+            outcome = f"drift of {against if scheme_of(against) is None else summary.get('target', 'the cluster')} " \
+                      f"from {what}: {report.done_word(summary)}"
+            if summary.get("status") != "failed":
+                outcome += (f", {report.count(summary.get('drift'), 'key')} differ ({summary.get('added', 0):,} added, "
+                            f"{summary.get('removed', 0):,} removed, {summary.get('changed', 0):,} changed)")
+            report.publish(f"drift-{naming.slug(str(what))}", outcome, rows, lists=lists)
             return
-        report.publish(f"verify-{summary.get('source') or 'archive'}", f"Burrow verify: {summary['status']}", rows)
+        outcome = f"verify of {what}: {report.done_word(summary)}"
+        if summary.get("status") != "failed":
+            outcome += f", {summary.get('verified')}, {report.count(summary.get('keys'), 'key')}"
+        report.publish(f"verify-{naming.slug(str(what))}", outcome, rows)
 
     with recorded_run("verify", summary, _publish):
         store, name = archive_from_ref(archive)
