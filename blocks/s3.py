@@ -664,6 +664,16 @@ class S3Store(ArchiveStore):
             return datetime.max.replace(tzinfo=UTC)
         return None
 
+    def lock_sidecar(self, name: str) -> datetime | None:
+        """Put the sidecar ``name`` under the store's Object Lock retention, as archives are (the
+        evidence report's objects: tasks/evidence.py); returns the retain-until time, or None when
+        the store sets no Object Lock."""
+        retain = self._retain_until()
+        if retain is None:
+            return None
+        self._lock_object(name, self._sidecar_key(name), retain)
+        return retain
+
     def delete(self, name: str) -> None:
         client, key = self.client(), self._key(name)
         h = self._call(f"cannot read archive {name}", client.head_object, Bucket=self.bucket, Key=key)

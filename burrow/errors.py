@@ -20,6 +20,7 @@ EXIT_USAGE = 2
 EXIT_CONFLICTS = 3
 EXIT_DRIFT = 4  # burrow verify --against: the live cluster differs from the archive
 EXIT_STALE = 5  # burrow status --max-age: a source's newest archive is too old
+EXIT_EVIDENCE = 6  # burrow evidence verify: the evidence chain is broken (a report removed, edited or foreign)
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (a failover prints its archive line first)
 
 
@@ -80,6 +81,13 @@ class DriftFound(PermanentError):
     (keys added, removed or changed). Its message gives counts only, never a value."""
 
     exit_code = EXIT_DRIFT
+
+
+class EvidenceChainBroken(PermanentError):
+    """``burrow evidence verify STORE``: a report of the store's evidence chain was removed,
+    edited or is foreign (docs/EVIDENCE.md)."""
+
+    exit_code = EXIT_EVIDENCE
 
 
 #: errno values of a store operation that a retry may fix: interrupted or busy calls, a
