@@ -20,6 +20,7 @@ import functools
 import getpass
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -210,10 +211,13 @@ def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:
     def decorate(fn: Callable[..., Any]) -> BurrowFlow:
         @functools.wraps(fn)
         def body(*args: Any, **kwargs: Any) -> Any:
+            quiet = under_deployment()
+            if quiet:  # before any task can fail: Prefect logs a task's exception as it happens
+                install_quiet_failures()
             try:
                 return fn(*args, **kwargs)
             except BurrowError as exc:
-                if not under_deployment():
+                if not quiet:
                     raise  # the CLI, a test, a Python call: the exception, as always
                 return quiet_failure(exc)
 
@@ -236,11 +240,32 @@ def under_deployment() -> bool:
 class _ExpectedFailureFilter(logging.Filter):
     """Drops Prefect's own records of a :class:`BurrowError` (the task's "Task run failed with
     exception", the engine's "Engine execution exited with unexpected exception", each with its
-    traceback): the flow logged the error's one line itself. Any other exception stays loud."""
+    traceback), and says the failed task's "Finished in state Failed(...)" at INFO: the flow
+    logged the error's one line itself. Any other exception stays loud."""
+
+    _FINISHED = re.compile(r"^Finished in state Failed\('Task run encountered an exception (\w+):")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, BurrowError) and record.levelno >= logging.ERROR)
+        if isinstance(exc, BurrowError):
+            return False
+        # the task's own last line names the exception's class only: one of Burrow's is said at INFO
+        m = self._FINISHED.match(str(record.msg)) if exc is None else None
+        if m and m.group(1) in _burrow_error_names():
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
+def _burrow_error_names() -> set[str]:
+    """The class names of BurrowError and its subclasses (the task run's last line names one)."""
+    names, todo = set(), [BurrowError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
 
 
 _expected_failure_filter = _ExpectedFailureFilter()
@@ -306,6 +331,18 @@ def run_trigger() -> dict[str, Any]:
         return {"kind": "schedule", "by": name, "deployment": name}
     return {"kind": "manual", "by": str(created.display_value) if created and created.display_value else name,
             "deployment": name}
+
+
+def store_block_name(ref: str) -> str | None:
+    """``ref``'s name when it names a saved store block (not a URL, not a directory): what the
+    run's artifact key and event resource use."""
+    from pathlib import Path
+
+    from blocks.resolve import scheme_of
+
+    if scheme_of(ref) is not None or ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists():
+        return None
+    return ref
 
 
 def _user() -> str:
