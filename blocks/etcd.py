@@ -31,7 +31,7 @@ import grpc
 from aetcd import rpc
 from pydantic import Field, SecretStr
 
-from blocks.source import SourceBlock, WalkStats
+from blocks.source import ChangeBatch, HistoryCompacted, SourceBlock, WalkStats
 from burrow.errors import AuthError, BurrowError, SourceError, SourceUnavailable, UsageError
 from burrow.hosts import check_resolvable
 from burrow.paths import foreign_metadata
@@ -753,6 +753,11 @@ class EtcdSession:
     def close(self) -> None:
         self.channel.close()
 
+    # -- capture --------------------------------------------------------------------------
+    def watch(self, after: int) -> EtcdWatch:
+        """The changes after revision ``after`` below the prefix (a capture's feed): EtcdWatch."""
+        return EtcdWatch(self, after)
+
     # -- cleanup (rehearsals) -------------------------------------------------------------
     def delete_if_unchanged(self, records: list[Record]) -> list[bool]:
         """Delete each record's key if it still holds exactly the record's value: one txn per
@@ -814,6 +819,77 @@ class EtcdSession:
 
         responses = self._many(self.kv.Txn, (guarded(i) for i in items), "deleting keys")
         return [bool(resp.succeeded or not resp.responses[0].response_range.count) for resp in responses]
+
+
+class EtcdWatch:
+    """etcd's change feed for a capture (blocks/source.py ``ChangeFeed``): one Watch stream over
+    the session's prefix from a start revision, with ``prev_kv`` and progress notifications.
+
+    etcd sends a watcher's events in revision order, every event of one revision in one
+    response, and answers a progress request (sent on the same stream) only once the watcher
+    has caught up, after every event up to the revision it names: so a progress batch's
+    position is exact. A start revision etcd has compacted is answered with a cancel carrying
+    the compaction's revision: HistoryCompacted, a gap. Leased keys are changes a backup does
+    not hold: unless the block includes leased keys, a put with a lease is recorded as a delete
+    of the key (marked ``leased``), so the state at any point is what a backup would have held."""
+
+    def __init__(self, session: EtcdSession, after: int) -> None:
+        import queue
+
+        self.session = session
+        self._requests: queue.Queue[Any] = queue.Queue()
+        _, start, end = session._range_for(b"")
+        self._cut = len(session.prefix)
+        self._include_leased = session.block.include_leased
+        self._requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=start, range_end=end, start_revision=after + 1, prev_kv=True, progress_notify=True,
+        )))
+        self._stub = rpc.WatchStub(session.channel)
+        self._stream = self._stub.Watch(iter(self._requests.get, None), metadata=session._metadata)
+        self._closed = False
+
+    def request_progress(self) -> None:
+        if not self._closed:
+            self._requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+
+    def close(self) -> None:
+        self._closed = True
+        self._requests.put(None)
+        self._stream.cancel()
+
+    def __iter__(self) -> Iterator[ChangeBatch]:
+        s = self.session
+        try:
+            for resp in self._stream:
+                if resp.compact_revision:
+                    raise HistoryCompacted(int(resp.compact_revision))
+                if resp.canceled:
+                    raise SourceError(f"etcd at {s.label} cancelled the capture's watch: "
+                                      f"{_short(resp.cancel_reason)}")
+                if resp.created:
+                    continue  # the watch exists; its header is not a progress mark
+                if not resp.events:
+                    yield ChangeBatch([], int(resp.header.revision), progress=True)
+                    continue
+                changes: list[tuple[str, bytes, bytes, int, dict[str, Any]]] = []
+                for ev in resp.events:
+                    kv = ev.kv
+                    key = kv.key[self._cut:] if self._cut else kv.key
+                    rev = int(kv.mod_revision)
+                    if ev.type == rpc.Event.DELETE:
+                        changes.append(("del", key, b"", rev, {}))
+                    elif kv.lease and not self._include_leased:
+                        changes.append(("del", key, b"", rev, {"leased": True}))
+                    else:
+                        meta: dict[str, Any] = {"mod_revision": rev}
+                        if kv.lease:
+                            meta["lease"] = {"id": int(kv.lease)}
+                        changes.append(("put", key, kv.value, rev, meta))
+                yield ChangeBatch(changes, int(resp.events[-1].kv.mod_revision))
+        except grpc.RpcError as exc:
+            if self._closed and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise s._wrap(exc, "watching for changes") from None
 
 
 class _TooLarge(SourceError):

@@ -94,6 +94,40 @@ class SourceSession(Protocol):
         ...
 
 
+@dataclass
+class ChangeBatch:
+    """What a change feed delivered at once: the changes (``op`` ``put`` or ``del``, the key
+    relative to the source's root, the value after a put, the position, the metadata a backup
+    records) and ``position``: every change up to it has now been delivered (a progress
+    notification when ``changes`` is empty)."""
+
+    changes: list[tuple[str, bytes, bytes, int, dict[str, Any]]]
+    position: int
+    progress: bool = False
+
+
+class HistoryCompacted(Exception):
+    """The service no longer holds the history a change feed was asked to start from (etcd
+    ErrCompacted): the changes before ``available`` are lost to the capture, a gap."""
+
+    def __init__(self, available: int) -> None:
+        super().__init__(f"history compacted up to position {available}")
+        self.available = available
+
+
+class ChangeFeed(Protocol):
+    """A narrow, optional capability of a session (``session.watch(after)``, where the service
+    has one): the changes after a position, in position order, as :class:`ChangeBatch` items.
+    Raises HistoryCompacted when that history is gone. ``request_progress`` asks for a batch
+    that says how far the feed has delivered; ``close`` ends it (also from another thread)."""
+
+    def __iter__(self) -> Iterator[ChangeBatch]: ...
+
+    def request_progress(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class SourceBlock(BurrowBlock):
     """Base of every source cluster block."""
 

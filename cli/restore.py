@@ -26,7 +26,13 @@ def register(sub: Any) -> dict[str, Any]:
     r.add_argument("archive", help="the archive URL that backup printed (with --latest: the store)")
     r.add_argument("--latest", action="store_true",
                    help="restore the newest good archive of --source from the store given as ARCHIVE")
-    r.add_argument("--source", help="with --latest: the source name recorded in the archives")
+    r.add_argument("--source", help="with --latest or --at: the source name recorded in the archives")
+    r.add_argument("--at", metavar="TIME|latest",
+                   help="restore --source as it was at TIME (ISO 8601, UTC without a zone) or at the end of its "
+                   "change chain (latest): the newest full archive before it plus the captured changes up to it; "
+                   "ARCHIVE is the store")
+    r.add_argument("--at-revision", type=int, metavar="R",
+                   help="etcd: restore --source as it was at revision R (ARCHIVE is the store)")
     r.add_argument("--into", required=True, help="target cluster URL or saved source block name")
     r.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     r.add_argument("--subtree", help="restore only this path and below")
@@ -48,6 +54,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     listing = list_parameters()
     refs = read_refs(args)
     keys = keyring(refs)  # a missing or malformed key file is a usage error before a flow starts
+    if args.at is not None or args.at_revision is not None:
+        return _restore_point(args, refs, listing)
     if args.latest:
         if not args.source:
             raise UsageError("--latest needs --source NAME (the source name recorded in the archives)")
@@ -65,5 +73,30 @@ def cmd_restore(args: argparse.Namespace) -> int:
     summary = restore(
         archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None,
         allow_unencrypted=args.allow_unencrypted, expect_manifest_sha256=expect, **refs, **listing,
+    )
+    return report_restore(summary, args.dry_run)
+
+
+def _restore_point(args: argparse.Namespace, refs: dict[str, Any], listing: dict[str, Any]) -> int:
+    """``--at`` / ``--at-revision``: usage checks, then the restore flow with the point."""
+    from blocks.resolve import secure_source_ref, store_from_ref
+    from burrow.segments import parse_point
+
+    if args.latest or (args.at is not None and args.at_revision is not None):
+        raise UsageError("give one of --latest, --at and --at-revision")
+    if not args.source:
+        raise UsageError("--at and --at-revision need --source NAME (the source name recorded in the archives)")
+    if args.at not in (None, "latest"):
+        parse_point(args.at)
+    if args.at_revision is not None and args.at_revision < 1:
+        raise UsageError("--at-revision takes a revision of 1 or more")
+    store_from_ref(args.archive)
+    ref = secure_source_ref(args.into)
+    from flows.restore import restore
+
+    summary = restore(
+        archive=args.archive, into=ref, dry_run=args.dry_run, subtree=args.subtree, maps=args.map or None,
+        allow_unencrypted=args.allow_unencrypted, at=args.at, at_revision=args.at_revision, source=args.source,
+        **refs, **listing,
     )
     return report_restore(summary, args.dry_run)

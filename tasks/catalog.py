@@ -49,6 +49,7 @@ from burrow.errors import (
 )
 from burrow.naming import age_text
 from burrow.runlog import logger
+from burrow.segments import is_segment_name
 from tasks import task
 
 SUMMARY_FIELDS = (
@@ -90,7 +91,9 @@ def describe_archives(store: ArchiveStore, keys: ArchiveKeys | None = None) -> l
     """Every complete archive in ``store`` with its manifest summary. A file that does not
     read as an archive gets an ``error`` (and a warning) instead of a summary."""
     log = logger()
-    infos = store.list()
+    # Change segments (``<slug>/changes/``, burrow/segments.py) are links of a capture's chain,
+    # not full archives: never listed, chosen or pruned as such (tasks/chain.py reads them).
+    infos = [i for i in store.list() if not is_segment_name(i.name)]
     indexed = _indexed(store)
     index_names, cached = _read_index(store) if indexed and infos else ([], {})
     fresh: dict[str, dict[str, Any]] = {}

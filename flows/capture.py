@@ -1,0 +1,87 @@
+"""The capture flow: follow a source's changes and seal them into change segments, for a window
+of time; on a gap, take a full backup at once and continue the chain from it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect.runtime import flow_run
+
+from blocks.keys import backup_write_keys
+from blocks.resolve import source_from_ref, store_from_ref
+from burrow import naming, report
+from burrow.keys import KeyRefs
+from burrow.runlog import logger
+from burrow.staging import staging_dir
+from flows.common import Ref, burrow_flow, emit_run_event, recorded_run, source_lock
+from tasks.capture import capture as capture_task
+from tasks.upload import check_store
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    name = params.get("name") or str(params.get("source", "source")).split("://", 1)[-1].split("?", 1)[0]
+    return f"capture-{naming.slug(str(name))}-{naming.stamp()}"
+
+
+@burrow_flow(name="capture", flow_run_name=_run_name, persist_result=False, log_prints=False)
+def capture(
+    source: Ref,
+    store: Ref,
+    name: str | None = None,
+    seal_every_s: float = 10.0,
+    duration_s: float | None = 3600.0,
+    encryption: bool = True,
+    key_file: str | None = None,
+    key_env: str | None = None,
+    recipients: list[str] | None = None,
+    passphrase_env: str | None = None,
+    key_block: str | None = None,
+) -> dict[str, Any]:
+    """Follow ``source``'s changes for ``duration_s`` seconds (None: until interrupted) and seal
+    them into ``store`` every ``seal_every_s`` seconds, continuing the source's chain (or
+    starting one after its newest full archive). Encrypted with the write keys of ``backup``
+    (the same parameters). A gap emits ``burrow.capture.gap``, takes a full backup and goes on
+    from it. One capture at a time per source (``capture-<name>``'s lock)."""
+    log = logger()
+    summary: dict[str, Any] = {"status": "failed", "source": name or source}
+
+    def _publish() -> None:
+        report.publish(f"capture-{summary.get('source', 'source')}",
+                       f"Burrow capture of {summary.get('source')}: {summary['status']}", dict(summary))
+
+    with recorded_run("capture", summary, _publish):
+        src = source_from_ref(source)
+        dst = store_from_ref(store)
+        check_store(dst)
+        source_name = naming.check_source_name(name or (src.describe() if "://" in source else source))
+        summary.update(service=src.service, source=source_name, source_url=src.describe(), store=dst.describe())
+        refs = KeyRefs(key_files=[key_file] if key_file else [], key_env=key_env, recipients=list(recipients or []),
+                       passphrase_env=passphrase_env, block=key_block)
+        write_keys = backup_write_keys(encryption, refs)
+        if write_keys is None:
+            log.warning("encryption is turned off: change segments are written unencrypted")
+        started = time.monotonic()
+        totals = {"segments": 0, "changes": 0, "gaps": 0, "backups": 0}
+        with staging_dir() as work, source_lock(f"capture-{source_name}"):
+            while True:
+                left = None if duration_s is None else max(0.0, duration_s - (time.monotonic() - started))
+                done = capture_task(src, dst, source_name, write_keys, str(work), seal_every_s, left)
+                totals["segments"] += done["segments"]
+                totals["changes"] += done["changes"]
+                summary["last_position"] = done["last_position"]
+                if done["gap"] is None:
+                    break
+                totals["gaps"] += 1
+                emit_run_event("capture", "gap", {**summary, **done["gap"]})
+                log.warning("capture: a gap in the chain; taking a full backup to continue from")
+                from flows.backup import backup
+
+                backup(source=source, store=store, name=source_name, encryption=encryption, key_file=key_file,
+                       key_env=key_env, recipients=recipients, passphrase_env=passphrase_env, key_block=key_block)
+                totals["backups"] += 1
+                if left is not None and duration_s is not None and time.monotonic() - started >= duration_s:
+                    break
+        summary.update(status="ok", **totals)
+        return summary

@@ -1,0 +1,315 @@
+"""Capture: follow a source's changes after a full backup and seal them into change segments in
+the same store (burrow/segments.py; docs/FORMAT.md, "Change segments").
+
+A capture continues its source's chain where the last sealed segment ended (or starts one
+right after the newest full archive), so a capture that was killed is resumed by the next one
+from what was sealed: nothing unsealed is ever counted on. Changes gather in memory and are
+sealed every ``seal_every`` seconds or ``SEAL_BYTES`` of changes, whichever comes first; an
+idle source still gets a segment every ``IDLE_SEAL`` seconds, so its window keeps up with time.
+
+Times: a change counts at the moment the capture saw it (milliseconds after it was made, as a
+rule). Right after it starts, a capture catches up with what happened while none ran; the
+segments it seals before it has caught up are marked ``catching_up``: their changes are exact
+by position (an etcd revision), but when they were made is not known, so no time in that
+stretch is restorable. A start position the service no longer holds is a gap: recorded as a
+gap segment that closes the chain (the flow then takes a full backup and a new chain starts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blocks.source import ChangeBatch, HistoryCompacted, SourceBlock
+from blocks.store import ArchiveStore
+from burrow import segments
+from burrow.archive import ArchiveWriter
+from burrow.crypto import ArchiveKeys, StreamEncryptor
+from burrow.errors import ArchiveNotFound, SourceError, should_retry
+from burrow.keys import WriteKeys
+from burrow.records import Record
+from burrow.runlog import logger
+from burrow.segments import Segment
+from burrow.staging import scratch_writes
+from tasks import task
+from tasks.chain import read_chains, trusted_fulls
+
+#: Seconds between segments of an idle source (the window's end keeps up with time).
+IDLE_SEAL = 60.0
+#: At most one ``burrow.capture.sealed`` event a minute per source.
+SEALED_EVENT_EVERY = 60.0
+
+
+@dataclass
+class ChainHead:
+    """Where a capture continues: the chain's base archive, its last sealed segment (None for
+    a new chain) and the position everything up to which is sealed."""
+
+    base: dict[str, Any]
+    prev: Segment | None
+    after: int
+    last_time: int | None
+
+
+def chain_head(store: ArchiveStore, source_name: str, keys: ArchiveKeys) -> ChainHead:
+    """The end of the source's newest chain that a gap did not close, else a new chain right
+    after the newest trusted full archive with a position (etcd revision, Consul index)."""
+    found = read_chains(store, source_name, keys)
+    for url, why in found.bad:
+        logger().warning("capture: passing by a segment that does not read: %s: %s", url, why)
+    open_chains = [c for c in found.chains if not c.ended_by_gap]
+    fulls = trusted_fulls(store, source_name, keys)
+    newest_full = next((r for r in fulls if r.get("position") is not None), None)
+    if open_chains:
+        chain = max(open_chains, key=lambda c: (c.last.last_time, c.last.name))
+        ended = [c for c in found.chains if c.ended_by_gap and c.last.last_time > chain.last.last_time]
+        if not ended:
+            last = chain.last
+            base = {"name": last.base_name, "manifest_sha256": last.base_sha, "position": last.base_position}
+            return ChainHead(base, last, last.last_position, last.last_time)
+    if newest_full is None:
+        raise ArchiveNotFound(f"no trusted full archive of {source_name!r} with a position to start capturing "
+                              f"from in {store.describe()}: run `burrow backup` first")
+    base = {"name": newest_full["name"], "manifest_sha256": newest_full["manifest_sha256"],
+            "position": newest_full["position"], "created": newest_full["created"]}
+    return ChainHead(base, None, int(newest_full["position"]), None)
+
+
+@dataclass
+class _Pending:
+    """Changes gathered for the next segment."""
+
+    records: list[Record] = field(default_factory=list)
+    bytes: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"put": 0, "del": 0})
+
+
+class Capture:
+    """One capture run's state: the head it continues, the segment being gathered, the store."""
+
+    def __init__(self, source: SourceBlock, store: ArchiveStore, source_name: str, write_keys: WriteKeys | None,
+                 workdir: Path, head: ChainHead) -> None:
+        self.source, self.store, self.source_name = source, store, source_name
+        self.write_keys, self.workdir, self.head = write_keys, workdir, head
+        self.pending = _Pending()
+        self.covered = head.after  # everything up to here is gathered or sealed
+        self.synced_at: int | None = None  # when the feed first said it had caught up
+        self.last_t = 0
+        self.sealed = 0
+        self.live_sealed = 0  # segments sealed by this run after it caught up
+        self.changes = 0
+
+    # -- gathering ----------------------------------------------------------------------
+    def take(self, batch: ChangeBatch) -> None:
+        t = max(self.last_t, segments.now_us())
+        self.last_t = t
+        for op, key, value, pos, meta in batch.changes:
+            r = segments.change_record(op, key, value, pos, t, meta)
+            self.pending.records.append(r)
+            self.pending.bytes += len(key) + len(value) + 64
+            self.pending.counts[op] = self.pending.counts.get(op, 0) + 1
+        self.covered = max(self.covered, batch.position)
+        if batch.progress and self.synced_at is None:
+            self.synced_at = t
+
+    # -- sealing ------------------------------------------------------------------------
+    def due(self, idle_for_long: bool) -> bool:
+        """Whether the next tick seals: changes gathered, the position moved on (changes
+        elsewhere in the service), the capture just caught up, or an idle source's heartbeat."""
+        caught_up = self.synced_at is not None and self.live_sealed == 0
+        return bool(self.pending.records) or self.covered > self.head.after or caught_up or idle_for_long
+
+    def seal(self, *, gap: dict[str, Any] | None = None) -> Segment:
+        """Write what was gathered as the chain's next segment (``gap``: a gap segment instead)."""
+        now = max(self.last_t, segments.now_us())
+        self.last_t = now
+        prev = self.head.prev
+        first_position = self.head.after + 1
+        catching_up = self.synced_at is None
+        if gap is not None:
+            records = [segments.gap_record(first_position, gap["to_position"], now, gap["reason"])]
+            last_position = gap["to_position"]
+            counts = {"gap": 1}
+            first_time = prev.last_time if prev is not None else now
+        else:
+            records = self.pending.records
+            last_position = self.covered
+            counts = self.pending.counts
+            if catching_up:
+                first_time = prev.last_time if prev is not None else now
+            elif prev is not None and self.live_sealed:
+                first_time = prev.last_time  # the run's segments follow each other without a break
+            else:  # the run's first segment since it caught up: its times start then
+                first_time = max(self.synced_at or now, prev.last_time if prev is not None else 0)
+        name = segments.segment_name(self.source_name, first_position)
+        fields = segments.segment_manifest_fields(
+            base={k: v for k, v in self.head.base.items() if k in ("name", "manifest_sha256", "position")},
+            prev=prev, first_position=first_position, last_position=last_position, first_time=first_time,
+            last_time=now, counts=counts, catching_up=catching_up and gap is None, gap=gap,
+        )
+        fields.update(service=self.source.service, source=self.source_name, source_url=self.source.describe(),
+                      root="/", object_name=name)
+        path = self.workdir / f"segment-{self.sealed:06d}.burrow"
+        encryptor = StreamEncryptor(self.write_keys) if self.write_keys is not None else None
+        with scratch_writes("change segment", self.workdir):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                writer = ArchiveWriter(out, service=self.source.service, encryptor=encryptor)
+                for r in records:
+                    writer.add(r)
+                manifest = writer.finish(fields)
+                out.flush()
+                os.fsync(out.fileno())
+        try:
+            self.store.put(name, path)
+        finally:
+            path.unlink(missing_ok=True)
+        seg = Segment.from_manifest(name, self.store.url(name), manifest)
+        n = len(records) if gap is None else 0
+        logger().info("capture: sealed %s: %d changes, positions %d to %d%s", name, n, first_position,
+                      last_position, " (catching up)" if seg.catching_up else "")
+        self.head = ChainHead(self.head.base, seg, last_position, now)
+        self.covered = max(self.covered, last_position)
+        self.pending = _Pending()
+        self.sealed += 1
+        self.live_sealed += 0 if catching_up or gap is not None else 1
+        self.changes += n
+        return seg
+
+
+def _pump(feed: Any, out: queue.Queue[Any]) -> None:
+    """The feed's batches onto ``out`` (in order), then its end: None, or the error it raised."""
+    try:
+        for batch in feed:
+            out.put(batch)
+        out.put(None)
+    except BaseException as exc:  # noqa: BLE001 - handed to the capture loop, which raises it
+        out.put(exc)
+
+
+def capture_changes(
+    source: SourceBlock, store: ArchiveStore, source_name: str, write_keys: WriteKeys | None, workdir: Path, *,
+    seal_every: float = 10.0, seal_bytes: int = segments.SEAL_BYTES, duration: float | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Follow ``source`` for ``duration`` seconds (None: until ``stop`` is set or the process is
+    interrupted), sealing segments as it goes. Returns the run's counts; ``gap`` holds the gap
+    when the chain's next position was compacted away (the gap segment is sealed then)."""
+    log = logger()
+    keys = ArchiveKeys(write_keys.keyring() if write_keys is not None else None)
+    head = chain_head(store, source_name, keys)
+    cap = Capture(source, store, source_name, write_keys, workdir, head)
+    session = source.connect()
+    watch = getattr(session, "watch", None)
+    if watch is None:
+        session.close()
+        raise SourceError(f"capture does not support {source.service} sources yet")
+    log.info("capture: following %s %s from position %d (%s)", source.service, source.describe(), head.after + 1,
+             "continuing the chain" if head.prev is not None else f"a new chain after {head.base['name']}")
+    feed = watch(head.after)
+    batches: queue.Queue[Any] = queue.Queue()
+    pump = threading.Thread(target=_pump, args=(feed, batches), name="burrow-capture-feed", daemon=True)
+    pump.start()
+    started = time.monotonic()
+    end = started + duration if duration is not None else None
+    next_seal = started + seal_every
+    last_seal = last_event = started
+    summary: dict[str, Any] = {"gap": None}
+    feed.request_progress()
+    try:
+        while True:
+            now = time.monotonic()
+            if (end is not None and now >= end) or (stop is not None and stop.is_set()):
+                break
+            try:
+                item = batches.get(timeout=max(0.0, min(1.0, next_seal - now)))
+            except queue.Empty:
+                item = False
+            if item is None:
+                raise SourceError(f"the change feed of {source.describe()} ended unexpectedly")
+            if isinstance(item, HistoryCompacted):
+                summary["gap"] = gap = {
+                    "from_position": head.after + 1, "to_position": max(head.after, item.available - 1),
+                    "reason": f"{source.service} no longer holds the history from position {head.after + 1} "
+                              f"(compacted up to {item.available})",
+                }
+                cap.seal(gap=gap)
+                log.warning("capture: gap: %s", gap["reason"])
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if item is not False:
+                cap.take(item)
+                if cap.pending.bytes >= seal_bytes:
+                    cap.seal()
+                continue
+            now = time.monotonic()
+            if now < next_seal:
+                continue
+            if cap.due(now - last_seal >= IDLE_SEAL):
+                cap.seal()
+                last_seal = now
+                if now - last_event >= SEALED_EVENT_EVERY:
+                    _sealed_event(source_name, cap)
+                    last_event = now
+            next_seal = now + seal_every
+            feed.request_progress()
+        if summary["gap"] is None:
+            _drain(batches, cap)
+            cap.seal()  # the window reaches the end of the run
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            _drain(batches, cap)
+            cap.seal()  # what was seen is kept; the next capture continues from it
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            feed.close()
+        session.close()
+    summary.update(segments=cap.sealed, changes=cap.changes, last_position=cap.head.after,
+                   seconds=round(time.monotonic() - started, 3))
+    log.info("capture: %d segments sealed, %d changes, up to position %d", cap.sealed, cap.changes, cap.head.after)
+    return summary
+
+
+def _drain(batches: queue.Queue[Any], cap: Capture) -> None:
+    """Take the batches already delivered (the run is ending: seal everything it saw)."""
+    while True:
+        try:
+            item = batches.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(item, ChangeBatch):
+            cap.take(item)
+
+
+def _sealed_event(source_name: str, cap: Capture) -> None:
+    """``burrow.capture.sealed``: counts and lag, at most once a minute. Never fails the capture."""
+    try:
+        from prefect.events import emit_event
+
+        seg = cap.head.prev
+        lag = max(0.0, (segments.now_us() - (seg.last_time if seg else 0)) / 1e6) if seg else None
+        emit_event(event="burrow.capture.sealed",
+                   resource={"prefect.resource.id": f"burrow.source.{source_name}",
+                             "prefect.resource.name": source_name},
+                   payload={"segments": cap.sealed, "changes": cap.changes, "last_position": cap.head.after,
+                            "lag_s": lag})
+    except Exception as exc:  # noqa: BLE001 - an event must never fail the capture
+        logger().debug("could not emit burrow.capture.sealed: %s", type(exc).__name__)
+
+
+@task(name="capture", retries=0, retry_condition_fn=should_retry)
+def capture(
+    source: SourceBlock, store: ArchiveStore, source_name: str, write_keys: WriteKeys | None, workdir: str,
+    seal_every: float = 10.0, duration: float | None = None,
+) -> dict[str, Any]:
+    """Prefect task wrapper of :func:`capture_changes`."""
+    return capture_changes(source, store, source_name, write_keys, Path(workdir), seal_every=seal_every,
+                           duration=duration)
