@@ -46,8 +46,16 @@ def restore(
     expect_manifest_sha256: str | None = None,
     list_file: str | None = None,
     list_sealed: bool = False,
+    at: str | None = None,
+    at_revision: int | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Restore ``archive`` into the cluster ``into``, creating only missing keys.
+
+    ``at`` (an ISO 8601 time, or ``latest``) or ``at_revision`` (etcd): ``archive`` is then the
+    store, and the restore is of ``source`` at that point: the newest full archive before it
+    plus the change segments up to it (tasks/chain.py), materialized into a private archive
+    that is planned and replayed like any other.
 
     An encrypted archive is opened with the keys named by ``key_files``/``identity_files``
     (paths), ``passphrase_env``/``key_env`` (environment variable names) or ``key_block``
@@ -75,6 +83,11 @@ def restore(
 
     title = f"restore into {into if scheme_of(into) is None else naming.redact_url(into)}"
     with recorded_run("restore", summary, _publish, progress_title=title):
+        if at is not None or at_revision is not None:  # a point in time: the store, a source, a point
+            restore_point(archive, into, source, at, at_revision, summary, lists, dry_run=dry_run, subtree=subtree,
+                          maps=maps, keys=archive_keys(key_files, identity_files, passphrase_env, key_env, key_block),
+                          allow_unencrypted=allow_unencrypted, list_file=list_file, list_sealed=list_sealed)
+            return summary
         store, name = archive_from_ref(archive)
         target = source_from_ref(into)
         summary.update(target=target.describe(), target_service=target.service)
@@ -104,6 +117,43 @@ def restore(
                 plan_and_replay(local, target, work, keys, summary, lists, dry_run=dry_run, subtree=subtree, maps=maps,
                                 list_file=list_file, list_sealed=list_sealed, undo=undo_sink(store, keys, "restore"))
         return summary
+
+
+def restore_point(
+    store_ref: str, into: str, source: str | None, at: str | None, at_revision: int | None,
+    summary: dict[str, Any], lists: dict[str, list[str]], *, dry_run: bool, subtree: str | None,
+    maps: list[str] | None, keys: ArchiveKeys, allow_unencrypted: bool, list_file: str | None, list_sealed: bool,
+) -> None:
+    """A restore to a point in time (``--at`` / ``--at-revision``): resolve the chain, fetch and
+    validate the start archive, materialize the state at the point, then the same plan and
+    create-only replay as any restore. Every segment is checked before the plan starts."""
+    from blocks.resolve import store_from_ref
+    from burrow import segments
+    from burrow.errors import UsageError
+    from tasks.chain import materialize, resolve_point_task
+
+    if not source:
+        raise UsageError("a restore to a point needs the source's name (--source NAME)")
+    store = store_from_ref(store_ref)
+    target = source_from_ref(into)
+    summary.update(target=target.describe(), target_service=target.service, source=source, store=store.describe())
+    at_time = None if at in (None, "latest") else segments.parse_point(str(at))
+    point = resolve_point_task(store, source, keys, at_time=at_time, at_position=at_revision, latest=at == "latest",
+                               allow_unencrypted=allow_unencrypted)
+    summary.update(archive=store.url(point.start_name), segments=len(point.segments),
+                   at=segments.us_to_iso(at_time) if at_time is not None else at,
+                   at_position=point.at_position)
+    with staging_dir() as work:
+        local = download(store, point.start_name, str(work))
+        validate(local, keys, label=store.url(point.start_name), allow_unencrypted=allow_unencrypted,
+                 expect_manifest_sha256=point.start_sha)
+        state, state_keys, manifest = materialize(store, point, local, keys, str(work), allow_unencrypted)
+        Path(local).unlink(missing_ok=True)
+        summary.update(service=manifest["service"], archive_keys=manifest["keys"])
+        with source_lock(target_lock_name(into, target)):
+            plan_and_replay(state, target, work, state_keys, summary, lists, dry_run=dry_run, subtree=subtree,
+                            maps=maps, list_file=list_file, list_sealed=list_sealed,
+                            undo=undo_sink(store, keys, "restore"))
 
 
 def target_lock_name(into: str, target: SourceBlock) -> str:
