@@ -43,10 +43,11 @@ from cli import (
     server,
     undo,
     verify,
+    worker,
 )
 from cli.common import OUTPUT, Parser, emit_json
 
-MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, blocks, undo)
+MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, blocks, undo, worker)
 
 #: Commands that run a Prefect flow (and so need a Prefect API).
 FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune", "rehearse", "undo")
