@@ -51,6 +51,172 @@ def shoot(chrome: str, url: str, out: Path, *, width: int = 1440, height: int = 
     print(f"{out}  <-  {url}", flush=True)
 
 
+def _as_fds_3_and_4(read_end: int, write_end: int) -> None:
+    """In the browser's process, before it starts: its ends of the pipes as fds 3 and 4 (copied
+    out of the way first, so that neither overwrites the other)."""
+    r, w = os.dup(read_end), os.dup(write_end)
+    os.dup2(r, 3)
+    os.dup2(w, 4)
+
+
+class Browser:
+    """A headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    no port to find, nothing listening): open a page, wait until it has drawn what it should,
+    take its picture, and report what its console said at error level. ``--screenshot`` alone
+    cannot say whether the page logged an error, and Chromium's own log (``--enable-logging``)
+    prints every console message at one level, so a log line and an error look alike there."""
+
+    def __init__(self, chrome: str | None = None, *, width: int = 1440, height: int = 900) -> None:
+        self.width, self.height = width, height
+        self._profile = tempfile.TemporaryDirectory(prefix="burrow-chrome-")
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+        # the protocol's pipe is the child's fds 3 (it reads) and 4 (it writes)
+        self._proc = subprocess.Popen(
+            [chrome or browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--hide-scrollbars", "--no-first-run", "--no-default-browser-check", "--force-prefers-reduced-motion",
+             f"--user-data-dir={self._profile.name}", f"--window-size={width},{height}",
+             "--remote-debugging-pipe", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            close_fds=False,  # (os.pipe's ends are not inheritable: only the fds 3 and 4 made here are)
+            preexec_fn=lambda: _as_fds_3_and_4(to_chrome_r, from_chrome_w),
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf = b""
+        self._next = 0
+        self._events: list[dict[str, Any]] = []
+        targets = self.call("Target.getTargets")["targetInfos"]
+        page = next(t for t in targets if t["type"] == "page")
+        self._session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        for method in ("Page.enable", "Runtime.enable", "Log.enable", "Network.enable"):
+            self.call(method, session=True)
+        self.call("Page.setLifecycleEventsEnabled", session=True, enabled=True)
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+
+    def _read(self, timeout: float) -> dict[str, Any] | None:
+        import json
+        import select
+
+        while b"\0" not in self._buf:
+            ready, _, _ = select.select([self._from_chrome], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(self._from_chrome, 1 << 20)
+            if not chunk:
+                raise RuntimeError("Chromium closed its DevTools pipe")
+            self._buf += chunk
+        msg, _, self._buf = self._buf.partition(b"\0")
+        return json.loads(msg)
+
+    def call(self, method: str, *, session: bool = False, timeout: float = 120, **params: Any) -> dict[str, Any]:
+        """Send one protocol command and wait for its answer (events that arrive meanwhile are kept)."""
+        import json
+
+        self._next += 1
+        msg: dict[str, Any] = {"id": self._next, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = self._session
+        os.write(self._to_chrome, json.dumps(msg).encode() + b"\0")
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self._read(max(0.1, deadline - time.monotonic()))
+            if got is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Chromium did not answer {method}")
+                continue
+            if got.get("id") == self._next:
+                if "error" in got:
+                    raise RuntimeError(f"{method}: {got['error'].get('message')}")
+                return got.get("result", {})
+            self._events.append(got)
+
+    def _pump(self, seconds: float) -> None:
+        got = self._read(seconds)
+        if got is not None:
+            self._events.append(got)
+
+    def errors(self) -> list[str]:
+        """What the pages said at error level so far: console errors, uncaught exceptions, and
+        the browser's own error entries (a resource that failed to load, a blocked request)."""
+        found = []
+        for ev in self._events:
+            method, params = ev.get("method"), ev.get("params") or {}
+            if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+                found.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+            elif method == "Runtime.exceptionThrown":
+                d = params.get("exceptionDetails") or {}
+                found.append((d.get("exception") or {}).get("description") or d.get("text", "exception"))
+            elif method == "Log.entryAdded" and (params.get("entry") or {}).get("level") == "error":
+                entry = params["entry"]
+                found.append(f"{entry.get('text')} ({entry.get('url', '')})")
+        return found
+
+    def open(self, url: str, *, shows: str | None = None, timeout: float = 300) -> str:
+        """Load ``url`` and wait until it has loaded, its network went quiet and (when given) its text
+        holds ``shows``; returns the page's visible text. A page that never gets there fails after
+        ``timeout`` seconds, a hang guard only: every wait ends as soon as the page is ready."""
+        import time
+
+        self._events = [e for e in self._events if e.get("method") != "Page.lifecycleEvent"]
+        self.call("Page.navigate", session=True, url=url)
+        deadline = time.monotonic() + timeout
+        text = ""
+        while time.monotonic() < deadline:
+            idle = any(e.get("method") == "Page.lifecycleEvent" and e["params"].get("name") == "networkIdle"
+                       for e in self._events)
+            if idle:
+                got = self.call("Runtime.evaluate", session=True, expression="document.body ? document.body.innerText : ''",
+                                returnByValue=True)
+                text = str((got.get("result") or {}).get("value") or "")
+                if shows is None or shows in text:
+                    return text
+            self._pump(0.5)
+        raise TimeoutError(f"{url} did not show {shows!r} (it showed: {text[:300]!r})")
+
+    def screenshot(self, out: Path, *, full_page: bool = False) -> None:
+        """The page as it is now, into ``out`` (PNG); ``full_page`` takes all of its height."""
+        import base64
+
+        clip = None
+        if full_page:
+            size = self.call("Page.getLayoutMetrics", session=True)["cssContentSize"]
+            clip = {"x": 0, "y": 0, "width": self.width, "height": max(self.height, int(size["height"])), "scale": 1}
+        params: dict[str, Any] = {"format": "png", "captureBeyondViewport": full_page}
+        if clip:
+            params["clip"] = clip
+        data = self.call("Page.captureScreenshot", session=True, **params)["data"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(base64.b64decode(data))
+        print(f"{out}", flush=True)
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=10)
+        except (OSError, RuntimeError, TimeoutError):
+            pass
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        for fd in (self._to_chrome, self._from_chrome):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._profile.cleanup()
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def pages(api_url: str) -> list[tuple[str, str]]:
     """(file name, UI path) of the pages worth showing, picked from the server's history."""
     from prefect.client.orchestration import get_client
