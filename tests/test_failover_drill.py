@@ -197,14 +197,17 @@ def test_rpo_gate_sanity_check_pinning_and_skips_on_stdout(standby, zk_b, store,
 
     from burrow.report import artifact_key
 
+    art_key = artifact_key("failover", "dc-r", "to", naming.slug(into))  # the source's name, the target's
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[artifact_key("failover", naming.slug(into))])))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[art_key])))
+        skipped = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"{art_key}-skipped"])))
     forced = [a for a in arts if "OVERRIDDEN (--force)" in str(a.data)]
     assert forced, [a.description for a in arts]
     text = str(forced[0].data)
-    assert "### Archives skipped" in text and d.name in text and e.name in text
-    assert "### Preflight" in text and "| rpo_s |" in text and "| rto_s |" in text and "postverify" in text
+    assert text.startswith("# failover of dc-r into ") and ", RPO " in text.splitlines()[0]
+    assert "Archives skipped:** 2" in text and any(d.name in str(a.data) and e.name in str(a.data) for a in skipped)
+    assert "### Preflight" in text and "| rpo_s |" in text and "| rto_s |" in text and "| postverify | ok |" in text
 
 
 def test_a_dead_target_fails_first_before_any_archive_is_read(store, key):
