@@ -443,7 +443,10 @@ def _source(
     rehearsals = _rehearsals(controls, mine, store, store_rows, period, ui_url)
     recoveries = _recoveries(controls, mine, ui_url)
     backups["rows"] = backup_rows
-    checks = _source_checks(controls, backups, rpo, archives, rehearsals, recoveries, period, store is not None)
+    keys = {archive_key(row.get("name")) for row in store_rows}
+    marks = [m for m in (store.markers.values() if store else []) if archive_key(m.get("archive")) in keys]
+    checks = _source_checks(controls, backups, rpo, archives, rehearsals, recoveries, period, store is not None,
+                            marks)
     verdicts = {c.id: _worst(checks[ch]["status"] for ch in c.checks) for c in controls.controls}
     return {
         "name": name,
@@ -713,7 +716,7 @@ def _recoveries(controls: Controls, mine: list[HistoryRun], ui_url: str | None) 
 
 def _source_checks(controls: Controls, backups: dict[str, Any], rpo: dict[str, Any], archives: list[dict[str, Any]],
                    rehearsals: list[dict[str, Any]], recoveries: list[dict[str, Any]], period: Period,
-                   store_read: bool) -> dict[str, dict[str, str]]:
+                   store_read: bool, markers: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     def verdict(status: str, reason: str) -> dict[str, str]:
         return {"status": status, "reason": reason}
 
@@ -754,14 +757,19 @@ def _source_checks(controls: Controls, backups: dict[str, Any], rpo: dict[str, A
     window_start = period.until - timedelta(days=controls.rehearsal_window_days)
     good = [r for r in rehearsals if r["status"] == PASS and (parse_time(r["at"]) or period.since) >= window_start
             and (r["marker_authenticated"] is not False or not store_read)]
+    # the store's markers also prove a rehearsal of the window (one that ran before the period, or
+    # whose run history expired)
+    marked = [m for m in markers if m.get("ok") and m.get("authenticated")
+              and window_start <= (parse_time(m.get("at")) or window_start - timedelta(1)) <= period.until
+              and (_num(m.get("restore_s")) or 0) <= controls.rto_s]
     failing = [r for r in rehearsals if r["status"] == FAIL]
     days = f"{controls.rehearsal_window_days:g}"
-    if not good:
+    if not good and not marked:
         out["rehearsal"] = verdict(FAIL, f"no passing rehearsal within {days} days of the period's end"
                                    + (f" ({len(failing)} failed)" if failing else ""))
     else:
-        out["rehearsal"] = verdict(PASS, f"{len(good)} passing rehearsal(s) within {days} days"
-                                   + (f"; {len(failing)} failed" if failing else ""))
+        out["rehearsal"] = verdict(PASS, f"{len(good)} passing rehearsal(s) and {len(marked)} authenticated passing "
+                                         f"marker(s) within {days} days" + (f"; {len(failing)} failed" if failing else ""))
     rec = [r["status"] for r in recoveries]
     out["recovery"] = verdict(_worst(rec), "no restore or failover in the period" if not rec else
                               f"{rec.count(PASS)} passed, {rec.count(FAIL)} failed")

@@ -67,11 +67,12 @@ def evidence(
         if st is not None and not keys.can_reader_sign():
             raise UsageError("writing evidence to a store needs the read key (a secret key: --key-file, --identity, "
                              "--passphrase-env, --key-env or --key-block): its chain records are MACed with it")
-        history = read_history_task(period.since, period.until, conf.slot_tolerance_s)
+        now = datetime.now(UTC)  # one "now" for the slots that are due and the report's time
+        history = read_history_task(period.since, period.until, conf.slot_tolerance_s, now)
         view = read_store_task(st, keys) if st is not None else None
         rep = ev.build_report(
             period=period, controls=conf, runs=history["runs"], deployments=history["deployments"], store=view,
-            generated_at=datetime.now(UTC), ui_url=ui_url(), api_url=api_url(), sources=sources,
+            generated_at=now, ui_url=ui_url(), api_url=api_url(), sources=sources,
             burrow_version=__version__,
         )
         if st is not None:

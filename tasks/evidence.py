@@ -184,9 +184,10 @@ def read_history(since: datetime, until: datetime, *, now: datetime | None = Non
 
 
 @task(name="read-history", retries=2, retry_delay_seconds=[2, 10])
-def read_history_task(since: datetime, until: datetime, slot_tolerance_s: float = 300) -> dict[str, Any]:
+def read_history_task(since: datetime, until: datetime, slot_tolerance_s: float = 300,
+                      now: datetime | None = None) -> dict[str, Any]:
     """Prefect task wrapper of :func:`read_history` (``{"runs": [...], "deployments": [...]}``)."""
-    runs, deps = read_history(since, until, slot_tolerance_s=slot_tolerance_s)
+    runs, deps = read_history(since, until, now=now, slot_tolerance_s=slot_tolerance_s)
     logger().info("evidence: %d flow runs and %d deployments read from Prefect", len(runs), len(deps))
     return {"runs": runs, "deployments": deps}
 
@@ -313,6 +314,7 @@ def write_report(store: ArchiveStore, keys: ArchiveKeys, report: dict[str, Any])
     return report["chain"]
 
 
+# no retries: a retry would write its objects under new names, beside the ones a failed attempt left
 @task(name="write-evidence")
 def write_report_task(store: ArchiveStore, keys: ArchiveKeys, report: dict[str, Any]) -> dict[str, Any]:
     """Prefect task wrapper of :func:`write_report`; returns the report with its chain link."""
