@@ -69,6 +69,11 @@ class BurrowBlock(BaseModel):
         return prefect_twin(cls).load(name)
 
 
+def _no_load_event(self: Any) -> None:
+    """The twin's ``Block._event_method_called_resources``: no resource, so no load event."""
+    return None
+
+
 def prefect_twin(cls: type[BurrowBlock]) -> type:
     """The Prefect ``Block`` subclass of ``cls`` (made and registered once)."""
     if getattr(cls, "__burrow_twin_of__", None) is not None:
@@ -87,6 +92,11 @@ def prefect_twin(cls: type[BurrowBlock]) -> type:
             # BurrowBlock's save/load come first in the twin's MRO: give it Prefect's back.
             "save": vars(Block)["save"],
             "load": vars(Block)["load"],
+            # No ``prefect.block.<slug>.loaded`` event per load: every run loads several blocks
+            # (source, store, keys), and those events buried Burrow's own in the UI's event feed
+            # (issue 18). Prefect has no setting for it; it emits the event only when this hook
+            # names the block document, so the twin's names none.
+            "_event_method_called_resources": _no_load_event,
         }
         annotations: dict[str, Any] = {}
         for name, (annotation, info) in cls._twin_fields().items():

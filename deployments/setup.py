@@ -9,7 +9,10 @@ every step creates what is missing and updates what is there, never duplicates.
    never runs two of them at once across all workers,
 4. deploy the deployments of deployments/prefect.yaml (all, or those named by ``--only``),
 5. create or update the automations of deployments/automations.yaml, by name, wired to a
-   notification block.
+   notification block, and arm the failure page of every backup deployment's source (the
+   ``burrow.alerts.armed`` event: ``burrow-backup-failed`` pages once per outage, and an outage
+   starts with a failure after a completed backup or an arming, so a source that has never
+   completed a backup still pages on its first failure).
 
 Usage: python deployments/setup.py [--notify-block SLUG/NAME] [--cluster NAME ...]
                                    [--only DEPLOYMENT ...] [--skip-deploy] [--prefect-file PATH]
@@ -57,21 +60,31 @@ def register_block_types() -> None:
         print(f"registered block type {twin.get_block_type_slug()} ({twin.__module__})", flush=True)
 
 
-def clusters_of(spec: dict[str, Any], extra: list[str]) -> list[str]:
-    """Every cluster that needs a per-cluster limit: ``definitions.clusters``, the source name
-    of every backup deployment (its ``name`` parameter, else its ``source``), and ``extra``."""
-    names = list((spec.get("definitions") or {}).get("clusters") or [])
+def backup_sources_of(spec: dict[str, Any]) -> list[str]:
+    """The source name of every backup deployment (its ``name`` parameter, else its ``source``):
+    the name its runs' events carry (``burrow.source.<name>``)."""
+    names = []
     for d in spec.get("deployments") or []:
         if str(d.get("entrypoint", "")).startswith("flows/backup.py:"):
             params = d.get("parameters") or {}
             if params.get("name") or params.get("source"):
                 names.append(str(params.get("name") or params["source"]))
-    names += extra
+    return sorted(dict.fromkeys(names))
+
+
+def clusters_of(spec: dict[str, Any], extra: list[str]) -> list[str]:
+    """Every cluster that needs a per-cluster limit: ``definitions.clusters``, the source of
+    every backup deployment (:func:`backup_sources_of`), and ``extra``."""
+    names = list((spec.get("definitions") or {}).get("clusters") or []) + backup_sources_of(spec) + extra
     return sorted(dict.fromkeys(n for n in names if n))
 
 
 #: The automation that pages when a source's backups stop (its window: ``backup_missing_within``).
 BACKUP_MISSING = "burrow-backup-missing"
+#: The automation that pages once per outage when a source's backups fail.
+BACKUP_FAILED = "burrow-backup-failed"
+#: The event that arms a source's failure page (see :func:`arm`).
+ARMED = "burrow.alerts.armed"
 
 
 def automations_of(path: Path, notify_block_id: str, backup_missing_within: float | None = None) -> list[Any]:
@@ -88,8 +101,27 @@ def automations_of(path: Path, notify_block_id: str, backup_missing_within: floa
     return [AutomationCore.model_validate(a) for a in specs]
 
 
-async def apply(clusters: list[str], automations: list[Any]) -> None:
-    """Create the work pool, the per-cluster limits and the automations, or update them."""
+async def arm(sources: list[str]) -> None:
+    """Arm the failure page of each of ``sources``: emit ``burrow.alerts.armed`` about
+    ``burrow.source.<name>``. ``burrow-backup-failed`` pages for the first failure after a
+    completed backup or an arming; without the arming, a source that has never completed a
+    backup would not page at all. Re-arming a source that is in an outage (setup.py run again)
+    lets its next failure page once more."""
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    from flows.common import source_resource
+
+    async with get_events_client() as events:
+        for source in sources:
+            await events.emit(Event(event=ARMED, resource=source_resource(source),
+                                    payload={"by": "deployments/setup.py", "automation": BACKUP_FAILED}))
+            print(f"armed the failure page of {source}", flush=True)
+
+
+async def apply(clusters: list[str], automations: list[Any], armed: list[str] | None = None) -> None:
+    """Create the work pool, the per-cluster limits and the automations, or update them; then
+    arm the failure page of each source of ``armed`` (see :func:`arm`)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -123,6 +155,8 @@ async def apply(clusters: list[str], automations: list[Any]) -> None:
             else:
                 await client.create_automation(automation)
                 print(f"created automation {automation.name}", flush=True)
+    if armed:
+        await arm(armed)
 
 
 def notify_block_id(name: str) -> str:
@@ -167,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         automations = automations_of(HERE / "automations.yaml", notify_block_id(args.notify_block), within)
     else:
         print("automations skipped: pass --notify-block SLUG/NAME to wire them to a notification block")
-    asyncio.run(apply(clusters_of(spec, args.cluster), automations))
+    armed = backup_sources_of(spec) if any(a.name == BACKUP_FAILED for a in automations) else []
+    asyncio.run(apply(clusters_of(spec, args.cluster), automations, armed))
     if not args.skip_deploy:
         names = [x for d in wanted for x in ("--name", d["name"])] if args.only else ["--all"]
         run("deploy", *names, "--prefect-file", str(prefect_file))

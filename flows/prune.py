@@ -15,7 +15,7 @@ from burrow.runlog import logger
 from flows.common import Ref, burrow_flow, recorded_run, store_block_name
 from tasks.catalog import catalog
 from tasks.journal import stale_journal_records
-from tasks.markers import archive_of
+from tasks.markers import annotate_task, archive_of
 from tasks.retention import (
     block_sources,
     delete_archive,
@@ -56,8 +56,9 @@ def prune(
     read key is configured) and Object-Locked archives are never deleted. Before deleting, the
     manifests of the archives to delete and of each source's newest are re-read and
     authenticated in this run (tasks/retention.py ``reauthenticate``): one that fails is kept and
-    reported, and a source whose newest fails loses nothing. An archive's rehearsal markers go
-    with it. Returns the summary, with the rule(s) that kept every archive and the reason for
+    reported, and a source whose newest fails loses nothing. A source's newest archive whose
+    rehearsal passed (by an authenticated marker) is kept too (``keep-rehearsed``). An archive's
+    rehearsal markers go with it. Returns the summary, with the rule(s) that kept every archive and the reason for
     every deletion."""
     log = logger()
     # the event's resource: the one source pruned, or every source of the store
@@ -107,6 +108,8 @@ def prune(
         keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
         keyed = bool(keys.keyring)
         rows = catalog(st, keys if keyed else None)
+        # each archive's authenticated rehearsal: the newest that passed is kept (keep-rehearsed)
+        rows = annotate_task(st, rows, keys if keyed else None)
         locked_until = getattr(st, "locked_until", None)
 
         def locked(row: dict[str, Any]) -> str | None:

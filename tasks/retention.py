@@ -1,7 +1,11 @@
 """Retention: decide which archives a prune removes (a GFS policy, see blocks.retention.RetentionPolicy), and
 remove them.
 
-Per source the newest trusted archive is always kept. Archives whose manifest cannot be read,
+Per source the newest trusted archive is always kept, and so is the newest one whose rehearsal
+passed (``keep-rehearsed``): the archive that proves the source restores, which a GFS rule left to
+itself would delete once newer hourlies push it out (the prune flow annotates the catalog rows
+with their authenticated rehearsal markers first: tasks/markers.py ``annotate``; a marker that is
+not authenticated, or whose newest rehearsal FAILED, keeps nothing). Archives whose manifest cannot be read,
 is not bound to its object name, is dated in the future or after it was stored, or (with a key
 configured) is not authenticated are reported and never deleted or counted; archives under
 Object Lock are skipped with their retain-until date.
@@ -31,7 +35,10 @@ from burrow.crypto import ArchiveKeys
 from burrow.errors import ArchiveError, ArchiveNotFound, StoreError, UsageError, should_retry
 from burrow.runlog import logger
 from tasks import task
-from tasks.catalog import STORED_SKEW, UNBOUND, created_at, distrust, signed_order
+from tasks.catalog import STORED_SKEW, UNBOUND, created_at, distrust, rehearsed, signed_order
+
+#: The rule that keeps a source's newest archive whose rehearsal passed (and is authenticated).
+KEEP_REHEARSED = "keep-rehearsed"
 
 #: Manifests re-read at once (object stores answer one request at a time per connection).
 REREAD_WORKERS = 8
@@ -71,7 +78,9 @@ def plan_retention(
     dated in the future, or (with a read key configured) not authenticated; and an archive
     under Object Lock (``locked(row)`` returns the reason). Always kept: the newest archive of
     each source that can be trusted (every archive in a store passed verification when it was
-    written; a later failure makes it unreadable or unauthenticated, and so not the newest)."""
+    written; a later failure makes it unreadable or unauthenticated, and so not the newest), and
+    the newest trusted archive of each source whose rehearsal passed, by an authenticated marker
+    (``row["rehearsal"]``, set by tasks/markers.py ``annotate``; :data:`KEEP_REHEARSED`)."""
     now = now or datetime.now(UTC)
     within = policy.within()
     d = Decision()
@@ -89,6 +98,9 @@ def plan_retention(
         d.newest[src] = group[0]
         keep: dict[str, list[str]] = defaultdict(list)
         keep[group[0]["url"]].append("newest archive of its source")
+        proven = next((r for r in group if rehearsed(r)), None)
+        if proven is not None:
+            keep[proven["url"]].append(f"{KEEP_REHEARSED} (rehearsal passed at {proven['rehearsal'].get('at')})")
         for rule, n in policy.rules():
             if rule == "keep_last":
                 for r in group[:n]:

@@ -1,24 +1,26 @@
-"""``burrow-backup-missing`` made to fire against the session's real Prefect server.
+"""Burrow's automations made to fire against the session's real Prefect server, as
+deployments/setup.py creates them (its own ``automations_of``, ``apply`` and ``arm``), each under
+a name of its own (so it neither replaces nor is replaced by the one test_orchestrator applies),
+wired to a notification block that posts to a local :class:`Pager`. What is asserted is what the
+pager received and the server's ``prefect.automation.triggered`` events.
 
-The automation is built by deployments/setup.py's own code (``automations_of`` and ``apply``),
-from the shipped automations.yaml, with a 30 s window instead of 26 hours and a name of its own
-(so it neither replaces nor is replaced by the one test_orchestrator applies). Two sources,
-through ``flows.common.emit_run_event`` as the backup flow emits them:
-
-* ``quiet`` completes one backup, then none: the trigger fires for it once its window has run
-  out after that backup, and pages the on-call (a local webhook) naming the source, once;
-* ``steady`` completes a backup every few seconds, each inside the window, for longer than a
-  window: the trigger does not fire for it while they keep coming, and fires (once) after the
-  last one.
-
-Whether the trigger fired, and when, is read from the server's ``prefect.automation.triggered``
-events (``triggering_labels`` name the source) and the notifications the webhook received.
+* ``burrow-backup-missing`` with a short window: a backup deployment on an interval schedule,
+  run by a real process worker, completes backups; its schedule is paused; the page arrives, naming
+  the source and the last completed backup's flow run with its UI link. And, with events as the
+  backup flow emits them: a source whose backups keep arriving inside the window is not paged,
+  and each source that stops is paged once.
+* ``burrow-backup-failed``: real backup flow runs that fail (their store is a file) and complete.
+  An outage of several failed runs of one source pages once; a completed backup, then failures
+  again, page once more; another source's failure pages on its own. Every page names the
+  source, the run's one-line error, the flow run and its UI link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -26,12 +28,18 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SESSION_DIR
+from test_orchestrator import wait_for as wait_progress
+from zkutil import kazoo, unique_root
 
 from burrow.testing.servers import free_port
+
+sys.path.insert(0, str(REPO / "deployments"))
+from setup import BACKUP_FAILED, BACKUP_MISSING, apply, arm, automations_of, notify_block_id  # noqa: E402
 
 #: The test's window (Prefect's minimum for a proactive trigger is 10 s).
 WINDOW = 30.0
@@ -39,10 +47,14 @@ WINDOW = 30.0
 STEADY_EVERY = 5.0
 #: How many: they span more than a window, so without them the trigger would have fired.
 STEADY_COUNT = 9
+#: The scheduled backup deployment's interval, and the window its missing-backup automation gets.
+SERVED_EVERY = 10
+SERVED_WINDOW = 45.0
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``
+    (for what the server does on its own clock: a proactive trigger's window running out)."""
     deadline = time.monotonic() + timeout
     while True:
         got = check()
@@ -78,39 +90,54 @@ class Pager:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def pages_for(self, source: str) -> list[dict[str, Any]]:
+        """The missing-backup pages of ``source``."""
         return [m for m in self.received if f"no backup of {source} " in str(m.get("subject"))]
+
+    def failure_pages_for(self, source: str) -> list[dict[str, Any]]:
+        """The backup-failure pages of ``source``."""
+        return [m for m in self.received if m.get("subject") == f"Burrow: burrow.backup.failed for {source}"]
 
     def close(self) -> None:
         self.server.shutdown()
 
 
-@pytest.fixture
-def missing_backup_automation() -> Iterator[tuple[Any, Pager]]:
-    """burrow-backup-missing as setup.py creates it, with a WINDOW-second window and a name of
-    its own, wired to a notification block that posts to a local :class:`Pager`; deleted after."""
+def shipped_automation(name: str, pager: Pager, **options: Any) -> Any:
+    """The automation ``name`` of the shipped automations.yaml, as setup.py builds it (``options``
+    go to ``automations_of``), under a name of its own, wired to a notification block posting to
+    ``pager``, and created on the server by setup.py's ``apply``. Returns it as the server has it."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.client.orchestration import get_client
 
-    sys.path.insert(0, str(REPO / "deployments"))
-    from setup import BACKUP_MISSING, apply, automations_of, notify_block_id
-
-    pager = Pager()
-    block = "missing-" + uuid.uuid4().hex[:8]
+    block = "oncall-" + uuid.uuid4().hex[:8]
     CustomWebhookNotificationBlock(
         name="burrow-oncall", url=pager.url, json_data={"subject": "{{subject}}", "body": "{{body}}"},
     ).save(block, overwrite=True)
     shipped = automations_of(REPO / "deployments" / "automations.yaml",
-                             notify_block_id(f"custom-webhook/{block}"), backup_missing_within=WINDOW)
-    (auto,) = [a for a in shipped if a.name == BACKUP_MISSING]
-    auto = auto.model_copy(update={"name": f"{BACKUP_MISSING}-{uuid.uuid4().hex[:8]}"})
+                             notify_block_id(f"custom-webhook/{block}"), **options)
+    (auto,) = [a for a in shipped if a.name == name]
+    auto = auto.model_copy(update={"name": f"{name}-{uuid.uuid4().hex[:8]}"})
     asyncio.run(apply([], [auto]))
     with get_client(sync_client=True) as c:
         (created,) = c.read_automations_by_name(auto.name)
+    return created
+
+
+def delete_automation(automation: Any) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        c.delete_automation(automation.id)
+
+
+@pytest.fixture
+def missing_backup_automation() -> Iterator[tuple[Any, Pager]]:
+    """burrow-backup-missing with a WINDOW-second window (deleted after)."""
+    pager = Pager()
+    created = shipped_automation(BACKUP_MISSING, pager, backup_missing_within=WINDOW)
     try:
         yield created, pager
     finally:
-        with get_client(sync_client=True) as c:
-            c.delete_automation(created.id)
+        delete_automation(created)
         pager.close()
 
 
@@ -182,3 +209,210 @@ def test_backup_missing_fires_when_backups_stop_and_not_while_they_arrive(missin
     # one outage, one page: by now, about a window after its firing, the quiet source has not fired again
     assert len(firings(automation.id, since)[quiet_id]) == 1
     assert len(pager.pages_for(quiet)) == 1 and len(pager.pages_for(steady)) == 1, pager.received
+
+
+# ------------------------------------------------------------------ a paused schedule, really
+
+
+def source_events(source: str, name: str, since: datetime) -> list[Any]:
+    """Every ``name`` event about ``burrow.source.<source>`` since ``since``, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=[name]),
+                      resource=EventResourceFilter(id=[f"burrow.source.{source}"]))
+    with get_client(sync_client=True) as c:
+        page = c.read_events(filter=flt, limit=50)
+        events = list(page.events)
+        while page.next_page:
+            page = c.read_events_page(page.next_page)
+            events += page.events
+    return sorted(events, key=lambda e: e.occurred)
+
+
+def run_of(event: Any) -> str:
+    """The id of the flow run that emitted ``event`` (its related ``prefect.flow-run``)."""
+    (run,) = [r.id.removeprefix("prefect.flow-run.") for r in event.related if r.id.startswith("prefect.flow-run.")]
+    return run
+
+
+def ui_link(run_id: str) -> str:
+    """The flow run's page in the UI, as Prefect's ``ui_url`` filter writes it on this server."""
+    return os.environ["PREFECT_API_URL"].removesuffix("/api") + f"/runs/flow-run/{run_id}"
+
+
+@pytest.mark.timeout(900)
+def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_path):
+    """A backup deployment on a SERVED_EVERY-second interval schedule, run by a real process
+    worker on a pool of its own, backs up a ZooKeeper subtree; once two backups have completed,
+    its schedule is paused through the API, and burrow-backup-missing (with a SERVED_WINDOW
+    window) pages: after the window has run out since the last completed backup, naming the
+    source and that backup's flow run with its UI link."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    from burrow.keys import keygen
+
+    run = uuid.uuid4().hex[:8]
+    source, deployment, pool = f"served-{run}", f"backup-served-{run}", f"burrow-missing-{run}"
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/app/config", b"v1", makepath=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    keygen(tmp_path / "k.key", x25519=False)
+    asyncio.run(apply([source], []))  # the per-cluster limit a run under a deployment must hold
+    pager = Pager()
+    automation = shipped_automation(BACKUP_MISSING, pager, backup_missing_within=SERVED_WINDOW)
+    since = datetime.now(UTC)
+    params = {"source": f"zk://{zk_a.url}", "store": str(store), "name": source, "root": root,
+              "key_file": str(tmp_path / "k.key")}
+    with get_client(sync_client=True) as c:
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        dep_id = c.create_deployment(
+            c.create_flow_from_name("backup"), deployment, entrypoint="flows/backup.py:backup",
+            work_pool_name=pool, parameters=params,
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}],
+            schedules=[DeploymentScheduleCreate(schedule=IntervalSchedule(interval=timedelta(seconds=SERVED_EVERY)),
+                                                active=True)],
+        )
+    env = {**os.environ, "BURROW_CHECKOUT": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    log = open(SESSION_DIR / f"{pool}.log", "wb")
+    worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
+                               "--type", "process", "--name", f"{pool}-1"],
+                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def completed() -> list[Any]:
+            assert worker.poll() is None, (SESSION_DIR / f"{pool}.log").read_text()[-3000:]
+            return source_events(source, "burrow.backup.completed", since)
+
+        wait_progress("two scheduled backups to complete", lambda: len(completed()) >= 2 and completed(), timeout=180)
+        with get_client(sync_client=True) as c:
+            (schedule,) = c.read_deployment_schedules(dep_id)
+            c.update_deployment_schedule(dep_id, schedule.id, active=False)  # the schedule is paused
+
+        def settled() -> bool:
+            """Pausing deletes the runs scheduled ahead; those already due (late, on a busy
+            machine) and those under way still run: the outage starts after the last of them."""
+            with get_client(sync_client=True) as c:
+                runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])))
+            return all(r.state.is_final() for r in runs)
+
+        wait_progress("the runs under way when the schedule was paused to finish", settled, timeout=180)
+        last = completed()[-1]
+        last_run = run_of(last)
+
+        def paged() -> list[dict[str, Any]]:
+            return [m for m in pager.pages_for(source) if f"/runs/flow-run/{last_run}" in str(m.get("body"))]
+
+        (page,) = wait_for(f"burrow-backup-missing to page for {source}", paged,
+                           timeout=SERVED_WINDOW + 180)
+        # nothing completed after that backup: it is the one the page names, the schedule stayed paused
+        assert completed()[-1].id == last.id
+        with get_client(sync_client=True) as c:
+            assert not [s for s in c.read_deployment_schedules(dep_id) if s.active]
+            run_name = c.read_flow_run(uuid.UUID(last_run)).name
+        fired = firings(automation.id, since).get(f"burrow.source.{source}") or []
+        after_last = [t for t in fired if t > last.occurred]
+        assert len(after_last) == 1, (fired, last.occurred)
+        assert after_last[0] >= last.occurred + timedelta(seconds=SERVED_WINDOW) - timedelta(seconds=1)
+        assert page["subject"].startswith(f"Burrow: no backup of {source} since ")
+        body = page["body"]
+        assert f"source {source} (burrow.source.{source})" in body and "0:00:45" in body, body
+        assert f"flow run {run_name} ({last_run}): {ui_link(last_run)}" in body, body
+        assert "{{" not in body and "None" not in body, body
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+        with get_client(sync_client=True) as c:
+            c.delete_deployment(dep_id)
+            c.delete_work_pool(pool)
+        delete_automation(automation)
+        pager.close()
+
+
+# ------------------------------------------------------------------ failure pages: one per outage
+
+
+@pytest.mark.timeout(900)
+def test_backup_failures_page_once_per_outage_per_source(zk_a, tmp_path):
+    """burrow-backup-failed, with real backup runs: ``a`` fails three times (one page, for the
+    first failed run), ``b`` fails once (its own page); ``a`` completes a backup, then fails twice
+    (one more page, for the first of those); ``c`` fails once. The sources are armed as setup.py
+    arms them, so a source that never completed a backup pages on its first failure.
+
+    Each source's page, once received, shows the server has evaluated the events emitted before
+    that source's failure: the counts of the others' pages are read then."""
+    from burrow.keys import keygen
+    from flows.backup import backup
+
+    run = uuid.uuid4().hex[:8]
+    a, b, c = (f"grp-{x}-{run}" for x in "abc")
+    root = unique_root()
+    with kazoo(zk_a.url) as zk:
+        zk.create(root + "/app/config", b"v1", makepath=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    broken = tmp_path / "store-is-a-file"
+    broken.write_text("not a directory")
+    keygen(tmp_path / "k.key", x25519=False)
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    pager = Pager()
+    automation = shipped_automation(BACKUP_FAILED, pager)
+    asyncio.run(arm([a, b, c]))
+
+    def backup_of(source: str, ok: bool) -> str:
+        state = backup(source=f"zk://{zk_a.url}", store=str(store if ok else broken), name=source, root=root,
+                       key_file=str(tmp_path / "k.key"), return_state=True)
+        assert state.is_completed() if ok else state.is_failed(), state
+        return str(state.state_details.flow_run_id)
+
+    def page_of(source: str, n: int) -> list[dict[str, Any]]:
+        return wait_progress(f"page {n} for {source}", lambda: len(pager.failure_pages_for(source)) >= n
+                             and pager.failure_pages_for(source), timeout=120)
+
+    def assert_names_its_run(page: dict[str, Any], source: str, run_id: str) -> None:
+        # the server stores events a little after its triggers have seen them
+        (ev,) = wait_progress(f"the failed event of run {run_id}", lambda: [
+            e for e in source_events(source, "burrow.backup.failed", since) if run_of(e) == run_id], timeout=60)
+        error = ev.payload["error"]
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as cl:
+            name = cl.read_flow_run(uuid.UUID(run_id)).name
+        body = page["body"]
+        assert body.startswith(f"The backups of source {source} are failing: {error}\n"), body
+        assert f"Flow run {name} ({run_id}): {ui_link(run_id)}" in body, body
+        assert "{{" not in body, body
+
+    try:
+        first_outage = [backup_of(a, ok=False) for _ in range(3)]
+        b_run = backup_of(b, ok=False)
+        (b_page,) = page_of(b, 1)
+        assert_names_its_run(b_page, b, b_run)
+        (a_page,) = pager.failure_pages_for(a)  # three failed runs, one page: the first run's
+        assert_names_its_run(a_page, a, first_outage[0])
+
+        backup_of(a, ok=True)  # a recovers: the outage is over
+        second_outage = [backup_of(a, ok=False) for _ in range(2)]
+        c_run = backup_of(c, ok=False)
+        (c_page,) = page_of(c, 1)
+        assert_names_its_run(c_page, c, c_run)
+        pages = page_of(a, 2)
+        assert len(pages) == 2, pages  # the second outage paged once, for its first failed run
+        assert_names_its_run(pages[1], a, second_outage[0])
+        assert len(pager.failure_pages_for(b)) == 1
+        # the server's own record agrees: the automation fired twice for a, once for b and c
+        fired = firings(automation.id, since)
+        assert {k: len(v) for k, v in fired.items()} == {f"burrow.source.{a}": 2, f"burrow.source.{b}": 1,
+                                                          f"burrow.source.{c}": 1}, fired
+    finally:
+        delete_automation(automation)
+        pager.close()

@@ -15,7 +15,9 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -76,8 +78,20 @@ def test_the_automations_parse_and_watch_what_they_promise():
     autos = {a.name: a for a in automations_of(REPO / "deployments" / "automations.yaml",
                                                "00000000-0000-0000-0000-000000000001")}
     failed = autos["burrow-run-failed"].trigger
-    assert {"burrow.backup.failed", "burrow.failover.failed"} <= set(failed.expect)
-    assert failed.posture.value == "Reactive"
+    assert set(failed.expect) == {"burrow.failover.failed"} and failed.posture.value == "Reactive"
+    # backup failures page once per outage per source (tests/test_automation_fires.py makes it fire)
+    outage = autos["burrow-backup-failed"].trigger
+    assert outage.posture.value == "Reactive" and set(outage.expect) == {"burrow.backup.failed"}
+    assert set(outage.after) == {"burrow.backup.completed", "burrow.alerts.armed"}
+    assert set(outage.for_each) == {"prefect.resource.id"} and outage.threshold == 1
+    assert outage.within.days >= 3650  # an arming lasts until a failure uses it
+    crashed = autos["burrow-run-crashed"].trigger
+    assert set(crashed.for_each) == {"related:deployment:prefect.resource.id"} and crashed.within.total_seconds() == 3600
+    # every page names the flow run and links to it
+    for name in ("burrow-backup-failed", "burrow-run-failed", "burrow-rehearsal-failed", "burrow-backup-missing",
+                 "burrow-run-crashed"):
+        (action,) = autos[name].actions
+        assert "{{ flow_run|ui_url }}" in action.body and "{{ flow_run.name }}" in action.body, name
     assert set(autos["burrow-rehearsal-failed"].trigger.expect) == {"burrow.rehearsal.failed"}
     missing = autos["burrow-backup-missing"].trigger
     assert missing.posture.value == "Proactive" and set(missing.for_each) == {"prefect.resource.id"}
@@ -166,7 +180,7 @@ def test_a_failover_rto_is_machine_time_and_the_approval_wait_is_beside_it(monke
     monkeypatch.setattr(flows.failover, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     published: list[dict] = []
     monkeypatch.setattr(flows.failover, "publish_summary",
-                        lambda kind, summary, lists, dry_run: published.append(dict(summary)))
+                        lambda kind, summary, lists, dry_run, **shown: published.append(dict(summary)))
     emitted: list[dict] = []
     monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: emitted.append(kw))
 
@@ -191,3 +205,49 @@ def test_a_failover_rto_is_machine_time_and_the_approval_wait_is_beside_it(monke
         now[0] += 3.0
     run.publish()
     assert run.summary["rto_s"] == pytest.approx(3.0) and run.summary["approval_wait_s"] == 0.0
+
+
+def test_setup_arms_every_backup_source():
+    sys.path.insert(0, str(REPO / "deployments"))
+    from setup import backup_sources_of
+
+    assert backup_sources_of(SPEC) == sorted(d["parameters"]["name"] for d in BY_NAME.values()
+                                             if d["entrypoint"] == "flows/backup.py:backup")
+
+
+def test_loading_a_burrow_block_adds_no_event_to_the_feed(tmp_path):
+    """Prefect emits ``prefect.block.<slug>.loaded`` for every block load, and a run loads
+    several: Burrow's blocks emit none (blocks/base.py). A Prefect block loaded right after
+    does, so the feed is read after it has caught up with both loads."""
+    from prefect.blocks.core import Block
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    from blocks.local import LocalStore
+    from blocks.registry import register_twins
+
+    register_twins()
+    name = "feed-" + uuid.uuid4().hex[:8]
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    LocalStore(path=str(tmp_path)).save(name)
+    Secret(value="not-a-real-secret").save(name)
+    assert LocalStore.load(name).path == str(tmp_path)
+    assert Block.load(f"burrow-local-store/{name}").path == str(tmp_path)
+    Secret.load(name)  # the control: a Prefect block's load is in the feed
+
+    def loaded() -> list[str]:
+        flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(prefix=["prefect.block."]))
+        with get_client(sync_client=True) as c:
+            page = c.read_events(filter=flt, limit=50)
+            events = list(page.events)
+            while page.next_page:
+                page = c.read_events_page(page.next_page)
+                events += page.events
+        return [e.event for e in events if e.resource.get("prefect.resource.name") == name]
+
+    deadline = time.monotonic() + 120
+    while "prefect.block.secret.loaded" not in loaded():
+        assert time.monotonic() < deadline, "the control block's load event never showed up"
+        time.sleep(0.5)
+    assert loaded() == ["prefect.block.secret.loaded"]
