@@ -29,6 +29,7 @@ _REPLY = struct.Struct("!iqi")  # xid, zxid, err
 _REQ = struct.Struct("!iii")  # length, xid, type
 _STAT = struct.Struct("!qqqqiiiqiiq")
 _MULTI = struct.Struct("!iBi")  # type, done, err
+_CREATE_HEAD = struct.Struct("!iBii")  # a multi's create op (type, done, err) and its path's length
 STAT_SIZE = _STAT.size
 
 OP_CREATE, OP_GETDATA, OP_GETACL, OP_SETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 4, 6, 7, 8, 14, -11, 100
@@ -175,22 +176,30 @@ class WireSession:
         parts.append(_MULTI.pack(-1, 1, -1))
         self._queue(OP_MULTI_READ, b"".join(parts))
 
-    def multi_create(self, ops: list[tuple[str, bytes, tuple[tuple[int, str, str], ...]]]) -> None:
-        """Queue one multi transaction creating ``(path, data, ((perms, scheme, id), ...))``."""
-        parts = []
-        head = _MULTI.pack(OP_CREATE, 0, -1)
-        prefix = self.prefix
+    def multi_create(self, ops: list[tuple[bytes, bytes, tuple[tuple[int, str, str], ...]]]) -> int:
+        """Queue one multi transaction creating ``(path, data, ((perms, scheme, id), ...))``
+        (``path``: the node's path as UTF-8 bytes, below the chroot). Returns the length of the
+        reply frame should every create succeed (:func:`created_all`)."""
+        parts: list[bytes] = []
+        add = parts.extend
+        head, length = _CREATE_HEAD.pack, _INT.pack
+        prefix = self.prefix.encode("utf-8")
         acl_cache = self._acl_cache
+        paths = 0
         for path, data, acl in ops:
-            acl_bytes = acl_cache.get(acl)
-            if acl_bytes is None:
-                acl_bytes = _acl_bytes(acl)
+            tail = acl_cache.get(acl)  # the ACL vector and the flags (0: a persistent node)
+            if tail is None:
+                tail = _acl_bytes(acl) + b"\x00\x00\x00\x00"
                 if len(acl_cache) < 10000:
-                    acl_cache[acl] = acl_bytes
-            p = (prefix + path).encode("utf-8")
-            parts.append(head + _INT.pack(len(p)) + p + _INT.pack(len(data)) + data + acl_bytes + b"\x00\x00\x00\x00")
+                    acl_cache[acl] = tail
+            if prefix:
+                path = prefix + path
+            paths += len(path)
+            add((head(OP_CREATE, 0, -1, len(path)), path, length(len(data)), data, tail))
         parts.append(_MULTI.pack(-1, 1, -1))
         self._queue(OP_MULTI, b"".join(parts))
+        # reply header, then per create its result (type, done, err) and the path created, then the end mark
+        return _REPLY.size + len(ops) * (_CREATE_HEAD.size) + paths + _MULTI.size
 
     def flush(self) -> None:
         """Send everything queued. Replies that arrive meanwhile are buffered, so a full
@@ -356,6 +365,16 @@ def parse_multi_read(frame: bytes, offset: int) -> list[tuple[int, Any]]:
             offset += 4
         else:
             raise ConnectionLoss(f"unexpected multiRead result type {op}")
+
+
+def created_all(frame: bytes, offset: int, expected: int) -> bool:
+    """Whether the reply of a multi of creates says every create succeeded, told without
+    parsing each result: ZooKeeper answers a multi that failed with an error result for every
+    op (rolled back or not run), so one that succeeded starts with a create result, and then
+    holds exactly the created paths (``expected``: what :meth:`WireSession.multi_create`
+    returned; an error result is shorter than a create result). Anything else: parse it
+    (:func:`parse_multi`)."""
+    return len(frame) == expected and _MULTI.unpack_from(frame, offset)[0] == OP_CREATE
 
 
 def parse_multi(frame: bytes, offset: int) -> list[int | None]:

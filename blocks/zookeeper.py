@@ -277,6 +277,7 @@ class ZooKeeperSession:
         self._identified = len(ids) > 1
         self._local_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self._acl_seen: dict[tuple, tuple[Acl, Acl | None, None]] = {}
+        self._last_acl: tuple[Any, tuple[Acl, Acl | None, None] | None] = (None, None)  # (archived, _choose's)
         self._grant_seen: dict[tuple, bool] = {}
         self._inherit: OrderedDict[bytes, Acl] = OrderedDict()  # anonymous: ACL new nodes below a path get
         self._restrictive: set[bytes] = set()  # anonymous planning: archived ACL lets it create no children
@@ -819,6 +820,8 @@ class ZooKeeperSession:
         meta = record.meta
         acl_meta = meta.get("acl")
         if acl_meta:
+            if acl_meta == self._last_acl[0]:  # runs of nodes share one ACL: a list compare
+                return self._last_acl[1]
             try:
                 key: tuple | None = tuple(map(tuple, acl_meta))
                 hit = self._acl_seen.get(key)  # most nodes share a handful of ACLs
@@ -834,6 +837,8 @@ class ZooKeeperSession:
                     hit = (RESTORER_ONLY, acl, None)
                 if key is not None and len(self._acl_seen) < 10000:
                     self._acl_seen[key] = hit
+            if key is not None:
+                self._last_acl = (acl_meta, hit)
             return hit
         if self.block.default_acl == "open":
             return _OPEN_CHOICE
@@ -875,7 +880,7 @@ class ZooKeeperSession:
         results = [False] * len(records)
         window = max(1, self.block.multi_window)
         no_node, exists = NoNodeError.code, NodeExistsError.code
-        inflight: deque[range] = deque()
+        inflight: deque[tuple[range, int]] = deque()
         failed: list[range] = []
         choices = [self._choose(r) for r in records]  # may refuse: before anything is sent
         # Every node a multi transaction creates has that transaction's zxid as its czxid: the
@@ -883,14 +888,15 @@ class ZooKeeperSession:
         made_at: dict[bytes, int] = {}
         self._made_at = made_at
 
-        def settle(batch: range) -> None:
+        def settle(batch: range, expected: int) -> None:
             frame, err, off = wire.reply()
-            codes = zkwire.parse_multi(frame, off) if not err else [err] * len(batch)
+            if not err and zkwire.created_all(frame, off, expected):
+                codes: list[int | None] = []  # (the usual case: told without parsing every result)
+            else:
+                codes = zkwire.parse_multi(frame, off) if not err else [err] * len(batch)
             if all(code is None for code in codes):
-                zxid = zkwire.reply_zxid(frame)
-                for i in batch:
-                    results[i] = True
-                    made_at[records[i].key] = zxid
+                results[batch.start : batch.stop] = [True] * len(batch)
+                made_at.update(dict.fromkeys([records[i].key for i in batch], zkwire.reply_zxid(frame)))
                 return
             # 0 = rolled back, -2 = not run: only the op that failed tells why
             for i, code in zip(batch, codes, strict=False):
@@ -906,12 +912,12 @@ class ZooKeeperSession:
             for size in self._batch_sizes(records):
                 batch = range(start, start + size)
                 start += size
-                wire.multi_create([(records[i].key.decode("utf-8"), records[i].value, choices[i][0]) for i in batch])
-                inflight.append(batch)
+                expected = wire.multi_create([(records[i].key, records[i].value, choices[i][0]) for i in batch])
+                inflight.append((batch, expected))
                 if len(inflight) >= window:
-                    settle(inflight.popleft())
+                    settle(*inflight.popleft())
             while inflight:
-                settle(inflight.popleft())
+                settle(*inflight.popleft())
         except KazooException as exc:
             self._drop_wire()
             raise self._wrap(exc, display_key(records[0].key) if records else "", "creating") from None

@@ -57,6 +57,8 @@ SELECTED, FOLDER, OUTSIDE = 0, 1, 2
 #: outside the selection, an empty intermediate parent, or a second key landing on a planned one.
 CREATE, FOLDED, PARENT, GAP, DUP = range(5)
 _CHECK_CACHE = 10_000
+#: Keys planned between two progress reports (a report per key costs as much as a key's check).
+PROGRESS_EVERY = 1000
 
 
 #: Metadata that is never restored, into any service, because it belongs to the source cluster
@@ -468,30 +470,42 @@ def plan_restore(
             # Outside --subtree, only keys that may be parents of selected ones are kept.
             outside = tree and mapper.subtree is not None
             roots = mapper.selection_roots(source_service, target.service) if outside else None
+            # The loop below runs once per archived key: what does not change per key is decided
+            # here (no --subtree or --map: every key is selected as is; one service: no translation).
+            renames = mapper.subtree is not None or bool(mapper.maps)
+            same = source_service == target.service
+            check, prepare, add = checker.check, session.prepare, (flat.add if flat is not None else None)
+            sort_add = sorter.add
             with progress.stage("plan", total=reader.manifest.get("keys")) as advance:
+                seq = -1
                 for seq, rec in enumerate(reader.records(decryptor)):
-                    advance(1)
-                    mapped = mapper(rec.key)
+                    if not seq % PROGRESS_EVERY and seq:
+                        advance(PROGRESS_EVERY)
+                    mapped = mapper(rec.key) if renames else rec.key
                     if mapped is None:
                         plan.outside_subtree += 1
                         if outside and (renamed := mapper.rename(rec.key)) is not None:
                             key = translate(renamed, source_service, target.service)
                             if (roots is None or related(key, roots)) and checker.path_ok(key):
                                 body = encode_record(Record(key, rec.value, rec.meta))
-                                sorter.add(_sort_line(key, OUTSIDE, seq, body))
+                                sort_add(_sort_line(key, OUTSIDE, seq, body))
                         continue
-                    key = translate(mapped, source_service, target.service)
-                    checker.check(key, rec.meta)
-                    prepared, dropped = session.prepare(Record(key, rec.value, rec.meta), source_service)
-                    plan.dropped(dropped)
+                    key = mapped if same else translate(mapped, source_service, target.service)
+                    check(key, rec.meta)
+                    # (prepare reads its record and returns a new one)
+                    prepared, dropped = prepare(rec if key is rec.key else Record(key, rec.value, rec.meta),
+                                                source_service)
+                    if dropped:
+                        plan.dropped(dropped)
                     rank = SELECTED
                     if not prepared.value and folded_folder(mapped, key):
                         prepared.meta["intermediate"] = True
                         rank = FOLDER
-                    if flat is not None:
-                        flat.add(prepared)
+                    if add is not None:
+                        add(prepared)
                     else:
-                        sorter.add(_sort_line(key, rank, seq, encode_record(prepared)))
+                        sort_add(_sort_line(key, rank, seq, encode_record(prepared)))
+                advance((seq + 1) - (seq // PROGRESS_EVERY) * PROGRESS_EVERY if seq >= 0 else 0)
             if flat is not None:
                 flat.flush()
             else:

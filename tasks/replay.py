@@ -5,7 +5,11 @@ identical or as a conflict."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,17 +62,8 @@ def replay_plan(plan: Plan, target: SourceBlock, undo: UndoSink | None = None) -
     try:
         session.ensure_root()
         total = plan.to_create + plan.intermediate + plan.acl_pending
-        with open_spool_reader(plan.ops_path) as f, progress.stage(f"restore into {plan.target}", total=total) as advance:
-            batch: list[Record] = []
-            size = 0
-            for rec in read_records(f):
-                batch.append(rec)
-                size += len(rec.value)
-                if len(batch) >= BATCH or size >= BATCH_BYTES:
-                    _apply(session, batch, done, created)
-                    advance(len(batch))
-                    batch, size = [], 0
-            if batch:
+        with _Prefetch(plan.ops_path) as batches, progress.stage(f"restore into {plan.target}", total=total) as advance:
+            for batch in batches:
                 _apply(session, batch, done, created)
                 advance(len(batch))
         finish = getattr(session, "finish", None)  # ZooKeeper: archived ACLs set once the children exist
@@ -95,20 +90,87 @@ def replay_plan(plan: Plan, target: SourceBlock, undo: UndoSink | None = None) -
     return done
 
 
+class _Prefetch:
+    """The plan's spool as batches of records, read and decoded by a thread of its own one
+    batch ahead: while the target works on a batch's creates (the replay then waits on the
+    network), the next batch is decoded, so the target does not wait for it in turn. At most
+    one batch waits decoded beside the one being replayed and the one being read (memory
+    stays bounded by BATCH_BYTES per batch). Errors reading the spool come out of the
+    iteration; leaving the ``with`` stops the thread."""
+
+    def __init__(self, ops_path: str) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._path = ops_path
+        self._thread = threading.Thread(target=self._read, name="burrow-replay-read", daemon=True)
+
+    def __enter__(self) -> Iterator[list[Record]]:
+        self._thread.start()
+        return self._batches()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # (it may be waiting to hand over a batch)
+            with contextlib.suppress(queue.Empty):
+                self._queue.get_nowait()
+            self._thread.join(0.05)
+
+    def _put(self, item: Any) -> bool:  # noqa: ANN401 - a batch, an exception or None
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        try:
+            with open_spool_reader(self._path) as f:
+                batch: list[Record] = []
+                size = 0
+                for rec in read_records(f):
+                    batch.append(rec)
+                    size += len(rec.value)
+                    if len(batch) >= BATCH or size >= BATCH_BYTES:
+                        if not self._put(batch):
+                            return
+                        batch, size = [], 0
+                if batch and not self._put(batch):
+                    return
+            self._put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the replaying thread, raised there
+            self._put(exc)
+
+    def _batches(self) -> Iterator[list[Record]]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
 def _apply(session, batch: list[Record], done: Replayed, created: CreatedLog) -> None:  # noqa: ANN001 - a SourceSession
     created.inflight = batch
     outcome = session.create(batch)
     _record_created(session, batch, outcome, created)
     created.inflight = []
     # (a node an interrupted run left on its placeholder ACL, ``acl_pending``, was planned as identical)
-    existed = [r for r, ok in zip(batch, outcome, strict=True)
-               if not ok and not r.meta.get("intermediate") and not r.meta.get("acl_pending")]
+    existed: list[Record] = []
+    made = intermediate = 0
     for r, ok in zip(batch, outcome, strict=True):
+        meta = r.meta
         if ok:
-            if r.meta.get("intermediate"):
-                done.intermediate_created += 1
+            if meta.get("intermediate"):
+                intermediate += 1
             else:
-                done.created += 1
+                made += 1
+        elif not meta.get("intermediate") and not meta.get("acl_pending"):
+            existed.append(r)
+    done.created += made
+    done.intermediate_created += intermediate
     if existed:
         current = session.lookup([r.key for r in existed])
         for r, value in zip(existed, current, strict=True):

@@ -128,9 +128,8 @@ class CreatedLog:
             return
         if self._out is None:
             self._out = open_spool_writer(self.path)
-        with scratch_writes("list of created keys", self.path.parent):
-            for key, version in entries:
-                self._out.write(encode_record(Record(key, b"%d" % version)))
+        with scratch_writes("list of created keys", self.path.parent):  # (one write per batch, not per key)
+            self._out.write(b"".join([encode_record(Record(key, b"%d" % version)) for key, version in entries]))
         self.count += len(entries)
 
     def close(self) -> None:
