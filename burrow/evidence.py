@@ -370,7 +370,7 @@ def build_report(
 ) -> dict[str, Any]:
     """The report (docs/EVIDENCE.md, format ``burrow-evidence/1``) of ``period`` from the runs,
     deployments and store view the tasks read."""
-    in_period = [r for r in runs if r.when is not None and period.since <= r.when <= period.until]
+    in_period = [r for r in runs if r.when is not None and period.since <= r.when < period.until]
     names: set[str] = set()
     for d in deployments:
         if d.source and d.flow in ("backup", "rehearse"):
@@ -606,9 +606,9 @@ def _rpo(name: str, period: Period, controls: Controls, mine: list[HistoryRun], 
             points[key] = when
     target = controls.rpo_target(name)
     end = min(period.until, now)
-    times = sorted(t for t in points.values() if t <= end)
-    before = [t for t in times if t <= period.since]
-    inside = [t for t in times if t > period.since]
+    times = sorted(t for t in points.values() if t <= end and t < period.until)
+    before = [t for t in times if t < period.since]
+    inside = [t for t in times if t >= period.since]
     prev = before[-1] if before else None
     worst: tuple[float, datetime, datetime] | None = None
     lead = (inside[0] - period.since).total_seconds() if inside and prev is None else None
@@ -647,7 +647,7 @@ def _rehearsals(controls: Controls, mine: list[HistoryRun], store: StoreView | N
     # markers of the period no run of the history names (a CLI rehearsal whose run expired, ...)
     for mname, m in sorted(markers.items()):
         at = parse_time(m.get("at"))
-        if mname in named or at is None or not period.since <= at <= period.until:
+        if mname in named or at is None or not period.since <= at < period.until:
             continue
         if not any(archive_key(m.get("archive")) == archive_key(row.get("name")) for row in store_rows):
             continue

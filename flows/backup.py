@@ -144,6 +144,7 @@ def backup(
             stored_bytes=info.size,
             ratio=report.ratio(m["raw_bytes"], info.size),
             content_sha256=m["content_sha256"],
+            archive_created=m.get("created"),  # the signed time: the evidence report's RPO of a pruned archive
             skipped_ephemeral=m.get("skipped_ephemeral", 0),
             point_in_time=m.get("point_in_time", False),
             skipped_excluded=m.get("skipped_excluded", 0),

@@ -103,8 +103,8 @@ def read_history(since: datetime, until: datetime, *, now: datetime | None = Non
                  slot_tolerance_s: float = 300) -> tuple[list[ev.HistoryRun], list[ev.HistoryDeployment]]:
     """Burrow's flow runs whose expected start time is from ``since`` on (to now: a prune after
     the period still tells what became of the period's archives), each with its decoded run
-    facts, and Burrow's deployments with every slot of their schedules (active or paused) in
-    ``[max(since, created), min(until, now - slot_tolerance_s)]``."""
+    facts, and Burrow's deployments with every slot of their schedules (active or paused) from
+    ``max(since, created)`` to ``until`` (excluded) or ``now - slot_tolerance_s``, whichever is first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -176,6 +176,7 @@ def read_history(since: datetime, until: datetime, *, now: datetime | None = Non
             kind, spec, tz = describe_schedule(s.schedule)
             start = max(since, _utc(d.created) or since, _utc(getattr(s, "created", None)) or since)
             slots = schedule_slots(s.schedule, start, horizon) if flow == "backup" else []
+            slots = [x for x in slots if x < until]  # the period is [since, until)
             schedules.append(ev.HistorySchedule(kind=kind, spec=spec, timezone=tz, active=bool(s.active), slots=slots))
         out_deps.append(ev.HistoryDeployment(id=str(d.id), name=dep_names[d.id], flow=flow,
                                              source=str(source) if isinstance(source, str) else None,
