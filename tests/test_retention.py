@@ -99,6 +99,28 @@ def test_the_newest_archive_of_a_source_is_always_kept():
         RetentionPolicy(keep_within="a while").within()
 
 
+def test_the_newest_archive_whose_rehearsal_passed_is_kept():
+    """keep-rehearsed: per source, the newest trusted archive whose newest rehearsal passed by an
+    authenticated marker. An unauthenticated marker, a FAILED newest rehearsal or an archive that
+    cannot be trusted keeps nothing; the rule counts for no other rule."""
+    passed = {"ok": True, "authenticated": True, "at": "2026-11-20T00:00:00Z"}
+    rows = [row(NOW - timedelta(days=i)) for i in range(8)]
+    rows[1]["rehearsal"] = {**passed, "ok": False}                 # its newest rehearsal FAILED
+    rows[2]["rehearsal"] = {**passed, "authenticated": False}      # anyone could have written it
+    rows[3].update(rehearsal=passed, error="unreadable now")        # cannot be trusted
+    rows[5]["rehearsal"] = passed                                   # the proof
+    rows[6]["rehearsal"] = passed                                   # an older proof
+    other = [row(NOW - timedelta(days=i), source="t") for i in range(3)]
+    other[2]["rehearsal"] = passed
+    d = plan_retention(rows + other, RetentionPolicy(keep_last=1), keyed=False, now=NOW)
+    assert kept(d) == {rows[0]["url"], rows[5]["url"], other[0]["url"], other[2]["url"]}
+    assert d.keep[rows[5]["url"]] == ["keep-rehearsed (rehearsal passed at 2026-11-20T00:00:00Z)"]
+    assert {r["url"] for r, _ in d.delete} == {rows[i]["url"] for i in (1, 2, 4, 6, 7)} | {other[1]["url"]}
+    # without a passing, authenticated rehearsal, GFS alone decides
+    bare = [{k: v for k, v in r.items() if k != "rehearsal"} for r in rows]
+    assert kept(plan_retention(bare, RetentionPolicy(keep_last=1), keyed=False, now=NOW)) == {rows[0]["url"]}
+
+
 def archive_bytes(source: str, created: datetime, name: str) -> bytes:
     out = io.BytesIO()
     w = ArchiveWriter(out, service="zookeeper")
