@@ -470,3 +470,28 @@ def test_a_foreign_report_is_found(chained, capsys, tmp_path):
         shutil.copy(elsewhere / copied[part], third / copied[part])
     code, out, _ = verify_cli(capsys, third, key)
     assert code == 6 and "was written to another store" in out and "foreign" in out
+
+
+def test_on_s3_the_reports_are_under_object_lock_and_the_chain_verifies(moto, tmp_path):
+    from test_stores import minio_store, new_bucket, raw_client
+
+    from tasks.evidence import check_store_chain, write_report
+
+    key = tmp_path / "k.key"
+    keygen(key, x25519=False)
+    keys = ArchiveKeys(_keyring(key))
+    bucket = new_bucket(moto, lock=True)
+    store = minio_store(moto, bucket, prefix="ev", object_lock_mode="GOVERNANCE", retain_days=3)
+    links = [write_report(store, keys, small_report(d)) for d in (1, 2)]
+    check = check_store_chain(store, keys)
+    assert check.ok and [r[2]["seq"] for r in check.records] == [1, 2], check.to_dict()
+    c = raw_client(moto)
+    for link in links:
+        for part in ("record", "json", "html"):
+            head = c.head_object(Bucket=bucket, Key=f"ev/{link[part]}")
+            assert head["ObjectLockMode"] == "GOVERNANCE"
+            assert head["ObjectLockRetainUntilDate"] > datetime.now(UTC) + timedelta(days=2)
+            with pytest.raises(Exception, match="AccessDenied"):  # not even version by version
+                c.delete_object(Bucket=bucket, Key=f"ev/{link[part]}", VersionId=head["VersionId"])
+    # the store describes itself as the records name it; the report says where it was chained
+    assert json.loads(store.get_sidecar(links[1]["record"]))["store"] == store.describe()
