@@ -37,7 +37,7 @@ import ijson
 import orjson
 from pydantic import Field, SecretStr
 
-from blocks.source import SourceBlock, WalkStats
+from blocks.source import ChangeBatch, SourceBlock, WalkStats
 from burrow.errors import AuthError, BurrowError, SourceError, SourceUnavailable, UsageError
 from burrow.hosts import is_transient_resolution_failure
 from burrow.paths import foreign_metadata
@@ -655,6 +655,11 @@ class ConsulSession:
             self._pool.shutdown(wait=True)
         self.http.close()
 
+    # -- capture --------------------------------------------------------------------------
+    def watch(self, after: int) -> ConsulWatch:
+        """The prefix's changes as blocking queries see them (a capture's feed): ConsulWatch."""
+        return ConsulWatch(self, after)
+
     def _delete_cas(self, keys: list[str], indexes: list[int]) -> list[int]:
         """Delete each of ``keys`` (one txn's worth) at its ``ModifyIndex`` with ``delete-cas``,
         in one txn; a txn rolled back by keys changed meanwhile runs again without them (up to
@@ -901,3 +906,94 @@ def _is_tls(exc: BaseException) -> bool:
 def _safe(text: str) -> str:
     """Consul's error text, which names keys and limits but never values or tokens."""
     return text or "no details"
+
+
+class ConsulWatch:
+    """Consul's change feed for a capture (blocks/source.py ``ChangeFeed``): blocking queries on
+    the recursive prefix with ``index`` and ``wait``.
+
+    Each answer is the whole prefix at its ``X-Consul-Index``; changes are found by comparing
+    every key's ``ModifyIndex`` with the state tracked from the previous answer, and a key gone
+    from the answer is a delete (at the answer's index: Consul does not say when). So writes to
+    one key between two answers collapse into the last value. The first answer, and any answer
+    whose index went backwards (a restored or rebuilt cluster), is a resync: the whole state.
+    Positions are Consul indexes, shifted up after an index went backwards so that they only
+    ever grow along a chain."""
+
+    WAIT = 2  # seconds a blocking query waits for a change: also how often progress is reported
+
+    def __init__(self, session: ConsulSession, after: int) -> None:
+        self.session = session
+        self.index = 0
+        self.offset = 0
+        self.floor = after  # positions stay above the chain's end
+        self.tracked: dict[str, int] = {}
+        self._closed = False
+        p = session.prefix
+        self._path = "/v1/kv/" + quote(p + "/" if p else "", safe="/")
+        self._cut = len(p) + 1 if p else 0
+
+    def request_progress(self) -> None:
+        return None  # every answer (a change, or the wait running out) reports the index
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _read(self) -> tuple[int, list[dict[str, Any]]]:
+        s = self.session
+        params = {"recurse": ""}
+        if self.index:
+            params.update(index=str(self.index), wait=f"{self.WAIT}s")
+        resp = s._request("GET", self._path, "watching for changes", params=params, ok=(200, 404))
+        header = resp.headers.get("X-Consul-Index", "")
+        if not header.isdigit():
+            raise SourceError(f"Consul at {s.label} answered a blocking query without an index")
+        entries = orjson.loads(resp.content) if resp.status_code == 200 and resp.content else []
+        return int(header), entries
+
+    def __iter__(self) -> Iterator[ChangeBatch]:
+        a2b = binascii.a2b_base64
+        while not self._closed:
+            index, entries = self._read()
+            if self._closed:
+                return
+            current: dict[str, tuple[int, dict[str, Any]]] = {}
+            for e in entries:
+                rel = e["Key"][self._cut:] if self._cut else e["Key"]
+                if rel:
+                    current[rel] = (int(e.get("ModifyIndex") or 0), e)
+            resync = not self.index or index < self.index
+            if index < self.index:
+                self.offset += self.index - index + 1  # positions keep growing past a reset index
+            pos_now = max(index + self.offset, self.floor + 1)
+            if resync:
+                changes = [("put", k.encode("utf-8"), a2b(e["Value"]) if e.get("Value") else b"", pos_now, _meta(e))
+                           for k, (_, e) in sorted(current.items())]
+                self.tracked = {k: mi for k, (mi, _) in current.items()}
+                self.index, self.floor = index, pos_now
+                yield ChangeBatch(changes, pos_now, resync=True)
+                continue
+            if index == self.index:
+                yield ChangeBatch([], self.floor, progress=True)
+                continue
+            changes = []
+            for k, (mi, e) in current.items():
+                if self.tracked.get(k) != mi:
+                    pos = min(pos_now, max(mi + self.offset, self.floor + 1))
+                    changes.append(("put", k.encode("utf-8"), a2b(e["Value"]) if e.get("Value") else b"", pos, _meta(e)))
+            changes += [("del", k.encode("utf-8"), b"", pos_now, {}) for k in self.tracked if k not in current]
+            changes.sort(key=lambda c: c[3])
+            self.tracked = {k: mi for k, (mi, _) in current.items()}
+            self.index, self.floor = index, pos_now
+            yield ChangeBatch(changes, pos_now)
+
+
+def _meta(entry: dict[str, Any]) -> dict[str, Any]:
+    """What a backup records of a Consul key (``walk``): its flags, and a session lock."""
+    meta: dict[str, Any] = {}
+    if entry.get("Flags"):
+        meta["flags"] = entry["Flags"]
+    if entry.get("Session"):
+        meta["session"] = entry["Session"]
+        meta["lock_index"] = entry.get("LockIndex")
+    return meta

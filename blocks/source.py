@@ -104,6 +104,9 @@ class ChangeBatch:
     changes: list[tuple[str, bytes, bytes, int, dict[str, Any]]]
     position: int
     progress: bool = False
+    #: The whole state at ``position`` (every key a ``put``), not changes: a feed that cannot
+    #: resume exactly (Consul, ZooKeeper) starts and restarts with one; keys it leaves out are gone.
+    resync: bool = False
 
 
 class HistoryCompacted(Exception):

@@ -41,7 +41,7 @@ SEAL_BYTES = 8 * 1024 * 1024
 PUT, DELETE, GAP = "put", "del", "gap"
 #: Services whose full archive is one consistent state at a recorded position (etcd: its
 #: revision, Consul: its index), from which any chain covering that position may continue.
-_POSITION_FIELD = {"etcd": "revision", "consul": "index"}
+_POSITION_FIELD = {"etcd": "revision", "consul": "consul_index"}
 
 
 # ----------------------------------------------------------------------------- names
@@ -160,6 +160,7 @@ class Segment:
     gap: dict[str, Any] | None
     changes: int
     catching_up: bool
+    resync: bool = False
 
     @classmethod
     def from_manifest(cls, name: str, url: str, m: dict[str, Any]) -> Segment:
@@ -185,7 +186,7 @@ class Segment:
                 first_position=m["first_position"], last_position=m["last_position"],
                 first_time=first_time, last_time=last_time,
                 gap=m.get("gap") if isinstance(m.get("gap"), dict) else None,
-                changes=m["keys"], catching_up=bool(m.get("catching_up")),
+                changes=m["keys"], catching_up=bool(m.get("catching_up")), resync=bool(m.get("resync")),
             )
         except (KeyError, TypeError, AttributeError, ValueError, ArchiveError):
             raise ArchiveError(f"{url} is not a well-formed change segment (its manifest lacks or garbles the "
@@ -195,7 +196,7 @@ class Segment:
 def segment_manifest_fields(
     *, base: dict[str, Any], prev: Segment | dict[str, Any] | None, first_position: int, last_position: int,
     first_time: int, last_time: int, counts: dict[str, int], catching_up: bool,
-    gap: dict[str, Any] | None = None,
+    gap: dict[str, Any] | None = None, resync: bool = False,
 ) -> dict[str, Any]:
     """The chain fields a capture writes into a segment's manifest (beside the archive fields).
     ``catching_up``: sealed before the capture had caught up with the service after it started
@@ -211,6 +212,8 @@ def segment_manifest_fields(
         fields["prev"] = prev
     if gap is not None:
         fields["gap"] = gap
+    if resync:
+        fields["resync"] = True
     return fields
 
 
@@ -358,8 +361,8 @@ class Point:
 
     chain: Chain
     segments: list[Segment]
-    start_name: str
-    start_sha: str
+    start_name: str | None  # None: the first segment is a resync, the whole state at its position
+    start_sha: str | None
     start_position: int
     at_time: int | None
     at_position: int | None
@@ -426,6 +429,12 @@ def choose(
     if relevant or (dangling and upto is chain.live()[-1]):
         raise ArchiveError(f"the change chain of {source!r} is broken, nothing was written: {(relevant or dangling)[0]}")
     needed = chain.segments[: chain.segments.index(upto) + 1]
+    resyncs = [i for i, s in enumerate(needed) if s.resync]
+    if resyncs:  # a resync is the whole state at its position: start from the last one before the point
+        needed = needed[resyncs[-1]:]
+        return Point(chain=chain, segments=needed, start_name=None, start_sha=None,
+                     start_position=needed[0].first_position - 1,
+                     at_time=None if at_position is not None else at_time, at_position=at_position)
     # The full archive to start from: the newest trusted one whose state is a position the chain
     # covers before the point (any, for a service with positions; else only the chain's own base).
     first = chain.first
@@ -452,10 +461,11 @@ def choose(
 # ----------------------------------------------------------------------------- materialize
 
 
-def _sort_line(key: bytes, position: int, ordinal: int, record_line: bytes) -> bytes:
+def _sort_line(key: bytes, generation: int, position: int, ordinal: int, record_line: bytes) -> bytes:
     # hex keeps byte order and holds no separator; the space sorts below every hex digit, so a
-    # key comes before the keys it prefixes, and a key's lines come by position, then arrival.
-    return key.hex().encode() + b" %020d %012d " % (position, ordinal) + record_line
+    # key comes before the keys it prefixes, and a key's lines come by generation (resyncs seen
+    # before it), position, then arrival.
+    return key.hex().encode() + b" %06d %020d %012d " % (generation, position, ordinal) + record_line
 
 
 def materialize(
@@ -463,15 +473,26 @@ def materialize(
 ) -> Iterator[Record]:
     """The state at ``point``: every record of the start archive ``base``, overlaid by each
     change of ``changes`` (in chain order) that the point includes; a delete removes a key. In
-    bounded memory: every line goes through the external sort, keyed by (key, position, arrival),
-    and the last line of each key decides. Yields the records of the state, by key."""
+    bounded memory: every line goes through the external sort, keyed by (key, generation, position,
+    arrival), and the last line of each key decides.
+
+    A resync (Consul, ZooKeeper: a capture that (re)started lists the whole tree) is the whole
+    state at its position: its records are ``put`` lines with ``m.resync`` set, and a key that
+    is not in the last resync and was not changed after it is gone. ``changes`` starts a new
+    generation at each resync's first record. Yields the records of the state, by key."""
     sorter = ExternalSorter(workdir, what="point-in-time sort run")
     try:
         for r in base:
-            sorter.add(_sort_line(r.key, 0, 0, encode_record(r)))
+            sorter.add(_sort_line(r.key, 0, 0, 0, encode_record(r)))
         n = 0
         last_pos = -1
+        generation = 0
+        in_resync = False
         for r in changes:
+            resync = bool(r.meta.pop("resync", False))
+            if resync and not in_resync:
+                generation += 1
+            in_resync = resync
             op = r.meta.get("op")
             pos = r.meta.get("pos")
             if op == GAP:
@@ -484,35 +505,35 @@ def materialize(
             if not point.includes(r):
                 continue
             n += 1
-            sorter.add(_sort_line(r.key, pos, n, encode_record(r)))
-        yield from _last_per_key(sorter)
+            sorter.add(_sort_line(r.key, generation, pos, n, encode_record(r)))
+        yield from _last_per_key(sorter, b"%06d" % generation)
     finally:
         sorter.close()
 
 
-def _last_per_key(lines: Iterable[bytes]) -> Iterator[Record]:
+def _last_per_key(lines: Iterable[bytes], generation: bytes) -> Iterator[Record]:
+    """The state record of each key's last line, when that line is of the last generation (a
+    key the last resync did not list, and no change touched since, is gone)."""
     current: bytes | None = None
     held: bytes | None = None
     for line in lines:
         key_hex, _, rest = line.partition(b" ")
-        record_line = rest[34:]  # 20 digits, space, 12 digits, space
         if key_hex != current:
-            if held is not None:
-                r = _state_record(held)
-                if r is not None:
-                    yield r
+            if held is not None and (r := _state_record(held, generation)) is not None:
+                yield r
             current = key_hex
-        held = record_line
-    if held is not None:
-        r = _state_record(held)
-        if r is not None:
-            yield r
+        held = rest
+    if held is not None and (r := _state_record(held, generation)) is not None:
+        yield r
 
 
-def _state_record(line: bytes) -> Record | None:
-    """A key's last line as a state record (None: deleted): a change loses its ``op``, ``pos``
-    and ``t`` and keeps the metadata a backup records (etcd: ``mod_revision``)."""
-    r = decode_record(line)
+def _state_record(rest: bytes, generation: bytes) -> Record | None:
+    """A key's last line as a state record (None: deleted, or not of the last generation): a
+    change loses its ``op``, ``pos`` and ``t`` and keeps the metadata a backup records (etcd:
+    ``mod_revision``)."""
+    if rest[:6] != generation:
+        return None
+    r = decode_record(rest[41:])  # generation (6), position (20) and arrival (12), each and a space
     op = r.meta.pop("op", None)
     if op == DELETE:
         return None

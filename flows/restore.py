@@ -140,15 +140,19 @@ def restore_point(
     at_time = None if at in (None, "latest") else segments.parse_point(str(at))
     point = resolve_point_task(store, source, keys, at_time=at_time, at_position=at_revision, latest=at == "latest",
                                allow_unencrypted=allow_unencrypted)
-    summary.update(archive=store.url(point.start_name), segments=len(point.segments),
+    start = point.start_name  # None: the chain's resync before the point is the whole state
+    summary.update(archive=store.url(start) if start else point.segments[0].url, segments=len(point.segments),
                    at=segments.us_to_iso(at_time) if at_time is not None else at,
                    at_position=point.at_position)
     with staging_dir() as work:
-        local = download(store, point.start_name, str(work))
-        validate(local, keys, label=store.url(point.start_name), allow_unencrypted=allow_unencrypted,
-                 expect_manifest_sha256=point.start_sha)
+        local = None
+        if start is not None:
+            local = download(store, start, str(work))
+            validate(local, keys, label=store.url(start), allow_unencrypted=allow_unencrypted,
+                     expect_manifest_sha256=point.start_sha)
         state, state_keys, manifest = materialize(store, point, local, keys, str(work), allow_unencrypted)
-        Path(local).unlink(missing_ok=True)
+        if local is not None:
+            Path(local).unlink(missing_ok=True)
         summary.update(service=manifest["service"], archive_keys=manifest["keys"])
         with source_lock(target_lock_name(into, target)):
             plan_and_replay(state, target, work, state_keys, summary, lists, dry_run=dry_run, subtree=subtree,

@@ -109,6 +109,17 @@ class Capture:
     def take(self, batch: ChangeBatch) -> None:
         t = max(self.last_t, segments.now_us())
         self.last_t = t
+        if batch.resync:
+            # The whole state at the batch's position (a feed that cannot resume exactly): what was
+            # gathered before it is superseded, and it is sealed on its own, at once.
+            self.pending = _Pending()
+            self.synced_at = t
+            for op, key, value, pos, meta in batch.changes:
+                self.pending.records.append(segments.change_record(op, key, value, pos, t, {**meta, "resync": True}))
+                self.pending.counts[op] = self.pending.counts.get(op, 0) + 1
+            self.covered = max(self.covered, batch.position)
+            self.seal(resync=t)
+            return
         for op, key, value, pos, meta in batch.changes:
             r = segments.change_record(op, key, value, pos, t, meta)
             self.pending.records.append(r)
@@ -125,8 +136,9 @@ class Capture:
         caught_up = self.synced_at is not None and self.live_sealed == 0
         return bool(self.pending.records) or self.covered > self.head.after or caught_up or idle_for_long
 
-    def seal(self, *, gap: dict[str, Any] | None = None) -> Segment:
-        """Write what was gathered as the chain's next segment (``gap``: a gap segment instead)."""
+    def seal(self, *, gap: dict[str, Any] | None = None, resync: int | None = None) -> Segment:
+        """Write what was gathered as the chain's next segment (``gap``: a gap segment instead;
+        ``resync``: the time of the resync it holds, the whole state)."""
         now = max(self.last_t, segments.now_us())
         self.last_t = now
         prev = self.head.prev
@@ -141,7 +153,9 @@ class Capture:
             records = self.pending.records
             last_position = self.covered
             counts = self.pending.counts
-            if catching_up:
+            if resync is not None:
+                first_time = max(resync, prev.last_time if prev is not None else 0)
+            elif catching_up:
                 first_time = prev.last_time if prev is not None else now
             elif prev is not None and self.live_sealed:
                 first_time = prev.last_time  # the run's segments follow each other without a break
@@ -151,7 +165,7 @@ class Capture:
         fields = segments.segment_manifest_fields(
             base={k: v for k, v in self.head.base.items() if k in ("name", "manifest_sha256", "position")},
             prev=prev, first_position=first_position, last_position=last_position, first_time=first_time,
-            last_time=now, counts=counts, catching_up=catching_up and gap is None, gap=gap,
+            last_time=now, counts=counts, catching_up=catching_up and gap is None, gap=gap, resync=resync is not None,
         )
         fields.update(service=self.source.service, source=self.source_name, source_url=self.source.describe(),
                       root="/", object_name=name)
@@ -172,13 +186,14 @@ class Capture:
             path.unlink(missing_ok=True)
         seg = Segment.from_manifest(name, self.store.url(name), manifest)
         n = len(records) if gap is None else 0
-        logger().info("capture: sealed %s: %d changes, positions %d to %d%s", name, n, first_position,
+        logger().info("capture: sealed %s: %d %s, positions %d to %d%s", name, n,
+                      "keys (a resync: the whole state)" if resync is not None else "changes", first_position,
                       last_position, " (catching up)" if seg.catching_up else "")
         self.head = ChainHead(self.head.base, seg, last_position, now)
         self.covered = max(self.covered, last_position)
         self.pending = _Pending()
         self.sealed += 1
-        self.live_sealed += 0 if catching_up or gap is not None else 1
+        self.live_sealed += 0 if seg.catching_up or gap is not None else 1
         self.changes += n
         return seg
 

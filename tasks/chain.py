@@ -10,6 +10,7 @@ reordered, missing or foreign segment stops the restore before its plan starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -116,8 +117,8 @@ def resolve_point(
     fulls = trusted_fulls(store, source_name, keys, allow_unencrypted=allow_unencrypted)
     point = segments.choose(found.chains, found.problems, fulls, source=source_name, at_time=at_time,
                             at_position=at_position, latest=latest)
-    logger().info("point in time: %s + %d change segments; %s", store.url(point.start_name), len(point.segments),
-                  found.window().describe())
+    start = store.url(point.start_name) if point.start_name else "a resync"
+    logger().info("point in time: %s + %d change segments; %s", start, len(point.segments), found.window().describe())
     return point
 
 
@@ -150,25 +151,31 @@ def _segment_records(store: ArchiveStore, point: Point, keys: ArchiveKeys, workd
 
 
 def materialize_point(
-    store: ArchiveStore, point: Point, base_path: Path, keys: ArchiveKeys, workdir: Path, *,
+    store: ArchiveStore, point: Point, base_path: Path | None, keys: ArchiveKeys, workdir: Path, *,
     allow_unencrypted: bool = False,
 ) -> tuple[str, ArchiveKeys, dict[str, Any]]:
-    """Write the state at ``point`` (the start archive at ``base_path``, already validated,
-    plus the point's changes) as a private archive in ``workdir``, encrypted under a key that
-    lives only in this process. Returns its path, the keys that open it (for the plan) and its
-    manifest. Any failed check of any segment raises before the archive is finished."""
+    """Write the state at ``point`` (the start archive at ``base_path``, already validated, or
+    none when the point starts from a resync segment, plus the point's changes) as a private
+    archive in ``workdir``, encrypted under a key that lives only in this process. Returns its
+    path, the keys that open it (for the plan) and its manifest. Any failed check of any
+    segment raises before the archive is finished."""
     ephemeral = WriteKeys(mode="symmetric", recipients=[SymmetricKey.generate()], origin="point-in-time")
     state_keys = ArchiveKeys(ephemeral.keyring())
     out_path = workdir / "point-in-time.burrow"
-    with open(base_path, "rb") as bf:
-        base = ArchiveReader(bf, label="the start archive")
-        m = base.manifest
+    with contextlib.ExitStack() as stack:
+        if base_path is not None:
+            base = ArchiveReader(stack.enter_context(open(base_path, "rb")), label="the start archive")
+            m, records = base.manifest, base.records(keys)
+        else:
+            first = point.segments[0]
+            with open_stored(store, first.name) as reader:
+                m, records = reader.manifest, iter(())
         with scratch_writes("point-in-time state", workdir):
             fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
                 writer = ArchiveWriter(out, service=m["service"], encryptor=StreamEncryptor(ephemeral))
                 changes = _segment_records(store, point, keys, workdir, allow_unencrypted)
-                for record in segments.materialize(base.records(keys), changes, point, workdir):
+                for record in segments.materialize(records, changes, point, workdir):
                     writer.add(record)
                 manifest = writer.finish({
                     "service": m["service"], "source": m.get("source"), "source_url": m.get("source_url"),
@@ -181,8 +188,9 @@ def materialize_point(
 
 @task(name="materialize-point")
 def materialize(
-    store: ArchiveStore, point: Point, base_path: str, keys: ArchiveKeys, workdir: str,
+    store: ArchiveStore, point: Point, base_path: str | None, keys: ArchiveKeys, workdir: str,
     allow_unencrypted: bool = False,
 ) -> tuple[str, ArchiveKeys, dict[str, Any]]:
     """Prefect task wrapper of :func:`materialize_point`."""
-    return materialize_point(store, point, Path(base_path), keys, Path(workdir), allow_unencrypted=allow_unencrypted)
+    return materialize_point(store, point, Path(base_path) if base_path else None, keys, Path(workdir),
+                             allow_unencrypted=allow_unencrypted)
