@@ -35,6 +35,11 @@ STAT_SIZE = _STAT.size
 OP_CREATE, OP_GETDATA, OP_GETACL, OP_SETACL, OP_GETCHILDREN, OP_MULTI, OP_CLOSE, OP_AUTH = 1, 4, 6, 7, 8, 14, -11, 100
 OP_MULTI_READ = 22  # ZooKeeper 3.6+: many getData/getChildren in one request
 OP_EXISTS = 3  # needs no permission on the node; the reply is its Stat
+OP_ADD_WATCH, OP_PING = 106, 11  # ZooKeeper 3.6+: addWatch; a ping (xid -2) keeps an idle session alive
+PERSISTENT, PERSISTENT_RECURSIVE = 0, 1  # addWatch modes
+WATCH_XID, PING_XID = -1, -2
+#: Watch event types (a persistent recursive watch sends the first three, for every node below it).
+NODE_CREATED, NODE_DELETED, NODE_DATA_CHANGED, NODE_CHILDREN_CHANGED = 1, 2, 3, 4
 AUTH_XID = -4
 NO_WATCH = b"\x00"
 RECV_SIZE = 1 << 18
@@ -79,6 +84,9 @@ class WireSession:
         self._buf = bytearray()
         self._pos = 0
         self._acl_cache: dict[tuple, bytes] = {}
+        #: Watch notifications that arrived among replies, kept when not None (a capture's
+        #: connection: :meth:`add_watch`, :meth:`next_event`); otherwise they are skipped.
+        self.watch_events: deque[bytes] | None = None
         self.sock = self._connect(hosts, connect_timeout, session_timeout)
         try:
             for scheme, credential in auth or []:
@@ -276,11 +284,58 @@ class WireSession:
             if xid == expected:
                 return frame, err, _REPLY.size
             if xid in (-1, -2):  # a watch event or ping reply: not ours
+                if xid == WATCH_XID and self.watch_events is not None:
+                    self.watch_events.append(frame)
                 continue
             raise ConnectionLoss(f"reply out of order (xid {xid}, expected {expected})")
 
 
+    # -- watches (capture) -------------------------------------------------------------
+    def add_watch(self, path: str, mode: int = PERSISTENT_RECURSIVE) -> None:
+        """Queue an addWatch (ZooKeeper 3.6+): with PERSISTENT_RECURSIVE, every create, delete
+        and data change of ``path`` and every node below it is notified until the session ends
+        (not setACL, and not while disconnected: a new session must resync). Notifications are
+        kept from now on (:meth:`next_event`)."""
+        if self.watch_events is None:
+            self.watch_events = deque()
+        self._queue(OP_ADD_WATCH, _string(self._path(path)) + _INT.pack(mode))
+
+    def ping(self) -> None:
+        """Send a ping (its reply is skipped): keeps a session that only waits for events alive."""
+        self._out += _REQ.pack(8, PING_XID, OP_PING)
+        self.flush()
+
+    def next_event(self, timeout: float) -> tuple[int, str] | None:
+        """The next watch notification as ``(event type, path below the chroot)``, or None when
+        none arrived within ``timeout`` seconds. Call with no request outstanding."""
+        if self.watch_events is None:
+            self.watch_events = deque()
+        while not self.watch_events:
+            if self._pos + 4 > len(self._buf) or self._pos + 4 + _INT.unpack_from(self._buf, self._pos)[0] > len(self._buf):
+                with selectors.DefaultSelector() as sel:
+                    sel.register(self.sock, selectors.EVENT_READ)
+                    if not sel.select(timeout):
+                        return None
+            frame = self._frame()
+            xid = _REPLY.unpack_from(frame, 0)[0]
+            if xid == WATCH_XID:
+                self.watch_events.append(frame)
+            elif xid != PING_XID:
+                raise ConnectionLoss(f"reply out of order (xid {xid}, no request outstanding)")
+        return parse_watch_event(self.watch_events.popleft(), self.prefix)
+
+
 # -- reply parsers -------------------------------------------------------------------------
+
+
+def parse_watch_event(frame: bytes, prefix: str = "") -> tuple[int, str]:
+    """A notification's ``(type, path)`` (WatcherEvent: type, state, path), the chroot cut off."""
+    kind = _INT.unpack_from(frame, _REPLY.size)[0]
+    n = _INT.unpack_from(frame, _REPLY.size + 8)[0]
+    path = frame[_REPLY.size + 12 : _REPLY.size + 12 + max(n, 0)].decode("utf-8")
+    if prefix:
+        path = (path[len(prefix):] or "/") if path == prefix or path.startswith(prefix + "/") else path
+    return kind, path
 
 
 def parse_data(frame: bytes, offset: int) -> tuple[bytes, tuple]:
