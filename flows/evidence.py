@@ -13,7 +13,7 @@ from blocks.keys import archive_keys
 from blocks.resolve import store_from_ref
 from burrow import evidence as ev
 from burrow import naming, report
-from burrow.errors import UsageError
+from burrow.errors import BurrowError, UsageError
 from burrow.runlog import logger
 from burrow.version import __version__
 from flows.common import Ref, burrow_flow, recorded_run
@@ -21,9 +21,13 @@ from tasks.evidence import api_url, read_history_task, read_store_task, ui_url, 
 
 
 def _run_name() -> str:
+    """``evidence-<period label>`` (``evidence-2026-11``), as the artifact is keyed."""
     p = flow_run.parameters
-    when = p.get("month") or p.get("since") or "30d"
-    return f"evidence-{naming.slug(str(when))}-{naming.stamp()}"
+    try:
+        label = ev.parse_period(p.get("since") or "30d", p.get("until"), p.get("month")).label
+    except BurrowError:  # the run itself reports the usage error
+        label = naming.stamp()
+    return f"evidence-{label}"
 
 
 @burrow_flow(name="evidence", flow_run_name=_run_name, persist_result=False)

@@ -156,7 +156,7 @@ def history(zk_a, zk_b, tmp_path_factory) -> dict[str, Any]:
     verified = verify_newest(store=str(store), sources=[src], identity_files=[str(ident)])
     rep = evidence(since=ev.utc_text(since), sources=[src], store=str(store), controls=str(controls),
                    identity_files=[str(ident)])
-    return dict(store=store, src=src, ident=ident, keyfacts=keyfacts, made=made, names=names, passed=passed,
+    return dict(store=store, src=src, controls=controls, ident=ident, keyfacts=keyfacts, made=made, names=names, passed=passed,
                 pruned=pruned, restored=restored, verified=verified, report=rep, since=since, dep_id=dep_id,
                 anchor=anchor, due_from=due_from, interval_s=interval_s, expected=expected, root=root,
                 created=created)
@@ -348,6 +348,29 @@ def test_the_html_report_is_self_contained_parses_and_prints(history):
     assert "url(" not in html_text and "@import" not in html_text
     assert "@media print" in html_text and "table-header-group" in html_text
     assert history["src"] in html_text and SECRET.decode() not in html_text
+
+
+def test_the_cli_without_a_store_reports_from_history_alone(history, cli, tmp_path):
+    h = history
+    page = tmp_path / "report.html"
+    r = cli("evidence", "--since", ev.utc_text(h["since"]), "--source", h["src"], "--controls", str(h["controls"]),
+            "--json", "--html", str(page))
+    assert r.code == 0, r
+    rep = json.loads(r.out)  # stdout: one JSON object, nothing else
+    rep.pop("command"), rep.pop("exit_code")
+    jsonschema.validate(rep, SCHEMA)
+    assert rep["store"] is None and rep["chain"] is None
+    (s,) = rep["sources"]
+    b = s["backups"]
+    assert (b["runs"], b["started"], b["completed"], b["failed"]) == (5, 5, 4, 1)
+    # without the store, what became of each archive is unknown: never claimed present or deleted
+    assert [a["name"] for a in s["archives"]] == h["names"]
+    assert {a["state"] for a in s["archives"]} == {"unknown"}
+    assert s["checks"]["archive-integrity"]["status"] == "n/a"
+    assert [x["result"] for x in s["rehearsals"]] == ["passed", "failed"]
+    assert [x["marker_authenticated"] for x in s["rehearsals"]] == [None, None]
+    assert page.read_text().startswith("<!DOCTYPE html>") and h["src"] in page.read_text()
+    assert SECRET.decode() not in r.out + r.err + page.read_text()
 
 
 # ------------------------------------------------------------------------------ the chain
