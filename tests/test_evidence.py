@@ -518,3 +518,56 @@ def test_on_s3_the_reports_are_under_object_lock_and_the_chain_verifies(moto, tm
                 c.delete_object(Bucket=bucket, Key=f"ev/{link[part]}", VersionId=head["VersionId"])
     # the store describes itself as the records name it; the report says where it was chained
     assert json.loads(store.get_sidecar(links[1]["record"]))["store"] == store.describe()
+
+
+def test_runs_without_facts_are_counted_from_their_state_and_slots_match_within_the_tolerance():
+    """A run that crashed before publishing its facts still counts (by its state and the
+    parameter that names its source); a slot counts as run when a run for it started within the
+    tolerance, and the RPO window before the period's first backup counts from the last backup
+    before the period."""
+    since = datetime(2026, 11, 1, tzinfo=UTC)
+    period = ev.Period(since, since + timedelta(hours=6), "2026-11-01-2026-11-01")
+    hour = timedelta(hours=1)
+    slots = [since + i * hour for i in range(6)]
+
+    def run(i: int, state: str, *, late_s: float = 0, facts: bool = True) -> ev.HistoryRun:
+        at = slots[i]
+        url = f"file:///s/dc-x/dc-x-{i}.burrow"
+        return ev.HistoryRun(
+            id=f"r{i}", name=f"backup-{i}", flow="backup", state=state, expected_start=at + timedelta(seconds=late_s),
+            start=at + timedelta(seconds=late_s + 1), end=at + timedelta(seconds=late_s + 30), deployment="backup/b",
+            deployment_id="d", parameters={"name": "dc-x", "source": "dc-x"},
+            facts={"source": "dc-x", "url": url, "archive_created": ev.utc_text(at + timedelta(seconds=20))}
+            if facts else None,
+        )
+
+    runs = [run(0, "COMPLETED"), run(1, "CRASHED", facts=False), run(2, "COMPLETED", late_s=200),
+            run(4, "COMPLETED", late_s=400), run(5, "FAILED", facts=False)]
+    dep = ev.HistoryDeployment(id="d", name="backup/b", flow="backup", source="dc-x", schedules=[
+        ev.HistorySchedule(kind="cron", spec="0 * * * *", timezone="UTC", active=False, slots=slots)])
+    before = since - timedelta(hours=3)  # the last backup before the period, still in the store
+    store = ev.StoreView(describe="file:///s", rows=[{
+        "name": "dc-x/dc-x-old.burrow", "url": "file:///s/dc-x/dc-x-old.burrow", "source": "dc-x",
+        "created": ev.utc_text(before), "encrypted": True, "encryption_mode": "symmetric", "fingerprints": ["f"],
+        "verification": "full", "object_lock": None, "distrust": None, "keys": 1, "size": 10}])
+    rep = ev.build_report(period=period, controls=ev.load_controls(), runs=runs, deployments=[dep], store=store,
+                          generated_at=period.until + hour)
+    jsonschema.validate(rep, SCHEMA)
+    (s,) = rep["sources"]
+    b = s["backups"]
+    assert (b["scheduled"], b["runs"], b["started"], b["completed"], b["failed"], b["crashed"], b["missed"]) == (
+        6, 5, 5, 3, 1, 1, 2)
+    # slot 3 had no run; slot 4's run started 400 s after it, beyond the 300 s tolerance
+    assert b["missed_slots"] == [ev.utc_text(slots[3]), ev.utc_text(slots[4])]
+    crashed = next(r for r in b["rows"] if r["state"] == "CRASHED")
+    assert crashed["facts"] is False and crashed["status"] == "fail" and crashed["reason"] == "the backup crashed"
+    # RPO: from the backup 3 h before the period to its first one (3 h 20 s), then 2 h, 2 h, and
+    # 1 h 59 min 40 s to the period's end: the first window is the worst
+    points = [before] + [slots[i] + timedelta(seconds=20) for i in (0, 2, 4)]
+    assert s["rpo"]["achieved_s"] == (points[1] - points[0]).total_seconds() == 3 * 3600 + 20
+    assert s["rpo"]["lead_s"] is None and s["rpo"]["successful_backups"] == 3
+    assert s["rpo"]["worst_gap"] == {"from": ev.utc_text(before), "to": ev.utc_text(points[1])}
+    assert s["rpo"]["status"] == "fail"  # above the 2 h default target
+    # the archives the runs made that the store does not hold were deleted outside prune
+    gone = [a for a in s["archives"] if a["state"] == "deleted-outside-prune"]
+    assert [a["name"] for a in gone] == ["dc-x/dc-x-0.burrow", "dc-x/dc-x-2.burrow", "dc-x/dc-x-4.burrow"]
