@@ -435,7 +435,7 @@ def _source(
     by_slug: dict[str, str], now: datetime, ui_url: str | None,
 ) -> dict[str, Any]:
     mine = [r for r in in_period if run_source(r) == name]
-    deps = [d for d in deployments if d.source == name and d.flow in ("backup", "rehearse")]
+    deps = [d for d in deployments if d.source == name and d.flow == "backup"]
     store_rows = [row for row in (store.rows if store else []) if _row_source(row, by_slug) == name]
     backups, backup_rows = _backups(name, controls, mine, deps, ui_url)
     archives = _archives(name, controls, mine, store_rows, store, deleted, ui_url)
