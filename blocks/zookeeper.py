@@ -38,7 +38,7 @@ from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 from pydantic import Field, SecretStr
 
 from blocks import zkwire
-from blocks.source import SourceBlock, WalkStats
+from blocks.source import ChangeBatch, SourceBlock, WalkStats
 from burrow.errors import AuthError, SourceError, SourceUnavailable
 from burrow.hosts import check_resolvable, unreachable_reason
 from burrow.paths import foreign_metadata
@@ -1094,6 +1094,11 @@ class ZooKeeperSession:
         finally:
             self.client.close()
 
+    # -- capture --------------------------------------------------------------------------
+    def watch(self, after: int) -> ZkWatch:
+        """The tree's changes through a persistent recursive watch (a capture's feed): ZkWatch."""
+        return ZkWatch(self, after)
+
 
     # -- cleanup (rehearsals) -------------------------------------------------------------
     def _delete_at_versions(self, deletes: list[tuple[int, str, int]], results: list[bool], wait: float, *,
@@ -1233,3 +1238,115 @@ class ZooKeeperSession:
             log.warning("%d node(s) unchanged since they were created were kept: ZooKeeper at %s denied deleting "
                         "them (their parent's ACL)", denied, self.label)
         return results
+
+
+class ZkWatch:
+    """ZooKeeper's change feed for a capture (blocks/source.py ``ChangeFeed``): a persistent
+    recursive watch (``addWatch``, ZooKeeper 3.6+) on the root, on a wire connection of its own.
+
+    Each notification is followed by a read of the node (getData and getACL, pipelined), and
+    the node is recorded as that read found it, with its ``mzxid``: writes to one node between
+    two reads collapse into the value read. A node gone when read is a delete; ephemeral nodes
+    and excluded subtrees are skipped, as a backup skips them. Positions are the zxid of each
+    read's reply (ZooKeeper's last zxid when it answered): they only grow.
+
+    The watch does not fire on setACL (a changed ACL reaches the chain with the node's next
+    change, or the next full backup), and a connection that was lost has missed notifications:
+    so every (re)connection starts with a resync, a walk of the whole tree (the state at that
+    moment), recorded as such. The watch is added before the walk, so nothing between the two
+    is missed."""
+
+    RECONNECT_FOR = 120.0  # seconds a capture keeps trying to reconnect before it gives up
+
+    def __init__(self, session: ZooKeeperSession, after: int) -> None:
+        self.session = session
+        self.floor = after
+        self._closed = False
+        excluded = [e.rstrip("/") for e in session.block.exclude if e and e != "/"]
+        self._excluded = excluded
+
+    def request_progress(self) -> None:
+        return None  # every read reports its zxid
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _skip(self, path: str) -> bool:
+        return path == "/" or any(path == e or path.startswith(e + "/") for e in self._excluded)
+
+    def __iter__(self) -> Iterator[ChangeBatch]:
+        lost_since: float | None = None
+        while not self._closed:
+            try:
+                for batch in self._follow():
+                    lost_since = None
+                    yield batch
+            except (ConnectionLoss, SessionExpiredError, OSError, SourceUnavailable) as exc:
+                if self._closed:
+                    return
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > self.RECONNECT_FOR:
+                    raise SourceUnavailable(f"lost ZooKeeper at {self.session.label} for more than "
+                                            f"{self.RECONNECT_FOR:g}s while capturing ({type(exc).__name__})") from None
+                time.sleep(1.0)
+
+    def _follow(self) -> Iterator[ChangeBatch]:
+        s = self.session
+        wire = s._new_wire()
+        try:
+            wire.add_watch("/", zkwire.PERSISTENT_RECURSIVE)
+            _, err, _ = wire.reply()
+            if err:
+                raise SourceError(f"ZooKeeper at {s.label} refused the capture's watch (addWatch needs ZooKeeper "
+                                  f"3.6 or later): {EXCEPTIONS[err].__name__}")
+            stats = WalkStats()
+            state = list(s.walk(b"/", stats))
+            wire.exists("/")
+            frame, _, _ = wire.reply()
+            pos = max(zkwire.reply_zxid(frame), self.floor + 1)
+            self.floor = pos
+            yield ChangeBatch([("put", r.key, r.value, pos, r.meta) for r in state], pos, resync=True)
+            last_ping = time.monotonic()
+            while not self._closed:
+                event = wire.next_event(min(1.0, s.block.session_timeout / 3))
+                if time.monotonic() - last_ping > s.block.session_timeout / 3:
+                    wire.ping()
+                    last_ping = time.monotonic()
+                if event is None:
+                    yield ChangeBatch([], self.floor, progress=True)
+                    continue
+                paths = [event[1]]
+                while len(paths) < 1000 and (more := wire.next_event(0)) is not None:
+                    paths.append(more[1])
+                yield self._read(wire, list(dict.fromkeys(p for p in paths if not self._skip(p))))
+        finally:
+            wire.close()
+
+    def _read(self, wire: zkwire.WireSession, paths: list[str]) -> ChangeBatch:
+        """Read each notified node (data, then ACL): a put as found, a delete when gone."""
+        for p in paths:
+            wire.get_data(p)
+            wire.get_acl(p)
+        changes: list[tuple[str, bytes, bytes, int, dict[str, Any]]] = []
+        no_node = NoNodeError.code
+        for p in paths:
+            dframe, derr, doff = wire.reply()
+            aframe, aerr, aoff = wire.reply()
+            pos = max(zkwire.reply_zxid(dframe), zkwire.reply_zxid(aframe), self.floor)
+            self.floor = pos
+            if no_node in (derr, aerr):
+                changes.append(("del", p.encode("utf-8"), b"", pos, {}))
+                continue
+            if derr or aerr:
+                raise EXCEPTIONS[derr or aerr]()
+            data, stat = zkwire.parse_data(dframe, doff)
+            if stat[zkwire.EPHEMERAL_OWNER]:
+                continue
+            meta: dict[str, Any] = {
+                "acl": zkwire.parse_acl(aframe, aoff), "ctime": stat[2], "mtime": stat[3], "version": stat[4],
+                "czxid": stat[0], "mzxid": stat[1], "pzxid": stat[10],
+            }
+            if any(e[1] == "digest" and e[2].endswith(":x") for e in meta["acl"]):
+                meta["acl_redacted"] = True
+            changes.append(("put", p.encode("utf-8"), data, pos, meta))
+        return ChangeBatch(changes, self.floor)

@@ -65,7 +65,9 @@ def chain_head(store: ArchiveStore, source_name: str, keys: ArchiveKeys) -> Chai
         logger().warning("capture: passing by a segment that does not read: %s: %s", url, why)
     open_chains = [c for c in found.chains if not c.ended_by_gap]
     fulls = trusted_fulls(store, source_name, keys)
-    newest_full = next((r for r in fulls if r.get("position") is not None), None)
+    # the newest with a position (etcd, Consul); a ZooKeeper walk has none: its chain starts with a
+    # resync (the whole tree), and the archive only names the chain's start (position 0)
+    newest_full = next((r for r in fulls if r.get("position") is not None), fulls[0] if fulls else None)
     if open_chains:
         chain = max(open_chains, key=lambda c: (c.last.last_time, c.last.name))
         ended = [c for c in found.chains if c.ended_by_gap and c.last.last_time > chain.last.last_time]
@@ -74,11 +76,11 @@ def chain_head(store: ArchiveStore, source_name: str, keys: ArchiveKeys) -> Chai
             base = {"name": last.base_name, "manifest_sha256": last.base_sha, "position": last.base_position}
             return ChainHead(base, last, last.last_position, last.last_time)
     if newest_full is None:
-        raise ArchiveNotFound(f"no trusted full archive of {source_name!r} with a position to start capturing "
-                              f"from in {store.describe()}: run `burrow backup` first")
-    base = {"name": newest_full["name"], "manifest_sha256": newest_full["manifest_sha256"],
-            "position": newest_full["position"], "created": newest_full["created"]}
-    return ChainHead(base, None, int(newest_full["position"]), None)
+        raise ArchiveNotFound(f"no trusted full archive of {source_name!r} to start capturing after in "
+                              f"{store.describe()}: run `burrow backup` first")
+    position = int(newest_full.get("position") or 0)
+    base = {"name": newest_full["name"], "manifest_sha256": newest_full["manifest_sha256"], "position": position}
+    return ChainHead(base, None, position, None)
 
 
 @dataclass
