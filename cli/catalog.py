@@ -171,10 +171,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             "rehearsal": newest_rehearsal(mine),
             "unverified_at_backup": sum(1 for r in mine if r.get("verified") == "unverified"),
         }
+        window = restorable_window(store, source, keys, args.allow_unencrypted)
+        if window is not None:
+            entry["restorable"] = window.to_json()
         if good:
             newest = good[0]
             age = now - created_at(newest)  # type: ignore[operator]
             entry.update(newest=newest["url"], newest_created=newest["created"], newest_age_s=int(age.total_seconds()))
+            if window is not None and window.end is not None:
+                # with a change chain, what a restore can reach is the window's end (RPO-now in seconds)
+                end = datetime.fromtimestamp(window.end / 1e6, UTC)
+                entry["restorable_age_s"] = int((now - end).total_seconds())
+                age = min(age, now - end)
             if max_age is not None and age > max_age:
                 stale.append(source)
         verified = None
@@ -219,6 +227,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 flag += f", {e['unverified_at_backup']} UNVERIFIED at backup (check with burrow verify)"
             mark = "  STALE" if e["source"] in stale else ""
             rehearsed = ", " + rehearsal_text(e.get("rehearsal"))
+            r = e.get("restorable")
+            if r and r.get("to"):
+                gaps = f", {len(r['gaps'])} gaps" if r["gaps"] else ""
+                rehearsed += f", restorable {r['from']} to {r['to']}{gaps}"
             print(f"{e['source']}: {e['archives']} archives, {e['stored_bytes']} B, {newest}{ver}{flag}{rehearsed}{mark}")
             for line in e["flagged_archives"]:  # every anomaly, named: a copy, a replay, an unbound archive
                 print(f"  flagged {line}")
@@ -226,6 +238,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"burrow: newest archive older than {args.max_age} for: {', '.join(stale)}", file=sys.stderr)
         return EXIT_STALE
     return EXIT_OK
+
+
+def restorable_window(store: Any, source: str, keys: Any, allow_unencrypted: bool = False) -> Any:
+    """The source's restorable window from its change segments (burrow/segments.py ``Window``),
+    or None when it has none. Segments that do not read or authenticate are left out of it."""
+    from tasks.chain import read_chains
+
+    found = read_chains(store, source, keys if keys.keyring else None, allow_unencrypted=allow_unencrypted)
+    return found.window() if found.chains else None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
