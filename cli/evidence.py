@@ -46,6 +46,7 @@ def precheck(args: argparse.Namespace) -> None:
     """Usage errors before the orchestrator is asked for."""
     store = _verify_store(args)
     if store is not None:
+        args.runs_no_flow = True  # the chain is in the store: no orchestrator needed (its history may be gone)
         for flag in ("since", "until", "month", "html", "controls"):
             if getattr(args, flag):
                 raise UsageError(f"evidence verify takes no --{flag}")
