@@ -157,6 +157,10 @@ def stage(description: str, total: int | None = None) -> Iterator[Callable[[int]
             yield both
 
 
+#: Items between two looks at the clock of the progress artifact's ``advance``.
+_CHECK_EVERY = 256
+
+
 class _ArtifactReporter:
     """A Prefect progress artifact for one flow run: created lazily, updated at most every
     ``interval`` seconds, never failing the run (a failed call is logged once at DEBUG)."""
@@ -200,8 +204,13 @@ class _ArtifactReporter:
             else:
                 self._send(0.0, f"{label}: {n:,} keys")
 
+        due = [0]  # the clock is read once per _CHECK_EVERY items, not on every call (plan calls per key)
+
         def advance(n: int) -> None:
             done[0] += n
+            if done[0] < due[0]:
+                return
+            due[0] = done[0] + _CHECK_EVERY
             now = time.monotonic()
             if now - self.last >= self.interval:
                 self.last = now
