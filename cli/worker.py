@@ -19,14 +19,17 @@ SIGTERM or SIGINT it
    is what Prefect itself does to cancel a run: the engine raises ``TerminationSignal`` in the
    flow, the run's ``finally``/``except BaseException`` clean-ups run (an S3 upload is aborted,
    nothing is published, the failover journal stays for the next run to finish), and the
-   engine reports the run Crashed;
-2. tells the worker to stop taking work (SIGINT: Prefect's own graceful stop);
-3. after ``--grace`` seconds (default 6) SIGKILLs whatever is left, the worker included;
+   engine reports the run Crashed (the worker, still there, answers the engine's control channel
+   and sees its process end); a run the worker starts meanwhile gets the same;
+2. once the runs have ended, or after ``--grace`` seconds (default 5), stops the worker (SIGINT:
+   Prefect's own graceful stop) and gives it ``WORKER_GRACE_S``;
+3. SIGKILLs whatever is left, runs and worker;
 4. reads each of those runs back from the API and proposes Crashed (forced) for any that is
    still not final, so no run is left Running for a process that is gone.
 
-The whole stop takes at most ``--grace`` plus ``API_BUDGET_S`` of API calls and a moment to reap:
-an init system's or a container runtime's default 10 s before SIGKILL is enough.
+The whole stop takes at most ``--grace`` + ``WORKER_GRACE_S`` + ``API_BUDGET_S`` (9 s by default)
+and a moment to reap: an init system's or a container runtime's default 10 s before SIGKILL is
+enough.
 
 The Prefect settings (``PREFECT_API_URL``, the auth string or key) are read at start, while the
 worker runs, so the stop itself never waits for Prefect's import.
@@ -50,10 +53,12 @@ from typing import Any
 from burrow.errors import EXIT_FAILURE, EXIT_OK
 
 #: Seconds the flow runs get to end on their own after SIGTERM before they are killed.
-GRACE_S = 6.0
+GRACE_S = 5.0
+#: Seconds the worker gets to end after its runs (Prefect's worker stops at once on SIGINT).
+WORKER_GRACE_S = 1.5
 #: Seconds the stop's API calls may take in all (the stop must fit an init system's 10 s);
 #: a run not reached by then is left to the engine's own Crashed report.
-API_BUDGET_S = 2.5
+API_BUDGET_S = 2.0
 _CRASHED_MESSAGE = "the worker was stopped (SIGTERM) while this run was in progress"
 
 
@@ -63,7 +68,7 @@ def register(sub: Any) -> dict[str, Any]:
         "worker", help="run a Prefect process worker that stops cleanly on SIGTERM",
         description="Run Prefect's process worker (prefect worker start --type process) on a pool. On SIGTERM or "
         "Ctrl-C the runs it holds are ended too (reported Crashed; no run is left Running) and the worker exits "
-        "within --grace seconds plus a few: Prefect's own worker waits for them to finish.",
+        "within --grace seconds plus a few (Prefect's own worker leaves them running without it).",
     )
     w.add_argument("action", choices=("start",), help="start the worker (runs until stopped)")
     w.add_argument("--pool", default="burrow", help="the work pool (default: burrow)")
@@ -225,14 +230,20 @@ def stop_worker(proc: subprocess.Popen, grace: float, api: tuple[str, dict[str, 
                 runs[pid] = run_id
                 _signal_group(pid, signal.SIGTERM)
 
-    look()  # first: the runs' processes, while the worker still holds them
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGINT)  # Prefect's graceful stop: no new work
+    # the runs first, while their worker is still there: the engine reports its own Crashed state
+    # and its runner (in the worker) answers the engine's control channel and sees it exit
+    look()
     deadline = time.monotonic() + max(grace, 0.0)
     while time.monotonic() < deadline:
-        look()  # a run the worker started just before it saw the SIGINT
-        if proc.poll() is not None and not any(_alive(p) for p in runs):
+        look()  # a run the worker started meanwhile
+        if not any(_alive(p) for p in runs):
             break
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGINT)  # then the worker: Prefect's graceful stop
+    deadline = time.monotonic() + WORKER_GRACE_S
+    while proc.poll() is None and time.monotonic() < deadline:
+        look()
         time.sleep(0.1)
     for pid in runs:
         if _alive(pid):
