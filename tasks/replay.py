@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,17 +60,24 @@ def replay_plan(plan: Plan, target: SourceBlock, undo: UndoSink | None = None) -
     created = CreatedLog(created_spool(plan.ops_path))
     done.created_path = str(created.path)
     session = target.connect()
+    recorder = _Recorder(created)
     try:
         session.ensure_root()
         total = plan.to_create + plan.intermediate + plan.acl_pending
         with _Prefetch(plan.ops_path) as batches, progress.stage(f"restore into {plan.target}", total=total) as advance:
             for batch in batches:
-                _apply(session, batch, done, created)
+                _apply(session, batch, done, created, recorder)
                 advance(len(batch))
+        recorder.close()
         finish = getattr(session, "finish", None)  # ZooKeeper: archived ACLs set once the children exist
         if finish is not None:
             done.target_report = finish()
     except BaseException as exc:
+        try:
+            recorder.close()  # what the batches before this one created is listed first
+        except Exception as log_exc:  # noqa: BLE001 - the replay's own error is the one to report
+            logger().warning("undo: the list of created keys could not be written (%s); an undo of this run "
+                             "leaves the keys it misses", type(log_exc).__name__)
         _recover_inflight(session, created)
         created.close()
         if undo is not None and created.count:
@@ -152,10 +160,43 @@ class _Prefetch:
             yield item
 
 
-def _apply(session, batch: list[Record], done: Replayed, created: CreatedLog) -> None:  # noqa: ANN001 - a SourceSession
+class _Recorder:
+    """Writes what each batch created into the created-keys list (tasks/undo.py) on a thread of
+    its own, while the next batch is being created: the target does not wait for the list's
+    encoding and sealing. One batch's entries at a time, in order; ``close`` waits for the
+    last one and raises what writing it raised."""
+
+    def __init__(self, created: CreatedLog) -> None:
+        self.created = created
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def add(self, entries: list[tuple[bytes, int]]) -> None:
+        self.wait()
+        if not entries:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="burrow-replay-list")
+        self._pending = self._pool.submit(self.created.add, entries)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                pool, self._pool = self._pool, None
+                pool.shutdown(wait=True)
+
+
+def _apply(session, batch: list[Record], done: Replayed, created: CreatedLog, recorder: _Recorder) -> None:  # noqa: ANN001
     created.inflight = batch
     outcome = session.create(batch)
-    _record_created(session, batch, outcome, created)
+    _record_created(session, batch, outcome, recorder)
     created.inflight = []
     # (a node an interrupted run left on its placeholder ACL, ``acl_pending``, was planned as identical)
     existed: list[Record] = []
@@ -182,7 +223,7 @@ def _apply(session, batch: list[Record], done: Replayed, created: CreatedLog) ->
                     done.conflict_paths.append(display_key(r.key))
 
 
-def _record_created(session, batch: list[Record], outcome: list[bool], created: CreatedLog) -> None:  # noqa: ANN001
+def _record_created(session, batch: list[Record], outcome: list[bool], created: CreatedLog | _Recorder) -> None:  # noqa: ANN001
     """List the keys of ``batch`` this create made, each with the version it was created at,
     read back in one batch (``created_versions``); a key gone meanwhile has nothing to undo."""
     made = [r.key for r, ok in zip(batch, outcome, strict=True) if ok]
