@@ -639,7 +639,8 @@ def _rehearsals(controls: Controls, mine: list[HistoryRun], store: StoreView | N
         result = {"completed": "passed", "failed": "failed"}.get(outcome, outcome)
         restore_s = _num(marker.get("restore_s")) if marker else None
         restore_s = restore_s if restore_s is not None else _num(facts.get("restore_s"))
-        auth = bool(marker.get("authenticated")) if marker else (None if store is None else False)
+        # (None: no store read, no marker written, or the marker went with its pruned archive)
+        auth = bool(marker.get("authenticated")) if marker else None
         out.append(_rehearsal_row(controls, ui_url, run_id=r.id, at=utc_text(r.start or r.when),
                                   archive=_str(facts.get("archive")), result=result, keys=_int(facts.get("keys")),
                                   restore_s=restore_s, authenticated=auth,
@@ -669,6 +670,8 @@ def _rehearsal_row(controls: Controls, ui_url: str | None, *, run_id: str | None
         status, reason = FAIL, f"the rehearsal {result}" + (f": {error}" if error else "")
     elif within is False:
         status, reason = FAIL, f"the restore took {restore_s:.1f} s, above the RTO target of {controls.rto_s:g} s"
+    elif authenticated is False:
+        status, reason = FAIL, "its marker is not authenticated (not signed with a configured read key)"
     else:
         status, reason = PASS, None
     return {**_row(status, reason, ROW_CHECKS["rehearsal"], controls, run_id, ui_url),
@@ -734,7 +737,7 @@ def _source_checks(controls: Controls, backups: dict[str, Any], rpo: dict[str, A
     if rpo["achieved_s"] is None:
         out["rpo"] = verdict(FAIL, "no successful backup to measure the RPO from")
     else:
-        out["rpo"] = verdict(rpo["status"], f"worst {rpo['achieved_s']:g} s against a target of {rpo['target_s']:g} s")
+        out["rpo"] = verdict(rpo["status"], f"worst {_secs(rpo['achieved_s'])} against a target of {_secs(rpo['target_s'])}")
     enc = [a["checks"]["archive-encrypted"] for a in archives]
     out["archive-encrypted"] = verdict(_worst(enc), f"{enc.count(FAIL)} of {len(enc)} archives not encrypted"
                                        if FAIL in enc else f"{enc.count(PASS)} encrypted archives")
@@ -755,8 +758,7 @@ def _source_checks(controls: Controls, backups: dict[str, Any], rpo: dict[str, A
     else:
         out["archive-integrity"] = verdict(PASS, f"{len(present)} archives present; the newest fully verified")
     window_start = period.until - timedelta(days=controls.rehearsal_window_days)
-    good = [r for r in rehearsals if r["status"] == PASS and (parse_time(r["at"]) or period.since) >= window_start
-            and (r["marker_authenticated"] is not False or not store_read)]
+    good = [r for r in rehearsals if r["status"] == PASS and (parse_time(r["at"]) or period.since) >= window_start]
     # the store's markers also prove a rehearsal of the window (one that ran before the period, or
     # whose run history expired)
     marked = [m for m in markers if m.get("ok") and m.get("authenticated")
