@@ -1299,8 +1299,11 @@ class ZkWatch:
             if err:
                 raise SourceError(f"ZooKeeper at {s.label} refused the capture's watch (addWatch needs ZooKeeper "
                                   f"3.6 or later): {EXCEPTIONS[err].__name__}")
-            stats = WalkStats()
-            state = list(s.walk(b"/", stats))
+            walker = ZooKeeperSession(s.block)  # a session of its own: the last one may have died with the server
+            try:
+                state = list(walker.walk(b"/", WalkStats()))
+            finally:
+                walker.close()
             wire.exists("/")
             frame, _, _ = wire.reply()
             pos = max(zkwire.reply_zxid(frame), self.floor + 1)

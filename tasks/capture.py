@@ -260,6 +260,8 @@ def capture_changes(
                 log.warning("capture: gap: %s", gap["reason"])
                 break
             if isinstance(item, BaseException):
+                with contextlib.suppress(Exception):
+                    cap.seal()  # what the feed delivered before it failed is exact: keep it
                 raise item
             if item is not False:
                 cap.take(item)

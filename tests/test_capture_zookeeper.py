@@ -147,3 +147,54 @@ def test_restore_at_each_instant_equals_the_source_across_a_killed_capture(zk_a,
             got = _state(c, target)
             assert got == state, f"restore --at {at} differs: {len(got)} nodes against {len(state)}"
             assert "/eph" not in got
+
+
+def test_a_lost_connection_is_resynced_and_the_changes_made_meanwhile_are_caught(tmp_path, store, key) -> None:
+    """The server is killed mid-capture and started again; changes made as soon as it is back
+    (before or after the capture reconnects) are in the chain: the reconnection resyncs, and the
+    state restored at an instant after it equals the recorded one."""
+    from burrow.testing.servers import start_zookeeper
+
+    zk = start_zookeeper(tmp_path / "zk")
+    port = zk.port
+    try:
+        root = unique_root()
+        with kazoo(zk.url) as c:
+            c.create(root, b"")
+            for i in range(10):
+                c.create(f"{root}/seed{i:02d}", b"s%d" % i)
+        url = f"zk://{zk.url}{root}"
+        name = "src-" + root.strip("/")
+        _backup(url, store, name, key)
+        cap = Capture(url, store, name, key)
+        try:
+            with kazoo(zk.url) as c:
+                for i in range(10):
+                    c.set(f"{root}/seed{i:02d}", b"before")
+                zxid = c.create(f"{root}/before", b"x", include_data=True)[1].czxid
+                _wait_for("a segment before the loss", lambda: _covered(store, name, zxid), cap.proc)
+            resyncs = sum(1 for m in _segments(store, name) if m.get("resync"))
+            zk.kill()
+            zk = start_zookeeper(tmp_path / "zk", port=port)
+            with kazoo(zk.url) as c:
+                c.delete(f"{root}/seed00")
+                c.set(f"{root}/seed01", b"meanwhile")
+                zxid = c.create(f"{root}/meanwhile", b"m", include_data=True)[1].czxid
+                state = _state(c, root)
+                _wait_for("a resync after the reconnection",
+                          lambda: sum(1 for m in _segments(store, name) if m.get("resync")) > resyncs, cap.proc)
+                _wait_for("the changes made meanwhile", lambda: _covered(store, name, zxid), cap.proc)
+                at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+                time.sleep(0.2)
+                zxid = c.create(f"{root}/after", b"a", include_data=True)[1].czxid
+                _wait_for("the window past the instant", lambda: _covered(store, name, zxid), cap.proc)
+        finally:
+            cap.kill()
+        target = unique_root()
+        r = _restore(store, name, key, f"zk://{zk.url}{target}", "--at", at)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with kazoo(zk.url) as c:
+            got = _state(c, target)
+        assert got == state and "/meanwhile" in got and "/seed00" not in got and got["/seed01"][0] == b"meanwhile"
+    finally:
+        zk.stop()
