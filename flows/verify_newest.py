@@ -70,13 +70,13 @@ def verify_newest(
                 newest = select_archives(rows, source, keyed=True, allow_unencrypted=allow_unencrypted).newest
                 if newest is None:
                     log.warning("verify: no trusted archive of %s in %s", source, st.describe())
-                    results.append({"source": source, "archive": "", "outcome": "no trusted archive"})
+                    results.append({"source": source, "archive": "", "outcome": "no trusted archive", "keys": None})
                     continue
                 try:
                     m = verify_task(st, newest["name"], str(work), keys, allow_unencrypted)
                 except (ArchiveError, StoreError) as exc:
                     log.error("verify: %s FAILED: %s", newest["url"], exc)
-                    results.append({"source": source, "archive": newest["url"], "outcome": f"failed: {exc}"})
+                    results.append({"source": source, "archive": newest["url"], "outcome": f"failed: {exc}", "keys": None})
                     continue
                 if verification_of(newest["name"], levels) != "full":
                     try:

@@ -574,3 +574,21 @@ def test_runs_without_facts_are_counted_from_their_state_and_slots_match_within_
     # the archives the runs made that the store does not hold were deleted outside prune
     gone = [a for a in s["archives"] if a["state"] == "deleted-outside-prune"]
     assert [a["name"] for a in gone] == ["dc-x/dc-x-0.burrow", "dc-x/dc-x-2.burrow", "dc-x/dc-x-4.burrow"]
+
+
+def test_verify_newest_fails_a_damaged_archive_and_records_nothing_for_it(zk_a, store, tmp_path):
+    ident = tmp_path / "id.key"
+    keygen(ident, x25519=True)
+    root = unique_root()
+    with kazoo(zk_a.url) as c:
+        c.create(root + "/a", b"1", makepath=True)
+    src = f"ev-{uuid.uuid4().hex[:8]}"
+    made = backup(source=f"zk://{zk_a.url}", store=str(store), name=src, root=root, recipients=[str(ident) + ".pub"])
+    assert made["verified"] == "structure-only"
+    path = Path(made["url"].removeprefix("file://"))
+    flip_body_byte(path)
+    with pytest.raises(BurrowError, match="did not verify"):
+        verify_newest(store=str(store), identity_files=[str(ident)])
+    assert not Path(str(path) + ".verified-full.burrow-meta").exists()
+    assert Path(str(path) + ".verified-structure-only.burrow-meta").exists()
+    assert path.exists()  # a failed verify deletes nothing: that is prune's
