@@ -29,6 +29,8 @@ def register(sub: Any) -> dict[str, Any]:
         pr.add_argument(f"--keep-{period}", type=int, metavar="N",
                         help=f"keep the newest archive of each of the last N {period} periods that hold one")
     pr.add_argument("--keep-within", metavar="DURATION", help="keep every archive made within DURATION of the newest")
+    pr.add_argument("--keep-changes-within", metavar="DURATION", default="7d",
+                    help="keep change segments (restore --at) this long, while a kept archive needs them (default 7d)")
     pr.add_argument("--policy-block", metavar="NAME", help="a saved RetentionPolicy block instead of --keep-* rules")
     pr.add_argument("--max-age-days", type=float, help="only delete archives older than this many days")
     pr.add_argument("--source", help="only this source")
@@ -46,6 +48,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UsageError("--keep-last must be at least 1: the newest archive of a source is never pruned")
     if args.keep_within:
         parse_duration(args.keep_within, "--keep-within")
+    parse_duration(args.keep_changes_within, "--keep-changes-within")
     store_from_ref(args.store).check()
     refs = read_refs(args)
     keyring(refs)
@@ -54,7 +57,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     summary = prune(
         store=args.store, keep_last=args.keep_last, keep_hourly=args.keep_hourly, keep_daily=args.keep_daily,
         keep_weekly=args.keep_weekly, keep_monthly=args.keep_monthly, keep_yearly=args.keep_yearly,
-        keep_within=args.keep_within, policy_block=args.policy_block, max_age_days=args.max_age_days,
+        keep_within=args.keep_within, keep_changes_within=args.keep_changes_within, policy_block=args.policy_block, max_age_days=args.max_age_days,
         source=args.source, dry_run=args.dry_run, **refs,
     )
     if report_json(summary, EXIT_OK):

@@ -14,6 +14,7 @@ from burrow.errors import ArchiveNotFound, StoreError, StoreUnavailable, UsageEr
 from burrow.runlog import logger
 from flows.common import Ref, burrow_flow, recorded_run, store_block_name
 from tasks.catalog import catalog
+from tasks.chain import prune_changes
 from tasks.journal import stale_journal_records
 from tasks.markers import annotate_task, archive_of
 from tasks.retention import (
@@ -49,6 +50,7 @@ def prune(
     passphrase_env: str | None = None,
     key_env: str | None = None,
     key_block: str | None = None,
+    keep_changes_within: str = "7d",
 ) -> dict[str, Any]:
     """Apply a GFS retention policy to ``store``: the ``keep_*`` parameters, or a saved
     RetentionPolicy block (``policy_block``); with neither, ``keep_last=24``. Per source the
@@ -58,7 +60,9 @@ def prune(
     authenticated in this run (tasks/retention.py ``reauthenticate``): one that fails is kept and
     reported, and a source whose newest fails loses nothing. A source's newest archive whose
     rehearsal passed (by an authenticated marker) is kept too (``keep-rehearsed``). An archive's
-    rehearsal markers go with it. Returns the summary, with the rule(s) that kept every archive and the reason for
+    rehearsal markers go with it. Change segments (restore to a point) go when no kept archive
+    needs them or they are older than ``keep_changes_within`` (tasks/chain.py ``prune_chains``).
+    Returns the summary, with the rule(s) that kept every archive and the reason for
     every deletion."""
     log = logger()
     # the event's resource: the one source pruned, or every source of the store
@@ -159,6 +163,11 @@ def prune(
             deleted.append(f"{row['url']}: {why}")
             done.append((row, why))
         decision.delete = done
+        # change segments: the chains no kept archive needs, or older than keep_changes_within
+        remaining = {str(r["name"]) for r in rows if not r.get("error")} - {str(r["name"]) for r, _ in done}
+        sources = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")
+                          and (source is None or r.get("source") == source)})
+        changes = prune_changes(st, sources, remaining, keys if keyed else None, keep_changes_within, dry_run)
         # stray uploads: engineer C (the sweep moves here from the backup path)
         aborted = []
         if not dry_run and hasattr(st, "abort_stray_uploads"):
@@ -172,7 +181,9 @@ def prune(
             authenticated=keyed, not_reauthenticated=not_reauthenticated,
             kept_because={u: rules for u, rules in decision.keep.items()},
             deleted_because={r["url"]: why for r, why in decision.delete},
+            changes_deleted=len(changes),
         )
+        deleted.extend(f"{url}: {why}" for url, why in changes)  # the artifact lists them with their reasons
         return summary
 
 

@@ -58,8 +58,9 @@ class ChainHead:
 
 
 def chain_head(store: ArchiveStore, source_name: str, keys: ArchiveKeys) -> ChainHead:
-    """The end of the source's newest chain that a gap did not close, else a new chain right
-    after the newest trusted full archive with a position (etcd revision, Consul index)."""
+    """The end of the source's newest chain that a gap did not close, when it started after the
+    newest trusted full archive; else a new chain right after that archive (etcd: from its
+    revision; Consul, ZooKeeper: a resync starts every capture anyway)."""
     found = read_chains(store, source_name, keys)
     for url, why in found.bad:
         logger().warning("capture: passing by a segment that does not read: %s: %s", url, why)
@@ -71,7 +72,9 @@ def chain_head(store: ArchiveStore, source_name: str, keys: ArchiveKeys) -> Chai
     if open_chains:
         chain = max(open_chains, key=lambda c: (c.last.last_time, c.last.name))
         ended = [c for c in found.chains if c.ended_by_gap and c.last.last_time > chain.last.last_time]
-        if not ended:
+        # a newer full archive starts a new chain: each chain then spans one full archive to its
+        # successor, which is what prune keeps (or lets go of) with that archive
+        if not ended and (newest_full is None or chain.last.base_name == newest_full["name"]):
             last = chain.last
             base = {"name": last.base_name, "manifest_sha256": last.base_sha, "position": last.base_position}
             return ChainHead(base, last, last.last_position, last.last_time)

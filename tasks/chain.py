@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,60 @@ def materialize(
     """Prefect task wrapper of :func:`materialize_point`."""
     return materialize_point(store, point, Path(base_path) if base_path else None, keys, Path(workdir),
                              allow_unencrypted=allow_unencrypted)
+
+
+def prune_chains(
+    store: ArchiveStore, sources: list[str], remaining: set[str], keys: ArchiveKeys | None, keep_within: timedelta,
+    *, dry_run: bool = False, now: datetime | None = None,
+) -> list[tuple[str, str]]:
+    """Delete the change segments no kept full archive needs (``prune --keep-changes-within``):
+    per source, every chain but the newest (which a capture may be continuing) whose base
+    archive is not among ``remaining`` (the archives this prune keeps) or whose end is older than
+    ``keep_within``. A chain goes from its last segment back to its first, so one a delete
+    refused (Object Lock) or that an interruption stopped is still a whole chain from its start.
+    Without a key nothing is deleted: a segment's manifest must be authenticated first, as an
+    archive's is. Returns ``(url, reason)`` of each segment deleted (or, with ``dry_run``, that
+    would be)."""
+    log = logger()
+    now = now or datetime.now(UTC)
+    cutoff = int((now - keep_within).timestamp() * 1_000_000)
+    out: list[tuple[str, str]] = []
+    for source in sources:
+        found = read_chains(store, source, keys)
+        if len(found.chains) < 2:
+            continue
+        if keys is None or not keys.keyring:
+            log.warning("prune: the change segments of %s are kept: no read key to authenticate them", source)
+            continue
+        newest = max(found.chains, key=lambda c: (c.last.last_time, c.last.name))
+        for chain in found.chains:
+            if chain is newest:
+                continue
+            if chain.first.base_name not in remaining:
+                why = f"change segment of a chain whose base archive {chain.first.base_name} is not kept"
+            elif chain.last.last_time < cutoff:
+                why = "change segment older than --keep-changes-within"
+            else:
+                continue
+            for seg in reversed(chain.segments):
+                if not dry_run:
+                    try:
+                        store.delete(seg.name)
+                    except StoreError as exc:
+                        log.warning("prune: keeping %s: %s", seg.url, exc)
+                        break
+                log.info("prune: %s %s: %s", "would delete" if dry_run else "deleted", seg.url, why)
+                out.append((seg.url, why))
+    return out
+
+
+@task(name="prune-changes", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
+def prune_changes(
+    store: ArchiveStore, sources: list[str], remaining: set[str], keys: ArchiveKeys | None, keep_within: str = "7d",
+    dry_run: bool = False,
+) -> list[tuple[str, str]]:
+    """Prefect task wrapper of :func:`prune_chains` (``keep_within``: a duration, ``7d``)."""
+    from burrow.naming import parse_duration
+
+    return prune_chains(store, sources, remaining, keys, parse_duration(keep_within, "--keep-changes-within"),
+                        dry_run=dry_run)

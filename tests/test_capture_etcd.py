@@ -9,6 +9,7 @@ before anything is written."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -274,6 +275,13 @@ def test_a_compaction_past_the_chain_is_a_recorded_gap_and_a_point_inside_it_is_
         tpath = tpath.encode()
         got = _relative(e.snapshot(tpath + b"/"), tpath)
         assert got == _relative(e.snapshot(prefix.encode() + b"/"), prefix.encode())
+        # status shows the window with its gap, and --max-age checks the window's end
+        r = _cli("status", str(store), "--source", name, "--json", "--no-verify", "--key-file", str(key),
+                 "--max-age", "10m")
+        assert r.returncode == 0, r.stderr[-2000:]
+        window = json.loads(r.stdout)["sources"][0]["restorable"]
+        assert window["from"] < in_gap < window["to"] and len(window["gaps"]) >= 1
+        assert any(a <= in_gap <= b for a, b in window["gaps"]), window
     finally:
         etcd.stop()
 
@@ -312,3 +320,32 @@ def test_a_broken_chain_is_refused_before_any_write(etcd_a, store, key, tmp_path
     # the refusal names what is wrong: the segment itself, or the hole in the chain
     assert ("missing from the store" in error) if attack == "missing" else (victim.name in error or "f0f0f0" in error), error
     assert e.snapshot(target.encode() + b"/") == {}, "a refused restore wrote keys"
+
+
+def test_prune_lets_go_of_the_chain_of_an_archive_it_deletes(etcd_a, store, key) -> None:
+    """A capture after a newer full archive starts a new chain; prune deleting the older archive
+    deletes its chain too (a dry run deletes nothing), and the newer chain still restores."""
+    url, prefix, name, e = _stopped_chain(etcd_a, store, key, changes=20)
+    old_chain = {m["_path"].name for m in _segments(store, name)}
+    _backup(url, store, name, key)
+    cap = Capture(url, store, name, key)
+    e.put(prefix.encode() + b"/second", b"2")
+    rev = e.revision()
+    _wait_for("the new chain", lambda: any(m["_path"].name not in old_chain and m["last_position"] >= rev
+                                           and not m.get("catching_up") for m in _segments(store, name)), cap.proc)
+    cap.kill()
+    new = [m for m in _segments(store, name) if m["_path"].name not in old_chain]
+    assert all("prev" not in m or m["prev"]["name"] not in {f"{name}/changes/{n}" for n in old_chain} for m in new)
+    r = _cli("prune", str(store), "--keep-last", "1", "--source", name, "--key-file", str(key), "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["changes_deleted"] == len(old_chain)
+    assert {m["_path"].name for m in _segments(store, name)} >= old_chain, "a dry run deleted segments"
+    r = _cli("prune", str(store), "--keep-last", "1", "--source", name, "--key-file", str(key), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["changes_deleted"] == len(old_chain)
+    assert {m["_path"].name for m in _segments(store, name)} == {m["_path"].name for m in new}
+    tpath = "/" + unique("pruned")
+    r = _restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{tpath}", "--at", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _relative(e.snapshot(tpath.encode() + b"/"), tpath.encode()) == _relative(
+        e.snapshot(prefix.encode() + b"/"), prefix.encode())
