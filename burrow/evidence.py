@@ -712,9 +712,16 @@ def _recoveries(controls: Controls, mine: list[HistoryRun], ui_url: str | None) 
                     "trigger": trigger_of(r), "approver": approver, "comment": comment,
                     "approved": approval.get("approved") if isinstance(approval.get("approved"), bool) else None,
                     "created": _int(facts.get("created")), "conflicts": _int(facts.get("conflicts")),
-                    "rpo_s": _num(facts.get("rpo_s")), "rto_s": rto, "approval_wait_s": wait,
+                    "rpo_s": _num(facts.get("rpo_s")) if _num(facts.get("rpo_s")) is not None else _age(facts, r),
+                    "rto_s": rto, "approval_wait_s": wait,
                     "rto_target_s": controls.rto_s})
     return out
+
+
+def _age(facts: dict[str, Any], run: HistoryRun) -> float | None:
+    """A restore's RPO: how old its archive (signed ``archive_created``) was when the run started."""
+    made, start = parse_time(facts.get("archive_created")), run.start or run.when
+    return round((start - made).total_seconds(), 3) if made and start else None
 
 
 def _source_checks(controls: Controls, backups: dict[str, Any], rpo: dict[str, Any], archives: list[dict[str, Any]],

@@ -110,6 +110,7 @@ def restore(
             summary.update(
                 service=manifest["service"], source=manifest.get("source"), archive_keys=manifest["keys"],
                 content_sha256=manifest["content_sha256"],
+                archive_created=manifest.get("created"),  # the evidence report's RPO of this restore
             )
             # The target cluster is locked from planning (its first read) to the last write: a backup or
             # another restore of the same cluster, on any worker, waits. A dry run reads it too.

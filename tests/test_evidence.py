@@ -268,6 +268,8 @@ def test_rehearsals_and_recoveries_with_their_times_and_triggers(history):
     assert rec["created"] == h["restored"]["created"] == len(h["expected"]) and rec["conflicts"] == 0
     assert rec["trigger"]["kind"] == "cli" and rec["trigger"]["by"].endswith("@" + socket.gethostname())
     assert rec["approver"] is None and rec["rto_s"] == h["restored"]["duration_s"]
+    run = next(r for r in flow_runs("restore", h["since"]) if str(r.id) == rec["flow_run_id"])
+    assert rec["rpo_s"] == round((std(run.start_time) - h["created"][3]).total_seconds(), 3)  # the archive's age
     assert s["checks"]["recovery"]["status"] == "pass"
 
 
