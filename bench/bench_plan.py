@@ -12,6 +12,9 @@ them up once with ``burrow backup --no-encryption`` into a local store, then tim
 * cli:   the whole ``burrow restore ARCHIVE --into zk://B/<fresh chroot> --json`` command
          (a subprocess: start-up, Prefect flow, download, validate, plan, replay), wall time;
 * fresh: the same command into the root of a ZooKeeper server started for that run (a cold JVM);
+         each CLI row also counts work the machine's load does not change much: the command's CPU
+         seconds and the ZooKeeper server's (/proc). With ``--cli-before COMMIT`` the whole CLI of
+         that commit (git archive) is timed the same way, interleaved with this tree's;
 * burry: with ``--burry BIN`` (a burry binary: GOPATH build of github.com/mhausenblas/burry.sh with
          its vendored dependencies, Go 1.19), ``burry -o backup -t local`` of server A once, then
          ``burry -o restore -t local`` into a fresh server, timed the same way, beside Burrow's.
@@ -73,14 +76,38 @@ def phase_plan(hosts: str, archive: Path, workdir: Path, chroot: str, module: st
             "lookup_calls": asked[0], "lookup_keys": asked[1]}
 
 
-def cli_restore(url: str, into: str, env: dict[str, str]) -> tuple[float, dict]:
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (/proc/PID/stat): the work a
+    ZooKeeper server did for a restore, which the machine's load does not change much."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cli_restore(url: str, into: str, env: dict[str, str], tree: Path | None = None,
+                server_pid: int | None = None) -> tuple[float, dict, dict]:
+    """``burrow restore URL --into INTO --json`` as a subprocess (from ``tree``, a checkout of
+    another commit, when given): its wall time, its summary, and the work counted: the
+    command's CPU seconds (os.wait4) and the ZooKeeper server's (``server_pid``)."""
+    argv = [BURROW] if tree is None else [sys.executable, "-c",
+                                          f"import sys; sys.path.insert(0, {str(tree)!r}); from cli import run; run()"]
+    before = server_cpu(server_pid) if server_pid else 0.0
     t0 = time.monotonic()
-    proc = subprocess.run([BURROW, "restore", url, "--into", into, "--json"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.Popen([*argv, "restore", url, "--into", into, "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(tree or REPO))
+    out, err = proc.communicate(timeout=600)
     seconds = time.monotonic() - t0
+    # (communicate reaped it: its rusage is in RUSAGE_CHILDREN's growth, read per call)
     if proc.returncode != 0:
-        raise SystemExit(f"restore failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return seconds, json.loads(proc.stdout)
+        raise SystemExit(f"restore failed ({proc.returncode}): {err[-2000:]}")
+    work = {"server_cpu": (server_cpu(server_pid) - before) if server_pid else None}
+    return seconds, json.loads(out), work
+
+
+def children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> int:
@@ -92,6 +119,8 @@ def main() -> int:
     ap.add_argument("--before", help="also time tasks/plan.py of this commit (plan only)")
     ap.add_argument("--burry", help="a burry binary: also time its restore into a fresh server")
     ap.add_argument("--burry-runs", type=int, default=1)
+    ap.add_argument("--cli-before", metavar="COMMIT",
+                    help="also time the whole CLI of this commit (git archive), interleaved with this tree's")
     ap.add_argument("--workdir")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -164,29 +193,47 @@ def main() -> int:
                 plans["before"].append(plan_once(before_mod))
         loads.append(os.getloadavg())
 
+        before_tree = None
+        if args.cli_before:  # the whole CLI of another commit, timed interleaved with this one's
+            before_tree = workdir / "before-tree"
+            before_tree.mkdir()
+            archive_tar = subprocess.run(["git", "-C", str(REPO), "archive", args.cli_before], capture_output=True,
+                                         check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(before_tree)], input=archive_tar, check=True)
+        trees: list[tuple[str, Path | None]] = [("after", None)] + ([("before", before_tree)] if before_tree else [])
+
+        def timed(into: str, tree: Path | None, server_pid: int) -> dict:
+            c0 = children_cpu()
+            secs, summary, work = cli_restore(url, into, env, tree, server_pid)
+            if summary.get("created") != seeded:
+                raise SystemExit(f"restore created {summary.get('created')}, expected {seeded}")
+            return {"seconds": secs, "cli_cpu": children_cpu() - c0, **work}
+
         cli_restore(url, f"zk://{b.url}/warmup", env)  # warm-up: the server's JIT
-        cli: list[float] = []
+        cli: dict[str, list[dict]] = {name: [] for name, _ in trees}
         for i in range(args.runs):
-            base = znode_count(b.url)
-            secs, summary = cli_restore(url, f"zk://{b.url}/cli-{i}", env)
-            created = znode_count(b.url) - base - 1  # the chroot itself
-            if summary.get("created") != seeded or created != seeded:
-                raise SystemExit(f"restore created {summary.get('created')} (server counts {created})")
-            cli.append(secs)
-            print(f"cli restore {i + 1}: {secs:.2f}s", flush=True)
+            for name, tree in trees:
+                base = znode_count(b.url)
+                row = timed(f"zk://{b.url}/cli-{name}-{i}", tree, b.pid)
+                created = znode_count(b.url) - base - 1  # the chroot itself
+                if created != seeded:
+                    raise SystemExit(f"the server counts {created} new znodes, expected {seeded}")
+                cli[name].append(row)
+                print(f"cli restore ({name}) {i + 1}: {row['seconds']:.2f}s, CLI CPU {row['cli_cpu']:.2f}s, "
+                      f"server CPU {row['server_cpu']:.2f}s", flush=True)
         loads.append(os.getloadavg())
 
-        fresh: list[float] = []
+        fresh: dict[str, list[dict]] = {name: [] for name, _ in trees}
         for i in range(args.fresh_runs):
-            z = start_zookeeper(workdir / f"zk-fresh-{i}")
-            try:
-                secs, summary = cli_restore(url, f"zk://{z.url}", env)
-                if summary.get("created") != seeded:
-                    raise SystemExit(f"restore created {summary.get('created')}")
-            finally:
-                z.stop()
-            fresh.append(secs)
-            print(f"cli restore into a fresh server {i + 1}: {secs:.2f}s", flush=True)
+            for name, tree in trees:
+                z = start_zookeeper(workdir / f"zk-fresh-{name}-{i}")
+                try:
+                    row = timed(f"zk://{z.url}", tree, z.pid)
+                finally:
+                    z.stop()
+                fresh[name].append(row)
+                print(f"cli restore ({name}) into a fresh server {i + 1}: {row['seconds']:.2f}s, "
+                      f"CLI CPU {row['cli_cpu']:.2f}s, server CPU {row['server_cpu']:.2f}s", flush=True)
         loads.append(os.getloadavg())
 
         burry: list[float] = []
@@ -202,17 +249,19 @@ def main() -> int:
                 z = start_zookeeper(workdir / f"zk-burry-{i}")
                 try:
                     base = znode_count(z.url)
+                    c0, s0 = children_cpu(), server_cpu(z.pid)
                     t0 = time.monotonic()
                     out = subprocess.run([args.burry, "-o", "restore", "-e", z.url, "-t", "local", "-s", snap,
                                           "--timeout=30"], cwd=bdir, capture_output=True, text=True, timeout=3600)
                     secs = time.monotonic() - t0
+                    work = f"burry CPU {children_cpu() - c0:.2f}s, server CPU {server_cpu(z.pid) - s0:.2f}s"
                     created = znode_count(z.url) - base
                 finally:
                     z.stop()
                 if created < seeded:
                     raise SystemExit(f"burry restored {created} znodes (rc {out.returncode}): {out.stderr[-1500:]}")
                 burry.append(secs)
-                print(f"burry restore into a fresh server {i + 1}: {secs:.2f}s ({created} znodes)", flush=True)
+                print(f"burry restore into a fresh server {i + 1}: {secs:.2f}s ({created} znodes; {work})", flush=True)
             loads.append(os.getloadavg())
 
         print()
@@ -222,16 +271,25 @@ def main() -> int:
                 print(f"plan ({name}): median {statistics.median(secs):.2f}s of {', '.join(f'{s:.2f}' for s in secs)}; "
                       f"lookup calls {rows[-1]['lookup_calls']}, keys looked up {rows[-1]['lookup_keys']}; "
                       f"peak RSS {max(r['rss'] for r in rows):.0f} MiB")
-        print(f"whole-CLI restore into a fresh chroot: median {statistics.median(cli):.2f}s of "
-              f"{', '.join(f'{s:.2f}' for s in cli)}")
-        if fresh:
-            print(f"whole-CLI restore into a fresh server: median {statistics.median(fresh):.2f}s of "
-                  f"{', '.join(f'{s:.2f}' for s in fresh)}")
+
+        def med(rows: list[dict], what: str) -> str:
+            return (f"median {statistics.median(r[what] for r in rows):.2f}s of "
+                    + ", ".join(f"{r[what]:.2f}" for r in rows))
+
+        for name, rows in cli.items():
+            print(f"whole-CLI restore ({name}) into a fresh chroot: {med(rows, 'seconds')}; CLI CPU "
+                  f"{med(rows, 'cli_cpu')}; server CPU {med(rows, 'server_cpu')}")
+        for name, rows in fresh.items():
+            if rows:
+                print(f"whole-CLI restore ({name}) into a fresh server: {med(rows, 'seconds')}; CLI CPU "
+                      f"{med(rows, 'cli_cpu')}; server CPU {med(rows, 'server_cpu')}")
         if burry:
             print(f"burry restore into a fresh server: median {statistics.median(burry):.2f}s of "
                   f"{', '.join(f'{s:.2f}' for s in burry)}")
-            if fresh:
-                print(f"ratio burry / Burrow (fresh server medians): {statistics.median(burry) / statistics.median(fresh):.1f}x")
+            if fresh["after"]:
+                for name, rows in fresh.items():
+                    ratio = statistics.median(burry) / statistics.median(r["seconds"] for r in rows)
+                    print(f"ratio burry / Burrow ({name}, fresh server medians): {ratio:.1f}x")
         print(f"{seeded} znodes; {os.cpu_count()} CPUs; load average (1/5/15 min) at start, after plans, "
               f"after CLI, after fresh{', after burry' if burry else ''}: " + "; ".join(f"{x:.2f} {y:.2f} {z:.2f}" for x, y, z in loads))
         return 0

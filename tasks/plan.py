@@ -355,6 +355,9 @@ class _TreePlanner:
         plan = self.plan
         creates: list[bytes] = []
         present: list[Record] = []  # existing nodes holding the archived value (see below)
+        listed = plan.listed if plan._lines is not None else None  # else only the first LIST_LIMIT
+        shown = plan.create_paths
+        made = intermediate = 0
         for kind, node, body, _ in batch:
             current = None if node[_STATE] == MISSING else found.get(node[_KEY])
             if kind == DUP:
@@ -364,10 +367,13 @@ class _TreePlanner:
             elif current is None:
                 node[_STATE] = MISSING
                 if kind == CREATE:
-                    plan.to_create += 1
+                    made += 1
                 else:
-                    plan.intermediate += 1
-                plan.listed(node[_KEY], _LABEL[kind])
+                    intermediate += 1
+                if listed is not None:
+                    listed(node[_KEY], _LABEL[kind])
+                elif len(shown) < LIST_LIMIT:
+                    shown.append(display_key(node[_KEY]) + _LABEL[kind])
                 creates.append(body)
             else:
                 node[_STATE] = PRESENT
@@ -378,6 +384,8 @@ class _TreePlanner:
                     rec = decode_record(body)
                     if rec.value == current:
                         present.append(rec)
+        plan.to_create += made
+        plan.intermediate += intermediate
         if present:
             # An interrupted restore may have left some of them on its placeholder ACL (their
             # archived ACL is set once their children exist): replay finishes those, as the
