@@ -594,3 +594,12 @@ def test_verify_newest_fails_a_damaged_archive_and_records_nothing_for_it(zk_a, 
     assert not Path(str(path) + ".verified-full.burrow-meta").exists()
     assert Path(str(path) + ".verified-structure-only.burrow-meta").exists()
     assert path.exists()  # a failed verify deletes nothing: that is prune's
+
+
+def test_the_evidence_and_verify_newest_flows_refuse_credentials_in_their_parameters():
+    from burrow.errors import UsageError
+
+    for flow in (evidence, verify_newest):
+        with pytest.raises(UsageError) as err:
+            flow(store="s3://AKIA:CANARY-secret@127.0.0.1:1/bucket")
+        assert "CANARY" not in str(err.value) and "store" in str(err.value)
