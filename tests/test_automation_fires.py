@@ -294,30 +294,38 @@ def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_pa
             (schedule,) = c.read_deployment_schedules(dep_id)
             c.update_deployment_schedule(dep_id, schedule.id, active=False)  # the schedule is paused
 
-        def settled() -> bool:
+        def settled() -> list[Any]:
             """Pausing deletes the runs scheduled ahead; those already due (late, on a busy
-            machine) and those under way still run: the outage starts after the last of them."""
+            machine) and those under way still run: the outage starts after the last of them.
+            Their events are stored a little after the runs end: every completed run's event."""
             with get_client(sync_client=True) as c:
                 runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])))
-            return all(r.state.is_final() for r in runs)
+            if not all(r.state.is_final() for r in runs):
+                return []
+            done = {str(r.id) for r in runs if r.state.is_completed()}
+            events = completed()
+            return events if {run_of(e) for e in events} >= done else []
 
-        wait_progress("the runs under way when the schedule was paused to finish", settled, timeout=180)
-        last = completed()[-1]
+        last = wait_progress("the runs under way when the schedule was paused to finish", settled, timeout=180)[-1]
         last_run = run_of(last)
 
         def paged() -> list[dict[str, Any]]:
             return [m for m in pager.pages_for(source) if f"/runs/flow-run/{last_run}" in str(m.get("body"))]
 
-        (page,) = wait_for(f"burrow-backup-missing to page for {source}", paged,
-                           timeout=SERVED_WINDOW + 180)
+        try:
+            (page,) = wait_for(f"burrow-backup-missing to page for {source}", paged, timeout=SERVED_WINDOW + 180)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the pager got: {pager.received}") from None
         # nothing completed after that backup: it is the one the page names, the schedule stayed paused
         assert completed()[-1].id == last.id
         with get_client(sync_client=True) as c:
             assert not [s for s in c.read_deployment_schedules(dep_id) if s.active]
             run_name = c.read_flow_run(uuid.UUID(last_run)).name
-        fired = firings(automation.id, since).get(f"burrow.source.{source}") or []
-        after_last = [t for t in fired if t > last.occurred]
-        assert len(after_last) == 1, (fired, last.occurred)
+        # the server's record of the firing (stored a little after it paged): once, after that backup
+        after_last = wait_progress("the firing's event", lambda: [
+            t for t in firings(automation.id, since).get(f"burrow.source.{source}") or [] if t > last.occurred],
+            timeout=60)
+        assert len(after_last) == 1, (after_last, last.occurred)
         assert after_last[0] >= last.occurred + timedelta(seconds=SERVED_WINDOW) - timedelta(seconds=1)
         assert page["subject"].startswith(f"Burrow: no backup of {source} since ")
         body = page["body"]
@@ -409,10 +417,13 @@ def test_backup_failures_page_once_per_outage_per_source(zk_a, tmp_path):
         assert len(pages) == 2, pages  # the second outage paged once, for its first failed run
         assert_names_its_run(pages[1], a, second_outage[0])
         assert len(pager.failure_pages_for(b)) == 1
-        # the server's own record agrees: the automation fired twice for a, once for b and c
-        fired = firings(automation.id, since)
-        assert {k: len(v) for k, v in fired.items()} == {f"burrow.source.{a}": 2, f"burrow.source.{b}": 1,
-                                                          f"burrow.source.{c}": 1}, fired
+        # the server's own record agrees (its events are stored a little after the pages went out):
+        # the automation fired twice for a, once for b and c
+        want = {f"burrow.source.{a}": 2, f"burrow.source.{b}": 1, f"burrow.source.{c}": 1}
+        fired = wait_progress("the firings' events", lambda: (
+            f := {k: len(v) for k, v in firings(automation.id, since).items()}) and sum(f.values()) >= 4 and f,
+            timeout=60)
+        assert fired == want, fired
     finally:
         delete_automation(automation)
         pager.close()
