@@ -56,6 +56,9 @@ def register(sub: Any) -> dict[str, Any]:
     f.add_argument("--foreign-keys-max", metavar="PCT", type=float,
                    help="refuse a target that already holds more keys outside the archive's paths than PCT percent "
                    "of the archive's key count (default 1): the wrong-cluster guard")
+    f.add_argument("--full-only", action="store_true",
+                   help="restore the full archive alone, without the changes a capture chained after it (by default "
+                   "a failover restores --at latest when a change chain continues the archive)")
     f.add_argument("--dry-run", action="store_true",
                    help="run every read-only check and print the plan; write nothing")
     f.add_argument("--subtree", help="restore only this path and below")
@@ -161,7 +164,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
                 max_age=args.max_age, force=args.force, dry_run=args.dry_run, subtree=args.subtree,
                 maps=args.map or None, max_candidates=args.candidates, allow_unencrypted=args.allow_unencrypted,
                 prefer_rehearsed_within=args.prefer_rehearsed_within, resume=not args.no_resume,
-                resume_within=args.resume_within, cross_service=args.cross_service, **refs, **listing,
+                resume_within=args.resume_within, cross_service=args.cross_service, full_only=args.full_only,
+                **refs, **listing,
                 **({} if args.foreign_keys_max is None else {"foreign_keys_max": args.foreign_keys_max}),
             )
     except BaseException as exc:

@@ -198,6 +198,7 @@ def failover(
     list_sealed: bool = False,
     cross_service: bool = False,
     foreign_keys_max: float = FOREIGN_KEYS_MAX_PCT,
+    full_only: bool = False,
 ) -> dict[str, Any]:
     """Fail ``source`` (the source name its backups record) over from ``store`` into ``into``.
 
@@ -218,6 +219,11 @@ def failover(
     (not even the scratch key of the writability check). ``list_file``/``list_sealed``: every
     planned create's line, as in flows/restore.py (``--list``, ``--list-file``). Returns the
     run summary.
+
+    When the source has a change chain (``burrow capture``) that continues the chosen archive,
+    the failover restores ``--at latest``: the archive plus the chain's changes up to its end
+    (every segment checked before anything is written), and the preflight gives the RPO of the
+    chain's end beside the archive's. ``full_only`` restores the archive alone.
     """
     run = _Run({"status": "failed", "source": source, "dry_run": dry_run, "force": force}, dry_run)
     summary = run.summary
@@ -257,8 +263,11 @@ def failover(
                 if not guarded:
                     _guard_primary(run, None, source, manifest.get("source_url"), target, force)
                 _sanity(run, row, manifest, choice.trusted, force)
+                # the state to restore: the archive, or (a change chain continuing it) the chain's end
+                state, state_keys, manifest = _at_latest(run, st, source, row, local, manifest, keys, work,
+                                                         allow_unencrypted, full_only)
                 with run.step("target"):
-                    _guard_target(run, target, local, manifest, keys, reached, force=force,
+                    _guard_target(run, target, state, manifest, state_keys, reached, force=force,
                                   cross_service=cross_service, foreign_keys_max=foreign_keys_max,
                                   subtree=subtree, maps=maps)
 
@@ -268,7 +277,7 @@ def failover(
                 # The on-call's approval is awaited under the lock too, for the same reason.
                 with source_lock(target_lock_name(into, target)):
                     with run.step("plan"):
-                        p = plan_task(local, target, str(work), subtree=subtree, maps=maps, decryptor=keys,
+                        p = plan_task(state, target, str(work), subtree=subtree, maps=maps, decryptor=state_keys,
                                       listed=bool(list_file))
                     plan_summary(p, summary, run.lists, dry_run=dry_run)
                     if dry_run:
@@ -286,7 +295,7 @@ def failover(
                     save_list(p, list_file, list_sealed, summary)
                     with run.step("postverify"):
                         checked = postverify(
-                            local, target, subtree=subtree, maps=maps, decryptor=keys,
+                            state, target, subtree=subtree, maps=maps, decryptor=state_keys,
                             conflict_paths=summary["conflict_paths"], conflicts=summary["conflicts"],
                         )
                 _report_postverify(run, checked, target)
@@ -297,6 +306,36 @@ def failover(
         with suppress(AttributeError, TypeError):
             exc.failover_summary = summary  # type: ignore[attr-defined]
         raise
+
+
+def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str, manifest: dict[str, Any],
+               keys: Any, work: Any, allow_unencrypted: bool, full_only: bool) -> tuple[str, Any, dict[str, Any]]:
+    """``(archive path, its keys, its manifest)`` to restore: the chosen archive as it is, or, when
+    the source's change chain continues it up to a later point, the state at the chain's end
+    (tasks/chain.py), with a preflight line giving both RPOs. A broken chain refuses the run."""
+    from burrow import segments
+    from tasks.chain import materialize, read_chains, resolve_point_task
+
+    if full_only:
+        run.preflight.append("changes: not applied (--full-only)")
+        return local, keys, manifest
+    if not read_chains(st, source, keys if keys.keyring else None, allow_unencrypted=allow_unencrypted).chains:
+        return local, keys, manifest
+    point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
+    if point.start_name != row["name"]:
+        run.preflight.append(f"changes: the change chain does not continue {row['url']}: restoring the archive alone")
+        return local, keys, manifest
+    state, state_keys, state_manifest = materialize(st, point, local, keys, str(work), allow_unencrypted)
+    end = point.segments[-1].last_time if point.segments else None
+    now = segments.now_us()
+    full_rpo = int((now - segments.iso_to_us(manifest.get("created"))) / 1e6)
+    if end is not None:
+        chain_rpo = int((now - end) / 1e6)
+        run.summary.update(at="latest", at_time=segments.us_to_iso(end), segments=len(point.segments),
+                           rpo_full_s=full_rpo, rpo_s=chain_rpo)
+        run.preflight.append(f"changes: --at latest, {len(point.segments)} change segments to "
+                             f"{segments.show_time(end)} (RPO {chain_rpo}s) beside the archive's RPO {full_rpo}s")
+    return state, state_keys, {**manifest, "keys": state_manifest["keys"]}
 
 
 def _limits(max_age: str | None, resume_within: str, prefer_rehearsed_within: str, max_candidates: int) -> _Limits:

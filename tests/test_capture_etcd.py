@@ -349,3 +349,21 @@ def test_prune_lets_go_of_the_chain_of_an_archive_it_deletes(etcd_a, store, key)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _relative(e.snapshot(tpath.encode() + b"/"), tpath.encode()) == _relative(
         e.snapshot(prefix.encode() + b"/"), prefix.encode())
+
+
+def test_failover_restores_the_chain_end_by_default_and_the_archive_alone_with_full_only(etcd_a, store, key) -> None:
+    url, prefix, name, e = _stopped_chain(etcd_a, store, key, changes=20)
+    want = _relative(e.snapshot(prefix.encode() + b"/"), prefix.encode())
+    assert len(want) == 30  # 10 seeds in the archive, 20 changes in the chain
+    host = f"etcd://{etcd_a.host}:{etcd_a.port}"
+    latest_target, full_target = "/" + unique("fo"), "/" + unique("full")
+    r = _cli("failover", name, "--from", str(store), "--into", host + latest_target, "--primary", "etcd://127.0.0.1:1",
+             "--key-file", str(key))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "--at latest" in r.stdout + r.stderr
+    assert _relative(e.snapshot(latest_target.encode() + b"/"), latest_target.encode()) == want
+    r = _cli("failover", name, "--from", str(store), "--into", host + full_target, "--primary", "etcd://127.0.0.1:1",
+             "--key-file", str(key), "--full-only", "--no-resume")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    got = _relative(e.snapshot(full_target.encode() + b"/"), full_target.encode())
+    assert got == {k: v for k, v in want.items() if k.startswith(b"/seed")}
