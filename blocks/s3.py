@@ -962,7 +962,7 @@ class _MultipartWriter(io.RawIOBase):
             self.abort()
             raise
         finally:
-            self.pool.shutdown(wait=True)
+            self.pool.shutdown(wait=not self.finished)  # an aborted upload waits for no part (abort)
         self.finished = True
         if self.retain is not None:
             self.store._lock_object(self.name, self.key, self.retain)
@@ -973,7 +973,11 @@ class _MultipartWriter(io.RawIOBase):
         self.finished = True
         for _, _, fut in self.inflight:
             fut.cancel()
-        self.pool.shutdown(wait=True)
+        # The upload is aborted at once, without waiting for the parts still in flight: one may
+        # hang on a stalled connection, and an abort that waits for it never happens when the run
+        # is being stopped (SIGTERM, then SIGKILL a few seconds later), leaving the upload open.
+        # A part that lands after the abort is refused (NoSuchUpload); nothing waits for it.
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.store._abort(self.name, self.key, self.upload_id)
 
     def flush(self) -> None:
