@@ -193,10 +193,13 @@ def to_markdown(outcome: str, facts: dict[str, Any], *, steps: list[tuple[str, s
         lines += ["### Facts", "", "| fact | value |", "|---|---|"]
         for k, v in facts.items():
             text = value_text(k, v)
-            if len(text) > CELL_MAX or "://" in text:
-                if len(text) > CELL_MAX:
-                    full.append((k, text))
+            # a long unbroken value (a URL, a checksum) would not wrap: shortened, given whole below
+            unbroken = len(text) > CELL_MAX and any(len(word) > CELL_MAX // 2 for word in text.split())
+            if unbroken:
+                full.append((k, text))
                 text = _code(_short(text))
+            elif "://" in text:
+                text = _code(text)
             else:
                 text = _cell(text)
             lines.append(f"| {_cell(k)} | {text} |")
