@@ -4,9 +4,10 @@ of time; on a gap, take a full backup at once and continue the chain from it."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from blocks.keys import backup_write_keys
 from blocks.resolve import source_from_ref, store_from_ref
@@ -64,7 +65,11 @@ def capture(
             log.warning("encryption is turned off: change segments are written unencrypted")
         started = time.monotonic()
         totals = {"segments": 0, "changes": 0, "gaps": 0, "backups": 0}
-        with staging_dir() as work, source_lock(f"capture-{source_name}"):
+        # one capture per source: a deployment's own concurrency limit (1, enqueued) under a
+        # deployment, else the capture lock when it exists (a second capture would fork the chain,
+        # which restores refuse)
+        lock = nullcontext() if deployment.id else source_lock(f"capture-{source_name}")
+        with staging_dir() as work, lock:
             while True:
                 left = None if duration_s is None else max(0.0, duration_s - (time.monotonic() - started))
                 done = capture_task(src, dst, source_name, write_keys, str(work), seal_every_s, left)
