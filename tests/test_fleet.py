@@ -18,124 +18,35 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BURROW, PREFECT_SERVER_LOG, REPO, SESSION_DIR
-from kvutil import Etcd, consul_client, unique
+from conftest import PREFECT_SERVER_LOG, SESSION_DIR
 from test_orchestrator import _client, children_of, logs_of, runs_by_id, task_runs_of, wait_final, wait_for
-from zkutil import kazoo, unique_root
 
-from blocks.consul import ConsulCluster
-from blocks.etcd import EtcdCluster
-from blocks.keys import EncryptionKeys
-from blocks.local import LocalStore
-from blocks.zookeeper import ZooKeeperCluster
-from burrow.keys import Keyring, X25519Identity
+from burrow.keys import Keyring
+from burrow.testing.fleet import Fleet, deploy_fleet, seed_fleet, start_workers, stop_workers
 
 CLUSTERS = int(os.environ.get("BURROW_FLEET_CLUSTERS", "200"))
 WORKERS = 3
 LIMIT = 4
 #: clusters that get a second backup run beside the fleet's (their per-cluster lock is checked)
 TWICE = 6
-PREFECT = str(Path(REPO / ".venv" / "bin" / "prefect")) if (REPO / ".venv" / "bin" / "prefect").exists() else "prefect"
-
-
-def _prefect(*args: str) -> None:
-    got = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
-
-
-def _seed(zk_a: Any, etcd_a: Any, consul_a: Any, tag: str) -> list[tuple[str, Any, dict[str, bytes]]]:
-    """CLUSTERS clusters (name, source block, the keys written), a third on each service."""
-    clusters: list[tuple[str, Any, dict[str, bytes]]] = []
-    e = Etcd(etcd_a.url)
-    kv = consul_client(consul_a.url).kv
-    try:
-        with kazoo(zk_a.url) as zk:
-            for i in range(CLUSTERS):
-                name = f"{tag}-{i:03d}"
-                keys = {f"/app/k{j}": f"{name}-v{j}".encode() for j in range(3)}
-                if i % 3 == 0:
-                    root = unique_root()
-                    for path, value in keys.items():
-                        zk.create(root + path, value, makepath=True)
-                    block: Any = ZooKeeperCluster(hosts=[zk_a.url], chroot=root)
-                elif i % 3 == 1:
-                    prefix = "/" + unique("fleet")
-                    for path, value in keys.items():
-                        e.put((prefix + path).encode(), value)
-                    block = EtcdCluster(endpoints=[f"127.0.0.1:{etcd_a.port}"], prefix=prefix)
-                else:
-                    prefix = unique("fleet")
-                    for path, value in keys.items():
-                        kv.put(prefix + path, value)
-                    block = ConsulCluster(address=f"127.0.0.1:{consul_a.port}", prefix=prefix)
-                clusters.append((name, block, keys))
-    finally:
-        e.close()
-    return clusters
 
 
 @pytest.fixture(scope="module")
 def fleet(zk_a, etcd_a, consul_a, tmp_path_factory) -> Any:
     """The clusters, their blocks, limits and backup deployments on a private pool, the fleet
-    deployment, and three process workers on that pool."""
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    from flows.common import source_limit_name
-
-    tag = "fl" + uuid.uuid4().hex[:6]
-    pool = f"fleet-{tag}"
-    store_dir = tmp_path_factory.mktemp("fleet-store")
-    identity = X25519Identity.generate()
-    clusters = _seed(zk_a, etcd_a, consul_a, tag)
-
-    LocalStore(path=str(store_dir)).save(f"{tag}-store", overwrite=True)
-    EncryptionKeys(recipients=[identity.recipient.to_text()]).save(f"{tag}-keys", overwrite=True)
-    for name, block, _ in clusters:
-        block.save(name, overwrite=True)
-    _prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
-    pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
-    deployments: dict[str, Any] = {}
-    with _client() as c:
-        backup_flow = c.create_flow_from_name("backup")
-        fleet_flow = c.create_flow_from_name("backup-fleet")
-        for name, _, _ in clusters:
-            c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=source_limit_name(name), limit=1))
-            deployments[name] = c.create_deployment(
-                flow_id=backup_flow, name=f"backup-{name}", entrypoint="flows/backup.py:backup",
-                work_pool_name=pool, tags=["burrow", "backup", tag], pull_steps=pull,
-                parameters={"source": name, "name": name, "store": f"{tag}-store", "key_block": f"{tag}-keys"},
-            )
-        fleet_deployment = c.create_deployment(
-            flow_id=fleet_flow, name=f"fleet-{tag}", entrypoint="flows/fleet.py:backup_fleet",
-            work_pool_name=pool, tags=["burrow", tag], pull_steps=pull,
-        )
-    env = {**os.environ, "BURROW_CHECKOUT": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
-    procs = []
-    for w in range(WORKERS):
-        log = open(SESSION_DIR / f"{pool}-w{w}.log", "wb")
-        procs.append(subprocess.Popen(
-            [BURROW, "worker", "start", "--pool", pool, "--name", f"{pool}-w{w}", "--limit", str(LIMIT)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        ))
+    deployment (burrow.testing.fleet, which bench/bench_fleet.py shares), and three process
+    workers on that pool."""
+    tag, clusters = seed_fleet(CLUSTERS, zk_a.url, etcd_a.url, consul_a.url)
+    fleet = deploy_fleet(tag, clusters, tmp_path_factory.mktemp("fleet-store"))
+    procs = start_workers(fleet, WORKERS, LIMIT, SESSION_DIR)
     try:
-        yield {"tag": tag, "pool": pool, "store": store_dir, "identity": identity, "clusters": clusters,
-               "deployments": deployments, "fleet_deployment": fleet_deployment, "workers": procs}
+        yield fleet
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_workers(procs)
 
 
 def _flow_runs_of_deployments(ids: list[Any]) -> list[Any]:
@@ -151,18 +62,17 @@ def _flow_runs_of_deployments(ids: list[Any]) -> list[Any]:
                 return found
 
 
-@pytest.mark.timeout(5400)  # a hang guard for the whole module; the waits below follow progress
-def test_a_fleet_of_200_clusters_backs_up_once_each_through_three_workers(fleet):
+@pytest.mark.timeout(5400)  # a hang guard; the waits below follow progress
+def test_a_fleet_of_200_clusters_backs_up_once_each_through_three_workers(fleet: Fleet) -> None:
     from prefect.deployments import run_deployment
 
-    clusters = fleet["clusters"]
-    names = [f"backup/backup-{name}" for name, _, _ in clusters]
-    fleet_run = run_deployment(fleet["fleet_deployment"], parameters={"deployments": names, "poll_s": 2.0},
+    clusters = [c.name for c in fleet.clusters]
+    fleet_run = run_deployment(fleet.fleet_deployment, parameters={"deployments": fleet.names(), "poll_s": 2.0},
                                timeout=0)
     # a second backup of a few clusters at the same moment: each must wait for the fleet's (or
     # make it wait); never two reads of one cluster at once
-    twice = [clusters[i][0] for i in range(TWICE)]
-    extra = {name: run_deployment(fleet["deployments"][name], timeout=0).id for name in twice}
+    twice = clusters[:TWICE]
+    extra = {name: run_deployment(fleet.deployments[name], timeout=0).id for name in twice}
 
     def fleet_done() -> Any:
         run = runs_by_id([fleet_run.id])[fleet_run.id]
@@ -177,20 +87,20 @@ def test_a_fleet_of_200_clusters_backs_up_once_each_through_three_workers(fleet)
     # all 200 complete, exactly one fleet run per cluster
     assert len(kids) == CLUSTERS and states == {"COMPLETED": CLUSTERS}, states
     by_deployment = Counter(k.deployment_id for k in kids)
-    assert set(by_deployment) == set(fleet["deployments"].values())
+    assert set(by_deployment) == set(fleet.deployments.values())
     assert set(by_deployment.values()) == {1}
     assert {r.state.type.value for r in extra_runs.values()} == {"COMPLETED"}
     # and no duplicates anywhere: the only runs of these deployments are the fleet's and the extras
-    runs = _flow_runs_of_deployments(list(fleet["deployments"].values()))
+    runs = _flow_runs_of_deployments(list(fleet.deployments.values()))
     per = Counter(r.deployment_id for r in runs)
-    assert per == {d: 1 + (name in extra) for name, d in fleet["deployments"].items()}, [
+    assert per == {d: 1 + (name in extra) for name, d in fleet.deployments.items()}, [
         (d, n) for d, n in per.items() if n != 1]
 
     # per-cluster limits held: a cluster backed up twice read its keys one run at a time
     kid_of = {k.deployment_id: k for k in kids}
     for name in twice:
         windows = []
-        for run_id in (kid_of[fleet["deployments"][name]].id, extra[name]):
+        for run_id in (kid_of[fleet.deployments[name]].id, extra[name]):
             (ex,) = [t for t in task_runs_of(run_id) if t.name.startswith("extract")]
             windows.append((ex.start_time, ex.end_time))
         windows.sort()
@@ -199,7 +109,7 @@ def test_a_fleet_of_200_clusters_backs_up_once_each_through_three_workers(fleet)
     # every slot released, no lease left holding one
     from flows.common import source_limit_name
 
-    wanted = {source_limit_name(name) for name, _, _ in clusters}
+    wanted = {source_limit_name(name) for name in clusters}
 
     def released() -> Any:
         with _client() as c:
@@ -226,9 +136,10 @@ def test_a_fleet_of_200_clusters_backs_up_once_each_through_three_workers(fleet)
     from burrow.crypto import ArchiveKeys
     from tasks.validate import validate_archive
 
-    keys = ArchiveKeys(Keyring([fleet["identity"]]))
-    for name, _, written in clusters:
-        archives = sorted((fleet["store"] / name).glob("*.burrow"))
+    keys = ArchiveKeys(Keyring([fleet.identity]))
+    for cluster in fleet.clusters:
+        name, written = cluster.name, cluster.keys
+        archives = sorted((fleet.store / name).glob("*.burrow"))
         assert len(archives) == 1 + (name in extra), (name, archives)
         for path in archives:
             manifest = validate_archive(path, keys, label=str(path))
