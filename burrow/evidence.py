@@ -67,13 +67,15 @@ class Controls:
     rehearsal_window_days: float
     slot_tolerance_s: float
     controls: tuple[Control, ...]
+    verification_window_days: float = 2
 
     def rpo_target(self, source: str) -> float:
         return float(self.rpo_s.get(source, self.rpo_s["default"]))
 
     def targets(self) -> dict[str, Any]:
         return {"rpo_s": dict(self.rpo_s), "rto_s": self.rto_s,
-                "rehearsal_window_days": self.rehearsal_window_days, "slot_tolerance_s": self.slot_tolerance_s}
+                "rehearsal_window_days": self.rehearsal_window_days, "slot_tolerance_s": self.slot_tolerance_s,
+                "verification_window_days": self.verification_window_days}
 
     def controls_of(self, checks: Iterable[str]) -> list[str]:
         wanted = set(checks)
@@ -117,6 +119,7 @@ def load_controls(path: str | Path | None = None) -> Controls:
         rehearsal_window_days=_number(t.get("rehearsal_window_days", 7), "rehearsal_window_days"),
         slot_tolerance_s=_number(t.get("slot_tolerance_s", 300), "slot_tolerance_s"),
         controls=tuple(controls),
+        verification_window_days=_number(t.get("verification_window_days", 2), "verification_window_days"),
     )
 
 
@@ -536,6 +539,7 @@ def _archives(name: str, controls: Controls, mine: list[HistoryRun], store_rows:
                                 stored_bytes=_int(row.get("size")), encryption=enc,
                                 encrypted=row.get("encrypted") if not row.get("error") else None,
                                 verification=row.get("verification"), object_lock=row.get("object_lock"),
+                                full_verified_at=_str(row.get("full_verified_at")),
                                 state=state, deleted_by=None, run=run, distrust=_str(row.get("distrust"))))
     # archives the history knows of that the store no longer holds
     gone = {k: r for k, r in made.items() if k not in seen}
@@ -555,14 +559,14 @@ def _archives(name: str, controls: Controls, mine: list[HistoryRun], store_rows:
                                 encryption=enc, encrypted=facts.get("encrypted") if run else None,
                                 verification=_str(facts.get("verified")) if _str(facts.get("verified")) in (
                                     "full", "structure-only") else None,
-                                object_lock=None, state=state, deleted_by=by, run=run, distrust=None))
+                                full_verified_at=None, object_lock=None, state=state, deleted_by=by, run=run, distrust=None))
     out.sort(key=lambda a: (str(a["created"] or ""), a["name"]))
     return out
 
 
 def _archive_row(controls: Controls, ui_url: str | None, *, name: str, url: str | None, created: str | None,
                  keys: int | None, stored_bytes: int | None, encryption: dict[str, Any] | None, encrypted: Any,
-                 verification: Any, object_lock: Any, state: str, deleted_by: dict[str, Any] | None,
+                 verification: Any, full_verified_at: str | None, object_lock: Any, state: str, deleted_by: dict[str, Any] | None,
                  run: HistoryRun | None, distrust: str | None) -> dict[str, Any]:
     reasons = []
     enc_status = NA if encrypted is None else (PASS if encrypted else FAIL)
@@ -582,6 +586,7 @@ def _archive_row(controls: Controls, ui_url: str | None, *, name: str, url: str 
     return {**row, "name": name, "url": url, "created": created, "keys": keys, "stored_bytes": stored_bytes,
             "encryption": encryption,
             "verification": verification if verification in ("full", "structure-only") else None,
+            "full_verified_at": full_verified_at,
             "object_lock": object_lock if isinstance(object_lock, dict) else None,
             "state": state, "deleted_by": deleted_by, "backup_flow_run_id": run.id if run else None,
             "checks": {"archive-encrypted": enc_status, "archive-integrity": integrity}}
@@ -759,11 +764,19 @@ def _source_checks(controls: Controls, backups: dict[str, Any], rpo: dict[str, A
         out["archive-integrity"] = verdict(NA, "no store was read")
     elif newest is None:
         out["archive-integrity"] = verdict(FAIL, "the store holds no archive of this source")
-    elif newest["verification"] != "full":
-        out["archive-integrity"] = verdict(FAIL, f"the newest archive {newest['name']} is verified "
-                                                 f"{newest['verification'] or 'not at all'}, not fully")
     else:
-        out["archive-integrity"] = verdict(PASS, f"{len(present)} archives present; the newest fully verified")
+        # a full verify (decrypted, every record checked against the authenticated manifest) by the
+        # read keys' holder, signed by them, recently: verify-daily's, of each day's newest archive
+        since = period.until - timedelta(days=controls.verification_window_days)
+        full = [t for a in archives if (t := parse_time(a["full_verified_at"])) and since <= t < period.until]
+        days = f"{controls.verification_window_days:g}"
+        if not full:
+            out["archive-integrity"] = verdict(FAIL, f"no archive fully verified (a signed full verify) within {days} "
+                                                     f"days of the period's end; the newest {newest['name']} is "
+                                                     f"verified {newest['verification'] or 'not at all'}")
+        else:
+            out["archive-integrity"] = verdict(PASS, f"{len(present)} archives present; the last signed full verify "
+                                                     f"{utc_text(max(full))}")
     window_start = period.until - timedelta(days=controls.rehearsal_window_days)
     good = [r for r in rehearsals if r["status"] == PASS and (parse_time(r["at"]) or period.since) >= window_start]
     # the store's markers also prove a rehearsal of the window (one that ran before the period, or

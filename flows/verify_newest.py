@@ -1,5 +1,6 @@
 """The verify-newest flow (the daily ``verify-daily`` deployment): fully verify, with the read
-keys, the newest trusted archive of every source in a store, and record it as verified ``full``.
+keys, the newest trusted archive of every source in a store, and record it as verified ``full`` (the plain record ``list`` and ``status`` show, and a record signed
+    with the reader key that the evidence report counts: tasks/evidence.py).
 
 Backup workers hold public keys only, so every archive they write is verified structure-only
 (nothing decrypted, the manifest not authenticated). This run, where the identities are, closes
@@ -22,6 +23,7 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, recorded_run
 from tasks.catalog import catalog, select_archives
+from tasks.evidence import record_full_verification_task
 from tasks.verify import record_verification_task, verification_levels, verification_of
 from tasks.verify import verify as verify_task
 
@@ -78,6 +80,7 @@ def verify_newest(
                     log.error("verify: %s FAILED: %s", newest["url"], exc)
                     results.append({"source": source, "archive": newest["url"], "outcome": f"failed: {exc}", "keys": None})
                     continue
+                record_full_verification_task(st, keys, newest["name"], m)  # signed, bound to the manifest verified
                 if verification_of(newest["name"], levels) != "full":
                     try:
                         record_verification_task(st, newest["name"], "full")

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from blocks.store import ArchiveStore
+from blocks.store import SIDECAR_SUFFIX, ArchiveStore
 from burrow import evidence as ev
 from burrow.crypto import ArchiveKeys
 from burrow.errors import ArchiveNotFound, StoreError, UsageError, should_retry
@@ -22,7 +22,7 @@ from burrow.report import FACTS_DESCRIPTION, facts_from_table
 from burrow.runlog import logger
 from tasks import task
 from tasks.catalog import describe_archives, distrust
-from tasks.markers import MARKER_KIND, archive_of, check_marker
+from tasks.markers import MARKER_KIND, archive_of, check_marker, same_archive
 from tasks.verify import verification_levels, verification_of
 
 #: The flows whose runs the report reads.
@@ -193,6 +193,60 @@ def read_history_task(since: datetime, until: datetime, slot_tolerance_s: float 
     return {"runs": runs, "deployments": deps}
 
 
+# ------------------------------------------------------------------------------ signed full verifications
+
+#: ``<archive>.verified-full-<UTC time>.burrow-meta``: a full verify by a holder of the read keys,
+#: signed with the reader key and bound to the archive's name and manifest checksum and to its
+#: time. The plain ``<archive>.verified-full.burrow-meta`` (tasks/verify.py) is what ``list`` and
+#: ``status`` show; anyone who can write to the store could write that one, so the evidence report
+#: counts only these. Prune removes them with their archive (they carry the ``.verified-`` infix).
+SIGNED_INFIX = ".verified-full-"
+VERIFICATION_KIND = "burrow-full-verification"
+VERIFICATION_MAC_DOMAIN = b"burrow/v1/full-verification\x00"
+_STAMP = "%Y%m%dT%H%M%S%fZ"
+
+
+def record_full_verification(store: ArchiveStore, keys: ArchiveKeys, archive_name: str, manifest: dict[str, Any],
+                             at: datetime | None = None) -> str:
+    """Write the signed record of a full verify of ``archive_name`` (create-only); returns its name."""
+    at = (at or datetime.now(UTC)).astimezone(UTC)
+    body = keys.reader_sign(VERIFICATION_MAC_DOMAIN, {
+        "kind": VERIFICATION_KIND, "version": 1, "archive": archive_name,
+        "manifest_sha256": manifest.get("manifest_sha256"), "content_sha256": manifest.get("content_sha256"),
+        "keys": manifest.get("keys"), "at": ev.utc_text(at),
+    })
+    name = f"{archive_name}{SIGNED_INFIX}{at.strftime(_STAMP)}{SIDECAR_SUFFIX}"
+    import orjson
+
+    store.put_sidecar(name, orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return name
+
+
+@task(name="record-full-verification", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry)
+def record_full_verification_task(store: ArchiveStore, keys: ArchiveKeys, archive_name: str,
+                                  manifest: dict[str, Any]) -> str:
+    """Prefect task wrapper of :func:`record_full_verification`."""
+    return record_full_verification(store, keys, archive_name, manifest)
+
+
+def full_verified_at(record: Any, sidecar: str, row: dict[str, Any], keys: ArchiveKeys | None) -> datetime | None:
+    """The signed time of a full-verification record when it is authentic and bound to the
+    archive of ``row`` (its name, its manifest checksum, and the time in its own name), else None."""
+    if keys is None or not keys.can_reader_sign() or not isinstance(record, dict):
+        return None
+    if record.get("kind") != VERIFICATION_KIND or not same_archive(str(record.get("archive")), str(row["name"])):
+        return None
+    if not keys.reader_verify(VERIFICATION_MAC_DOMAIN, record)[0]:
+        return None
+    if not row.get("manifest_sha256") or record.get("manifest_sha256") != row.get("manifest_sha256"):
+        return None
+    at = ev.parse_time(record.get("at"))
+    stamp = sidecar[: -len(SIDECAR_SUFFIX)].rpartition(SIGNED_INFIX)[2]
+    if at is None or stamp != at.strftime(_STAMP):
+        return None
+    return at
+
+
 # ------------------------------------------------------------------------------ the store
 
 
@@ -210,6 +264,7 @@ def read_store(store: ArchiveStore, keys: ArchiveKeys | None) -> ev.StoreView:
         row["distrust"] = distrust(row, keyed=keyed)
         row["verification"] = verification_of(str(row["name"]), levels)
         row["object_lock"] = None
+        row["full_verified_at"] = None  # set below from the signed full-verification records
         if locked_until is not None and not row.get("error"):
             try:
                 until = locked_until(row["name"])
@@ -219,14 +274,24 @@ def read_store(store: ArchiveStore, keys: ArchiveKeys | None) -> ev.StoreView:
                 row["object_lock"] = {"mode": mode, "until": ev.utc_text(until)}
         by_name[str(row["name"])] = row
     markers: dict[str, dict[str, Any]] = {}
+    import orjson
+
     for name in store.list_sidecars():
+        if SIGNED_INFIX in name and name.endswith(SIDECAR_SUFFIX):
+            row = by_name.get(name.rpartition(SIGNED_INFIX)[0])
+            try:
+                at = full_verified_at(orjson.loads(store.get_sidecar(name)), name, row, keys if keyed else None) \
+                    if row is not None else None
+            except (StoreError, ValueError):
+                at = None
+            if at is not None and row is not None and (row.get("full_verified_at") or "") < (ev.utc_text(at) or ""):
+                row["full_verified_at"] = ev.utc_text(at)
+            continue
         archive = archive_of(name)
         row = by_name.get(archive) if archive else None
         if row is None:
             continue
         try:
-            import orjson
-
             marker = orjson.loads(store.get_sidecar(name))
         except (StoreError, ValueError):
             continue

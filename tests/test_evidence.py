@@ -242,6 +242,8 @@ def test_archives_show_encryption_verification_and_what_became_of_each(history):
     assert h["verified"]["verified"] == 1
     assert (h["store"] / (h["names"][3] + ".verified-full.burrow-meta")).exists()
     assert newest["verification"] == "full"
+    (signed,) = sorted((h["store"] / h["names"][3]).parent.glob(Path(h["names"][3]).name + ".verified-full-*"))
+    assert newest["full_verified_at"] == json.loads(signed.read_bytes())["at"]
     assert newest["object_lock"] is None  # a local store has no Object Lock
     assert newest["keys"] == len(h["expected"]) and newest["backup_flow_run_id"]
     integrity = s["checks"]["archive-integrity"]
@@ -409,6 +411,12 @@ def chained(tmp_path) -> tuple[Path, Path, list[dict[str, Any]]]:
     keys = ArchiveKeys(_keyring(key))
     reps = [write_report(st, keys, small_report(d)) for d in (1, 2, 3)]
     return store, key, reps
+
+
+def _keyring_identity(ident: Path) -> Any:
+    from blocks.keys import archive_keys
+
+    return archive_keys(identity_files=[str(ident)]).keyring
 
 
 def _keyring(key: Path) -> Any:
@@ -603,3 +611,32 @@ def test_the_evidence_and_verify_newest_flows_refuse_credentials_in_their_parame
         with pytest.raises(UsageError) as err:
             flow(store="s3://AKIA:CANARY-secret@127.0.0.1:1/bucket")
         assert "CANARY" not in str(err.value) and "store" in str(err.value)
+
+
+def test_only_a_signed_full_verify_bound_to_its_archive_counts(history, tmp_path):
+    """The plain verification record is a hint anyone who can write to the store could leave; the
+    evidence counts a full verify only when its record is signed with the read key, names the
+    archive and its manifest, and its file name's time is its signed time."""
+    from tasks.evidence import read_store, record_full_verification
+
+    h = history
+    copy = tmp_path / "store"
+    shutil.copytree(h["store"], copy)
+    st = LocalStore(path=str(copy))
+    keys = ArchiveKeys(_keyring_identity(h["ident"]))
+    newest = h["names"][3]
+    (genuine,) = sorted((copy / newest).parent.glob(Path(newest).name + ".verified-full-*"))
+    at = json.loads(genuine.read_bytes())["at"]
+    # a newer-looking copy (renamed), and a record signed by another key, both ignored
+    shutil.copy(genuine, genuine.with_name(Path(newest).name + ".verified-full-20991231T000000000000Z.burrow-meta"))
+    other = tmp_path / "other.key"
+    keygen(other, x25519=False)
+    record_full_verification(st, ArchiveKeys(_keyring(other)), newest, {"manifest_sha256": "x"},
+                             at=datetime(2099, 1, 1, tzinfo=UTC))
+    (row,) = [r for r in read_store(st, keys).rows if r["name"] == newest]
+    assert row["full_verified_at"] == at
+    genuine.unlink()
+    for p in (copy / newest).parent.glob(Path(newest).name + ".verified-full-2099*"):
+        p.unlink()
+    (row,) = [r for r in read_store(st, keys).rows if r["name"] == newest]
+    assert row["full_verified_at"] is None and row["verification"] == "full"  # the plain record alone: not counted
