@@ -4,9 +4,12 @@ runs triggered through the API, and run history, artifacts and events read back 
 Prefect client. Every cluster is a real server (ZooKeeper, etcd, Consul), checked afterwards
 with an independent client.
 
-The module's tests share one deployment and one pair of workers (starting them is what costs),
-and run in file order: the fleet test also starts the store-down backup, whose outcome a later
-test reads, so that its retries overlap the fleet's work.
+The module's tests share one deployment and one pair of workers (starting them is what costs).
+Runs that one test starts early so that they overlap another's work (the store-down backup's
+retries overlap the fleet; setup.py's re-run overlaps a failover) are kept in the module's state,
+``orch``; a test that reads one another test did not start (run alone, or after that test
+failed) gets it started then by the state's own builder (``OrchState``), so no test depends on
+another having run, and a builder that cannot build fails with its own cause.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, SESSION_DIR
+from conftest import BURROW, REPO, SESSION_DIR
 from kvutil import Etcd, consul_client, unique
 from pydantic import SecretStr
 from zkutil import kazoo, snapshot, unique_root
@@ -200,6 +203,52 @@ class Webhook:
 # ------------------------------------------------------------------------------------ fixture
 
 
+def newest_archive(store: Path, source: str) -> Path:
+    """The newest archive of ``source`` in the module's store, backing it up first (through its
+    deployment, on the workers) when there is none yet."""
+    if not archives_of(store, source):
+        run_id = run_deployment_now(f"backup/backup-{source}").id
+        run = wait_final([run_id])[run_id]
+        assert run.state.type.value == "COMPLETED", (f"the backup of {source} that this test needs ended "
+                                                     f"{run.state.type.value}", logs_of(run_id)[-5:])
+    found = archives_of(store, source)
+    assert found, f"no archive of {source} in the store after its backup completed"
+    return found[-1]
+
+
+class OrchState(dict):
+    """The module's shared state. A run some test starts early, for overlap, is stored under its
+    name; reading one that was never started starts it here (``__missing__``), as that test
+    would have, so a test never depends on another test having run."""
+
+    def _down_run(self) -> Any:
+        return run_deployment_now("backup/backup-consul-us", store="orch-store-down").id
+
+    def _dead_target_run(self) -> Any:
+        return run_deployment_now("failover/failover", source="dc-us", into="orch-dead", primary="orch-dead").id
+
+    def _primary_up_run(self) -> Any:
+        newest_archive(self["store"], "dc-eu")
+        wait_final([self["dead_target_run"]])  # the failover deployment runs one at a time
+        return run_deployment_now("failover/failover", source="dc-eu", into="orch-dr", primary="dc-eu").id
+
+    def _verify_run(self) -> Any:
+        return run_deployment_now("verify/verify", archive=str(newest_archive(self["store"], "etcd-us"))).id
+
+    def _rerun(self) -> subprocess.Popen:
+        return subprocess.Popen([*SETUP, "--skip-deploy"], cwd=REPO, env=self["env"], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def __missing__(self, key: str) -> Any:
+        build = getattr(self, f"_{key}", None)
+        if build is None:
+            raise KeyError(key)
+        self[key] = value = build()
+        return value
+
+
+
+
 @pytest.fixture(scope="module")
 def orch(zk_a, zk_b, etcd_a, consul_a, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """The shipped deployments, applied by setup.py, over blocks saved under the names
@@ -261,15 +310,15 @@ def orch(zk_a, zk_b, etcd_a, consul_a, tmp_path_factory) -> Iterator[dict[str, A
     for name in WORKERS:
         log = open(SESSION_DIR / f"{name}.log", "wb")
         procs.append(subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", "burrow", "--type", "process", "--name", name, "--limit", "4"],
+            [BURROW, "worker", "start", "--pool", "burrow", "--name", name, "--limit", "4"],
             cwd=REPO, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
         ))
-    state: dict[str, Any] = {
+    state = OrchState({
         "store": store_dir, "roots": roots, "trees": trees, "dr_root": dr_root, "conflict_root": conflict_root,
         "hook": hook, "since": since, "env": env, "dead": dead, "zk_b": zk_b.url,
-    }
-    try:
-        setup = subprocess.run(SETUP, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    })
+    try:  # (the timeouts here are hang guards, not budgets: setup.py takes seconds)
+        setup = subprocess.run(SETUP, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
         assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
         yield state
         if os.environ.get("BURROW_SCREENSHOTS"):  # refresh the README's pictures from this history
@@ -281,9 +330,12 @@ def orch(zk_a, zk_b, etcd_a, consul_a, tmp_path_factory) -> Iterator[dict[str, A
             p.terminate()
         for p in procs:
             try:
-                p.wait(20)
+                p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
+        rerun = state.get("rerun")
+        if rerun is not None and rerun.poll() is None:
+            rerun.kill()
         hook.close()
 
 
@@ -309,11 +361,10 @@ def test_fleet_spreads_over_both_workers_and_each_cluster_is_locked(orch):
     from prefect.concurrency.sync import concurrency
 
     store, since = orch["store"], orch["since"]
-    # the store-down backup goes first: its retries overlap the fleet's work (checked below)
-    orch["down_run"] = run_deployment_now("backup/backup-consul-us", store="orch-store-down").id
+    # the store-down backup goes first: its retries overlap the fleet's work (checked in its test)
+    orch["down_run"]
     # so does a failover into an unreachable target (refused before any archive is read)
-    orch["dead_target_run"] = run_deployment_now(
-        "failover/failover", source="dc-us", into="orch-dead", primary="orch-dead").id
+    orch["dead_target_run"]
 
     with concurrency("burrow-source-dc-us", occupy=1, strict=True):
         fleet = run_deployment_now("backup-fleet/backup-fleet", poll_s=1.0)
@@ -328,10 +379,8 @@ def test_fleet_spreads_over_both_workers_and_each_cluster_is_locked(orch):
         others = [k.id for k in kids if k.id != us] + extra
         done = wait_final(others)
         assert {r.state.type.value for r in done.values()} == {"COMPLETED"}, [(r.name, r.state) for r in done.values()]
-        # dc-eu has an archive now: a failover of it while its primary is up (checked later)
-        wait_final([orch["dead_target_run"]])
-        orch["primary_up_run"] = run_deployment_now(
-            "failover/failover", source="dc-eu", into="orch-dr", primary="dc-eu").id
+        # dc-eu has an archive now: a failover of it while its primary is up (checked in its test)
+        orch["primary_up_run"]
         # while its slot was held, four other backups finished and dc-us's never touched its cluster
         assert runs_by_id([us])[us].state.type.value == "RUNNING"
         assert not any("holding the per-cluster lock" in m for m in logs_of(us))
@@ -484,7 +533,7 @@ def test_setup_applied_the_shipped_configuration_and_reruns_cleanly(orch):
 
     from flows.common import source_limit_name
 
-    out, err = orch["rerun"].communicate(timeout=300)  # started by the failover test, to overlap its run
+    out, err = orch["rerun"].communicate(timeout=1200)  # started by the failover test, to overlap its run
     assert orch["rerun"].returncode == 0, out[-3000:] + err[-3000:]
     assert "updated automation burrow-backup-missing" in out and "created automation" not in out
 
