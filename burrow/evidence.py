@@ -420,7 +420,7 @@ def _deletions(prunes: list[HistoryRun], ui_url: str | None) -> dict[str, dict[s
     out: dict[str, dict[str, Any]] = {}
     for r in sorted(prunes, key=lambda r: r.when or datetime.min.replace(tzinfo=UTC)):
         facts = r.facts or {}
-        if facts.get("dry_run") is True or outcome_of(r.state) != "completed":
+        if facts.get("dry_run") is True:  # (a prune that failed part way still names what it deleted)
             continue
         because = facts.get("deleted_because")
         if isinstance(because, dict):
