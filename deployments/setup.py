@@ -9,10 +9,8 @@ every step creates what is missing and updates what is there, never duplicates.
    never runs two of them at once across all workers,
 4. deploy the deployments of deployments/prefect.yaml (all, or those named by ``--only``),
 5. create or update the automations of deployments/automations.yaml, by name, wired to a
-   notification block, and arm the failure page of every backup deployment's source (the
-   ``burrow.alerts.armed`` event: ``burrow-backup-failed`` pages once per outage, and an outage
-   starts with a failure after a completed backup or an arming, so a source that has never
-   completed a backup still pages on its first failure).
+   notification block, and arm the pages of every backup deployment's source (the
+   ``burrow.alerts.armed`` event, see :func:`arm`).
 
 Usage: python deployments/setup.py [--notify-block SLUG/NAME] [--cluster NAME ...]
                                    [--only DEPLOYMENT ...] [--skip-deploy] [--prefect-file PATH]
@@ -102,11 +100,13 @@ def automations_of(path: Path, notify_block_id: str, backup_missing_within: floa
 
 
 async def arm(sources: list[str]) -> None:
-    """Arm the failure page of each of ``sources``: emit ``burrow.alerts.armed`` about
-    ``burrow.source.<name>``. ``burrow-backup-failed`` pages for the first failure after a
-    completed backup or an arming; without the arming, a source that has never completed a
-    backup would not page at all. Re-arming a source that is in an outage (setup.py run again)
-    lets its next failure page once more."""
+    """Arm the pages of each of ``sources``: emit ``burrow.alerts.armed`` about
+    ``burrow.source.<name>``, which both per-source automations take as a completed backup would
+    (``after``). ``burrow-backup-failed`` pages for the first failure after a completed backup or
+    an arming: without it, a source that has never completed a backup would not page at all.
+    ``burrow-backup-missing`` opens a window for a source that has none: one never backed up, or
+    one whose window went when this run updated the automation (Prefect gives an updated trigger
+    a new id and drops its open windows). Re-arming a source in an outage lets it page once more."""
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
@@ -115,7 +115,7 @@ async def arm(sources: list[str]) -> None:
     async with get_events_client() as events:
         for source in sources:
             await events.emit(Event(event=ARMED, resource=source_resource(source),
-                                    payload={"by": "deployments/setup.py", "automation": BACKUP_FAILED}))
+                                    payload={"by": "deployments/setup.py"}))
             print(f"armed the failure page of {source}", flush=True)
 
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         automations = automations_of(HERE / "automations.yaml", notify_block_id(args.notify_block), within)
     else:
         print("automations skipped: pass --notify-block SLUG/NAME to wire them to a notification block")
-    armed = backup_sources_of(spec) if any(a.name == BACKUP_FAILED for a in automations) else []
+    armed = backup_sources_of(spec) if {a.name for a in automations} & {BACKUP_FAILED, BACKUP_MISSING} else []
     asyncio.run(apply(clusters_of(spec, args.cluster), automations, armed))
     if not args.skip_deploy:
         names = [x for d in wanted for x in ("--name", d["name"])] if args.only else ["--all"]

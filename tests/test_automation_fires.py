@@ -8,7 +8,7 @@ pager received and the server's ``prefect.automation.triggered`` events.
   run by a real process worker, completes backups; its schedule is paused; the page arrives, naming
   the source and the last completed backup's flow run with its UI link. And, with events as the
   backup flow emits them: a source whose backups keep arriving inside the window is not paged,
-  and each source that stops is paged once.
+  each source that stops is paged once, and so is one that setup.py armed and never backed up.
 * ``burrow-backup-failed``: real backup flow runs that fail (their store is a file) and complete.
   An outage of several failed runs of one source pages once; a completed backup, then failures
   again, page once more; another source's failure pages on its own. Every page names the
@@ -176,10 +176,12 @@ def test_backup_missing_fires_when_backups_stop_and_not_while_they_arrive(missin
     assert automation.trigger.within == timedelta(seconds=WINDOW) and automation.trigger.after
     since = datetime.now(UTC) - timedelta(seconds=5)
     run = uuid.uuid4().hex[:8]
-    quiet, steady = f"quiet-{run}", f"steady-{run}"
+    quiet, steady, never = f"quiet-{run}", f"steady-{run}", f"never-{run}"
     quiet_id, steady_id = f"burrow.source.{quiet}", f"burrow.source.{steady}"
     window = timedelta(seconds=WINDOW)
 
+    asyncio.run(arm([never]))  # as setup.py arms a backup deployment's source: it never backs up
+    armed_at = datetime.now(UTC)
     quiet_last = None
     steady_last = completed_backup(steady)
     for i in range(1, STEADY_COUNT):
@@ -209,6 +211,13 @@ def test_backup_missing_fires_when_backups_stop_and_not_while_they_arrive(missin
     # one outage, one page: by now, about a window after its firing, the quiet source has not fired again
     assert len(firings(automation.id, since)[quiet_id]) == 1
     assert len(pager.pages_for(quiet)) == 1 and len(pager.pages_for(steady)) == 1, pager.received
+
+    # the source that was armed and never backed up was paged a window after its arming, once
+    fired = wait_for(f"burrow-backup-missing to fire for {never}",
+                     lambda: firings(automation.id, since).get(f"burrow.source.{never}"), timeout=WINDOW + 120)
+    assert len(fired) == 1 and fired[0] >= armed_at + window - timedelta(seconds=5), (fired, armed_at)
+    (page,) = wait_for(f"the page for {never}", lambda: pager.pages_for(never), timeout=60)
+    assert f"burrow.source.{never}" in page["body"] and "{{" not in page["body"], page
 
 
 # ------------------------------------------------------------------ a paused schedule, really
