@@ -375,6 +375,13 @@ def test_the_cli_without_a_store_reports_from_history_alone(history, cli, tmp_pa
     assert [x["marker_authenticated"] for x in s["rehearsals"]] == [None, None]
     assert page.read_text().startswith("<!DOCTYPE html>") and h["src"] in page.read_text()
     assert SECRET.decode() not in r.out + r.err + page.read_text()
+    # for a person: the headline, one line per control, one line per source
+    r = cli("evidence", "--since", ev.utc_text(h["since"]), "--source", h["src"], "--controls", str(h["controls"]))
+    assert r.code == 0, r
+    lines = r.out.splitlines()
+    assert lines[0].startswith("evidence for ") and " 1 source, " in lines[0]
+    assert [ln.split()[1] for ln in lines[1:8]] == [c["id"] for c in rep["controls"]]
+    assert lines[8].startswith(f"{h['src']}: 4/") and "1 failed, 0 crashed" in lines[8]
 
 
 # ------------------------------------------------------------------------------ the chain
