@@ -24,6 +24,8 @@ def register(sub: Any) -> dict[str, Any]:
         "prefix, a whole scratch cluster, or a saved source block's name",
     )
     r.add_argument("--archive", help="rehearse this archive URL instead of the newest trusted one of --source")
+    r.add_argument("--at", metavar="TIME|latest",
+                   help="rehearse a point in time: the archive plus the change chain up to TIME (ISO 8601) or its end")
     add_read_keys(r)
     r.add_argument(
         "--allow-unencrypted", action="store_true",
@@ -40,12 +42,16 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     store_from_ref(args.store)
     if args.archive:
         archive_from_ref(args.archive)
+    if args.at not in (None, "latest"):
+        from burrow.segments import parse_point
+
+        parse_point(args.at)
     scratch = secure_source_ref(args.scratch)
     from flows.rehearse import rehearse
 
     summary = rehearse(
         store=args.store, source=args.source, scratch=scratch, archive=args.archive,
-        allow_unencrypted=args.allow_unencrypted, **refs,
+        allow_unencrypted=args.allow_unencrypted, at=args.at, **refs,
     )
     if report_json(summary, EXIT_OK):  # --json (once rehearse is one of the CLI's flow commands)
         return EXIT_OK

@@ -60,6 +60,7 @@ def rehearse(
     key_env: str | None = None,
     key_block: str | None = None,
     allow_unencrypted: bool = False,
+    at: str | None = None,
 ) -> dict[str, Any]:
     """Rehearse a restore of ``source``'s newest trusted archive in ``store`` (or of
     ``archive``) into the empty ``scratch`` target; returns the run summary.
@@ -67,8 +68,13 @@ def rehearse(
     The run fails (and the marker says so) when the archive does not validate, the restore
     fails, or the scratch copy differs from the archive. A scratch target that holds keys is
     refused before anything is written, and a key that opens no archive stops the run: in
-    both cases no marker is written (neither says anything about the archive)."""
+    both cases no marker is written (neither says anything about the archive).
+
+    ``at`` (``latest``, or an ISO 8601 time): rehearse the point instead, the archive plus the
+    change chain up to it (as ``restore --at``): the scratch copy is compared with the state at
+    the point, and the marker of the point's start archive records the rehearsal."""
     log = logger()
+    point_at = at  # (``at`` below is the rehearsal's own time)
     summary: dict[str, Any] = {"status": "failed", "source": source}
     lists: dict[str, list[str]] = {}
     steps = report.Steps()
@@ -139,13 +145,20 @@ def rehearse(
                         summary["decrypted_with"] = keys.opened_by
                     summary.update(service=manifest["service"], archive_keys=manifest["keys"], keys=manifest["keys"],
                                    content_sha256=manifest["content_sha256"])
+                    state, state_keys = local, keys
+                    if point_at is not None:  # a point: the archive plus the change chain up to it
+                        stage = "validate"
+                        with steps.step("validate"):
+                            state, state_keys, state_manifest = _point_state(st, source, name, point_at, local, keys, work,
+                                                                             allow_unencrypted, summary)
+                        summary.update(keys=state_manifest["keys"])
                     touched = True
                     stage = "restore"
                     with steps.step("restore"):
-                        plan_and_replay(local, target, work, keys, summary, lists, dry_run=False, subtree=None,
+                        plan_and_replay(state, target, work, state_keys, summary, lists, dry_run=False, subtree=None,
                                         maps=None)
                     restore_s = time.monotonic() - started
-                    outcome.update(restore_s=restore_s, keys=manifest["keys"])
+                    outcome.update(restore_s=restore_s, keys=summary["keys"])
                     summary.update(rto_s=round(restore_s, 3), restore_s=round(restore_s, 3))
                     stage = "own"  # (the flow's own messages: counts and URLs only)
                     if summary.get("conflicts"):
@@ -155,7 +168,7 @@ def rehearse(
                         )
                     stage = "compare"
                     with steps.step("compare"):
-                        cmp = compare_scratch(local, target, str(work), keys,
+                        cmp = compare_scratch(state, target, str(work), state_keys,
                                               int(summary.get("intermediate_created") or 0), label=row["url"])
                     stage = "own"
                     d = cmp.drift
@@ -188,6 +201,27 @@ def rehearse(
                         _mark(st, name, row, manifest, local, keys, at, outcome, target.describe(), summary)
         summary["status"] = "ok"
         return summary
+
+
+def _point_state(st: Any, source: str, name: str, at: str, local: str, keys: Any, work: Any,
+                 allow_unencrypted: bool, summary: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """The state at ``at`` (``latest`` or a time) from the archive ``name`` (at ``local``) and the
+    source's change chain (tasks/chain.py), every segment checked. A point that does not start
+    from this archive is refused: the marker would name the wrong one."""
+    from burrow import segments
+    from tasks.chain import materialize, resolve_point_task
+
+    at_time = None if at == "latest" else segments.parse_point(at)
+    point = resolve_point_task(st, source, keys, at_time=at_time, latest=at == "latest",
+                               allow_unencrypted=allow_unencrypted)
+    if point.start_name != name:
+        raise UsageError(f"the point {at} of {source!r} starts from {point.start_name or 'a resync'}, not from the "
+                         "archive being rehearsed; nothing was written")
+    state, state_keys, state_manifest = materialize(st, point, local, keys, str(work), allow_unencrypted)
+    end = point.segments[-1].last_time if point.segments else None
+    summary.update(at=at, segments=len(point.segments),
+                   at_time=segments.us_to_iso(at_time if at_time is not None else end) if (at_time or end) else None)
+    return state, state_keys, state_manifest
 
 
 def _public(exc: BurrowError, public: str) -> BurrowError:

@@ -367,3 +367,15 @@ def test_failover_restores_the_chain_end_by_default_and_the_archive_alone_with_f
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     got = _relative(e.snapshot(full_target.encode() + b"/"), full_target.encode())
     assert got == {k: v for k, v in want.items() if k.startswith(b"/seed")}
+
+
+def test_rehearse_at_latest_restores_and_compares_the_chain_end(etcd_a, store, key) -> None:
+    url, prefix, name, e = _stopped_chain(etcd_a, store, key, changes=20)
+    scratch = f"etcd://{etcd_a.host}:{etcd_a.port}/" + unique("scratch")
+    r = _cli("rehearse", str(store), "--source", name, "--scratch", scratch, "--at", "latest", "--key-file", str(key),
+             "--json")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["at"] == "latest" and summary["segments"] >= 1
+    assert summary["compared"] == 30 and summary["keys"] == 30  # 10 seeds in the archive, 20 changes in the chain
+    assert summary["cleanup_deleted"] == 30
