@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import orjson
+
 from blocks.store import SIDECAR_SUFFIX, ArchiveStore
 from burrow import evidence as ev
 from burrow.crypto import ArchiveKeys
@@ -216,8 +218,6 @@ def record_full_verification(store: ArchiveStore, keys: ArchiveKeys, archive_nam
         "keys": manifest.get("keys"), "at": ev.utc_text(at),
     })
     name = f"{archive_name}{SIGNED_INFIX}{at.strftime(_STAMP)}{SIDECAR_SUFFIX}"
-    import orjson
-
     store.put_sidecar(name, orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
     return name
 
@@ -251,8 +251,8 @@ def full_verified_at(record: Any, sidecar: str, row: dict[str, Any], keys: Archi
 
 
 def read_store(store: ArchiveStore, keys: ArchiveKeys | None) -> ev.StoreView:
-    """The store's archives (catalog rows, each with ``distrust``, ``verification`` and
-    ``object_lock``) and its rehearsal markers (each checked against its archive with the read
+    """The store's archives (catalog rows, each with ``distrust``, ``verification``,
+    ``full_verified_at`` and ``object_lock``) and its rehearsal markers (each checked against its archive with the read
     keys), as burrow/evidence.py reads them."""
     keyed = keys is not None and bool(keys.keyring)
     rows = describe_archives(store, keys if keyed else None)
@@ -274,8 +274,6 @@ def read_store(store: ArchiveStore, keys: ArchiveKeys | None) -> ev.StoreView:
                 row["object_lock"] = {"mode": mode, "until": ev.utc_text(until)}
         by_name[str(row["name"])] = row
     markers: dict[str, dict[str, Any]] = {}
-    import orjson
-
     for name in store.list_sidecars():
         if SIGNED_INFIX in name and name.endswith(SIDECAR_SUFFIX):
             row = by_name.get(name.rpartition(SIGNED_INFIX)[0])
