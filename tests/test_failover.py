@@ -138,3 +138,36 @@ def test_failover_passes_over_an_archive_it_cannot_authenticate(standby, zk_a, z
         assert snapshot(c, root) == expected
     with pytest.raises(ArchiveNotFound, match="dc-z"):
         failover(source="dc-zz", store=str(store), into=f"zk://{standby}", primary=DEAD, key_files=[str(key)])
+
+
+def test_the_approval_needs_a_name_and_a_comment_and_an_abort_names_who(monkeypatch):
+    """The on-call's answer must carry a name and a comment (Prefect's API checks the run input
+    against this schema on resume and refuses one without them); an abort is refused with the
+    approver's name, and the answer is in the summary either way."""
+    import prefect.flow_runs
+    from pydantic import ValidationError
+
+    from flows.failover import FailoverApproval, _approve
+    from tasks.preflight import FailoverRefused
+
+    schema = FailoverApproval.with_initial_data(description="d", approve=False).model_json_schema()
+    assert set(schema["required"]) == {"approver", "comment"}
+    assert schema["properties"]["approver"]["minLength"] == 1 and schema["properties"]["comment"]["pattern"] == r"\S"
+    for bad in ({"approver": "", "comment": "x"}, {"approver": "  ", "comment": "x"}, {"approver": "A"},
+                {"comment": "x"}):
+        with pytest.raises(ValidationError):
+            FailoverApproval(approve=True, **bad)
+
+    asked = []
+
+    def pause(wait_for_input, **kw):  # noqa: ANN001, ANN003 - prefect's pause_flow_run, answered at once
+        asked.append(wait_for_input)
+        return FailoverApproval(approve=False, approver="B. Oncall", comment="wrong\ntarget")
+
+    monkeypatch.setattr(prefect.flow_runs, "pause_flow_run", pause)
+    summary = {"source": "dc-us", "target": "zk://h:1/x", "target_block": "dc-eu", "conflict_paths": ["/a"]}
+    with pytest.raises(FailoverRefused, match="B. Oncall aborted the failover at the approval step"):
+        _approve(1, "file:///s/dc-us/a.burrow", 60, summary)
+    assert summary["approval"] == {"approved": False, "approver": "B. Oncall", "comment": "wrong target"}
+    # outside a run there is no UI link: the description names the conflicts' table artifact by its key
+    assert "the table artifact failover-dc-us-to-dc-eu-conflicts" in asked[0]._description
