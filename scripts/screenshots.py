@@ -51,6 +51,18 @@ def shoot(chrome: str, url: str, out: Path, *, width: int = 1440, height: int = 
     print(f"{out}  <-  {url}", flush=True)
 
 
+def _console_arg(arg: dict[str, Any]) -> str:
+    """One argument of a console call as text: its value, else how the console describes it
+    (an Error's message and stack, an object's class), with a short preview of its properties."""
+    if "value" in arg:
+        return str(arg["value"])
+    text = str(arg.get("description") or arg.get("className") or arg.get("type", "?"))
+    props = (arg.get("preview") or {}).get("properties") or []
+    if props:
+        text += " {" + ", ".join(f"{p.get('name')}: {p.get('value')}" for p in props[:8]) + "}"
+    return text
+
+
 def _as_fds_3_and_4(read_end: int, write_end: int) -> None:
     """In the browser's process, before it starts: its ends of the pipes as fds 3 and 4 (copied
     out of the way first, so that neither overwrites the other)."""
@@ -146,7 +158,7 @@ class Browser:
         for ev in self._events:
             method, params = ev.get("method"), ev.get("params") or {}
             if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                found.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+                found.append(" ".join(_console_arg(a) for a in params.get("args", [])))
             elif method == "Runtime.exceptionThrown":
                 d = params.get("exceptionDetails") or {}
                 found.append((d.get("exception") or {}).get("description") or d.get("text", "exception"))
@@ -162,7 +174,9 @@ class Browser:
         import time
 
         self._events = [e for e in self._events if e.get("method") != "Page.lifecycleEvent"]
-        self.call("Page.navigate", session=True, url=url)
+        nav = self.call("Page.navigate", session=True, url=url)
+        if nav.get("errorText"):
+            raise RuntimeError(f"{url} did not load: {nav['errorText']}")
         deadline = time.monotonic() + timeout
         text = ""
         while time.monotonic() < deadline:
