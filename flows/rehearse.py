@@ -28,13 +28,13 @@ from typing import Any
 from prefect.runtime import flow_run
 
 from blocks.keys import archive_keys
-from blocks.resolve import archive_from_ref, source_from_ref, store_from_ref
+from blocks.resolve import archive_from_ref, scheme_of, source_from_ref, store_from_ref
 from burrow import naming, report
 from burrow.archive import ArchiveReader
 from burrow.errors import ArchiveError, ArchiveNotFound, BurrowError, KeyMismatch, UsageError
 from burrow.runlog import logger
 from burrow.staging import staging_dir
-from flows.common import Ref, burrow_flow, recorded_run, source_lock
+from flows.common import Ref, burrow_flow, recorded_run, source_lock, store_block_name
 from flows.restore import plan_and_replay, target_lock_name
 from tasks.catalog import catalog, select_archives
 from tasks.download import download
@@ -104,6 +104,10 @@ def rehearse(
         st = store_from_ref(store)
         target = source_from_ref(scratch)
         summary.update(store=st.describe(), scratch=target.describe(), scratch_service=target.service)
+        for role, ref in (("store", store if store_block_name(store) else None),
+                          ("scratch", scratch if scheme_of(scratch) is None else None)):
+            if ref:
+                summary[f"{role}_block"] = ref  # the event's resource names the saved block
         keys = archive_keys(key_files, identity_files, passphrase_env, key_env, key_block)
         keyed = bool(keys.keyring)
         if archive:
