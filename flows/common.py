@@ -12,6 +12,12 @@ get there, whether the run comes from the CLI, a deployment or a Python call:
 
 The CLI strips credentials itself before it starts a flow (``blocks.resolve.secure_source_ref``),
 so only a Python call or a deployment parameter ever meets the refusal.
+
+Beside that, what every run records (:func:`recorded_run`): who or what triggered it
+(:func:`run_trigger`), its artifact, its ``burrow run facts`` table, its event, a progress
+artifact for the long ones; and, under a deployment, an expected failure (a ``BurrowError``) ends
+the run Failed with one ERROR line and no traceback (:func:`quiet_failure`), while a direct call
+(the CLI) still gets the exception and its exit code.
 """
 
 from __future__ import annotations
