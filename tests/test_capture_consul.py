@@ -70,6 +70,7 @@ class Writer:
         _wait_for("the writer to pause", self.idle.is_set)
 
 
+@pytest.mark.timeout(1800)  # a hang guard: many CLI runs, each a flow, on a busy machine
 def test_restore_at_each_instant_equals_the_source_across_a_killed_capture(consul_a, store, key) -> None:
     c = consul_client(consul_a.url)
     prefix = unique("pitr")

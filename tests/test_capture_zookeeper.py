@@ -103,6 +103,7 @@ class Writer:
         self.c.close()
 
 
+@pytest.mark.timeout(1800)  # a hang guard: many CLI runs, each a flow, on a busy machine
 def test_restore_at_each_instant_equals_the_source_across_a_killed_capture(zk_a, store, key) -> None:
     root = unique_root()
     with kazoo(zk_a.url) as c:
@@ -149,6 +150,7 @@ def test_restore_at_each_instant_equals_the_source_across_a_killed_capture(zk_a,
             assert "/eph" not in got
 
 
+@pytest.mark.timeout(1800)  # a hang guard: many CLI runs, each a flow, on a busy machine
 def test_a_lost_connection_is_resynced_and_the_changes_made_meanwhile_are_caught(tmp_path, store, key) -> None:
     """The server is killed mid-capture and started again; changes made as soon as it is back
     (before or after the capture reconnects) are in the chain: the reconnection resyncs, and the
