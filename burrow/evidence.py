@@ -133,10 +133,20 @@ def utc_text(when: datetime | None) -> str | None:
     return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def std_utc(when: datetime) -> datetime:
+    """``when`` as a plain ``datetime`` in UTC (a time without a zone is UTC). Prefect's client
+    hands out pendulum DateTimes, whose arithmetic with a stdlib ``timezone.utc`` loses the zone
+    (``slot - tolerance`` came back naive): everything here is stdlib."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    u = when.astimezone(UTC)
+    return datetime(u.year, u.month, u.day, u.hour, u.minute, u.second, u.microsecond, tzinfo=UTC)
+
+
 def parse_time(value: Any) -> datetime | None:
     """A datetime from an ISO 8601 string (a time without a zone is UTC), or None."""
     if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return std_utc(value)
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -220,6 +230,12 @@ class HistoryRun:
     auto_scheduled: bool = False
     created_by: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("expected_start", "start", "end", "created"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, std_utc(value))
+
     @property
     def when(self) -> datetime | None:
         return self.expected_start or self.start or self.created
@@ -233,6 +249,9 @@ class HistorySchedule:
     active: bool
     #: Every slot of the schedule in the window the report expects runs for.
     slots: list[datetime] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.slots = [std_utc(s) for s in self.slots]
 
 
 @dataclass

@@ -42,7 +42,7 @@ def _utc(when: Any) -> datetime | None:
     if when is None:
         return None
     if isinstance(when, datetime):
-        return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+        return ev.std_utc(when)
     return ev.parse_time(str(when))
 
 

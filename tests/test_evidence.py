@@ -647,3 +647,23 @@ def test_only_a_signed_full_verify_bound_to_its_archive_counts(history, tmp_path
         p.unlink()
     (row,) = [r for r in read_store(st, keys).rows if r["name"] == newest]
     assert row["full_verified_at"] is None and row["verification"] == "full"  # the plain record alone: not counted
+
+
+def test_slots_and_runs_as_prefect_hands_them_out_match():
+    """Prefect's client gives pendulum DateTimes; with a stdlib UTC zone their arithmetic came
+    back naive and matching a slot to its run failed (a TypeError, the whole report with it)."""
+    import pendulum
+    from prefect.client.schemas.objects import DeploymentSchedule
+
+    from tasks.evidence import schedule_slots
+
+    sched = DeploymentSchedule.model_validate({
+        "id": str(uuid.uuid4()), "active": True,
+        "schedule": {"interval": 40.0, "anchor_date": "2026-01-01T00:00:07Z", "timezone": "UTC"}})
+    start = datetime(2026, 12, 4, 21, 6, 15, tzinfo=UTC)
+    slots = schedule_slots(sched.schedule, start, start + timedelta(minutes=2))
+    assert [ev.utc_text(s) for s in slots] == ["2026-12-04T21:06:47Z", "2026-12-04T21:07:27Z", "2026-12-04T21:08:07Z"]
+    run = ev.HistoryRun(id="r", name="r", flow="backup", state="COMPLETED",
+                        expected_start=pendulum.parse("2026-12-04T21:07:27Z"), start=pendulum.parse("2026-12-04T21:07:28Z"))
+    missed, covered = ev.match_slots(ev.HistorySchedule("interval", "40s", "UTC", True, slots).slots, [run], 2)
+    assert [ev.utc_text(s) for s in missed] == ["2026-12-04T21:06:47Z", "2026-12-04T21:08:07Z"] and covered == {"r"}
