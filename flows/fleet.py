@@ -72,6 +72,27 @@ def _wait(run_ids: list[Any], timeout_s: float, poll_s: float) -> dict[Any, Any]
             time.sleep(poll_s)
 
 
+#: Children started at once. Each start is a few API calls; one after another they took 20 s
+#: each on a loaded 2-core machine (a 200-cluster fleet: over an hour before the last started,
+#: while the workers sat idle).
+START_CONCURRENCY = 8
+
+
+def _start_all(names: list[str]) -> dict[str, Any]:
+    """Start one run of each deployment as a subflow run of this one, ``START_CONCURRENCY`` at a
+    time; return the child runs by deployment name, in ``names``' order. Each start runs in a
+    copy of this run's context, which is how Prefect links the child to this run."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.deployments import run_deployment
+
+    with ThreadPoolExecutor(max_workers=START_CONCURRENCY, thread_name_prefix="fleet-start") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, run_deployment, name, timeout=0, as_subflow=True)
+                   for name in names]
+        return {name: f.result() for name, f in zip(names, futures, strict=True)}
+
+
 @burrow_flow(name="backup-fleet", flow_run_name=_run_name, persist_result=False)
 def backup_fleet(
     deployments: list[str] | None = None,
@@ -88,8 +109,6 @@ def backup_fleet(
     ends in a state other than Completed (or is still running after ``timeout_s``).
     Returns the summary: per deployment, the child run's name and final state.
     """
-    from prefect.deployments import run_deployment
-
     log = logger()
     summary: dict[str, Any] = {"status": "failed", "source": "fleet"}
     rows: list[str] = []
@@ -115,8 +134,7 @@ def backup_fleet(
         if not names:
             raise UsageError("the fleet found no backup deployment to run (check the tags, or name them)")
         started: dict[str, Any] = {}
-        for name in names:
-            child = run_deployment(name, timeout=0, as_subflow=True)
+        for name, child in _start_all(names).items():
             started[name] = child.id
             log.info("fleet: started %s as run %s", name, child.name)
         summary.update(deployments=len(names))
