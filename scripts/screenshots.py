@@ -8,6 +8,10 @@ the demo, or ``BURROW_SCREENSHOTS=docs/screenshots .venv/bin/python -m pytest -q
 tests/test_orchestrator.py``, which calls this script against the test's server once its
 deployments, workers, fleet, failovers and automations have run.
 
+:class:`Browser` drives Chromium over the DevTools protocol and reports what a page said at
+error level: tests/test_evidence_history.py opens the evidence report and two artifacts with it
+(no console error allowed) and saves the README's "For auditors" pictures.
+
 Needs a Chromium: ``apt-get install -y chromium-headless-shell`` (or ``chromium``). Each page is
 loaded with ``--virtual-time-budget`` so the single-page app has fetched and drawn its data
 before the picture is taken. Nothing secret is on these pages: Burrow's parameters name blocks,
