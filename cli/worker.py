@@ -59,6 +59,9 @@ WORKER_GRACE_S = 1.5
 #: Seconds the stop's API calls may take in all (the stop must fit an init system's 10 s);
 #: a run not reached by then is left to the engine's own Crashed report.
 API_BUDGET_S = 2.0
+#: ``BURROW_ORCHESTRATOR_TIMEOUT`` for the worker's runs (unless set): how long a run waits for the
+#: API's /health before it takes saved blocks from the local copy instead.
+RUN_PROBE_TIMEOUT_S = 30
 _CRASHED_MESSAGE = "the worker was stopped (SIGTERM) while this run was in progress"
 
 
@@ -265,6 +268,12 @@ def stop_worker(proc: subprocess.Popen, grace: float, api: tuple[str, dict[str, 
 def cmd_worker(args: argparse.Namespace) -> int:
     """``burrow worker start``."""
     argv = [*_prefect_command(), "worker", "start", "--pool", args.pool, "--type", "process"]
+    env = dict(os.environ)
+    # A run on a worker was handed to it by the API: a slow /health answer there is load, not a
+    # dead orchestrator. The 2 s probe that decides whether saved blocks come from the local copy
+    # (blocks/localcopy.py) failed fleet backups on a busy server ("the saved source block cannot
+    # be read: the Prefect API is unreachable (no answer within 2 s)"); the worker's runs wait longer.
+    env.setdefault("BURROW_ORCHESTRATOR_TIMEOUT", str(RUN_PROBE_TIMEOUT_S))
     if args.name:
         argv += ["--name", args.name]
     if args.limit is not None:
@@ -280,7 +289,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     _set_child_subreaper()
     # its own session: a terminal's Ctrl-C reaches the worker only through this process's stop
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     api: tuple[str, dict[str, str]] | None = None
     try:
         api = _api()
