@@ -14,6 +14,7 @@ Prefect is imported.
 Exit codes: 0 success, 1 failure, 2 usage error, 3 restore finished but skipped conflicts (undo:
 kept keys changed since),
 4 ``verify --against``: drift found, 5 ``status --max-age``: a source's newest archive is too old,
+6 ``evidence verify``: the evidence chain is broken,
 130 interrupted (Ctrl-C, or SIGTERM during a failover).
 """
 
@@ -33,8 +34,10 @@ from burrow.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BurrowError
 from cli import (
     backup,
     blocks,
+    capture,
     catalog,
     dump,
+    evidence,
     failover,
     keygen,
     prune,
@@ -47,10 +50,11 @@ from cli import (
 )
 from cli.common import OUTPUT, Parser, emit_json
 
-MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, blocks, undo, worker)
+MODULES = (backup, restore, failover, prune, verify, catalog, keygen, dump, server, rehearse, blocks, undo, capture, worker,
+           evidence)
 
 #: Commands that run a Prefect flow (and so need a Prefect API).
-FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune", "rehearse", "undo")
+FLOW_COMMANDS = ("backup", "restore", "verify", "failover", "prune", "rehearse", "undo", "capture", "evidence")
 #: Flow commands whose dry run lists paths (--list; undo: the keys it kept).
 LISTING_COMMANDS = ("restore", "failover", "prune", "undo")
 #: Commands that show progress bars on a terminal.
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             precheck = getattr(args, "precheck", None)  # usage errors, before the orchestrator or a cluster
             if precheck is not None:
                 precheck(args)
-            if args.command in FLOW_COMMANDS:
+            if args.command in FLOW_COMMANDS and not getattr(args, "runs_no_flow", False):
                 # before Prefect is imported: it reads PREFECT_API_URL once
                 orchestrator = server.choose_orchestrator(args.command)
                 if orchestrator.fallback_from:  # saved blocks live on the dead API: resolve them from the copy
