@@ -13,7 +13,8 @@ The history (built once by the module's ``history`` fixture, a few minutes):
   ``consul``'s into a scratch prefix that holds a key fails;
 * a failover of ``zk`` into a DR chroot holding one of its keys differently: it pauses on the
   conflict and is approved through the API with a name and a comment;
-* a prune (``keep_last=1``) of the store.
+* a prune (``keep_last=1``) of the store;
+* the daily full verify (``verify-daily``, with the read keys) of each source's newest archive.
 
 The period the report covers, [since, until), starts before the deployments exist (the report
 counts a deployment's slots from its creation) and ends after everything above, at a moment that
@@ -146,7 +147,8 @@ def run_deployment_now(name: str, **parameters: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """Build the history (see the module docstring), then run ``burrow evidence`` over it once."""
+    """Build the history (see the module docstring) with two process workers of a pool of its own,
+    over blocks and deployments of names of its own (the session's server holds other tests')."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import StateType
 
@@ -182,7 +184,7 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
     EncryptionKeys(recipients=[identity.recipient.to_text()]).save(pub, overwrite=True)
     EncryptionKeys(identities=[SecretStr(identity.to_text())]).save(priv, overwrite=True)
 
-    # the deployments, as prefect.yaml writes them, with schedules of a few seconds
+    # the deployments, as prefect.yaml writes them (applied by setup.py), with schedules of INTERVAL seconds
     work_pool = {"name": pool, "work_queue_name": "default"}
 
     def backup(s: str) -> dict[str, Any]:
@@ -210,6 +212,9 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
             {"name": f"prune-{tag}", "entrypoint": "flows/prune.py:prune", "tags": ["burrow", "prune"],
              "enforce_parameter_schema": True, "work_pool": work_pool,
              "parameters": {"store": store, "key_block": priv, "keep_last": 1}},
+            {"name": f"verify-daily-{tag}", "entrypoint": "flows/verify_newest.py:verify_newest",
+             "tags": ["burrow", "verify"], "enforce_parameter_schema": True, "work_pool": work_pool,
+             "parameters": {"store": store, "key_block": priv}},
         ],
     }
     prefect_file = work / "prefect.yaml"
@@ -288,6 +293,10 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
         h["prune"] = pr.id
         assert state_of(wait_final([pr.id])[pr.id]) == "COMPLETED", logs_of(pr.id)[-10:]
         h["after_prune"] = {s: archives_in(store_dir, src[s]) for s in OFFSETS}
+        # the daily full verify, where the read keys are: each source's newest archive
+        vd = run_deployment_now(f"verify-newest/verify-daily-{tag}")
+        h["verify_daily"] = vd.id
+        assert state_of(wait_final([vd.id])[vd.id]) == "COMPLETED", logs_of(vd.id)[-10:]
 
         # the period ends now, at no slot; then the other schedules are paused too (a run of a slot
         # of the period that no worker has started yet is deleted: on a busy machine some are, and
@@ -313,7 +322,8 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
 
 
 def look(store_dir: Path, seen: dict[str, dict[str, Any]], markers: dict[str, dict[str, Any]]) -> None:
-    """Read every archive's manifest and every rehearsal marker the store holds now (from disk)."""
+    """Read every archive's manifest, rehearsal marker and verification record the store holds
+    now (from disk; the records are kept in ``markers`` too, by name)."""
     from burrow.archive import ArchiveReader
 
     for path in store_dir.glob("*/*.burrow"):
@@ -321,8 +331,9 @@ def look(store_dir: Path, seen: dict[str, dict[str, Any]], markers: dict[str, di
         if name not in seen:
             with open(path, "rb") as f:
                 seen[name] = ArchiveReader(f, label=name).manifest
-    for path in store_dir.glob("*/*.rehearsal-*.burrow-meta"):
-        markers.setdefault(f"{path.parent.name}/{path.name}", json.loads(path.read_bytes()))
+    for pattern in ("*/*.rehearsal-*.burrow-meta", "*/*.verified-*.burrow-meta"):
+        for path in store_dir.glob(pattern):
+            markers.setdefault(f"{path.parent.name}/{path.name}", json.loads(path.read_bytes()))
 
 
 def controls_file(work: Path) -> Path:
@@ -431,9 +442,13 @@ def test_the_history_holds_what_the_auditor_asks_about(history):
     assert consul["completed"] >= 1 and consul["missed"] >= 1, consul
     for s in OFFSETS:
         assert all(r.state.is_final() for r in period_runs(history, s)), s
-    # the prune deleted older zk archives and kept the newest
+    # the prune deleted older zk archives, and kept the newest and the rehearsed one (keep-rehearsed;
+    # a backup may have completed while it ran: the newest is the newest it saw)
     deleted = history["before_prune"]["zk"] - history["after_prune"]["zk"]
-    assert deleted and max(history["before_prune"]["zk"]) in history["after_prune"]["zk"]
+    assert deleted and max(history["after_prune"]["zk"]) not in deleted
+    (rehearsed,) = {m["archive"] for n, m in history["markers"].items()
+                    if ".rehearsal-" in n and m["source"] == history["src"]["zk"]}
+    assert rehearsed in history["after_prune"]["zk"] and rehearsed not in deleted
 
 
 @pytest.mark.timeout(1200)  # runs the report (a flow run reading the history and the store)
@@ -488,7 +503,14 @@ def test_archives_encryption_verification_and_prune_deletions(history, report):
             manifest = history["seen"][row["name"]]
             assert when(row["created"]) == when(manifest["created"]) and row["keys"] == manifest["keys"]
             assert row["encryption"] == {"mode": "x25519", "fingerprints": [fp]}
-            assert row["verification"] == "structure-only"  # backup workers hold public keys only
+            # backup workers hold public keys only (structure-only); the daily verify holds the read
+            # keys: its plain record says full, and only its signed one counts (full_verified_at)
+            plain = {n.rpartition(".verified-")[2].removesuffix(".burrow-meta") for n in history["markers"]
+                     if n.startswith(row["name"] + ".verified-")}
+            assert row["verification"] == ("full" if "full" in plain else "structure-only" if plain else None), row
+            signed = [m["at"] for n, m in history["markers"].items()
+                      if n.startswith(row["name"] + ".verified-full-") and m.get("mac")]
+            assert when(row["full_verified_at"]) == (when(max(signed)) if signed else None), row
             assert row["object_lock"] is None  # a local store has none
             if row["name"] in pruned:
                 assert row["state"] == "deleted-by-prune", row
@@ -503,7 +525,7 @@ def test_rehearsals_with_archive_result_and_restore_time(history, report):
     rto = report["json"]["targets"]["rto_s"]
     zk = source_of(report, history, "zk")["rehearsals"]
     (row,) = zk
-    (marker,) = [m for m in history["markers"].values() if m["source"] == history["src"]["zk"]]
+    (marker,) = [m for n, m in history["markers"].items() if ".rehearsal-" in n and m["source"] == history["src"]["zk"]]
     assert row["flow_run_id"] == str(history["rehearsals"]["zk"])
     assert row["result"] == "passed" and row["status"] == "pass"
     assert row["archive"].endswith(marker["archive"]) and row["keys"] == marker["keys"]
@@ -543,11 +565,11 @@ def test_controls_follow_the_checks_per_source(history, report):
         "zk": {"backup-schedule": "pass" if counted(history, "zk")["missed"] == 0 else "fail",
                "rpo": "pass" if rpo(history, "zk")["achieved_s"] <= RPO_TARGET else "fail",
                "archive-encrypted": "pass", "rehearsal": "pass", "recovery": "pass",
-               "archive-integrity": "fail"},  # its newest archive is verified structure-only
+               "archive-integrity": "pass"},  # the daily verify fully verified its newest archive
         "dead": {"backup-schedule": "fail", "rehearsal": "fail", "recovery": "n/a"},
         "consul": {"backup-schedule": "fail", "rpo": "pass" if rpo(history, "consul")["achieved_s"] <= RPO_TARGET
                    else "fail", "archive-encrypted": "pass", "rehearsal": "fail", "recovery": "n/a",
-                   "archive-integrity": "fail"},
+                   "archive-integrity": "pass"},
     }
     overall: dict[str, set[str]] = {}
     for s, checks in want_checks.items():
@@ -598,7 +620,7 @@ def test_the_report_and_two_artifacts_open_in_chromium_without_console_errors(hi
     # self-contained: no script, no external asset (stylesheets, images, fonts, frames)
     assert "<script" not in html.lower()
     # (links to the runs' pages are links, not assets: only what a browser would fetch to draw the page counts)
-    assert not re.search(r"""\bsrc\s*=\s*["']?(?!data:)""", html, re.I), "an image, frame or script from elsewhere"
+    assert not re.search(r"""\bsrc\s*=\s*(?!["']?data:)""", html, re.I), "an image, frame or script from elsewhere"
     assert not re.search(r"<link\b", html, re.I), "a stylesheet or icon from elsewhere"
     assert not re.search(r"<(iframe|object|embed)\b", html, re.I)
     assert not re.search(r"url\(\s*['\"]?(https?:)?//", html, re.I) and "@import" not in html
@@ -612,12 +634,14 @@ def test_the_report_and_two_artifacts_open_in_chromium_without_console_errors(hi
         text = b.open(report["html"].as_uri(), shows=history["src"]["zk"])
         for s in OFFSETS:
             assert history["src"][s] in text
-        b.screenshot(out / "evidence-report.png", full_page=True)
+        b.screenshot(out / "evidence-report.png")  # its head: the period, the controls, the targets
+        b.screenshot(out / "evidence-report-full.png", full_page=True)
         assert b.errors() == [], b.errors()
         for art, name in ((failover, "audit-failover-artifact.png"), (backup, "audit-backup-artifact.png")):
             line = outcome_line(art.data)
             b.open(f"{ui}/artifacts/artifact/{art.id}", shows=line[:40])
             b.screenshot(out / name, full_page=True)
             assert b.errors() == [], (name, b.errors())
-    for name in ("evidence-report.png", "audit-failover-artifact.png", "audit-backup-artifact.png"):
+    for name in ("evidence-report.png", "evidence-report-full.png", "audit-failover-artifact.png",
+                 "audit-backup-artifact.png"):
         assert (out / name).stat().st_size > 5000, name
