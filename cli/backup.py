@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from burrow.errors import (
@@ -14,6 +13,7 @@ from cli.common import (
     add_write_keys,
     print_summary,
     report_json,
+    write_refs,
 )
 
 
@@ -51,25 +51,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if not 1 <= args.level <= 22:
         raise UsageError("--level must be between 1 and 22")
     store_from_ref(args.store).check(writable=True)
-    from blocks.keys import backup_write_keys
-    from burrow.keys import KeyRefs
-
-    def absolute(p: str) -> str:
-        return os.path.abspath(os.path.expanduser(p))
-
-    recipients = [r if r.startswith("burrow-x25519:") else absolute(r) for r in args.recipient]
-    key_file = absolute(args.key_file) if args.key_file else None
-    # Usage errors (no key, a missing key file, two modes) before a flow starts.
-    backup_write_keys(not args.no_encryption, KeyRefs(
-        key_files=[key_file] if key_file else [], key_env=args.key_env, recipients=recipients,
-        passphrase_env=args.passphrase_env, block=args.key_block,
-    ))
+    keys = write_refs(args)  # usage errors (no key, a missing key file, two modes) before a flow starts
     from flows.backup import backup
 
     summary = backup(
-        source=ref, store=args.store, name=args.name, root=args.root, compression_level=args.level,
-        encryption=not args.no_encryption, key_file=key_file, key_env=args.key_env,
-        recipients=recipients or None, passphrase_env=args.passphrase_env, key_block=args.key_block,
+        source=ref, store=args.store, name=args.name, root=args.root, compression_level=args.level, **keys,
         include_leased=args.include_leased,
     )
     if report_json(summary, EXIT_OK):

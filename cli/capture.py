@@ -4,11 +4,10 @@ time), for hosts without workers."""
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from burrow.errors import EXIT_OK, UsageError
-from cli.common import add_write_keys, print_summary, report_json
+from cli.common import add_write_keys, print_summary, report_json, write_refs
 
 
 def register(sub: Any) -> dict[str, Any]:
@@ -26,9 +25,7 @@ def register(sub: Any) -> dict[str, Any]:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from blocks.keys import backup_write_keys
     from blocks.resolve import secure_source_ref, store_from_ref
-    from burrow.keys import KeyRefs
     from burrow.naming import check_source_name, parse_duration
 
     ref = secure_source_ref(args.source)
@@ -40,21 +37,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
         raise UsageError("--for and --seal-every must be longer than zero")
     store_from_ref(args.store).check(writable=True)
 
-    def absolute(p: str) -> str:
-        return os.path.abspath(os.path.expanduser(p))
-
-    recipients = [r if r.startswith("burrow-x25519:") else absolute(r) for r in args.recipient]
-    key_file = absolute(args.key_file) if args.key_file else None
-    backup_write_keys(not args.no_encryption, KeyRefs(
-        key_files=[key_file] if key_file else [], key_env=args.key_env, recipients=recipients,
-        passphrase_env=args.passphrase_env, block=args.key_block,
-    ))
+    keys = write_refs(args)  # backup's write keys, checked before a flow starts
     from flows.capture import capture
 
     summary = capture(
-        source=ref, store=args.store, name=args.name, seal_every_s=seal_every, duration_s=duration,
-        encryption=not args.no_encryption, key_file=key_file, key_env=args.key_env,
-        recipients=recipients or None, passphrase_env=args.passphrase_env, key_block=args.key_block,
+        source=ref, store=args.store, name=args.name, seal_every_s=seal_every, duration_s=duration, **keys,
     )
     if report_json(summary, EXIT_OK):
         return EXIT_OK

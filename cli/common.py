@@ -250,6 +250,26 @@ def read_refs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def write_refs(args: argparse.Namespace) -> dict[str, Any]:
+    """The write keys of ``add_write_keys``'s flags as flow parameters (absolute paths and names,
+    never key material), checked first: no key, a missing key file or two modes are usage errors
+    before a flow starts (backup and capture take the same keys)."""
+    from blocks.keys import backup_write_keys
+    from burrow.keys import KeyRefs
+
+    def absolute(p: str) -> str:
+        return os.path.abspath(os.path.expanduser(p))
+
+    recipients = [r if r.startswith("burrow-x25519:") else absolute(r) for r in args.recipient]
+    key_file = absolute(args.key_file) if args.key_file else None
+    backup_write_keys(not args.no_encryption, KeyRefs(
+        key_files=[key_file] if key_file else [], key_env=args.key_env, recipients=recipients,
+        passphrase_env=args.passphrase_env, block=args.key_block,
+    ))
+    return {"encryption": not args.no_encryption, "key_file": key_file, "key_env": args.key_env,
+            "recipients": recipients or None, "passphrase_env": args.passphrase_env, "key_block": args.key_block}
+
+
 def keyring(refs: dict[str, Any]) -> Any:
     from blocks.keys import archive_keys
 

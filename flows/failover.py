@@ -32,8 +32,7 @@ is named on stdout and in the artifact so a re-run can pin it with ``archive``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,7 +43,7 @@ from pydantic import Field
 
 from blocks.keys import archive_keys
 from blocks.resolve import scheme_of, source_from_ref, store_from_ref
-from burrow import naming
+from burrow import naming, report
 from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch, UsageError
 from burrow.runlog import logger
 from burrow.staging import staging_dir
@@ -116,38 +115,28 @@ class _Run:
 
     summary: dict[str, Any]
     dry_run: bool
-    steps: dict[str, float] = field(default_factory=dict)
+    steps: report.Steps = field(default_factory=report.Steps)
     lists: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     preflight: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
-    outcomes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.summary["steps_s"] = self.steps
+        self.summary["steps_s"] = self.steps.seconds
 
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, name: str) -> AbstractContextManager[None]:
         """Time one step into ``steps_s`` (the RTO's parts)."""
-        t0 = time.monotonic()
-        try:
-            yield
-            self.outcomes.setdefault(name, "ok")
-        except BaseException:
-            self.outcomes[name] = "failed"
-            raise
-        finally:
-            self.steps[name] = round(self.steps.get(name, 0.0) + time.monotonic() - t0, 3)
+        return self.steps.step(name)
 
     def publish(self) -> None:
         # the RTO is machine time: the on-call's approval wait (the paused run) is reported beside it
-        waited = self.steps.get("approval", 0.0)
+        waited = self.steps.seconds.get("approval", 0.0)
         self.summary["rto_s"] = round(max(0.0, time.monotonic() - self.started - waited), 3)
         self.summary["approval_wait_s"] = round(waited, 3)
         self.summary["skipped"] = list(self.skipped)
         self.summary["preflight"] = list(self.preflight)
-        rows = [(n, self.outcomes.get(n, "interrupted"), s) for n, s in self.steps.items()]
-        publish_summary("failover", self.summary, self.lists, self.dry_run, steps=rows, preflight=self.preflight)
+        publish_summary("failover", self.summary, self.lists, self.dry_run, steps=self.steps.rows(),
+                        preflight=self.preflight)
 
 
 @dataclass
@@ -600,8 +589,6 @@ def _approve(conflicts: int, archive: str, timeout_s: int, summary: dict[str, An
     ``approve``, their name (``approver``) and a ``comment``, all required. The answer goes into
     the summary (``approval``), hence the artifact, the facts and the event."""
     from prefect.flow_runs import pause_flow_run
-
-    from burrow import report
 
     log = logger()
     target = target_name(summary)

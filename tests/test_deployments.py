@@ -175,10 +175,12 @@ def test_a_failover_rto_is_machine_time_and_the_approval_wait_is_beside_it(monke
 
     import prefect.events
 
+    import burrow.report
     import flows.failover
 
     now = [1000.0]
     monkeypatch.setattr(flows.failover, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(burrow.report, "time", types.SimpleNamespace(monotonic=lambda: now[0]))  # the steps' clock
     published: list[dict] = []
     monkeypatch.setattr(flows.failover, "publish_summary",
                         lambda kind, summary, lists, dry_run, **shown: published.append(dict(summary)))
