@@ -241,7 +241,7 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
             deps = {s: c.read_deployment_by_name(f"backup/backup-{src[s]}") for s in OFFSETS}
         h: dict[str, Any] = {"tag": tag, "src": src, "store": store, "store_dir": store_dir, "deps": deps,
                              "dr_root": dr_root, "zk_tree": zk_tree, "work": work, "env": env, "priv": priv,
-                             "dr": dr, "recipient": identity.recipient}
+                             "dr": dr, "recipient": identity.recipient, "secret": identity.to_text()}
         seen: dict[str, dict[str, Any]] = {}  # every archive ever in the store: its manifest (pruned ones too)
         markers: dict[str, dict[str, Any]] = {}  # every rehearsal marker ever in the store
 
@@ -297,6 +297,7 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
         vd = run_deployment_now(f"verify-newest/verify-daily-{tag}")
         h["verify_daily"] = vd.id
         assert state_of(wait_final([vd.id])[vd.id]) == "COMPLETED", logs_of(vd.id)[-10:]
+        h["verify_daily_logs"] = [m for m in logs_of(vd.id) if m.startswith("verify:")]
 
         # the period ends now, at no slot; then the other schedules are paused too (a run of a slot
         # of the period that no worker has started yet is deleted: on a busy machine some are, and
@@ -422,6 +423,13 @@ def rpo(h: dict[str, Any], s: str) -> dict[str, Any]:
             "successful_backups": len(made), "worst_gap": {"from": worst[1], "to": worst[2]}}
 
 
+def signed_verifies(h: dict[str, Any], s: str) -> list[datetime]:
+    """When the archives of ``s`` were fully verified by a holder of the read keys (the signed
+    records beside them in the store: ``<archive>.verified-full-<time>.burrow-meta``)."""
+    return sorted(when(m["at"]) for n, m in h["markers"].items()
+                  if n.startswith(h["src"][s] + "/") and ".verified-full-" in n and m.get("mac"))
+
+
 def source_of(report: dict[str, Any], h: dict[str, Any], s: str) -> dict[str, Any]:
     (row,) = [x for x in report["json"]["sources"] if x["name"] == h["src"][s]]
     return row
@@ -449,6 +457,9 @@ def test_the_history_holds_what_the_auditor_asks_about(history):
     (rehearsed,) = {m["archive"] for n, m in history["markers"].items()
                     if ".rehearsal-" in n and m["source"] == history["src"]["zk"]}
     assert rehearsed in history["after_prune"]["zk"] and rehearsed not in deleted
+    # the daily verify fully verified the newest archive of each source that has one, and signed that
+    for s in ("zk", "consul"):
+        assert signed_verifies(history, s), (s, history["verify_daily_logs"])
 
 
 @pytest.mark.timeout(1200)  # runs the report (a flow run reading the history and the store)
@@ -550,7 +561,10 @@ def test_the_failover_names_its_trigger_approver_and_comment(history, report):
     # the RTO is machine time: the approval wait is beside it, and both fit in the run's wall time
     wall = (run.end_time - run.start_time).total_seconds()
     assert row["approval_wait_s"] >= history["paused_s"] - 1 and row["rto_s"] + row["approval_wait_s"] <= wall + 1
-    assert row["archive"] and row["rpo_s"] is not None and row["rpo_s"] >= 0
+    # the RPO is the archive's age at the failover: between its start and its end, less the archive's signed time
+    (name,) = [n for n in history["seen"] if row["archive"].endswith(n)]
+    made = when(history["seen"][name]["created"])
+    assert (run.start_time - made).total_seconds() - 1 <= row["rpo_s"] <= (run.end_time - made).total_seconds() + 1
     assert source_of(report, history, "consul")["recoveries"] == []
 
 
@@ -560,16 +574,25 @@ def test_controls_follow_the_checks_per_source(history, report):
     import tomllib
 
     rep = report["json"]
+    window = timedelta(days=rep["targets"]["verification_window_days"])
+
+    def integrity(s: str) -> str:
+        """Pass when one of the source's archives had a signed full verify (the daily verify's) within
+        the window before the period's end (every archive here is intact: present, or deleted by the
+        prune, as test_archives_encryption_verification_and_prune_deletions checks)."""
+        until = history["until"]
+        return "pass" if any(until - window <= t < until for t in signed_verifies(history, s)) else "fail"
+
     mapping = {c["id"]: c["checks"] for c in tomllib.loads(history["controls"].read_text())["controls"]}
     want_checks = {
         "zk": {"backup-schedule": "pass" if counted(history, "zk")["missed"] == 0 else "fail",
                "rpo": "pass" if rpo(history, "zk")["achieved_s"] <= RPO_TARGET else "fail",
                "archive-encrypted": "pass", "rehearsal": "pass", "recovery": "pass",
-               "archive-integrity": "pass"},  # the daily verify fully verified its newest archive
+               "archive-integrity": integrity("zk")},
         "dead": {"backup-schedule": "fail", "rehearsal": "fail", "recovery": "n/a"},
         "consul": {"backup-schedule": "fail", "rpo": "pass" if rpo(history, "consul")["achieved_s"] <= RPO_TARGET
                    else "fail", "archive-encrypted": "pass", "rehearsal": "fail", "recovery": "n/a",
-                   "archive-integrity": "pass"},
+                   "archive-integrity": integrity("consul")},
     }
     overall: dict[str, set[str]] = {}
     for s, checks in want_checks.items():
@@ -586,6 +609,30 @@ def test_controls_follow_the_checks_per_source(history, report):
         assert c["status"] == ("fail" if "fail" in statuses else "pass" if "pass" in statuses else "n/a")
         assert c["failing_sources"] == sorted(history["src"][s] for s in OFFSETS
                                               if source_of(report, history, s)["controls"][c["id"]] == "fail")
+
+
+def test_the_report_is_kept_in_the_store_and_its_chain_verifies(history, report):
+    """The JSON and HTML are written to the store as the first link of its chain (create-only
+    objects under _evidence/, read from disk), and ``burrow evidence verify`` finds it intact."""
+    chain = report["json"]["chain"]
+    assert chain["seq"] == 1 and chain["previous"] is None
+    for key in ("record", "json", "html"):
+        assert (history["store_dir"] / chain[key]).is_file(), chain[key]
+    kept = json.loads((history["store_dir"] / chain["json"]).read_bytes())
+    assert kept["sources"] == report["json"]["sources"] and kept["controls"] == report["json"]["controls"]
+    proc = subprocess.run([BURROW, "evidence", "verify", history["store"], "--key-block", history["priv"]],
+                          cwd=REPO, env=history["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_the_report_holds_no_value_key_or_secret(history, report):
+    """Names, counts, times, fingerprints and run ids only: no stored value, no key material."""
+    html = report["html"].read_text()
+    for text in (report["stdout"], html):
+        for value in (*(v.decode() for v in history["zk_tree"].values() if len(v) > 2), "consul-value",
+                      "dr-local-edit"):
+            assert value not in text, value
+        assert history["secret"] not in text and "BURROW-X25519-SECRET-KEY" not in text
 
 
 def artifact_of(run_id: Any, key_prefix: str) -> Any:
