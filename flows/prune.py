@@ -73,6 +73,9 @@ def prune(
 
     def _publish() -> None:
         summary["deleted_urls"] = [u.split(": ", 1)[0] for u in deleted]
+        # a prune that failed part way still says what it deleted, and why (the evidence report
+        # attributes those deletions to this run rather than to someone outside prune)
+        summary.setdefault("deleted_because", dict(d.split(": ", 1) for d in deleted if ": " in d))
         outcome = f"prune of {naming.redact_url(store)}: {report.done_word(summary)}"
         if summary.get("status") != "failed":
             outcome += (f", {summary.get('deleted', 0):,} of {report.count(summary.get('archives'), 'archive')} "
