@@ -368,7 +368,20 @@ def match_slots(slots: list[datetime], runs: list[HistoryRun], tolerance_s: floa
     used: set[int] = set()
     missed: list[datetime] = []
     tol = timedelta(seconds=tolerance_s)
+    # a scheduled run's expected start is its slot exactly: those pair first, so a slot with no
+    # run never borrows a neighbour's run (and moves the miss onto it) when slots are closer
+    # together than the tolerance
+    exact: set[datetime] = set()
     for slot in sorted(slots):
+        i = bisect.bisect_left(times, slot)  # type: ignore[arg-type]
+        while i < len(times) and times[i] == slot and i in used:
+            i += 1
+        if i < len(times) and times[i] == slot:
+            used.add(i)
+            exact.add(slot)
+    for slot in sorted(slots):
+        if slot in exact:
+            continue
         i = bisect.bisect_left(times, slot - tol)  # type: ignore[arg-type]
         best: int | None = None
         while i < len(times) and times[i] <= slot + tol:  # type: ignore[operator]

@@ -667,3 +667,23 @@ def test_slots_and_runs_as_prefect_hands_them_out_match():
                         expected_start=pendulum.parse("2026-12-04T21:07:27Z"), start=pendulum.parse("2026-12-04T21:07:28Z"))
     missed, covered = ev.match_slots(ev.HistorySchedule("interval", "40s", "UTC", True, slots).slots, [run], 2)
     assert [ev.utc_text(s) for s in missed] == ["2026-12-04T21:06:47Z", "2026-12-04T21:08:07Z"] and covered == {"r"}
+
+
+def test_a_missed_slot_never_borrows_its_neighbours_run():
+    """Slots closer together than the tolerance: each scheduled run pairs with its own slot
+    first, so the slot with no run is the one reported missed (not the next one, whose run a
+    greedy nearest match would have taken)."""
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+    slots = [t0 + timedelta(seconds=40 * i) for i in range(4)]
+
+    def run(i: int) -> ev.HistoryRun:
+        return ev.HistoryRun(id=f"r{i}", name=f"r{i}", flow="backup", state="COMPLETED",
+                             expected_start=slots[i], start=slots[i] + timedelta(seconds=1))
+
+    missed, covered = ev.match_slots(slots, [run(1), run(2), run(3)], 300)
+    assert missed == [slots[0]] and covered == {"r1", "r2", "r3"}
+    # a manual run near a slot with no scheduled run still covers it, within the tolerance
+    late = ev.HistoryRun(id="m", name="m", flow="backup", state="COMPLETED",
+                         expected_start=slots[0] + timedelta(seconds=90), start=slots[0] + timedelta(seconds=91))
+    missed, covered = ev.match_slots(slots, [late, run(1), run(2), run(3)], 300)
+    assert missed == [] and covered == {"m", "r1", "r2", "r3"}
