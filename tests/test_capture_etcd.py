@@ -13,142 +13,52 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BURROW, REPO, interruptible
+from captureutil import (  # capture_key: the key fixture
+    Capture,
+    SteadyWriter,
+    backup,
+    capture_key,  # noqa: F401
+    cli,
+    covered,
+    restore,
+    segments,
+    wait_for,
+)
 from kvutil import Etcd, unique
 
-from burrow.archive import ArchiveReader
-from burrow.keys import keygen
 from burrow.testing.servers import start_etcd
-
-#: Hang guard of one wait on progress (a busy machine is slow, never this slow).
-HANG_GUARD = 300.0
-
-
-def _segments(store: Path, source: str) -> list[dict[str, Any]]:
-    """The manifests of the source's sealed segments (read directly, not through Burrow's chain code)."""
-    out = []
-    for p in sorted((store / source / "changes").glob("*.burrow")) if (store / source / "changes").is_dir() else []:
-        with open(p, "rb") as f:
-            out.append({**ArchiveReader(f).manifest, "_path": p})
-    return out
-
-
-def _wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen | None = None) -> Any:
-    """Wait until ``check()`` is truthy; fail after HANG_GUARD seconds, or when ``proc`` died."""
-    deadline = time.monotonic() + HANG_GUARD
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"capture exited ({proc.returncode}) while waiting for {what}: {err[-3000:]}")
-        time.sleep(0.1)
-    pytest.fail(f"no progress: {what}")
-
-
-def _covered(store: Path, source: str, revision: int) -> bool:
-    return any(m["last_position"] >= revision and not m.get("catching_up") for m in _segments(store, source))
-
-
-class Capture:
-    """``burrow capture`` as a real subprocess."""
-
-    def __init__(self, url: str, store: Path, name: str, key: Path, seal: str = "1s", duration: str = "30m") -> None:
-        self.proc = subprocess.Popen(
-            [BURROW, "capture", url, "--to", str(store), "--name", name, "--key-file", str(key),
-             "--seal-every", seal, "--for", duration],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO), preexec_fn=interruptible,
-        )
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.communicate(timeout=60)
-
-    def wait(self) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=HANG_GUARD)
-        return self.proc.returncode, out, err
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([BURROW, *args], capture_output=True, text=True, cwd=str(REPO), timeout=HANG_GUARD)
 
 
 def _relative(snapshot: dict[bytes, bytes], prefix: bytes) -> dict[bytes, bytes]:
     return {k[len(prefix):]: v for k, v in snapshot.items()}
 
 
-def _restore(store: Path, name: str, key: Path, into: str, *point: str) -> subprocess.CompletedProcess:
-    return _cli("restore", str(store), "--source", name, *point, "--into", into, "--key-file", str(key))
-
-
-class Writer:
+class Writer(SteadyWriter):
     """A steady writer at about ``rate`` changes a second: creates, updates and deletes under
-    ``prefix``, pausable. Records the revision of its last write."""
+    ``prefix``, pausable."""
 
     def __init__(self, url: str, prefix: bytes, rate: float = 100.0) -> None:
+        super().__init__(rate)
         self.e = Etcd(url)
-        self.prefix, self.rate = prefix, rate
-        self.run = threading.Event()
-        self.run.set()
-        self.idle = threading.Event()
-        self.stop = threading.Event()
-        self.changes = 0
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.rng = random.Random(19)
+        self.prefix = prefix
+        self.live: list[bytes] = []
 
-    def _loop(self) -> None:
-        live: list[bytes] = []
-        n = 0
-        while not self.stop.is_set():
-            if not self.run.is_set():
-                self.idle.set()
-                self.run.wait(0.1)
-                continue
-            self.idle.clear()
-            started = time.monotonic()
-            roll = self.rng.random()
-            if live and roll < 0.2:
-                self.e.delete(live.pop(self.rng.randrange(len(live))))
-            elif live and roll < 0.6:
-                self.e.put(self.rng.choice(live), b"u%d" % n)
-            else:
-                key = self.prefix + b"/k%06d" % n
-                self.e.put(key, bytes([n % 256]) * (n % 50) + b"c%d" % n)
-                live.append(key)
-            n += 1
-            self.changes += 1
-            time.sleep(max(0.0, 1.0 / self.rate - (time.monotonic() - started)))
-        self.idle.set()
-
-    def pause(self) -> None:
-        self.run.clear()
-        _wait_for("the writer to pause", self.idle.is_set)
-
-    def resume(self) -> None:
-        self.run.set()
-
-
-def _backup(url: str, store: Path, name: str, key: Path) -> None:
-    r = _cli("backup", url, "--to", str(store), "--name", name, "--key-file", str(key))
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "capture.key"
-    keygen(path, x25519=False)
-    return path
+    def change(self, n: int) -> None:
+        roll = self.rng.random()
+        if self.live and roll < 0.2:
+            self.e.delete(self.live.pop(self.rng.randrange(len(self.live))))
+        elif self.live and roll < 0.6:
+            self.e.put(self.rng.choice(self.live), b"u%d" % n)
+        else:
+            key = self.prefix + b"/k%06d" % n
+            self.e.put(key, bytes([n % 256]) * (n % 50) + b"c%d" % n)
+            self.live.append(key)
 
 
 @pytest.mark.timeout(1800)  # a hang guard: many CLI runs, each a flow, on a busy machine
@@ -162,7 +72,7 @@ def test_restore_at_each_instant_and_revision_equals_the_source(etcd_a, store, k
     e.put_many({p + b"/seed%03d" % i: b"s%d" % i for i in range(50)})
     url = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}"
     name = unique("src")
-    _backup(url, store, name, key)
+    backup(url, store, name, key)
     first_rev = e.revision()
     cap = Capture(url, store, name, key)
     writer = Writer(etcd_a.url, p)
@@ -181,7 +91,7 @@ def test_restore_at_each_instant_and_revision_equals_the_source(etcd_a, store, k
         writer.pause()
         rev = e.revision()
         state = _relative(e.snapshot(p + b"/", rev), p)
-        _wait_for(f"a sealed segment up to revision {rev}", lambda rev=rev: _covered(store, name, rev), cap.proc)
+        wait_for(f"a sealed segment up to revision {rev}", lambda rev=rev: covered(store, name, rev), cap.proc)
         at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         recorded.append((at, state, rev))
         writer.resume()
@@ -192,24 +102,24 @@ def test_restore_at_each_instant_and_revision_equals_the_source(etcd_a, store, k
         cap = Capture(url, store, name, key)
     e.put(p + b"/last", b"the window reaches past every recorded instant")
     last_rev = e.revision()
-    _wait_for("the last sealed segment", lambda: _covered(store, name, last_rev), cap.proc)
+    wait_for("the last sealed segment", lambda: covered(store, name, last_rev), cap.proc)
     cap.kill()
     assert writer.changes > 500
 
-    manifests = _segments(store, name)
+    manifests = segments(store, name)
     assert not any(m.get("gap") for m in manifests), "a SIGKILLed etcd capture resumed with a gap"
     assert any(m.get("changes", {}).get("del") for m in manifests) and any(m.get("changes", {}).get("put") for m in manifests)
 
     for i, (at, state, rev) in enumerate(recorded):
         target = "/" + unique(f"at{i}")
-        r = _restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{target}", "--at", at)
+        r = restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{target}", "--at", at)
         assert r.returncode == 0, (at, r.stderr[-3000:])
         got = _relative(e.snapshot(target.encode() + b"/"), target.encode())
         assert got == state, f"restore --at {at} (revision {rev}) differs: {len(got)} keys against {len(state)}"
 
     for j, rev in enumerate(sorted(rng.sample(range(first_rev, last_rev + 1), 3))):
         target = "/" + unique(f"rev{j}")
-        r = _restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{target}", "--at-revision", str(rev))
+        r = restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{target}", "--at-revision", str(rev))
         assert r.returncode == 0, (rev, r.stderr[-3000:])
         got = _relative(e.snapshot(target.encode() + b"/"), target.encode())
         want = _relative(e.snapshot(p + b"/", rev), p)
@@ -224,15 +134,15 @@ def _stopped_chain(etcd: Any, store: Path, key: Path, changes: int = 60) -> tupl
     e.put_many({p + b"/seed%03d" % i: b"s" for i in range(10)})
     url = f"etcd://{etcd.host}:{etcd.port}{prefix}"
     name = unique("src")
-    _backup(url, store, name, key)
+    backup(url, store, name, key)
     cap = Capture(url, store, name, key, seal="1s")
     for i in range(changes):
         e.put(p + b"/c%03d" % i, b"v%d" % i)
         if i % 15 == 14:
             rev = e.revision()
-            _wait_for("a segment", lambda rev=rev: _covered(store, name, rev), cap.proc)
+            wait_for("a segment", lambda rev=rev: covered(store, name, rev), cap.proc)
     rev = e.revision()
-    _wait_for("the last segment", lambda: _covered(store, name, rev), cap.proc)
+    wait_for("the last segment", lambda: covered(store, name, rev), cap.proc)
     cap.kill()
     return url, prefix, name, e
 
@@ -245,7 +155,7 @@ def test_a_compaction_past_the_chain_is_a_recorded_gap_and_a_point_inside_it_is_
     etcd = start_etcd(tmp_path / "etcd")  # a private server: compaction is cluster-wide
     try:
         url, prefix, name, e = _stopped_chain(etcd, store, key, changes=30)
-        end = max(m["last_position"] for m in _segments(store, name))
+        end = max(m["last_position"] for m in segments(store, name))
         in_gap = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         for i in range(20):
             e.put(prefix.encode() + b"/lost%02d" % i, b"x")
@@ -253,32 +163,32 @@ def test_a_compaction_past_the_chain_is_a_recorded_gap_and_a_point_inside_it_is_
         e._post("/v3/kv/compaction", {"revision": str(rev), "physical": True})
         fulls_before = len(list(store.glob(f"{name}/*.burrow")))
         cap = Capture(url, store, name, key, seal="1s")
-        _wait_for("a gap segment", lambda: any(m.get("gap") for m in _segments(store, name)), cap.proc)
-        _wait_for("a full backup after the gap", lambda: len(list(store.glob(f"{name}/*.burrow"))) > fulls_before,
+        wait_for("a gap segment", lambda: any(m.get("gap") for m in segments(store, name)), cap.proc)
+        wait_for("a full backup after the gap", lambda: len(list(store.glob(f"{name}/*.burrow"))) > fulls_before,
                   cap.proc)
         e.put(prefix.encode() + b"/after", b"a")
         after = e.revision()
-        _wait_for("the new chain", lambda: _covered(store, name, after), cap.proc)
+        wait_for("the new chain", lambda: covered(store, name, after), cap.proc)
         cap.kill()
-        gap = next(m["gap"] for m in _segments(store, name) if m.get("gap"))
+        gap = next(m["gap"] for m in segments(store, name) if m.get("gap"))
         assert gap["from_position"] == end + 1 and gap["to_position"] == rev - 1
 
         tpath = "/" + unique("gap")
         target = f"etcd://{etcd.host}:{etcd.port}{tpath}"
-        r = _restore(store, name, key, target, "--at", in_gap)
+        r = restore(store, name, key, target, "--at", in_gap)
         assert r.returncode == 1, r.stderr[-2000:]
         assert "restorable window" in r.stderr and "gap" in r.stderr, r.stderr[-2000:]
-        r = _restore(store, name, key, target, "--at-revision", str(end + 5))
+        r = restore(store, name, key, target, "--at-revision", str(end + 5))
         assert r.returncode == 1 and "restorable window" in r.stderr, r.stderr[-2000:]
         assert e.snapshot(tpath.encode() + b"/") == {}, "a refused restore wrote keys"
         # the new chain restores: everything up to now, the lost keys included (the new full holds them)
-        r = _restore(store, name, key, target, "--at", "latest")
+        r = restore(store, name, key, target, "--at", "latest")
         assert r.returncode == 0, r.stderr[-3000:]
         tpath = tpath.encode()
         got = _relative(e.snapshot(tpath + b"/"), tpath)
         assert got == _relative(e.snapshot(prefix.encode() + b"/"), prefix.encode())
         # status shows the window with its gap, and --max-age checks the window's end
-        r = _cli("status", str(store), "--source", name, "--json", "--no-verify", "--key-file", str(key),
+        r = cli("status", str(store), "--source", name, "--json", "--no-verify", "--key-file", str(key),
                  "--max-age", "10m")
         assert r.returncode == 0, r.stderr[-2000:]
         window = json.loads(r.stdout)["sources"][0]["restorable"]
@@ -298,7 +208,7 @@ def _attack_copy(store: Path, tmp_path: Path, label: str) -> Path:
 @pytest.mark.parametrize("attack", ["tampered", "reordered", "missing", "foreign"])
 def test_a_broken_chain_is_refused_before_any_write(etcd_a, store, key, tmp_path, attack) -> None:
     url, prefix, name, e = _stopped_chain(etcd_a, store, key)
-    segs = sorted(_segments(store, name), key=lambda m: m["first_position"])
+    segs = sorted(segments(store, name), key=lambda m: m["first_position"])
     assert len(segs) >= 3, [m["first_position"] for m in segs]
     victim, other = segs[1]["_path"], segs[2]["_path"]
     if attack == "tampered":
@@ -314,10 +224,10 @@ def test_a_broken_chain_is_refused_before_any_write(etcd_a, store, key, tmp_path
         victim.unlink()
     else:  # a segment of another chain, moved in under a name of this one
         _, _, other_name, _ = _stopped_chain(etcd_a, store, key, changes=20)
-        foreign = sorted(_segments(store, other_name), key=lambda m: m["first_position"])[-1]["_path"]
+        foreign = sorted(segments(store, other_name), key=lambda m: m["first_position"])[-1]["_path"]
         shutil.copy(foreign, victim.with_name(victim.name.replace(victim.name[-13:-7], "f0f0f0")))
     target = "/" + unique("broken")
-    r = _restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{target}", "--at", "latest")
+    r = restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{target}", "--at", "latest")
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     error = next(line for line in r.stderr.splitlines() if line.startswith("burrow: error:"))
     # the refusal names what is wrong: the segment itself, or the hole in the chain
@@ -331,26 +241,26 @@ def test_prune_lets_go_of_the_chain_of_an_archive_it_deletes(etcd_a, store, key)
     """A capture after a newer full archive starts a new chain; prune deleting the older archive
     deletes its chain too (a dry run deletes nothing), and the newer chain still restores."""
     url, prefix, name, e = _stopped_chain(etcd_a, store, key, changes=20)
-    old_chain = {m["_path"].name for m in _segments(store, name)}
-    _backup(url, store, name, key)
+    old_chain = {m["_path"].name for m in segments(store, name)}
+    backup(url, store, name, key)
     cap = Capture(url, store, name, key)
     e.put(prefix.encode() + b"/second", b"2")
     rev = e.revision()
-    _wait_for("the new chain", lambda: any(m["_path"].name not in old_chain and m["last_position"] >= rev
-                                           and not m.get("catching_up") for m in _segments(store, name)), cap.proc)
+    wait_for("the new chain", lambda: any(m["_path"].name not in old_chain and m["last_position"] >= rev
+                                           and not m.get("catching_up") for m in segments(store, name)), cap.proc)
     cap.kill()
-    new = [m for m in _segments(store, name) if m["_path"].name not in old_chain]
+    new = [m for m in segments(store, name) if m["_path"].name not in old_chain]
     assert all("prev" not in m or m["prev"]["name"] not in {f"{name}/changes/{n}" for n in old_chain} for m in new)
-    r = _cli("prune", str(store), "--keep-last", "1", "--source", name, "--key-file", str(key), "--dry-run", "--json")
+    r = cli("prune", str(store), "--keep-last", "1", "--source", name, "--key-file", str(key), "--dry-run", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["changes_deleted"] == len(old_chain)
-    assert {m["_path"].name for m in _segments(store, name)} >= old_chain, "a dry run deleted segments"
-    r = _cli("prune", str(store), "--keep-last", "1", "--source", name, "--key-file", str(key), "--json")
+    assert {m["_path"].name for m in segments(store, name)} >= old_chain, "a dry run deleted segments"
+    r = cli("prune", str(store), "--keep-last", "1", "--source", name, "--key-file", str(key), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["changes_deleted"] == len(old_chain)
-    assert {m["_path"].name for m in _segments(store, name)} == {m["_path"].name for m in new}
+    assert {m["_path"].name for m in segments(store, name)} == {m["_path"].name for m in new}
     tpath = "/" + unique("pruned")
-    r = _restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{tpath}", "--at", "latest")
+    r = restore(store, name, key, f"etcd://{etcd_a.host}:{etcd_a.port}{tpath}", "--at", "latest")
     assert r.returncode == 0, r.stderr[-3000:]
     assert _relative(e.snapshot(tpath.encode() + b"/"), tpath.encode()) == _relative(
         e.snapshot(prefix.encode() + b"/"), prefix.encode())
@@ -363,12 +273,12 @@ def test_failover_restores_the_chain_end_by_default_and_the_archive_alone_with_f
     assert len(want) == 30  # 10 seeds in the archive, 20 changes in the chain
     host = f"etcd://{etcd_a.host}:{etcd_a.port}"
     latest_target, full_target = "/" + unique("fo"), "/" + unique("full")
-    r = _cli("failover", name, "--from", str(store), "--into", host + latest_target, "--primary", "etcd://127.0.0.1:1",
+    r = cli("failover", name, "--from", str(store), "--into", host + latest_target, "--primary", "etcd://127.0.0.1:1",
              "--key-file", str(key))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "--at latest" in r.stdout + r.stderr
     assert _relative(e.snapshot(latest_target.encode() + b"/"), latest_target.encode()) == want
-    r = _cli("failover", name, "--from", str(store), "--into", host + full_target, "--primary", "etcd://127.0.0.1:1",
+    r = cli("failover", name, "--from", str(store), "--into", host + full_target, "--primary", "etcd://127.0.0.1:1",
              "--key-file", str(key), "--full-only", "--no-resume")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     got = _relative(e.snapshot(full_target.encode() + b"/"), full_target.encode())
@@ -379,7 +289,7 @@ def test_failover_restores_the_chain_end_by_default_and_the_archive_alone_with_f
 def test_rehearse_at_latest_restores_and_compares_the_chain_end(etcd_a, store, key) -> None:
     url, prefix, name, e = _stopped_chain(etcd_a, store, key, changes=20)
     scratch = f"etcd://{etcd_a.host}:{etcd_a.port}/" + unique("scratch")
-    r = _cli("rehearse", str(store), "--source", name, "--scratch", scratch, "--at", "latest", "--key-file", str(key),
+    r = cli("rehearse", str(store), "--source", name, "--scratch", scratch, "--at", "latest", "--key-file", str(key),
              "--json")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     summary = json.loads(r.stdout)

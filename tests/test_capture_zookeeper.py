@@ -6,29 +6,22 @@ state node by node, data and ACL."""
 
 from __future__ import annotations
 
-import random
-import threading
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
+from captureutil import (  # capture_key: the key fixture
+    Capture,
+    SteadyWriter,
+    backup,
+    capture_key,  # noqa: F401
+    covered,
+    restore,
+    segments,
+    wait_for,
+)
 from kazoo.client import KazooClient
-from test_capture_etcd import Capture, _backup, _restore, _segments, _wait_for
 from zkutil import kazoo, unique_root
-
-from burrow.keys import keygen
-
-
-@pytest.fixture
-def key(tmp_path: Path) -> Path:
-    path = tmp_path / "capture.key"
-    keygen(path, x25519=False)
-    return path
-
-
-def _covered(store: Path, source: str, zxid: int) -> bool:
-    return any(m["last_position"] >= zxid and not m.get("catching_up") for m in _segments(store, source))
 
 
 def _state(c: KazooClient, root: str) -> dict[str, tuple[bytes, tuple]]:
@@ -48,55 +41,38 @@ def _state(c: KazooClient, root: str) -> dict[str, tuple[bytes, tuple]]:
     return out
 
 
-class Writer:
+class Writer(SteadyWriter):
     """About ``rate`` changes a second below ``root``: creates (some nested), sets, deletes of
-    leaves. ``zxid``: the zxid of its last change."""
+    leaves, beside an ephemeral node (skipped by capture). ``zxid``: the zxid of its last change."""
 
     def __init__(self, hosts: str, root: str, rate: float = 50.0) -> None:
+        super().__init__(rate)
         self.c = KazooClient(hosts=hosts)
         self.c.start(timeout=15)
-        self.root, self.rate = root, rate
-        self.run, self.idle, self.stop = threading.Event(), threading.Event(), threading.Event()
-        self.run.set()
-        self.changes = 0
+        self.root = root
         self.zxid = 0
-        self.rng = random.Random(19)
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.leaves: list[str] = []
 
-    def _loop(self) -> None:
-        leaves: list[str] = []
-        n = 0
+    def before(self) -> None:
         self.c.create(self.root + "/eph", b"ephemeral", ephemeral=True)
-        while not self.stop.is_set():
-            if not self.run.is_set():
-                self.idle.set()
-                self.run.wait(0.1)
-                continue
-            self.idle.clear()
-            started = time.monotonic()
-            roll = self.rng.random()
-            if leaves and roll < 0.2:
-                p = leaves.pop(self.rng.randrange(len(leaves)))
-                self.c.delete(p)
-                self.zxid = self.c.exists(p.rsplit("/", 1)[0]).pzxid
-            elif leaves and roll < 0.6:
-                self.zxid = self.c.set(self.rng.choice(leaves), b"u%d" % n).mzxid
-            else:
-                parent = self.rng.choice([p for p in leaves[-5:] if p.count("/") < self.root.count("/") + 2] or [self.root])
-                if parent != self.root:
-                    leaves.remove(parent)  # it gets a child: no longer deleted as a leaf
-                path = f"{parent}/n{n:06d}"
-                _, stat = self.c.create(path, b"c%d" % n, include_data=True)
-                self.zxid = stat.czxid
-                leaves.append(path)
-            n += 1
-            self.changes += 1
-            time.sleep(max(0.0, 1.0 / self.rate - (time.monotonic() - started)))
-        self.idle.set()
 
-    def pause(self) -> None:
-        self.run.clear()
-        _wait_for("the writer to pause", self.idle.is_set)
+    def change(self, n: int) -> None:
+        leaves = self.leaves
+        roll = self.rng.random()
+        if leaves and roll < 0.2:
+            p = leaves.pop(self.rng.randrange(len(leaves)))
+            self.c.delete(p)
+            self.zxid = self.c.exists(p.rsplit("/", 1)[0]).pzxid
+        elif leaves and roll < 0.6:
+            self.zxid = self.c.set(self.rng.choice(leaves), b"u%d" % n).mzxid
+        else:
+            parent = self.rng.choice([p for p in leaves[-5:] if p.count("/") < self.root.count("/") + 2] or [self.root])
+            if parent != self.root:
+                leaves.remove(parent)  # it gets a child: no longer deleted as a leaf
+            path = f"{parent}/n{n:06d}"
+            _, stat = self.c.create(path, b"c%d" % n, include_data=True)
+            self.zxid = stat.czxid
+            leaves.append(path)
 
     def close(self) -> None:
         self.c.stop()
@@ -112,7 +88,7 @@ def test_restore_at_each_instant_equals_the_source_across_a_killed_capture(zk_a,
             c.create(f"{root}/seed{i:02d}", b"s%d" % i)
         url = f"zk://{zk_a.url}{root}"
         name = "src-" + root.strip("/")
-        _backup(url, store, name, key)
+        backup(url, store, name, key)
         cap = Capture(url, store, name, key)
         writer = Writer(zk_a.url, root)
         writer.thread.start()
@@ -126,24 +102,24 @@ def test_restore_at_each_instant_equals_the_source_across_a_killed_capture(zk_a,
                 writer.pause()
                 state = _state(c, root)
                 zxid = writer.zxid
-                _wait_for(f"a sealed segment up to zxid {zxid}", lambda zxid=zxid: _covered(store, name, zxid), cap.proc)
+                wait_for(f"a sealed segment up to zxid {zxid}", lambda zxid=zxid: covered(store, name, zxid), cap.proc)
                 recorded.append((datetime.now(UTC).isoformat().replace("+00:00", "Z"), state))
                 writer.run.set()
             writer.stop.set()
             writer.thread.join()
             last = c.create(f"{root}/last", b"the window reaches past every recorded instant", include_data=True)[1]
-            _wait_for("the last sealed segment", lambda: _covered(store, name, last.czxid), cap.proc)
+            wait_for("the last sealed segment", lambda: covered(store, name, last.czxid), cap.proc)
         finally:
             cap.kill()
             writer.close()
         assert writer.changes > 200
-        manifests = _segments(store, name)
+        manifests = segments(store, name)
         assert sum(1 for m in manifests if m.get("resync")) >= 2, "the restarted capture did not resync"
         assert not any(m.get("gap") for m in manifests)
 
         for at, state in recorded:
             target = unique_root()
-            r = _restore(store, name, key, f"zk://{zk_a.url}{target}", "--at", at)
+            r = restore(store, name, key, f"zk://{zk_a.url}{target}", "--at", at)
             assert r.returncode == 0, (at, r.stderr[-3000:])
             got = _state(c, target)
             assert got == state, f"restore --at {at} differs: {len(got)} nodes against {len(state)}"
@@ -167,15 +143,15 @@ def test_a_lost_connection_is_resynced_and_the_changes_made_meanwhile_are_caught
                 c.create(f"{root}/seed{i:02d}", b"s%d" % i)
         url = f"zk://{zk.url}{root}"
         name = "src-" + root.strip("/")
-        _backup(url, store, name, key)
+        backup(url, store, name, key)
         cap = Capture(url, store, name, key)
         try:
             with kazoo(zk.url) as c:
                 for i in range(10):
                     c.set(f"{root}/seed{i:02d}", b"before")
                 zxid = c.create(f"{root}/before", b"x", include_data=True)[1].czxid
-                _wait_for("a segment before the loss", lambda: _covered(store, name, zxid), cap.proc)
-            resyncs = sum(1 for m in _segments(store, name) if m.get("resync"))
+                wait_for("a segment before the loss", lambda: covered(store, name, zxid), cap.proc)
+            resyncs = sum(1 for m in segments(store, name) if m.get("resync"))
             zk.kill()
             zk = start_zookeeper(tmp_path / "zk", port=port)
             with kazoo(zk.url) as c:
@@ -183,17 +159,17 @@ def test_a_lost_connection_is_resynced_and_the_changes_made_meanwhile_are_caught
                 c.set(f"{root}/seed01", b"meanwhile")
                 zxid = c.create(f"{root}/meanwhile", b"m", include_data=True)[1].czxid
                 state = _state(c, root)
-                _wait_for("a resync after the reconnection",
-                          lambda: sum(1 for m in _segments(store, name) if m.get("resync")) > resyncs, cap.proc)
-                _wait_for("the changes made meanwhile", lambda: _covered(store, name, zxid), cap.proc)
+                wait_for("a resync after the reconnection",
+                          lambda: sum(1 for m in segments(store, name) if m.get("resync")) > resyncs, cap.proc)
+                wait_for("the changes made meanwhile", lambda: covered(store, name, zxid), cap.proc)
                 at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
                 time.sleep(0.2)
                 zxid = c.create(f"{root}/after", b"a", include_data=True)[1].czxid
-                _wait_for("the window past the instant", lambda: _covered(store, name, zxid), cap.proc)
+                wait_for("the window past the instant", lambda: covered(store, name, zxid), cap.proc)
         finally:
             cap.kill()
         target = unique_root()
-        r = _restore(store, name, key, f"zk://{zk.url}{target}", "--at", at)
+        r = restore(store, name, key, f"zk://{zk.url}{target}", "--at", at)
         assert r.returncode == 0, r.stderr[-3000:]
         with kazoo(zk.url) as c:
             got = _state(c, target)
