@@ -92,6 +92,19 @@ def seconds(s: Any) -> str:
     return f"{v / 86400:.1f} d"
 
 
+def trigger_text(trigger: dict[str, Any]) -> str:
+    """Who or what started a run, as a phrase: "cli, by ops@host", "schedule of backup/backup-dc-us",
+    "automation burrow-rehearse-on-backup (rehearse/rehearse-dc-us)", "manual run of ..."."""
+    kind, by, dep = trigger.get("kind"), trigger.get("by") or "-", trigger.get("deployment")
+    if kind == "schedule":
+        return f"schedule of {dep or by}"
+    if kind == "automation":
+        return f"automation {by}" + (f" ({dep})" if dep else "")
+    if kind == "manual":
+        return f"manual run of {dep}" + (f", by {by}" if by != dep else "") if dep else f"manual run, by {by}"
+    return f"{kind}, by {by}"
+
+
 def value_text(key: str, value: Any) -> str:
     """A summary value as words with units, by its key (``*_s``: seconds, ``*_bytes``: bytes):
     never a Python repr. Nested values are written out, ``name value, name value``."""
@@ -99,6 +112,8 @@ def value_text(key: str, value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if key == "trigger" and isinstance(value, dict) and "kind" in value:
+        return trigger_text(value)
     if isinstance(value, dict):
         if not value:
             return "-"

@@ -281,7 +281,7 @@ def print_summary(summary: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
     for k, v in summary.items():
         if k in skip or v in (None, [], {}):
             continue
-        if isinstance(v, (dict, list, tuple)):  # written out (``kind cli, by user@host``), never a repr
+        if isinstance(v, (dict, list, tuple)):  # written out (``cli, by user@host``), never a repr
             from burrow.report import value_text
 
             v = value_text(k, v)

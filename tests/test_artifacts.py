@@ -95,7 +95,7 @@ def test_backup_and_restore_leave_artifacts_made_for_people(zk_a, zk_b, store):
     assert md_art.description == first[2:]
     assert "| step | outcome | seconds |" in md and re.search(r"^\| extract \| ok \| \d+\.\d\d \|$", md, re.M)
     assert fact(md, "service") == "zookeeper" and fact(md, "keys") == "4" and fact(md, "skipped_ephemeral") == "1"
-    assert fact(md, "trigger") == f"kind cli, by {me()}"
+    assert fact(md, "trigger") == f"cli, by {me()}"
     assert fact(md, "content_sha256").startswith("`") and summary["content_sha256"] in md  # whole, below the table
     assert VALUE.decode() not in md
     facts = facts_of(arts)
