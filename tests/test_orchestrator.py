@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -247,8 +248,6 @@ class OrchState(dict):
         return value
 
 
-
-
 @pytest.fixture(scope="module")
 def orch(zk_a, zk_b, etcd_a, consul_a, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """The shipped deployments, applied by setup.py, over blocks saved under the names
@@ -420,15 +419,16 @@ def test_fleet_spreads_over_both_workers_and_each_cluster_is_locked(orch):
         assert kid.parameters["source"] == name and kid.parameters["key_block"] == "burrow-backup-keys"
         (art,) = [a for a in artifacts_of(kid.id) if a.type == "markdown"]
         assert art.key == f"backup-{name}"
-        assert f"Burrow backup of {name}: ok" in art.data and "| encryption | x25519 |" in art.data
+        assert art.data.startswith(f"# backup of {name}: done, ") and "| encryption | x25519 |" in art.data
         ev = burrow_event(since, "burrow.backup.completed", kid.id)
         assert ev.resource.id == f"burrow.source.{name}"
         assert ev.payload["status"] == "ok" and ev.payload["keys"] >= 1
         assert {r.role for r in ev.related} >= {"store", "archive"}
         no_secret_in(art.data, json.dumps(kid.parameters), ev.model_dump_json(), "\n".join(logs_of(kid.id)))
     fleet_art = [a for a in artifacts_of(fleet.id) if a.type == "markdown"]
-    assert fleet_art and "Burrow backup fleet: ok" in fleet_art[0].data
-    assert all(f"backup/backup-{n}" in fleet_art[0].data for n in by_source)
+    assert fleet_art and re.match(r"# backup fleet: done, (\d+) of \1 backups completed\n", fleet_art[0].data)
+    (runs,) = [a for a in artifacts_of(fleet.id) if a.key == "backup-fleet-runs"]  # each child run, as a table
+    assert all(f"backup/backup-{n}" in str(runs.data) for n in by_source)
 
 
 def test_a_backup_whose_store_is_down_fails_after_its_retries_and_pages(orch):
@@ -441,14 +441,15 @@ def test_a_backup_whose_store_is_down_fails_after_its_retries_and_pages(orch):
     ev = burrow_event(orch["since"], "burrow.backup.failed", run_id)
     assert ev.resource.id == "burrow.source.consul-us"
     assert "cannot reach the endpoint" in ev.payload["error"]
-    # the burrow-run-failed automation fired: its action ran and the pager got the notification
+    # the burrow-backup-failed automation fired (setup.py armed consul-us, so its first failure
+    # pages): its action ran and the pager got the notification
     page = wait_for("the on-call notification", lambda: [
         m for m in orch["hook"].received if m.get("subject") == "Burrow: burrow.backup.failed for consul-us"
     ], timeout=90)
     assert "cannot reach the endpoint" in page[0]["body"]
     executed = wait_for("the automation's action event", lambda: [
         e for e in events_since(orch["since"], ["prefect.automation.action.executed"])
-        if e.resource.get("prefect.resource.name") == "burrow-run-failed"
+        if e.resource.get("prefect.resource.name") == "burrow-backup-failed"
     ], timeout=60)
     assert executed
     no_secret_in(json.dumps(orch["hook"].received))
@@ -481,8 +482,15 @@ def test_failover_deployment_run_pauses_on_conflicts_and_rebuilds_once_approved(
     """A failover deployment run of dc-us (its primary is down) from the archive the fleet wrote
     (encrypted to a recipient, opened by the deployment's key block) into a DR ensemble that
     already holds one of its keys, differently: the run pauses for the on-call, writes nothing
-    while paused, is approved through the API, and then creates everything but the conflict."""
+    while paused, is approved through the API, and then creates everything but the conflict.
+    Before it pauses it publishes the conflicts (path and kind, never values) as a table artifact
+    linked from the pause's description; an answer without the approver's name or a comment is
+    refused by the API (the run stays paused); the name and comment reach the event, the
+    artifact's outcome line and the run's facts."""
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.responses import SetStateStatus
+
+    from burrow.report import FACTS_DESCRIPTION, facts_from_table
 
     since = datetime.now(UTC)
     # setup.py's re-run and the verify deployment run alongside (checked in their own tests)
@@ -496,8 +504,23 @@ def test_failover_deployment_run_pauses_on_conflicts_and_rebuilds_once_approved(
     root = orch["conflict_root"]
     with kazoo(zk_b.url) as c:  # nothing written while it waits
         assert snapshot(c, root) == {root: b"", root + "/app": b"", root + "/app/config": b"local-edit"}
+    key = "failover-dc-us-to-orch-dr-conflict"  # the source's and the target block's names
+    (table,) = [a for a in artifacts_of(run.id) if a.key == f"{key}-conflicts"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert table.type == "table" and rows == [{"path": "/app/config", "kind": "exists with another value (kept)"}]
+    assert "local-edit" not in str(rows) and "us-config" not in str(rows)
     with _client() as c:
-        c.resume_flow_run(run.id, run_input={"approve": True, "comment": "checked by the test"})
+        paused = c.read_flow_run(run.id).state
+        description = c.read_flow_run_input(run.id, paused.state_details.run_input_keyset["description"])
+        assert f"/artifacts/artifact/{table.id}" in description, description
+        for answer in ({"approve": True, "comment": "no name"}, {"approve": True, "approver": "", "comment": "x"},
+                       {"approve": True, "approver": "A. Tester"}):
+            refused = c.resume_flow_run(run.id, run_input=answer)
+            assert refused.status == SetStateStatus.REJECT, (answer, refused)
+        assert c.read_flow_run(run.id).state.type == StateType.PAUSED  # still waiting for a named answer
+        ok = c.resume_flow_run(run.id, run_input={"approve": True, "approver": "A. Tester",
+                                                  "comment": "checked by the test"})
+        assert ok.status == SetStateStatus.ACCEPT, ok
     done = wait_final([run.id])[run.id]
     assert done.state.type == StateType.COMPLETED, (done.state, logs_of(run.id)[-10:])
     with kazoo(zk_b.url) as c:
@@ -509,9 +532,18 @@ def test_failover_deployment_run_pauses_on_conflicts_and_rebuilds_once_approved(
     assert ev.resource.id == "burrow.source.dc-us"
     assert ev.payload["conflicts"] == 1 and ev.payload["created"] >= 2
     assert {r.role for r in ev.related} >= {"target", "store", "archive"}
-    arts = [a for a in artifacts_of(run.id) if a.type == "markdown"]
-    assert arts and "Burrow failover" in arts[0].data and "/app/config" in arts[0].data
-    no_secret_in(arts[0].data, ev.model_dump_json(), "\n".join(logs_of(run.id)), json.dumps(done.parameters))
+    assert any(r.id == "burrow.target.orch-dr-conflict" for r in ev.related), ev.related
+    approval = {"approved": True, "approver": "A. Tester", "comment": "checked by the test"}
+    trigger = {"kind": "manual", "by": "failover/failover", "deployment": "failover/failover"}
+    assert ev.payload["approval"] == approval and ev.payload["trigger"] == trigger
+    arts = artifacts_of(run.id)
+    (md,) = [a for a in arts if a.type == "markdown"]
+    assert md.key == key and re.match(r"# failover of dc-us into orch-dr-conflict: done, RPO .+, RTO .+, "
+                                      r"1 conflict left, approved by A\. Tester$", md.data.splitlines()[0]), md.data
+    (facts,) = [facts_from_table(a.data) for a in arts if a.description == FACTS_DESCRIPTION]
+    assert facts["approval"] == approval and facts["trigger"] == trigger and facts["kind"] == "failover"
+    assert facts["rto_s"] < facts["duration_s"] and facts["approval_wait_s"] > 0
+    no_secret_in(md.data, ev.model_dump_json(), "\n".join(logs_of(run.id)), json.dumps(done.parameters))
 
 
 def test_verify_deployment_opens_recipient_encrypted_archives(orch):
@@ -558,7 +590,8 @@ def test_setup_applied_the_shipped_configuration_and_reruns_cleanly(orch):
         lim = limits.get(source_limit_name(cluster))
         assert lim is not None and lim.limit == 1 and lim.active, cluster
     names = [a.name for a in automations]
-    wanted = {"burrow-run-failed", "burrow-run-crashed", "burrow-rehearsal-failed", "burrow-backup-missing"}
+    wanted = {"burrow-run-failed", "burrow-backup-failed", "burrow-run-crashed", "burrow-rehearsal-failed",
+              "burrow-backup-missing"}
     assert all(names.count(n) == 1 for n in wanted), names
     missing = {a.name: a for a in automations}["burrow-backup-missing"].trigger
     assert missing.posture.value == "Proactive" and missing.within.total_seconds() == 26 * 3600
