@@ -40,6 +40,7 @@ from blocks.keys import EncryptionKeys
 from blocks.local import LocalStore
 from blocks.zookeeper import ZooKeeperCluster
 from burrow.keys import X25519Identity
+from burrow.testing.fleet import stop_workers
 from burrow.testing.servers import free_port
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -325,13 +326,7 @@ def orch(zk_a, zk_b, etcd_a, consul_a, tmp_path_factory) -> Iterator[dict[str, A
                                    cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
             assert shots.returncode == 0, shots.stdout[-2000:] + shots.stderr[-2000:]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_workers(procs)
         rerun = state.get("rerun")
         if rerun is not None and rerun.poll() is None:
             rerun.kill()

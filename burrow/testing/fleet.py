@@ -181,6 +181,8 @@ def start_workers(fleet: Fleet, count: int, limit: int, log_dir: Path) -> list[s
 
 
 def stop_workers(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every worker (burrow worker ends its runs, then itself); SIGKILL what has not
+    exited after 60 s."""
     for p in procs:
         p.terminate()
     for p in procs:
