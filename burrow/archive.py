@@ -556,6 +556,13 @@ class ArchiveReader:
         A line longer than MAX_LINE_BYTES, or more records than the manifest's count, is
         refused as soon as it is seen, before more of it is buffered.
         """
+        for lines in self._line_batches(decryptor):
+            for line in lines:
+                yield decode_record(line)
+
+    def _line_batches(self, decryptor: BodyDecryptor | DecryptorFactory | None) -> Iterator[list[bytes]]:
+        """The record lines of each decrypted, decompressed chunk (a line split across chunks
+        goes with the chunk that ends it), with every check of :meth:`records` but the parse."""
         pending = bytearray()  # the start of a line that continues in the next chunk
         count = 0
         expected = self.manifest.get("keys")  # an int once iter_content has yielded (check_metadata)
@@ -573,8 +580,8 @@ class ArchiveReader:
             for line in lines:
                 if len(line) >= MAX_LINE_BYTES:
                     raise self._long_line()
-                count += 1
-                yield decode_record(line + b"\n")
+            count += len(lines)
+            yield lines
             pending += tail
             if len(pending) >= MAX_LINE_BYTES:
                 raise self._long_line()
@@ -590,9 +597,17 @@ class ArchiveReader:
             f"{self.label} holds a record line longer than the format's limit of {MAX_LINE_BYTES} bytes (corrupt)"
         )
 
-    def validate(self, decryptor: BodyDecryptor | DecryptorFactory | None = None) -> int:
-        """Read the whole archive and check everything; return the record count."""
+    def validate(self, decryptor: BodyDecryptor | DecryptorFactory | None = None, *, parse: bool = True) -> int:
+        """Read the whole archive and check everything; return the record count.
+
+        ``parse=False`` checks every byte (MACs, checksums, framing, line bounds, the count) but
+        does not parse the record lines: for a caller that parses each of them itself before
+        anything is written (the restore flow's plan), which then raises on a malformed one."""
         n = 0
+        if not parse:
+            for lines in self._line_batches(decryptor):
+                n += len(lines)
+            return n
         for _ in self.records(decryptor):
             n += 1
         return n

@@ -20,7 +20,8 @@ from conftest import run_cli
 from kazoo.security import make_digest_acl
 from zkutil import full_snapshot, kazoo, unique_root
 
-from burrow.archive import ArchiveReader
+from burrow.archive import ArchiveReader, ArchiveWriter
+from burrow.records import Record
 
 WRONG_PASSWORD = "wr0ng-pa55word-canary"
 
@@ -77,6 +78,14 @@ def bad(zk_a, zk_b, tmp_path_factory):
     (damaged / "truncated.burrow").write_bytes(data[: len(data) - 100])
     assert data.count(b'"version":1') == 2  # header and manifest
     (damaged / "future.burrow").write_bytes(data.replace(b'"version":1', b'"version":9'))
+    # every checksum right, one record line not a record: the restore's validate does not parse
+    # the lines (its plan does, before any write), so the plan must be what refuses it
+    w = ArchiveWriter(buf := io.BytesIO(), service="zookeeper")
+    w.add(Record(target_root.encode() + b"/x", b"v", {}))  # planned, and never created
+    w.keys += 1
+    w.write_content(b'{"k":"/y","v":"not base64!"}\n')
+    w.finish({"source": "bad", "service": "zookeeper"})
+    (damaged / "malformed.burrow").write_bytes(buf.getvalue())
 
     stores = {name: tmp / f"store-{name}" for name in ("unreachable", "auth", "vanished")}
     for d in stores.values():
@@ -100,6 +109,7 @@ def bad(zk_a, zk_b, tmp_path_factory):
                                  "--no-encryption"),
         "restore-truncated": ("restore", f"file://{damaged}/truncated.burrow", *into),
         "restore-unknown-version": ("restore", f"file://{damaged}/future.burrow", *into),
+        "restore-malformed-record": ("restore", f"file://{damaged}/malformed.burrow", "--into", f"zk://{zk_b.url}"),
         "restore-missing-archive": ("restore", f"file://{damaged}/nope.burrow", *into),
         "verify-corrupt": ("verify", f"file://{damaged}/corrupt.burrow"),
         "list-missing-store": ("list", str(tmp / "missing")),
@@ -125,6 +135,7 @@ EXPECTED = {
     "restore-corrupt": (1, ["corrupt"]),
     "restore-truncated": (1, ["truncated"]),
     "restore-unknown-version": (1, ["version 9", "reads version 1"]),
+    "restore-malformed-record": (1, ["malformed record"]),
     "restore-missing-archive": (1, ["not found"]),
     "restore-unreachable-target": (1, ["cannot connect to ZooKeeper"]),
     "verify-corrupt": (1, ["corrupt"]),
@@ -162,5 +173,6 @@ def test_failed_restores_write_nothing(bad):
     before, after = bad["target"]
     assert after == before
     # and the damaged archives are left as they were
-    assert {p.name for p in bad["damaged"].iterdir()} == {"corrupt.burrow", "truncated.burrow", "future.burrow"}
+    assert {p.name for p in bad["damaged"].iterdir()} == {"corrupt.burrow", "truncated.burrow", "future.burrow",
+                                                      "malformed.burrow"}
 
