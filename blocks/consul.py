@@ -921,6 +921,7 @@ class ConsulWatch:
     ever grow along a chain."""
 
     WAIT = 2  # seconds a blocking query waits for a change: also how often progress is reported
+    RESYNC_PIECE = 1024 * 1024  # bytes of a resync handed on at once
 
     def __init__(self, session: ConsulSession, after: int) -> None:
         self.session = session
@@ -951,6 +952,21 @@ class ConsulWatch:
         entries = orjson.loads(resp.content) if resp.status_code == 200 and resp.content else []
         return int(header), entries
 
+    def _resync(self, current: dict[str, tuple[int, dict[str, Any]]], pos: int) -> Iterator[ChangeBatch]:
+        """The whole prefix as a resync, handed on in pieces of about RESYNC_PIECE bytes (the
+        values decoded piece by piece: the answer is held once, not twice)."""
+        a2b = binascii.a2b_base64
+        piece: list[tuple[str, bytes, bytes, int, dict[str, Any]]] = []
+        size, continued = 0, False
+        for k, (_, e) in sorted(current.items()):
+            value = a2b(e["Value"]) if e.get("Value") else b""
+            piece.append(("put", k.encode("utf-8"), value, pos, _meta(e)))
+            size += len(k) + len(value) + 64
+            if size >= self.RESYNC_PIECE:
+                yield ChangeBatch(piece, pos, resync=True, more=True, continued=continued)
+                piece, size, continued = [], 0, True
+        yield ChangeBatch(piece, pos, resync=True, continued=continued)
+
     def __iter__(self) -> Iterator[ChangeBatch]:
         a2b = binascii.a2b_base64
         while not self._closed:
@@ -967,11 +983,9 @@ class ConsulWatch:
                 self.offset += self.index - index + 1  # positions keep growing past a reset index
             pos_now = max(index + self.offset, self.floor + 1)
             if resync:
-                changes = [("put", k.encode("utf-8"), a2b(e["Value"]) if e.get("Value") else b"", pos_now, _meta(e))
-                           for k, (_, e) in sorted(current.items())]
                 self.tracked = {k: mi for k, (mi, _) in current.items()}
                 self.index, self.floor = index, pos_now
-                yield ChangeBatch(changes, pos_now, resync=True)
+                yield from self._resync(current, pos_now)
                 continue
             if index == self.index:
                 yield ChangeBatch([], self.floor, progress=True)

@@ -831,7 +831,12 @@ class EtcdWatch:
     position is exact. A start revision etcd has compacted is answered with a cancel carrying
     the compaction's revision: HistoryCompacted, a gap. Leased keys are changes a backup does
     not hold: unless the block includes leased keys, a put with a lease is recorded as a delete
-    of the key (marked ``leased``), so the state at any point is what a backup would have held."""
+    of the key (marked ``leased``), so the state at any point is what a backup would have held.
+    With leased keys included, a leased put carries its lease as a backup records it (``id``,
+    the remaining ``ttl`` when the capture saw it, ``granted_ttl``), so a restore to a point
+    grants it a fresh lease with that TTL, as a restore of a full backup does. The TTL is read
+    once per lease per batch (LeaseTimeToLive); a lease gone by then (its keys' deletes follow
+    in the feed) is recorded with a TTL of 1 s, never as no lease."""
 
     def __init__(self, session: EtcdSession, after: int) -> None:
         import queue
@@ -872,6 +877,7 @@ class EtcdWatch:
                     yield ChangeBatch([], int(resp.header.revision), progress=True)
                     continue
                 changes: list[tuple[str, bytes, bytes, int, dict[str, Any]]] = []
+                ttls: dict[int, tuple[int, int]] = {}
                 for ev in resp.events:
                     kv = ev.kv
                     key = kv.key[self._cut:] if self._cut else kv.key
@@ -883,7 +889,11 @@ class EtcdWatch:
                     else:
                         meta: dict[str, Any] = {"mod_revision": rev}
                         if kv.lease:
-                            meta["lease"] = {"id": int(kv.lease)}
+                            lease = int(kv.lease)
+                            ttl = ttls.get(lease)
+                            if ttl is None:
+                                ttl = ttls[lease] = s._time_to_live(lease)
+                            meta["lease"] = {"id": lease, "ttl": max(1, ttl[0]), "granted_ttl": max(1, ttl[1])}
                         changes.append(("put", key, kv.value, rev, meta))
                 yield ChangeBatch(changes, int(resp.events[-1].kv.mod_revision))
         except grpc.RpcError as exc:

@@ -107,6 +107,10 @@ class ChangeBatch:
     #: The whole state at ``position`` (every key a ``put``), not changes: a feed that cannot
     #: resume exactly (Consul, ZooKeeper) starts and restarts with one; keys it leaves out are gone.
     resync: bool = False
+    #: A resync comes in pieces (bounded memory): ``more`` says another piece of it follows,
+    #: ``continued`` that this piece continues the previous batch's resync (else it starts one).
+    more: bool = False
+    continued: bool = False
 
 
 class HistoryCompacted(Exception):

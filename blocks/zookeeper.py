@@ -1254,9 +1254,12 @@ class ZkWatch:
     change, or the next full backup), and a connection that was lost has missed notifications:
     so every (re)connection starts with a resync, a walk of the whole tree (the state at that
     moment), recorded as such. The watch is added before the walk, so nothing between the two
-    is missed."""
+    is missed. The walk is handed on in pieces of about RESYNC_PIECE bytes as it goes (never
+    the whole tree in memory); its keys all stand at the zxid the watch was added at, and the
+    last piece carries the zxid after the walk."""
 
     RECONNECT_FOR = 120.0  # seconds a capture keeps trying to reconnect before it gives up
+    RESYNC_PIECE = 1024 * 1024  # bytes of a resync handed on at once
 
     def __init__(self, session: ZooKeeperSession, after: int) -> None:
         self.session = session
@@ -1295,20 +1298,29 @@ class ZkWatch:
         wire = s._new_wire()
         try:
             wire.add_watch("/", zkwire.PERSISTENT_RECURSIVE)
-            _, err, _ = wire.reply()
+            frame, err, _ = wire.reply()
             if err:
                 raise SourceError(f"ZooKeeper at {s.label} refused the capture's watch (addWatch needs ZooKeeper "
                                   f"3.6 or later): {EXCEPTIONS[err].__name__}")
+            start = max(zkwire.reply_zxid(frame), self.floor + 1)
+            self.floor = start
+            piece: list[tuple[str, bytes, bytes, int, dict[str, Any]]] = []
+            size, continued = 0, False
             walker = ZooKeeperSession(s.block)  # a session of its own: the last one may have died with the server
             try:
-                state = list(walker.walk(b"/", WalkStats()))
+                for r in walker.walk(b"/", WalkStats()):
+                    piece.append(("put", r.key, r.value, start, r.meta))
+                    size += len(r.key) + len(r.value) + 64
+                    if size >= self.RESYNC_PIECE:
+                        yield ChangeBatch(piece, start, resync=True, more=True, continued=continued)
+                        piece, size, continued = [], 0, True
             finally:
                 walker.close()
             wire.exists("/")
             frame, _, _ = wire.reply()
-            pos = max(zkwire.reply_zxid(frame), self.floor + 1)
+            pos = max(zkwire.reply_zxid(frame), self.floor)
             self.floor = pos
-            yield ChangeBatch([("put", r.key, r.value, pos, r.meta) for r in state], pos, resync=True)
+            yield ChangeBatch(piece, pos, resync=True, continued=continued)
             last_ping = time.monotonic()
             while not self._closed:
                 event = wire.next_event(min(1.0, s.block.session_timeout / 3))

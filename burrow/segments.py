@@ -140,6 +140,13 @@ def base_position(manifest: dict[str, Any]) -> int | None:
 # ----------------------------------------------------------------------------- manifests
 
 
+def _resync_part(m: dict[str, Any]) -> int:
+    part = m.get("resync_part", 0)
+    if type(part) is not int or part < 0:
+        raise ValueError("bad resync part")
+    return part
+
+
 @dataclass
 class Segment:
     """What one segment's (authenticated) manifest says about its place in a chain."""
@@ -161,6 +168,11 @@ class Segment:
     changes: int
     catching_up: bool
     resync: bool = False
+    #: A resync is sealed in parts like any other changes (at SEAL_BYTES or ``--seal-every``):
+    #: its part number (0: the part that starts it) and whether this part ends it. A segment
+    #: written before resyncs were streamed is a whole resync: part 0, done.
+    resync_part: int = 0
+    resync_done: bool = True
 
     @classmethod
     def from_manifest(cls, name: str, url: str, m: dict[str, Any]) -> Segment:
@@ -187,6 +199,7 @@ class Segment:
                 first_time=first_time, last_time=last_time,
                 gap=m.get("gap") if isinstance(m.get("gap"), dict) else None,
                 changes=m["keys"], catching_up=bool(m.get("catching_up")), resync=bool(m.get("resync")),
+                resync_part=_resync_part(m), resync_done=m.get("resync_done", True) is not False,
             )
         except (KeyError, TypeError, AttributeError, ValueError, ArchiveError):
             raise ArchiveError(f"{url} is not a well-formed change segment (its manifest lacks or garbles the "
@@ -196,11 +209,13 @@ class Segment:
 def segment_manifest_fields(
     *, base: dict[str, Any], prev: Segment | dict[str, Any] | None, first_position: int, last_position: int,
     first_time: int, last_time: int, counts: dict[str, int], catching_up: bool,
-    gap: dict[str, Any] | None = None, resync: bool = False,
+    gap: dict[str, Any] | None = None, resync: bool = False, resync_part: int = 0, resync_done: bool = True,
 ) -> dict[str, Any]:
     """The chain fields a capture writes into a segment's manifest (beside the archive fields).
     ``catching_up``: sealed before the capture had caught up with the service after it started
-    (its changes are exact by position, but the times they were made are unknown)."""
+    (its changes are exact by position, but the times they were made are unknown). ``resync``:
+    the segment holds (part ``resync_part`` of) a resync, the whole state listed afresh;
+    ``resync_done``: this part ends it (only then is the state whole again)."""
     fields: dict[str, Any] = {
         "kind": KIND, "base": base, "first_position": first_position, "last_position": last_position,
         "first_time": us_to_iso(first_time), "last_time": us_to_iso(last_time), "changes": counts,
@@ -213,7 +228,7 @@ def segment_manifest_fields(
     if gap is not None:
         fields["gap"] = gap
     if resync:
-        fields["resync"] = True
+        fields.update(resync=True, resync_part=resync_part, resync_done=resync_done)
     return fields
 
 
@@ -242,6 +257,20 @@ class Chain:
         """The segments that hold changes (a closing gap segment does not)."""
         return self.segments[:-1] if self.ended_by_gap else self.segments
 
+    def consistent(self) -> list[bool]:
+        """For each live segment, whether the state at its end is known whole. A resync (the
+        whole state listed afresh) is sealed in parts; until its last part the state is half
+        listed, so no point inside it is restorable. A resync that never finished (the capture
+        was stopped or lost its connection mid-listing) leaves the state unknown until the next
+        resync finishes."""
+        out: list[bool] = []
+        open_resync = False
+        for s in self.live():
+            if s.resync:
+                open_resync = not s.resync_done
+            out.append(not open_resync)
+        return out
+
     def intervals(self) -> list[tuple[int, int]]:
         """The times (µs) this chain can restore to: from the first segment's first time to the
         last's last time, less the stretches a capture was down or catching up (a capture that
@@ -249,8 +278,8 @@ class Chain:
         up starts later than its predecessor ended: what changed meanwhile is known by position,
         not by time)."""
         out: list[tuple[int, int]] = []
-        for s in self.live():
-            if s.catching_up:
+        for s, whole in zip(self.live(), self.consistent(), strict=True):
+            if s.catching_up or not whole:
                 continue
             if out and s.first_time <= out[-1][1]:
                 out[-1] = (out[-1][0], max(out[-1][1], s.last_time))
@@ -299,6 +328,11 @@ def build_chains(segments: Iterable[Segment]) -> tuple[list[Chain], list[str]]:
                     or s.first_time < prev.last_time:
                 problems.append(f"{s.url} does not continue {prev.url} (base, positions or times differ: moved in "
                                 "from another chain?)")
+                break
+            if s.resync and s.resync_part > 0 and not (
+                    prev.resync and not prev.resync_done and prev.resync_part == s.resync_part - 1):
+                problems.append(f"{s.url} continues a resync that {prev.url} does not hold (parts missing or "
+                                "reordered)")
                 break
             chain.segments.append(s)
         chains.append(chain)
@@ -398,14 +432,16 @@ def choose(
     upto: Segment | None = None
     if latest:
         chain = max(chains, key=lambda c: (c.live()[-1].last_time if c.live() else 0))
-        if not chain.live():
+        whole = [s for s, ok in zip(chain.live(), chain.consistent(), strict=True) if ok]
+        if not whole:
             raise ArchiveError(f"source {source!r} has no change segment to restore to; {win.describe()}")
-        upto = chain.live()[-1]
+        upto = whole[-1]  # not into a resync the chain's end holds only part of
         at_position = upto.last_position
     elif at_position is not None:
         for c in chains:
-            for s in c.live():
-                if s.first_position - 1 <= at_position <= s.last_position and (upto is None or s.first_position > upto.first_position):
+            for s, ok in zip(c.live(), c.consistent(), strict=True):
+                if ok and s.first_position - 1 <= at_position <= s.last_position and (
+                        upto is None or s.first_position > upto.first_position):
                     chain, upto = c, s
         if chain is None:
             lo = min((c.first.first_position - 1 for c in chains), default=0)
@@ -416,8 +452,8 @@ def choose(
         assert at_time is not None
         for c in chains:
             if any(a <= at_time <= b for a, b in c.intervals()):
-                for s in c.live():
-                    if s.first_time <= at_time:
+                for s, ok in zip(c.live(), c.consistent(), strict=True):
+                    if ok and s.first_time <= at_time:
                         chain, upto = c, s
                 break
         if chain is None:
@@ -429,8 +465,10 @@ def choose(
     if relevant or (dangling and upto is chain.live()[-1]):
         raise ArchiveError(f"the change chain of {source!r} is broken, nothing was written: {(relevant or dangling)[0]}")
     needed = chain.segments[: chain.segments.index(upto) + 1]
-    resyncs = [i for i, s in enumerate(needed) if s.resync]
-    if resyncs:  # a resync is the whole state at its position: start from the last one before the point
+    # a resync is the whole state at its position: start from the first part of the last one
+    # before the point (upto is consistent, so that resync is finished by upto)
+    resyncs = [i for i, s in enumerate(needed) if s.resync and s.resync_part == 0]
+    if resyncs:
         needed = needed[resyncs[-1]:]
         return Point(chain=chain, segments=needed, start_name=None, start_sha=None,
                      start_position=needed[0].first_position - 1,
@@ -477,9 +515,12 @@ def materialize(
     arrival), and the last line of each key decides.
 
     A resync (Consul, ZooKeeper: a capture that (re)started lists the whole tree) is the whole
-    state at its position: its records are ``put`` lines with ``m.resync`` set, and a key that
-    is not in the last resync and was not changed after it is gone. ``changes`` starts a new
-    generation at each resync's first record. Yields the records of the state, by key."""
+    state at its position: its records are ``put`` lines with ``m.resync`` set (to the resync's
+    id, its start time, which every part of it carries; ``true`` in segments written before
+    resyncs were streamed), and a key that is not in the last resync and was not changed after
+    it is gone. ``changes`` starts a new generation at each resync's first record (a record of
+    another resync id, or the first resync record after changes). Yields the records of the
+    state, by key."""
     sorter = ExternalSorter(workdir, what="point-in-time sort run")
     try:
         for r in base:
@@ -487,12 +528,12 @@ def materialize(
         n = 0
         last_pos = -1
         generation = 0
-        in_resync = False
+        current: Any = None  # the resync id of the previous record (None: not a resync record)
         for r in changes:
-            resync = bool(r.meta.pop("resync", False))
-            if resync and not in_resync:
+            rid = r.meta.pop("resync", None) or None
+            if rid is not None and (current is None or rid != current):
                 generation += 1
-            in_resync = resync
+            current = rid
             op = r.meta.get("op")
             pos = r.meta.get("pos")
             if op == GAP:

@@ -20,6 +20,9 @@ def register(sub: Any) -> dict[str, Any]:
                    help="follow for this long (90s, 30m, 1h); default: until interrupted")
     c.add_argument("--seal-every", default="10s", metavar="DURATION",
                    help="seal a segment this often (default 10s), or at 8 MiB of changes")
+    c.add_argument("--include-leased", action="store_true",
+                   help="etcd: capture leased keys with their TTL, as backup --include-leased keeps them "
+                        "(default: a leased key is left out, as a backup skips it)")
     add_write_keys(c)
     return {"capture": cmd_capture}
 
@@ -35,6 +38,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     seal_every = parse_duration(args.seal_every, "--seal-every").total_seconds()
     if seal_every <= 0 or (duration is not None and duration <= 0):
         raise UsageError("--for and --seal-every must be longer than zero")
+    if args.include_leased:
+        from blocks.resolve import source_from_ref
+
+        if source_from_ref(ref).service != "etcd":
+            raise UsageError("--include-leased applies to etcd sources only")
     store_from_ref(args.store).check(writable=True)
 
     keys = write_refs(args)  # backup's write keys, checked before a flow starts
@@ -42,6 +50,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     summary = capture(
         source=ref, store=args.store, name=args.name, seal_every_s=seal_every, duration_s=duration, **keys,
+        include_leased=args.include_leased,
     )
     if report_json(summary, EXIT_OK):
         return EXIT_OK

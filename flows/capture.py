@@ -4,20 +4,54 @@ of time; on a gap, take a full backup at once and continue the chain from it."""
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from prefect.runtime import deployment, flow_run
+from prefect.runtime import flow_run
 
 from blocks.keys import backup_write_keys
 from blocks.resolve import source_from_ref, store_from_ref
 from burrow import naming, report
+from burrow.errors import UsageError
 from burrow.keys import KeyRefs
 from burrow.runlog import logger
 from burrow.staging import staging_dir
-from flows.common import Ref, burrow_flow, emit_run_event, recorded_run, source_lock
+from flows.common import Ref, burrow_flow, emit_run_event, recorded_run, source_limit_name, source_lock
 from tasks.capture import capture as capture_task
 from tasks.upload import check_store
+
+
+def capture_lock_name(source_name: str) -> str:
+    """The lock (a global concurrency limit of 1) that keeps a source to one capture at a time,
+    beside (not the same as) its backup/restore lock: a capture holds it for its whole window,
+    and takes a full backup inside it when it meets a gap."""
+    return source_limit_name(f"capture-{source_name}")
+
+
+@contextmanager
+def capture_lock(source_name: str) -> Iterator[None]:
+    """Hold the source's capture lock, whether the capture runs from the CLI or a deployment:
+    two captures of one source would fork its chain (which restores then refuse). The limit is
+    created when missing (the first capture of a source, on any orchestrator), then held with
+    ``source_lock``: a second capture says, in one line, that it waits for the lock, and
+    continues the chain once the first has ended (a run killed outright frees it when its
+    lease runs out)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = capture_lock_name(source_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another capture of the source created it at the same moment
+    with source_lock(f"capture-{source_name}"):
+        yield
 
 
 def _run_name() -> str:
@@ -39,12 +73,16 @@ def capture(
     recipients: list[str] | None = None,
     passphrase_env: str | None = None,
     key_block: str | None = None,
+    include_leased: bool = False,
 ) -> dict[str, Any]:
     """Follow ``source``'s changes for ``duration_s`` seconds (None: until interrupted) and seal
     them into ``store`` every ``seal_every_s`` seconds, continuing the source's chain (or
     starting one after its newest full archive). Encrypted with the write keys of ``backup``
-    (the same parameters). A gap emits ``burrow.capture.gap``, takes a full backup and goes on
-    from it. One capture at a time per source (``capture-<name>``'s lock)."""
+    (the same parameters). A gap emits ``burrow.capture.gap`` (its first and last positions and
+    times), takes a full backup and goes on from it. One capture at a time per source
+    (``capture_lock``). ``include_leased`` (etcd): leased keys are captured with their lease's
+    TTL, as ``backup --include-leased`` keeps them; else a leased put is recorded as the key's
+    delete, as a backup skips it."""
     log = logger()
     summary: dict[str, Any] = {"status": "failed", "source": name or source}
 
@@ -54,6 +92,10 @@ def capture(
 
     with recorded_run("capture", summary, _publish):
         src = source_from_ref(source)
+        if include_leased:
+            if "include_leased" not in type(src).model_fields:
+                raise UsageError(f"--include-leased applies to etcd sources only, not {src.service}")
+            src = src.model_copy(update={"include_leased": True})
         dst = store_from_ref(store)
         check_store(dst)
         source_name = naming.check_source_name(name or (src.describe() if "://" in source else source))
@@ -65,11 +107,8 @@ def capture(
             log.warning("encryption is turned off: change segments are written unencrypted")
         started = time.monotonic()
         totals = {"segments": 0, "changes": 0, "gaps": 0, "backups": 0}
-        # one capture per source: a deployment's own concurrency limit (1, enqueued) under a
-        # deployment, else the capture lock when it exists (a second capture would fork the chain,
-        # which restores refuse)
-        lock = nullcontext() if deployment.id else source_lock(f"capture-{source_name}")
-        with staging_dir() as work, lock:
+        # one capture per source, from the CLI or a deployment alike (a second would fork the chain)
+        with staging_dir() as work, capture_lock(source_name):
             while True:
                 left = None if duration_s is None else max(0.0, duration_s - (time.monotonic() - started))
                 done = capture_task(src, dst, source_name, write_keys, str(work), seal_every_s, left)
@@ -79,12 +118,14 @@ def capture(
                 if done["gap"] is None:
                     break
                 totals["gaps"] += 1
-                emit_run_event("capture", "gap", {**summary, **done["gap"]})
+                # the gap's positions and times (no key, no value) ride in the event's payload
+                emit_run_event("capture", "gap", {**summary, "gap": done["gap"]})
                 log.warning("capture: a gap in the chain; taking a full backup to continue from")
                 from flows.backup import backup
 
                 backup(source=source, store=store, name=source_name, encryption=encryption, key_file=key_file,
-                       key_env=key_env, recipients=recipients, passphrase_env=passphrase_env, key_block=key_block)
+                       key_env=key_env, recipients=recipients, passphrase_env=passphrase_env, key_block=key_block,
+                       include_leased=include_leased)
                 totals["backups"] += 1
                 if left is not None and duration_s is not None and time.monotonic() - started >= duration_s:
                     break

@@ -364,7 +364,7 @@ def _user() -> str:
 _EVENT_PAYLOAD = (
     "status", "error", "duration_s", "keys", "created", "conflicts", "identical", "planned_create", "deleted",
     "archives", "archive_created", "rpo_s", "rto_s", "approval_wait_s", "stored_bytes", "dry_run", "verified", "drift",
-    "approval", "trigger",
+    "approval", "trigger", "gap",
 )
 
 #: Summary fields never published as facts: they name keys (paths), which stay in the run's logs

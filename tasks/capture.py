@@ -7,6 +7,12 @@ from what was sealed: nothing unsealed is ever counted on. Changes gather in mem
 sealed every ``seal_every`` seconds or ``SEAL_BYTES`` of changes, whichever comes first; an
 idle source still gets a segment every ``IDLE_SEAL`` seconds, so its window keeps up with time.
 
+A resync (Consul, ZooKeeper: the whole state listed afresh when a capture starts or reconnects)
+arrives in pieces and is sealed like any other changes, in parts of at most ``SEAL_BYTES``, so
+memory stays bounded however large the tree. Its parts are marked (``resync_part``,
+``resync_done``) and all carry the resync's id: a restore reads them as one step, and no point
+before the last part is restorable (burrow/segments.py ``Chain.consistent``).
+
 Times: a change counts at the moment the capture saw it (milliseconds after it was made, as a
 rule). Right after it starts, a capture catches up with what happened while none ran; the
 segments it seals before it has caught up are marked ``catching_up``: their changes are exact
@@ -38,12 +44,64 @@ from burrow.runlog import logger
 from burrow.segments import Segment
 from burrow.staging import scratch_writes
 from tasks import task
+from tasks.catalog import index_new_archive
 from tasks.chain import read_chains, trusted_fulls
 
 #: Seconds between segments of an idle source (the window's end keeps up with time).
 IDLE_SEAL = 60.0
 #: At most one ``burrow.capture.sealed`` event a minute per source.
 SEALED_EVENT_EVERY = 60.0
+
+
+class SealedEvents:
+    """``burrow.capture.sealed``, at most one per ``every`` seconds *per source*: a capture of
+    one source never silences another's (two captures may share a process: a worker, a test).
+    Each event carries the counts sealed since the source's previous event, the run's totals,
+    and the lag: how long the oldest change of the segment just sealed waited between being
+    seen and being stored (the RPO the chain's end carries). ``clock`` and ``emit`` are
+    injectable (a fake clock in the tests); the default emits a Prefect event."""
+
+    def __init__(self, every: float = SEALED_EVENT_EVERY, clock: Any = time.monotonic, emit: Any = None) -> None:
+        self.every, self.clock, self.emit = every, clock, emit or _emit_sealed
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self._since: dict[str, dict[str, int]] = {}
+
+    def sealed(self, source_name: str, seg: Segment, changes: int, lag_s: float, totals: dict[str, int]) -> bool:
+        """Count one sealed segment of ``source_name``; emit when the source's minute is up.
+        Returns whether an event went out. Never raises."""
+        with self._lock:
+            since = self._since.setdefault(source_name, {"segments": 0, "changes": 0})
+            since["segments"] += 1
+            since["changes"] += changes
+            now = self.clock()
+            last = self._last.get(source_name)
+            if last is not None and now - last < self.every:
+                return False
+            self._last[source_name] = now
+            self._since[source_name] = {"segments": 0, "changes": 0}
+        payload = {"segments_since_last": since["segments"], "changes_since_last": since["changes"],
+                   "segments": totals.get("segments", 0), "changes": totals.get("changes", 0),
+                   "last_position": seg.last_position, "last_time": segments.us_to_iso(seg.last_time),
+                   "lag_s": round(max(0.0, lag_s), 3), "catching_up": seg.catching_up}
+        try:
+            self.emit(source_name, payload)
+        except Exception as exc:  # noqa: BLE001 - an event must never fail the capture
+            logger().debug("could not emit burrow.capture.sealed: %s", type(exc).__name__)
+            return False
+        return True
+
+
+def _emit_sealed(source_name: str, payload: dict[str, Any]) -> None:
+    from prefect.events import emit_event
+
+    emit_event(event="burrow.capture.sealed",
+               resource={"prefect.resource.id": f"burrow.source.{source_name}", "prefect.resource.name": source_name},
+               payload=payload)
+
+
+#: The process's throttle of ``burrow.capture.sealed`` (keyed by source).
+SEALED_EVENTS = SealedEvents()
 
 
 @dataclass
@@ -93,6 +151,17 @@ class _Pending:
     records: list[Record] = field(default_factory=list)
     bytes: int = 0
     counts: dict[str, int] = field(default_factory=lambda: {"put": 0, "del": 0})
+    first_seen: int | None = None  # when its oldest change was seen (µs): the lag when it is sealed
+
+
+@dataclass
+class _Resync:
+    """A resync being gathered: its id (the time it started, µs, carried by every record of it),
+    the part being gathered and, once its last piece arrived, when the state was whole."""
+
+    id: int
+    part: int = 0
+    done_at: int | None = None
 
 
 class Capture:
@@ -109,30 +178,64 @@ class Capture:
         self.sealed = 0
         self.live_sealed = 0  # segments sealed by this run after it caught up
         self.changes = 0
+        self.resync: _Resync | None = None  # a resync being gathered, part by part
+        self.seal_bytes = segments.SEAL_BYTES
+        self.events = SEALED_EVENTS
 
     # -- gathering ----------------------------------------------------------------------
     def take(self, batch: ChangeBatch) -> None:
         t = max(self.last_t, segments.now_us())
         self.last_t = t
         if batch.resync:
-            # The whole state at the batch's position (a feed that cannot resume exactly): what was
-            # gathered before it is superseded, and it is sealed on its own, at once.
-            self.pending = _Pending()
-            self.synced_at = t
-            for op, key, value, pos, meta in batch.changes:
-                self.pending.records.append(segments.change_record(op, key, value, pos, t, {**meta, "resync": True}))
-                self.pending.counts[op] = self.pending.counts.get(op, 0) + 1
-            self.covered = max(self.covered, batch.position)
-            self.seal(resync=t)
+            self._take_resync(batch, t)
             return
-        for op, key, value, pos, meta in batch.changes:
-            r = segments.change_record(op, key, value, pos, t, meta)
-            self.pending.records.append(r)
-            self.pending.bytes += len(key) + len(value) + 64
-            self.pending.counts[op] = self.pending.counts.get(op, 0) + 1
+        if self.resync is not None:
+            # changes while a resync is unfinished (a feed that gave up on it): the resync is
+            # abandoned, its parts stay marked unfinished, and no point is restorable until the
+            # next resync completes
+            self.seal()
+            self.resync = None
+        self._gather(batch.changes, t, None)
         self.covered = max(self.covered, batch.position)
         if batch.progress and self.synced_at is None:
             self.synced_at = t
+        if self.pending.bytes >= self.seal_bytes:
+            self.seal()  # a batch is never split: the changes of one position stay in one segment
+
+    def _gather(self, changes: list[tuple[str, bytes, bytes, int, dict[str, Any]]], t: int, rid: int | None) -> None:
+        p = self.pending
+        if changes and p.first_seen is None:
+            p.first_seen = t
+        for op, key, value, pos, meta in changes:
+            if rid is not None:
+                if p.bytes >= self.seal_bytes:
+                    # bounded memory: a resync is sealed in parts (its keys all stand at one
+                    # position, and no point inside it is restorable, so it may split anywhere)
+                    self.seal()
+                    p = self.pending
+                    p.first_seen = t
+                self.covered = max(self.covered, pos)
+                meta = {**meta, "resync": rid}
+            p.records.append(segments.change_record(op, key, value, pos, rid if rid is not None else t, meta))
+            p.bytes += len(key) + len(value) + 64
+            p.counts[op] = p.counts.get(op, 0) + 1
+
+    def _take_resync(self, batch: ChangeBatch, t: int) -> None:
+        """A piece of a resync: the whole state at the batch's position, listed afresh by a feed
+        that cannot resume exactly. Its pieces gather and seal in parts like any other changes;
+        the last piece seals at once (from then on the state is whole again)."""
+        if self.resync is None or not batch.continued:
+            # a new resync: what was gathered before it is superseded (the feed lost track, and
+            # the time since is restorable only once the resync is whole), and the parts of a
+            # resync still open (the feed restarted it) stay unfinished
+            self.pending = _Pending()
+            self.resync = _Resync(id=t)
+        self._gather(batch.changes, t, self.resync.id)
+        self.covered = max(self.covered, batch.position)
+        if not batch.more:
+            self.resync.done_at = t
+            self.synced_at = t
+            self.seal()
 
     # -- sealing ------------------------------------------------------------------------
     def due(self, idle_for_long: bool) -> bool:
@@ -141,14 +244,17 @@ class Capture:
         caught_up = self.synced_at is not None and self.live_sealed == 0
         return bool(self.pending.records) or self.covered > self.head.after or caught_up or idle_for_long
 
-    def seal(self, *, gap: dict[str, Any] | None = None, resync: int | None = None) -> Segment:
-        """Write what was gathered as the chain's next segment (``gap``: a gap segment instead;
-        ``resync``: the time of the resync it holds, the whole state)."""
+    def seal(self, *, gap: dict[str, Any] | None = None) -> Segment:
+        """Write what was gathered as the chain's next segment (``gap``: a gap segment instead).
+        While a resync is being gathered, the segment is its next part; the part that holds its
+        last piece ends it."""
         now = max(self.last_t, segments.now_us())
         self.last_t = now
         prev = self.head.prev
         first_position = self.head.after + 1
         catching_up = self.synced_at is None
+        rs = self.resync if gap is None else None
+        resync = rs.done_at if rs is not None else None
         if gap is not None:
             records = [segments.gap_record(first_position, gap["to_position"], now, gap["reason"])]
             last_position = gap["to_position"]
@@ -158,9 +264,9 @@ class Capture:
             records = self.pending.records
             last_position = self.covered
             counts = self.pending.counts
-            if resync is not None:
+            if resync is not None:  # the resync's last part: the state is whole from then on
                 first_time = max(resync, prev.last_time if prev is not None else 0)
-            elif catching_up:
+            elif catching_up or rs is not None:  # (a resync's earlier part is restorable at no time)
                 first_time = prev.last_time if prev is not None else now
             elif prev is not None and self.live_sealed:
                 first_time = prev.last_time  # the run's segments follow each other without a break
@@ -170,7 +276,8 @@ class Capture:
         fields = segments.segment_manifest_fields(
             base={k: v for k, v in self.head.base.items() if k in ("name", "manifest_sha256", "position")},
             prev=prev, first_position=first_position, last_position=last_position, first_time=first_time,
-            last_time=now, counts=counts, catching_up=catching_up and gap is None, gap=gap, resync=resync is not None,
+            last_time=now, counts=counts, catching_up=catching_up and gap is None, gap=gap, resync=rs is not None,
+            resync_part=rs.part if rs is not None else 0, resync_done=resync is not None,
         )
         fields.update(service=self.source.service, source=self.source_name, source_url=self.source.describe(),
                       root="/", object_name=name)
@@ -186,20 +293,30 @@ class Capture:
                 out.flush()
                 os.fsync(out.fileno())
         try:
-            self.store.put(name, path)
+            info = self.store.put(name, path)
+            # into the source's chain index (tasks/catalog.py), from the local file: readers of the
+            # chain then need no request per segment
+            index_new_archive(self.store, name, info, local=path)
         finally:
             path.unlink(missing_ok=True)
         seg = Segment.from_manifest(name, self.store.url(name), manifest)
         n = len(records) if gap is None else 0
-        logger().info("capture: sealed %s: %d %s, positions %d to %d%s", name, n,
-                      "keys (a resync: the whole state)" if resync is not None else "changes", first_position,
+        what = "changes"
+        if rs is not None:
+            what = f"keys (part {rs.part + 1} of a resync: the whole state{', complete' if resync else ''})"
+        logger().info("capture: sealed %s: %d %s, positions %d to %d%s", name, n, what, first_position,
                       last_position, " (catching up)" if seg.catching_up else "")
+        lag_s = (segments.now_us() - self.pending.first_seen) / 1e6 if self.pending.first_seen else 0.0
         self.head = ChainHead(self.head.base, seg, last_position, now)
         self.covered = max(self.covered, last_position)
         self.pending = _Pending()
         self.sealed += 1
-        self.live_sealed += 0 if seg.catching_up or gap is not None else 1
+        self.live_sealed += 0 if seg.catching_up or gap is not None or (rs is not None and resync is None) else 1
         self.changes += n
+        if rs is not None:
+            self.resync = None if resync is not None else _Resync(id=rs.id, part=rs.part + 1)
+        if gap is None:
+            self.events.sealed(self.source_name, seg, n, lag_s, {"segments": self.sealed, "changes": self.changes})
         return seg
 
 
@@ -225,6 +342,7 @@ def capture_changes(
     keys = ArchiveKeys(write_keys.keyring() if write_keys is not None else None)
     head = chain_head(store, source_name, keys)
     cap = Capture(source, store, source_name, write_keys, workdir, head)
+    cap.seal_bytes = seal_bytes
     session = source.connect()
     watch = getattr(session, "watch", None)
     if watch is None:
@@ -239,7 +357,7 @@ def capture_changes(
     started = time.monotonic()
     end = started + duration if duration is not None else None
     next_seal = started + seal_every
-    last_seal = last_event = started
+    last_seal = started
     summary: dict[str, Any] = {"gap": None}
     feed.request_progress()
     try:
@@ -254,9 +372,14 @@ def capture_changes(
             if item is None:
                 raise SourceError(f"the change feed of {source.describe()} ended unexpectedly")
             if isinstance(item, HistoryCompacted):
+                # the gap's first and last positions and times: from the chain's end (its last
+                # sealed change) to now, when the capture found the history gone
+                end = cap.head
+                from_time = end.last_time if end.last_time is not None else segments.now_us()
                 summary["gap"] = gap = {
-                    "from_position": head.after + 1, "to_position": max(head.after, item.available - 1),
-                    "reason": f"{source.service} no longer holds the history from position {head.after + 1} "
+                    "from_position": end.after + 1, "to_position": max(end.after, item.available - 1),
+                    "from_time": segments.us_to_iso(from_time), "to_time": segments.us_to_iso(segments.now_us()),
+                    "reason": f"{source.service} no longer holds the history from position {end.after + 1} "
                               f"(compacted up to {item.available})",
                 }
                 cap.seal(gap=gap)
@@ -267,9 +390,7 @@ def capture_changes(
                     cap.seal()  # what the feed delivered before it failed is exact: keep it
                 raise item
             if item is not False:
-                cap.take(item)
-                if cap.pending.bytes >= seal_bytes:
-                    cap.seal()
+                cap.take(item)  # seals by itself at seal_bytes
                 continue
             now = time.monotonic()
             if now < next_seal:
@@ -277,9 +398,6 @@ def capture_changes(
             if cap.due(now - last_seal >= IDLE_SEAL):
                 cap.seal()
                 last_seal = now
-                if now - last_event >= SEALED_EVENT_EVERY:
-                    _sealed_event(source_name, cap)
-                    last_event = now
             next_seal = now + seal_every
             feed.request_progress()
         if summary["gap"] is None:
@@ -309,22 +427,6 @@ def _drain(batches: queue.Queue[Any], cap: Capture) -> None:
             return
         if isinstance(item, ChangeBatch):
             cap.take(item)
-
-
-def _sealed_event(source_name: str, cap: Capture) -> None:
-    """``burrow.capture.sealed``: counts and lag, at most once a minute. Never fails the capture."""
-    try:
-        from prefect.events import emit_event
-
-        seg = cap.head.prev
-        lag = max(0.0, (segments.now_us() - (seg.last_time if seg else 0)) / 1e6) if seg else None
-        emit_event(event="burrow.capture.sealed",
-                   resource={"prefect.resource.id": f"burrow.source.{source_name}",
-                             "prefect.resource.name": source_name},
-                   payload={"segments": cap.sealed, "changes": cap.changes, "last_position": cap.head.after,
-                            "lag_s": lag})
-    except Exception as exc:  # noqa: BLE001 - an event must never fail the capture
-        logger().debug("could not emit burrow.capture.sealed: %s", type(exc).__name__)
 
 
 @task(name="capture", retries=0, retry_condition_fn=should_retry)
