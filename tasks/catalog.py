@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import base64
 import io
+import math
+import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from blocks.resolve import archive_from_ref
@@ -60,6 +63,14 @@ INDEX_SUFFIX = ".index" + SIDECAR_SUFFIX
 INDEX_FORMAT = "burrow-catalog-index/1"
 #: More index objects than this and the catalog merges them into one.
 INDEX_MAX_OBJECTS = 16
+#: The most entries one index object holds: a merge writes several objects beyond this, so that
+#: no object grows without bound (a source's change segments: 8,640 a day at the default seal).
+INDEX_MAX_ENTRIES = 8192
+#: When a writer adds an entry, it merges the index objects of one size class once this many of
+#: them have gathered (classes grow by this factor): each entry is rewritten a few times over its
+#: life, never once per object written, and the objects stay a few dozen at most.
+INDEX_MERGE_FANOUT = 4
+_INDEX_COUNT_RE = re.compile(r"-n(\d+)" + re.escape(".index" + SIDECAR_SUFFIX) + "$")
 #: Why a pre-binding archive under a name Burrow does not give is never chosen automatically.
 UNBOUND = ("not bound to its name (written before archives named their object, under a name Burrow does not give): "
            "used only when named explicitly")
@@ -203,24 +214,36 @@ def _index_entry(info: ArchiveInfo, reader: ArchiveReader) -> dict[str, Any]:
             "head": base64.b64encode(head).decode(), "tail": base64.b64encode(tail).decode()}
 
 
-def _index_names(store: ArchiveStore) -> list[str]:
-    """The names of the store's index objects (none when the store cannot list them)."""
+def index_prefix(name: str) -> str:
+    """Where the index entry of the stored object ``name`` lives: a change segment's in its
+    source's own index (``_catalog/<slug>/changes/``), so that reading a chain never loads the
+    archives' entries and a listing of archives never loads a chain's; every other archive's in
+    the catalog's (``_catalog/``)."""
+    if is_segment_name(name):
+        return f"{INDEX_PREFIX}{name.rsplit('/', 1)[0]}/"
+    return INDEX_PREFIX
+
+
+def _index_names(store: ArchiveStore, prefix: str = INDEX_PREFIX) -> list[str]:
+    """The names of the index objects directly under ``prefix`` (none when the store cannot
+    list them): the catalog's own are not mixed with the per-source indexes below them."""
     try:
-        return [n for n in store.list_sidecars(INDEX_PREFIX) if n.endswith(INDEX_SUFFIX)]
+        return [n for n in store.list_sidecars(prefix) if n.endswith(INDEX_SUFFIX) and "/" not in n[len(prefix):]]
     except (StoreError, StoreUnavailable, NotImplementedError) as exc:
         logger().debug("catalog: no index (%s)", exc)
         return []
 
 
-def _read_index(store: ArchiveStore, names: list[str] | None = None) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """The names of the store's index objects (listed unless given), and their entries by
-    archive name. An index object that cannot be read or parsed is ignored (its archives are
+def _read_index(store: ArchiveStore, names: list[str] | None = None,
+                prefix: str = INDEX_PREFIX) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The names of the index objects under ``prefix`` (listed unless given), and their entries
+    by archive name. An index object that cannot be read or parsed is ignored (its archives are
     read by range)."""
     import orjson
     import zstandard
 
     log = logger()
-    names = _index_names(store) if names is None else names
+    names = _index_names(store, prefix) if names is None else names
 
     def load(name: str) -> list[dict[str, Any]]:
         try:
@@ -241,50 +264,88 @@ def _read_index(store: ArchiveStore, names: list[str] | None = None) -> tuple[li
     return names, entries
 
 
-def _write_index(store: ArchiveStore, entries: list[dict[str, Any]], replaces: Sequence[str] = ()) -> None:
-    """Publish ``entries`` as one new index object, then remove the objects it ``replaces``.
-    Never fails the caller: without the index, listings are slower, not wrong."""
+def _write_index(store: ArchiveStore, entries: list[dict[str, Any]], replaces: Sequence[str] = (),
+                 prefix: str = INDEX_PREFIX) -> None:
+    """Publish ``entries`` as new index objects under ``prefix`` (one per ``INDEX_MAX_ENTRIES``,
+    each named with its entry count, which only schedules merges), then remove the objects it
+    ``replaces``. Never fails the caller: without the index, listings are slower, not wrong."""
     import zstandard
 
     log = logger()
     if not entries:
         return
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    name = f"{INDEX_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}{INDEX_SUFFIX}"
-    data = zstandard.ZstdCompressor(level=3).compress(canonical_json({"format": INDEX_FORMAT, "entries": entries}))
-    try:
-        store.put_sidecar(name, data)
-    except (StoreError, StoreUnavailable, NotImplementedError) as exc:
-        log.info("catalog: index not updated (%s); listings stay correct, only slower", exc)
-        return
+    written = []
+    for i in range(0, len(entries), INDEX_MAX_ENTRIES):
+        part = entries[i : i + INDEX_MAX_ENTRIES]
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"{prefix}{stamp}-{uuid.uuid4().hex[:8]}-n{len(part)}{INDEX_SUFFIX}"
+        data = zstandard.ZstdCompressor(level=3).compress(canonical_json({"format": INDEX_FORMAT, "entries": part}))
+        try:
+            store.put_sidecar(name, data)
+        except (StoreError, StoreUnavailable, NotImplementedError) as exc:
+            log.info("catalog: index not updated (%s); listings stay correct, only slower", exc)
+            return  # (what was written holds entries the objects it would replace hold too)
+        written.append(name)
     for old in replaces:
-        if old != name:
+        if old not in written:
             try:
                 store.delete_sidecar(old)
             except (StoreError, StoreUnavailable, ArchiveNotFound) as exc:  # already merged by someone else, or not ours to delete
                 log.debug("catalog: index object %s not removed: %s", old, exc)
 
 
-def index_new_archive(store: ArchiveStore, name: str, info: ArchiveInfo | None = None) -> None:
-    """Add a just-published archive to the store's catalog index (a one-entry index object), so
-    the next listing need not read it. ``info``: the archive's listing entry when the caller
-    has it (saves a HEAD). Never fails the backup."""
+def index_new_archive(store: ArchiveStore, name: str, info: ArchiveInfo | None = None,
+                      local: Path | None = None) -> None:
+    """Add a just-published archive (or change segment: :func:`index_prefix`) to the store's
+    index (a one-entry index object), so the next listing need not read it. ``info``: the
+    archive's listing entry when the caller has it (saves a HEAD); ``local``: the file just
+    uploaded, when the caller still has it (its bytes are read there, not from the store).
+    Never fails the backup or the capture."""
     if not _indexed(store):
         return
     log = logger()
+    prefix = index_prefix(name)
     try:
         info = info or store.head(name)
-        with open_stored(store, name, info.size) as reader:
-            entry = _index_entry(info, reader)
-        _write_index(store, [entry])
-    except (ArchiveError, StoreError, StoreUnavailable) as exc:
+        if local is not None and local.stat().st_size == info.size:
+            with open(local, "rb") as f:
+                entry = _index_entry(info, ArchiveReader(f, label=info.url))
+        else:
+            with open_stored(store, name, info.size) as reader:
+                entry = _index_entry(info, reader)
+        _write_index(store, [entry], prefix=prefix)
+    except (ArchiveError, StoreError, StoreUnavailable, OSError) as exc:
         log.info("catalog: %s not indexed (%s); listings read it by range", name, exc)
         return
-    # Keep the index a few objects, even in a store that is written often and listed rarely.
-    names = _index_names(store)
-    if len(names) > INDEX_MAX_OBJECTS:
-        _, entries = _read_index(store, names)
-        _write_index(store, [e for _, e in sorted(entries.items())], replaces=names)
+    _merge_small(store, prefix)
+
+
+def _index_count(name: str) -> int:
+    """The entry count an index object's name declares (1 when it declares none: an older
+    name). Only merges are scheduled by it: the entries themselves are checked as they are read."""
+    m = _INDEX_COUNT_RE.search(name)
+    return max(1, int(m.group(1))) if m else 1
+
+
+def _merge_small(store: ArchiveStore, prefix: str) -> None:
+    """Keep the index under ``prefix`` a few objects, even where it is written often (a capture
+    seals every few seconds) and read rarely, without rewriting it whole each time: the objects
+    are size classes (by ``INDEX_MERGE_FANOUT``), and once ``INDEX_MERGE_FANOUT`` objects of the
+    smallest class gather they become one of the next class (a full object, ``INDEX_MAX_ENTRIES``,
+    never merges again). So each entry is rewritten about log(n) times, and a reader gets a few
+    dozen objects at most."""
+    for _ in range(8):
+        names = _index_names(store, prefix)
+        classes: dict[int, list[str]] = {}
+        for n in names:
+            count = _index_count(n)
+            if count < INDEX_MAX_ENTRIES:
+                classes.setdefault(int(math.log(count, INDEX_MERGE_FANOUT) + 1e-9), []).append(n)
+        due = next((classes[c] for c in sorted(classes) if len(classes[c]) >= INDEX_MERGE_FANOUT), None)
+        if due is None:
+            return
+        _, entries = _read_index(store, due, prefix)
+        _write_index(store, [e for _, e in sorted(entries.items())], replaces=due, prefix=prefix)
 
 
 def _authenticate(reader: ArchiveReader, keys: ArchiveKeys) -> tuple[bool, str | None]:
@@ -354,6 +415,84 @@ def _open_for_catalog(store: ArchiveStore, info: ArchiveInfo, entry: dict[str, A
             return
     with open_stored(store, info.name, info.size) as reader:
         yield reader
+
+
+@dataclass
+class IndexedRead:
+    """What :func:`read_indexed` found for one listed object: ``value`` (what the caller's
+    ``read`` returned) or ``error`` (why neither its index entry nor the object itself reads),
+    and ``entry``: the bytes it was read from (header frame, manifest frame, footer), kept so that
+    a later check of the same bytes (a manifest MAC) needs no request."""
+
+    info: ArchiveInfo
+    value: Any = None
+    error: str | None = None
+    entry: dict[str, Any] | None = None
+    from_index: bool = False
+
+
+def entry_reader(info: ArchiveInfo, entry: dict[str, Any]) -> ArchiveReader:
+    """An ArchiveReader over the bytes an index ``entry`` holds for the listed object ``info``:
+    every check of the archive's own bytes applies (framing, manifest checksum, and whatever the
+    caller checks next). ArchiveError when the entry is damaged or not for this object's size
+    and tag (replaced since it was indexed, stale or forged)."""
+    if entry.get("size") != info.size or entry.get("etag") != info.etag:
+        raise ArchiveError(f"{info.url}: its index entry is for another version of the object")
+    try:
+        view = _IndexedBytes(info.size, base64.b64decode(entry["head"]), base64.b64decode(entry["tail"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArchiveError(f"{info.url}: a damaged index entry ({type(exc).__name__})") from None
+    return ArchiveReader(view, label=info.url)  # type: ignore[arg-type]
+
+
+def read_indexed(store: ArchiveStore, infos: Sequence[ArchiveInfo], read: Callable[[ArchiveInfo, ArchiveReader], Any],
+                 *, prefix: str, skip: Collection[str] = (), merge: bool = True) -> list[IndexedRead]:
+    """``read(info, reader)`` for each listed object, as the catalog reads archives: over its
+    index entry under ``prefix`` (:func:`index_prefix`) when the index holds one for the
+    object's size and tag, else over the object itself (ranged reads). The index is an untrusted
+    cache: an entry that ``read`` rejects (a damaged, stale, forged or swapped entry: another
+    object's genuine bytes fail the binding to this name, forged ones the caller's manifest
+    authentication) is never believed, the object itself is read instead. So a listing costs one
+    LIST of the index plus a read per index object, and a ranged read only per object the index
+    does not hold, whose entry is then added (one merged index, as the catalog does).
+    ``read`` raises ArchiveError or StoreError to reject; a transient StoreUnavailable is
+    raised to the caller (whose task retries it). ``skip``: names whose entries are not used
+    (a caller that found them inconsistent reads those objects themselves). ``merge``: whether
+    ``infos`` is the whole listing of what the index under ``prefix`` holds, so that the index may
+    be rewritten from it (never for a part of it: the rest would be dropped)."""
+    log = logger()
+    indexed = _indexed(store)
+    index_names, cached = _read_index(store, prefix=prefix) if indexed and infos else ([], {})
+    fresh: dict[str, dict[str, Any]] = {}
+
+    def one(info: ArchiveInfo) -> IndexedRead:
+        entry = cached.get(info.name) if info.name not in skip else None
+        if entry is not None:
+            try:
+                return IndexedRead(info, read(info, entry_reader(info, entry)), entry=entry, from_index=True)
+            except (ArchiveError, StoreError) as exc:
+                log.debug("index: not believing the entry of %s: %s", info.url, exc)
+        try:
+            with open_stored(store, info.name, info.size) as reader:
+                new = _index_entry(info, reader) if indexed else None  # (a local file reopens for free)
+                value = read(info, reader)
+        except (ArchiveError, StoreError) as exc:
+            return IndexedRead(info, error=str(exc))
+        if new is not None:
+            fresh[info.name] = new
+        return IndexedRead(info, value, entry=new)
+
+    workers = 1 if not indexed or len(infos) < 2 else 8
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="burrow-indexed") as pool:
+        out = list(pool.map(one, infos))
+    if indexed and merge:
+        stale = len(cached.keys() - {i.name for i in infos})
+        log.debug("index %s: %d objects from the index, %d read by range", prefix, len(infos) - len(fresh), len(fresh))
+        if fresh or len(index_names) > INDEX_MAX_OBJECTS or stale > len(infos) // 4 + INDEX_MAX_OBJECTS:
+            entries = {**cached, **fresh}
+            good = sorted(r.info.name for r in out if r.error is None and r.info.name in entries)
+            _write_index(store, [entries[n] for n in good], replaces=index_names, prefix=prefix)
+    return out
 
 
 @task(name="catalog", retries=3, retry_delay_seconds=[1, 5, 15], retry_condition_fn=should_retry)

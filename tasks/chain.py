@@ -6,44 +6,79 @@ rules; docs/FORMAT.md, "Change segments").
 Nothing here writes to a cluster. Every segment a point needs is read whole, every check of an
 archive plus the chain's links passing, before the state archive is finished: a tampered,
 reordered, missing or foreign segment stops the restore before its plan starts.
+
+At scale (a segment every 10 s is 60,000 in a week) a chain is read as the catalog reads
+archives: one LIST of the source's segments and its index (``_catalog/<slug>/changes/``, which
+the capture writes as it seals: tasks/catalog.py ``read_indexed``), no read per segment. And
+the MAC is checked where a decision rests, not on every segment: each link names the whole
+previous manifest's checksum, so an authenticated segment vouches for the chain before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from blocks.store import ArchiveStore, open_stored
+from blocks.store import ArchiveInfo, ArchiveStore, open_stored
 from burrow import segments
-from burrow.archive import ArchiveReader, ArchiveWriter
+from burrow.archive import ArchiveReader, ArchiveWriter, manifest_digest
 from burrow.crypto import ArchiveKeys, StreamEncryptor
-from burrow.errors import ArchiveError, StoreError, should_retry
+from burrow.errors import ArchiveError, KeyMismatch, StoreError, should_retry
 from burrow.keys import SymmetricKey, WriteKeys
 from burrow.records import Record
 from burrow.runlog import logger
 from burrow.segments import Chain, Point, Segment
 from burrow.staging import scratch_writes
 from tasks import task
-from tasks.catalog import describe_archives, select_archives
+from tasks.catalog import (
+    INDEX_PREFIX,
+    IndexedRead,
+    describe_archives,
+    entry_reader,
+    index_prefix,
+    read_indexed,
+    select_archives,
+)
 
 
 @dataclass
 class Chains:
     """A source's segments as chains, the problems found linking them, and the segments that
-    could not be read or authenticated (``bad``: url and why)."""
+    could not be read or authenticated (``bad``: url and why). ``entries``: the bytes each
+    segment was read from (its index entry, or the object's own header and manifest), so that
+    authenticating one later costs no request."""
 
     chains: list[Chain]
     problems: list[str]
     bad: list[tuple[str, str]]
+    entries: dict[str, tuple[ArchiveInfo, dict[str, Any]]] = field(default_factory=dict)
+    from_index: set[str] = field(default_factory=set)  # the segments read from their index entries
 
     def window(self) -> segments.Window:
         return segments.window(self.chains)
+
+
+def _segment_of(name: str, url: str, reader: ArchiveReader) -> Segment:
+    """A segment's chain fields, from a reader whose framing and manifest checksum passed,
+    bound to ``name``. The manifest's checksum is required (a link is a manifest's checksum,
+    so it must be the checksum of the manifest read: a header may not switch the check off)."""
+    if reader.manifest.get("manifest_sha256") != manifest_digest(reader.manifest):
+        raise ArchiveError(f"{url} has a manifest whose checksum does not match it")
+    if reader.check_binding(name) is not True:
+        raise ArchiveError(f"{url} is not bound to its name")
+    return Segment.from_manifest(name, url, reader.manifest)
+
+
+def _authenticate(reader: ArchiveReader, keys: ArchiveKeys, allow_unencrypted: bool) -> None:
+    """The segment's manifest MAC under ``keys`` (an unencrypted segment is refused, unless
+    ``allow_unencrypted``): ArchiveError or KeyMismatch when it does not hold."""
+    reader.check_downgrade(keys, allow_unencrypted=allow_unencrypted)
+    reader.check_metadata(keys)
 
 
 def read_segment(store: ArchiveStore, name: str, keys: ArchiveKeys | None, *, authenticate: bool,
@@ -52,37 +87,117 @@ def read_segment(store: ArchiveStore, name: str, keys: ArchiveKeys | None, *, au
     manifest checksum, its binding to ``name`` and, when ``authenticate``, its manifest MAC
     under ``keys`` (an unencrypted segment is refused then, unless ``allow_unencrypted``)."""
     with open_stored(store, name) as reader:
-        if authenticate:
-            reader.check_downgrade(keys, allow_unencrypted=allow_unencrypted)
-            reader.check_metadata(keys)
-        if reader.check_binding(name) is not True:
-            raise ArchiveError(f"{store.url(name)} is not bound to its name")
-        return Segment.from_manifest(name, store.url(name), reader.manifest)
+        if authenticate and keys is not None:
+            _authenticate(reader, keys, allow_unencrypted)
+        return _segment_of(name, store.url(name), reader)
+
+
+#: ``read_chains``' ``authenticate``: every segment's MAC; the MAC of each chain's last segment,
+#: whose links (each a manifest's checksum) vouch for every segment before it; or none (the
+#: caller authenticates what it relies on: :func:`resolve_point`).
+AUTH_ALL, AUTH_ENDS, AUTH_NONE = "all", "ends", "none"
 
 
 def read_chains(store: ArchiveStore, source_name: str, keys: ArchiveKeys | None, *,
-                allow_unencrypted: bool = False) -> Chains:
-    """Every segment of ``source_name`` in ``store``, linked. Segments are authenticated when
-    ``keys`` hold a key (a capture writing to public keys only reads them unauthenticated: it
-    only continues the chain, and every restore authenticates it again)."""
-    authenticate = bool(keys is not None and keys.keyring)
-    infos = store.list(segments.segments_prefix(source_name))
+                allow_unencrypted: bool = False, authenticate: str = AUTH_ENDS, distrust: Collection[str] = ()) -> Chains:
+    """Every segment of ``source_name`` in ``store``, linked, read as the catalog reads archives
+    (tasks/catalog.py ``read_indexed``): one LIST of the segments, the source's index objects,
+    and a ranged read only for a segment the index does not hold. Without a key nothing is
+    authenticated (a capture writing to public keys only: it only continues the chain, and
+    every restore authenticates what it uses).
 
-    def one(name: str) -> Segment | tuple[str, str]:
-        try:
-            seg = read_segment(store, name, keys, authenticate=authenticate, allow_unencrypted=allow_unencrypted)
-        except (ArchiveError, StoreError) as exc:
-            return store.url(name), str(exc)
+    With ``AUTH_ENDS`` (the default) each chain's last segment is authenticated: its manifest
+    names its predecessor's manifest checksum, which names the one before, so the MAC of the
+    end vouches for the whole chain, and reading a week of segments costs a few MAC checks, not
+    one per segment. A chain whose end does not authenticate is cut back to its last segment
+    that does; what was cut is ``bad``. A link that does not hold, where an index entry was
+    involved, is read again from the objects themselves: a forged or stale entry costs speed,
+    never a decision. ``distrust``: segments whose index entries are not used at all."""
+    keyed = bool(keys is not None and keys.keyring)
+    infos = [i for i in store.list(segments.segments_prefix(source_name)) if segments.is_segment_name(i.name)]
+    prefix = index_prefix(segments.segment_name(source_name, 0))  # (the index of every segment of the source)
+
+    def read(info: ArchiveInfo, reader: ArchiveReader) -> Segment:
+        if keyed and authenticate == AUTH_ALL:
+            _authenticate(reader, keys, allow_unencrypted)  # type: ignore[arg-type]
+        seg = _segment_of(info.name, info.url, reader)
         if seg.source != source_name:
-            return seg.url, f"a segment of source {seg.source!r}, not of {source_name!r} (moved in)"
+            raise ArchiveError(f"a segment of source {seg.source!r}, not of {source_name!r} (moved in)")
         return seg
 
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="burrow-chain") as pool:
-        got = list(pool.map(one, [i.name for i in infos if segments.is_segment_name(i.name)]))
-    good = [g for g in got if isinstance(g, Segment)]
-    bad = [g for g in got if not isinstance(g, Segment)]
-    chains, problems = segments.build_chains(good)
-    return Chains(chains, problems, bad)
+    def linked(got: list[IndexedRead]) -> tuple[list[Segment], list[tuple[str, str]], list[Chain], list[str]]:
+        good = [g.value for g in got if g.error is None]
+        bad = [(g.info.url, str(g.error)) for g in got if g.error is not None]
+        chains, problems = segments.build_chains(good)
+        return good, bad, chains, problems
+
+    distrusted = set(distrust)
+    for attempt in range(2):
+        got = read_indexed(store, infos, read, prefix=prefix, skip=distrusted)
+        good, bad, chains, problems = linked(got)
+        if problems:
+            # a link that does not hold: read the segments it names from the objects themselves
+            named = {s.name for s in good if any(s.url in p or s.name in p for p in problems)}
+            named |= {s.prev_name for s in good if s.name in named and s.prev_name}
+            if any(g.from_index and g.info.name in named for g in got):
+                distrusted |= named
+                got = read_indexed(store, infos, read, prefix=prefix, skip=distrusted)
+                good, bad, chains, problems = linked(got)
+        found = Chains(chains, problems, bad,
+                       {g.info.name: (g.info, g.entry) for g in got if g.error is None and g.entry is not None},
+                       {g.info.name for g in got if g.from_index})
+        if not keyed or authenticate != AUTH_ENDS:
+            return found
+        failed = _authenticate_ends(store, found, keys, allow_unencrypted)  # type: ignore[arg-type]
+        suspects = {seg.name for seg, _ in failed if seg.name in found.from_index}
+        if attempt == 0 and suspects:
+            distrusted |= suspects  # an entry that did not authenticate: read those objects, link again
+            continue
+        found.bad.extend((seg.url, why) for seg, why in failed)
+        return found
+    raise AssertionError("unreachable")
+
+
+def authenticate_segment(store: ArchiveStore, found: Chains, seg: Segment, keys: ArchiveKeys,
+                         allow_unencrypted: bool = False) -> None:
+    """Check ``seg``'s manifest MAC on the bytes it was read from (no request) and, when they do
+    not pass (a forged index entry), on the object itself, which must then be the manifest the
+    chain was linked by. ArchiveError (or KeyMismatch) naming the segment when neither passes."""
+    held = found.entries.get(seg.name)
+    if held is not None:
+        try:
+            _authenticate(entry_reader(*held), keys, allow_unencrypted)
+            return
+        except ArchiveError:
+            pass  # (a KeyMismatch is raised: no configured key opens it)
+    try:
+        with open_stored(store, seg.name) as reader:
+            _authenticate(reader, keys, allow_unencrypted)
+            if reader.manifest.get("manifest_sha256") != seg.sha:
+                raise ArchiveError(f"{seg.url} changed after its chain was read (replaced meanwhile, or a forged "
+                                   "index entry)")
+    except StoreError as exc:
+        raise ArchiveError(f"{seg.url}: {exc}") from None
+
+
+def _authenticate_ends(store: ArchiveStore, found: Chains, keys: ArchiveKeys,
+                       allow_unencrypted: bool) -> list[tuple[Segment, str]]:
+    """Cut each chain back to its last segment whose MAC holds (AUTH_ENDS); return the segments
+    cut off for that, with why."""
+    kept, failed = [], []
+    for chain in found.chains:
+        for i in range(len(chain.segments) - 1, -1, -1):
+            seg = chain.segments[i]
+            try:
+                authenticate_segment(store, found, seg, keys, allow_unencrypted)
+            except (ArchiveError, KeyMismatch) as exc:
+                failed.append((seg, str(exc)))
+                continue
+            chain.segments = chain.segments[: i + 1]
+            kept.append(chain)
+            break
+    found.chains = kept
+    return failed
 
 
 def trusted_fulls(store: ArchiveStore, source_name: str, keys: ArchiveKeys, *,
@@ -91,36 +206,84 @@ def trusted_fulls(store: ArchiveStore, source_name: str, keys: ArchiveKeys, *,
     tasks/catalog.py ``select_archives``), each with the ``position`` its manifest records."""
     rows = describe_archives(store, keys if keys.keyring else None)
     sel = select_archives(rows, source_name, keyed=bool(keys.keyring), allow_unencrypted=allow_unencrypted)
-    out = []
-    for row in sel.trusted:
-        try:
-            with open_stored(store, str(row["name"])) as reader:
-                row = {**row, "position": segments.base_position(reader.manifest)}
-        except (ArchiveError, StoreError):
-            continue
-        out.append(row)
-    return out
+
+    def position(info: ArchiveInfo, reader: ArchiveReader) -> int | None:
+        # from the catalog's index (no request), when it holds the manifest the row was trusted by
+        m = reader.manifest
+        if m.get("manifest_sha256") != by_name[info.name].get("manifest_sha256") or \
+                m.get("manifest_sha256") != manifest_digest(m):
+            raise ArchiveError(f"{info.url} is not the archive its catalog row described")
+        return segments.base_position(m)
+
+    by_name = {str(r["name"]): r for r in sel.trusted}
+    infos = [ArchiveInfo(name=str(r["name"]), size=int(r["size"]), modified=str(r.get("modified")), url=str(r["url"]),
+                         etag=r.get("etag")) for r in sel.trusted]
+    got = read_indexed(store, infos, position, prefix=INDEX_PREFIX, merge=False)
+    return [{**by_name[g.info.name], "position": g.value} for g in got if g.error is None]
 
 
 def resolve_point(
     store: ArchiveStore, source_name: str, keys: ArchiveKeys, *, at_time: int | None = None,
     at_position: int | None = None, latest: bool = False, allow_unencrypted: bool = False,
 ) -> Point:
-    """What restoring ``source_name`` to the point takes (burrow/segments.py ``choose``). A
-    segment that cannot be read, is not bound to its name or is not authenticated refuses the
-    restore: a chain with a hole in it has no trustworthy state after the hole."""
-    found = read_chains(store, source_name, keys, allow_unencrypted=allow_unencrypted)
-    if found.bad:
-        url, why = found.bad[0]
-        more = f" (and {len(found.bad) - 1} more)" if len(found.bad) > 1 else ""
-        raise ArchiveError(f"the change chain of {source_name!r} holds a segment that is damaged, forged or "
-                           f"moved in: {url}: {why}{more}; nothing was written")
-    fulls = trusted_fulls(store, source_name, keys, allow_unencrypted=allow_unencrypted)
-    point = segments.choose(found.chains, found.problems, fulls, source=source_name, at_time=at_time,
-                            at_position=at_position, latest=latest)
+    """What restoring ``source_name`` to the point takes (burrow/segments.py ``choose``).
+
+    The chains are read without a MAC check (from the index: no request per segment), the
+    point is chosen, and then the segments it relies on are authenticated: each one it applies
+    and the one whose time or position placed the point. Each link before them is a manifest's
+    checksum named by an authenticated manifest, so the chain is vouched for back to its start,
+    and a segment before the start archive's position is never read. A segment that cannot be
+    read or is not bound to its name refuses the restore (a chain with a hole in it has no
+    trustworthy state after the hole), and so does one the point relies on that is not
+    authenticated; an index entry that fails only costs a second reading, from the objects."""
+    distrust: set[str] = set()
+    for _ in range(2):
+        found = read_chains(store, source_name, keys, allow_unencrypted=allow_unencrypted, authenticate=AUTH_NONE,
+                            distrust=distrust)
+        if found.bad:
+            url, why = found.bad[0]
+            more = f" (and {len(found.bad) - 1} more)" if len(found.bad) > 1 else ""
+            raise ArchiveError(f"the change chain of {source_name!r} holds a segment that is damaged, forged or "
+                               f"moved in: {url}: {why}{more}; nothing was written")
+        fulls = trusted_fulls(store, source_name, keys, allow_unencrypted=allow_unencrypted)
+        point = segments.choose(found.chains, found.problems, fulls, source=source_name, at_time=at_time,
+                                at_position=at_position, latest=latest)
+        relied = _relied_on(point)
+        failed: list[tuple[Segment, str]] = []
+        for seg in relied:
+            try:
+                authenticate_segment(store, found, seg, keys, allow_unencrypted)
+            except ArchiveError as exc:
+                failed.append((seg, str(exc)))
+        if not failed:
+            break
+        suspects = {seg.name for seg, _ in failed if seg.name in found.from_index} - distrust
+        if not suspects:
+            seg, why = failed[0]
+            raise ArchiveError(f"the change chain of {source_name!r} holds a segment that is not authenticated: "
+                               f"{why if seg.url in why else seg.url + ': ' + why}; nothing was written")
+        distrust |= suspects  # read them from the objects themselves, and choose again
     start = store.url(point.start_name) if point.start_name else "a resync"
-    logger().info("point in time: %s + %d change segments; %s", start, len(point.segments), found.window().describe())
+    logger().info("point in time: %s + %d change segments (%d authenticated of %d in the store); %s", start,
+                  len(point.segments), len(relied), sum(len(c.segments) for c in found.chains),
+                  found.window().describe())
     return point
+
+
+def _relied_on(point: Point) -> list[Segment]:
+    """The segments a point relies on: those it applies, and the one that placed it (the last
+    segment at or before its time or position, which may hold no change after the start)."""
+    placed = None
+    for s in point.chain.live():
+        if point.at_position is not None:
+            if s.first_position - 1 <= point.at_position:
+                placed = s
+        elif s.first_time <= (point.at_time or 0):
+            placed = s
+    out = list(point.segments)
+    if placed is not None and all(s.name != placed.name for s in out):
+        out.append(placed)
+    return out
 
 
 @task(name="resolve-point", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
