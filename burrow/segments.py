@@ -412,6 +412,12 @@ class Point:
         return int(m.get("t", 0)) <= (self.at_time or 0)
 
 
+def _damage(problems: list[str]) -> str:
+    """What a refusal adds when the store holds a broken chain: a missing, replaced or foreign
+    segment cuts the chain there, so the window shows a gap that is damage, not a stopped capture."""
+    return f"; the change chain is broken: {problems[0]}" if problems else ""
+
+
 def choose(
     chains: list[Chain], problems: list[str], fulls: list[dict[str, Any]], *, source: str,
     at_time: int | None = None, at_position: int | None = None, latest: bool = False,
@@ -447,7 +453,7 @@ def choose(
             lo = min((c.first.first_position - 1 for c in chains), default=0)
             hi = max((c.live()[-1].last_position for c in chains if c.live()), default=0)
             raise ArchiveError(f"revision {at_position} of {source!r} is outside the captured revisions "
-                               f"{lo} to {hi} (or inside a gap); {win.describe()}")
+                               f"{lo} to {hi} (or inside a gap); {win.describe()}{_damage(problems)}")
     else:
         assert at_time is not None
         for c in chains:
@@ -458,7 +464,7 @@ def choose(
                 break
         if chain is None:
             raise ArchiveError(f"{show_time(at_time)} is outside the restorable window of {source!r} or inside a "
-                               f"gap; {win.describe()}")
+                               f"gap; {win.describe()}{_damage(problems)}")
     assert chain is not None and upto is not None
     relevant = [p for p in problems if any(s.url in p or s.name in p for s in chain.segments)]
     dangling = [p for p in problems if "missing from the store" in p or "fork" in p]

@@ -50,7 +50,10 @@ def capture_lock(source_name: str) -> Iterator[None]:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:
                 pass  # another capture of the source created it at the same moment
-    with source_lock(f"capture-{source_name}"):
+    # Prefect's shortest lease: a capture killed outright (SIGKILL, a lost worker) and started
+    # again waits about a minute for its lock, not the default five (a window's gap, and the
+    # "no sealed segment in 5 minutes" trigger, for every crash)
+    with source_lock(f"capture-{source_name}", lease_duration=60):
         yield
 
 

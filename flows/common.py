@@ -471,7 +471,7 @@ def _limit_exists(limit: str) -> bool:
 
 
 @contextmanager
-def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
+def source_lock(source: str, *, timeout_seconds: float | None = None, lease_duration: float = 300) -> Iterator[None]:
     """Hold one slot of the source's global concurrency limit (``burrow-source-<slug>``, limit
     1, created by ``deployments/setup.py``) across all workers. Under a deployment the limit
     must exist (``strict=True``): a missing limit is an error, never silently unenforced. A
@@ -480,7 +480,8 @@ def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterato
     Logs the limit's name (a cluster name, never a credential) when it holds the slot and, only
     when the slot is taken by another run so that this one really waits, that it is waiting: the
     slot is first asked for without waiting (no retry on the server's "locked" answer), and only
-    when that is refused does the run log the wait and queue for the slot."""
+    when that is refused does the run log the wait and queue for the slot. ``lease_duration``: how
+    long (seconds, at least Prefect's 60) the slot outlives a holder killed outright."""
     import httpx
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
@@ -499,13 +500,15 @@ def source_lock(source: str, *, timeout_seconds: float | None = None) -> Iterato
     with ExitStack() as stack:
         try:
             try:  # without waiting: an uncontended run takes the slot at once, and says nothing of waiting
-                stack.enter_context(concurrency(limit, occupy=1, strict=strict, max_retries=0))
+                stack.enter_context(concurrency(limit, occupy=1, strict=strict, max_retries=0,
+                                                lease_duration=lease_duration))
             except ConcurrencySlotAcquisitionError as exc:
                 cause = exc.__cause__
                 if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):
                     raise
                 log.info("waiting for the per-cluster lock %s (another run holds it)", limit)
-                stack.enter_context(concurrency(limit, occupy=1, strict=strict, timeout_seconds=timeout_seconds))
+                stack.enter_context(concurrency(limit, occupy=1, strict=strict, timeout_seconds=timeout_seconds,
+                                                lease_duration=lease_duration))
         except ConcurrencySlotAcquisitionError as exc:
             if "must be created" not in str(exc):
                 raise

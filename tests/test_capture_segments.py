@@ -92,6 +92,10 @@ def test_chains_windows_and_refusals() -> None:
     assert any("missing from the store" in p for p in problems)
     with pytest.raises(ArchiveError, match="missing from the store"):
         choose(chains, problems, fulls, source="s", latest=True)
+    # a point past the hole is outside every chain's window: the refusal names the hole, which
+    # the window alone would show as a gap (as if the capture had stopped)
+    with pytest.raises(ArchiveError, match="restorable window is .*missing from the store"):
+        choose(chains, problems, fulls, source="s", at_time=5500)
     # a fork, and a base archive that is not the one the chain names
     fork = _seg("s2b", s1, 21, 25, 2000, 2500)
     chains, problems = build_chains([s1, s2, fork])
