@@ -547,11 +547,18 @@ def etcd_digest(kv: Any, rpc: Any, prefix: bytes) -> tuple[int, str, int]:
         r = kv.Range(rpc.RangeRequest(key=start, range_end=end, limit=20000, revision=rev))
         rev = rev or r.header.revision
         for x in r.kvs:
-            h.update(len(x.key).to_bytes(4, "big") + x.key[len(prefix):] + len(x.value).to_bytes(4, "big") + x.value)
+            rel = x.key[len(prefix):]
+            h.update(len(rel).to_bytes(4, "big") + rel + len(x.value).to_bytes(4, "big") + x.value)
             n += 1
         if not r.more:
             return n, h.hexdigest(), rev
         start = r.kvs[-1].key + b"\0"
+
+
+def etcd_state(kv: Any, rpc: Any, prefix: bytes) -> dict[bytes, bytes]:
+    """Every key below ``prefix``/ (relative) and its value (to say how a restore differs)."""
+    r = kv.Range(rpc.RangeRequest(key=prefix + b"/", range_end=prefix + b"0"))
+    return {x.key[len(prefix):]: x.value for x in r.kvs}
 
 
 def phase_pitr(src: str, dst: str, store: Path, key: Path, env: dict[str, str], keys: int, stages: list[int],
@@ -581,13 +588,18 @@ def phase_pitr(src: str, dst: str, store: Path, key: Path, env: dict[str, str], 
     archive = bk["summary"]["url"]
     print(f"pitr: full backup of {keys} keys {bk['wall']:.1f}s", flush=True)
 
-    def restore_into(args: list[str]) -> dict[str, Any]:
+    def restore_into(args: list[str], compare: bool = True) -> dict[str, Any]:
         target = f"r{uuid.uuid4().hex[:8]}"
         r = burrow(["restore", *args, "--into", f"etcd://{dst}/{target}", "--key-file", str(key)], env)
         want = etcd_digest(kva, rpc, prefix)
         got = etcd_digest(kvb, rpc, b"/" + target.encode())
         r["keys"] = got[0]
         r["equal_to"] = "source" if got[:2] == want[:2] else None
+        if compare and r["equal_to"] is None:
+            a, b = etcd_state(kva, rpc, prefix), etcd_state(kvb, rpc, b"/" + target.encode())
+            print(f"  differs: source {len(a)} keys, restored {len(b)}; only in the source {len(a.keys() - b.keys())}, "
+                  f"only restored {len(b.keys() - a.keys())}, other values "
+                  f"{sum(1 for k in a.keys() & b.keys() if a[k] != b[k])}", flush=True)
         return r
 
     lines = []
@@ -624,7 +636,7 @@ def phase_pitr(src: str, dst: str, store: Path, key: Path, env: dict[str, str], 
         full = []
         if full_runs and stage == keys:
             for i in range(full_runs):
-                rf = restore_into([archive])
+                rf = restore_into([archive], compare=False)
                 if rf["keys"] != keys:
                     raise SystemExit(f"the full archive's restore made {rf['keys']} keys, expected {keys}")
                 full.append(rf)
@@ -637,7 +649,7 @@ def phase_pitr(src: str, dst: str, store: Path, key: Path, env: dict[str, str], 
                     at.append(ra)
                     print(f"  restore --at latest {i + 2}: {ra['wall']:.1f}s wall, CLI CPU {ra['cpu']:.1f}s, peak "
                           f"RSS {ra['rss_mib']:.0f} MiB (load {ra['load']:.1f})", flush=True)
-        rows.append({"stage": stage, "at": at, "full": full, "capture": capst, "captured_per_s": n / behind,
+        rows.append({"stage": stage, "at": at, "full": full, "capture": capst, "captured_per_s": n / behind, "sealed_after_s": behind,
                      "write_per_s": n / w, "chain_bytes": sum(s["size"] for s in segs), "segments": len(segs)})
     uptime("after pitr")
     for r in rows:
@@ -648,7 +660,8 @@ def phase_pitr(src: str, dst: str, store: Path, key: Path, env: dict[str, str], 
                 f"peak RSS {max(x['rss_mib'] for x in at):.0f} MiB; the capture that followed "
                 f"{r['stage'] - (rows[rows.index(r) - 1]['stage'] if rows.index(r) else 0):,} of them: peak RSS "
                 f"{r['capture']['rss_mib']:.0f} MiB, CPU {r['capture']['cpu']:.1f} s, "
-                f"{r['captured_per_s']:,.0f} changes/s sealed (written at {r['write_per_s']:,.0f}/s)")
+                f"the last sealed {r['sealed_after_s']:.0f} s after the first write ({r['captured_per_s']:,.0f} changes/s; "
+                f"written at {r['write_per_s']:,.0f}/s)")
         if r["full"]:
             fw = statistics.median(x["wall"] for x in r["full"])
             aw = statistics.median(x["wall"] for x in at)
