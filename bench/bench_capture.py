@@ -280,8 +280,9 @@ class Writer:
                 issued += 1
             time.sleep(max(0.0, min(0.005, (issued / self.rate) - (time.monotonic() - t0))))
         wait_for(f"{self.service} writes answered", lambda: len(self.acks) + self.errors >= issued)
-        if self.errors:
-            raise SystemExit(f"{self.errors} {self.service} writes failed, the first: {self.error}")
+        if self.errors:  # reported beside the run (etcd refuses writes when its apply falls behind)
+            print(f"  {self.errors} of {issued} {self.service} writes refused, the first: {self.error}", flush=True)
+        self.issued = issued
 
     def close(self) -> None:
         pass
@@ -432,10 +433,11 @@ def rpo_run(w: Writer, url: str, store: Path, name: str, key: Path, env: dict[st
     w.run(seconds)
     row["server_cpu"] = cpu_of(w.server_pid) - server0
     row["rate"] = len(w.acks) / seconds
-    lats = [a[1] for a in w.acks]
+    row["refused"] = w.errors
+    lats = [a[1] for a in w.acks] or [float("nan")]
     row["p50_ms"], row["p99_ms"] = pct(lats, 50) * 1e3, pct(lats, 99) * 1e3
     if cap is not None and watch is not None:
-        last = max(a[2] for a in w.acks)
+        last = max((a[2] for a in w.acks), default=0)
         wait_for(f"a sealed segment up to position {last}", lambda: watch.covered(last), cap.proc)
         row["cpu_steady"] = cpu_of(cap.proc.pid) - cpu0
         row["steady_s"] = time.time() - t0
@@ -477,7 +479,7 @@ def phase_rpo(services: list[tuple[str, Writer, str]], store: Path, key: Path, e
                          if with_capture else "")
                 print(f"{service} run {i + 1} {'with' if with_capture else 'without'} capture: {r['rate']:.0f} "
                       f"changes/s, write p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, server CPU "
-                      f"{r['server_cpu']:.2f}s{extra} "
+                      f"{r['server_cpu']:.2f}s, {r['refused']} refused{extra} "
                       f"(load {r['load_start']:.1f}-{r['load_end']:.1f})", flush=True)
         uptime(f"after rpo {service}")
         on = [r for r in rows if r["with"]]
@@ -502,7 +504,8 @@ def phase_rpo(services: list[tuple[str, Writer, str]], store: Path, key: Path, e
             f"{join(r['p99_ms'] for r in on)} ms (median {p99_on:.2f}): {rise * 100:+.0f}% "
             f"(target <= +{LATENCY_RISE_TARGET * 100:.0f}%: {'ok' if rise <= LATENCY_RISE_TARGET else 'MISSED'}); "
             f"p50 without {statistics.median(r['p50_ms'] for r in off):.2f} ms, with "
-            f"{statistics.median(r['p50_ms'] for r in on):.2f} ms; the {service} server's CPU a run without "
+            f"{statistics.median(r['p50_ms'] for r in on):.2f} ms; writes refused without "
+            f"{sum(r['refused'] for r in off)}, with {sum(r['refused'] for r in on)}; the {service} server's CPU a run without "
             f"{statistics.median(r['server_cpu'] for r in off):.2f} s, with {statistics.median(r['server_cpu'] for r in on):.2f} s; load {min(r['load_start'] for r in rows):.1f}-"
             f"{max(r['load_end'] for r in rows):.1f}")
         print(lines[-1], flush=True)
