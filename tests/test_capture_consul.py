@@ -43,6 +43,10 @@ from captureutil import (
 )
 from kvutil import consul_client, consul_snapshot, unique
 
+#: A hang guard for the module: its first test waits for the one writer run (several minutes on a
+#: busy machine), then many CLI runs, each a flow.
+pytestmark = pytest.mark.timeout(1500)
+
 
 class Writer(SteadyWriter):
     """About ``rate`` changes a second under ``prefix``: creates, updates with flags, deletes."""

@@ -58,6 +58,11 @@ def _relative(snapshot: dict[bytes, bytes], prefix: bytes) -> dict[bytes, bytes]
     return {k[len(prefix):]: v for k, v in snapshot.items()}
 
 
+#: A hang guard for the module: its first test waits for the one writer run (several minutes on a
+#: busy machine), then many CLI runs, each a flow.
+pytestmark = pytest.mark.timeout(1500)
+
+
 class Writer(SteadyWriter):
     """A steady writer at about ``rate`` changes a second: creates, updates and deletes under
     ``prefix``, pausable."""
