@@ -96,6 +96,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         why = distrust(r, keyed=keyed, allow_unencrypted=args.allow_unencrypted)
         if why and not r.get("error"):
             r["flagged"] = why
+    # each source's restorable window (its change chains), from the code status uses
+    windows = source_windows(store, rows, keys, args.allow_unencrypted)
+    for r in rows:
+        if r.get("source") in windows:
+            r["restorable"] = windows[r["source"]].to_json()
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -117,6 +122,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{r['url']}  {r['size']:>12} B  {r['modified']}  {r.get('service', '?')}  "
             f"{r.get('source', '?')}  keys={r.get('keys', '?')}  {enc}{auth}{flag}{rehearsed}"
         )
+    for source, window in sorted(windows.items()):
+        print(f"{source}: {window.describe()}")
     return EXIT_OK
 
 
@@ -160,6 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not sources:
             raise ArchiveNotFound(f"no archive of source {args.source!r} in {store.describe()}")
     report: list[dict[str, Any]] = []
+    described: dict[str, str] = {}  # each source's window, for a person
     stale = []
     for source in sources:
         mine = [r for r in rows if r.get("source") == source]
@@ -174,6 +182,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         window = restorable_window(store, source, keys, args.allow_unencrypted)
         if window is not None:
             entry["restorable"] = window.to_json()
+            described[source] = window.describe()
         if good:
             newest = good[0]
             age = now - created_at(newest)  # type: ignore[operator]
@@ -227,10 +236,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 flag += f", {e['unverified_at_backup']} UNVERIFIED at backup (check with burrow verify)"
             mark = "  STALE" if e["source"] in stale else ""
             rehearsed = ", " + rehearsal_text(e.get("rehearsal"))
-            r = e.get("restorable")
-            if r and r.get("to"):
-                gaps = f", {len(r['gaps'])} gaps" if r["gaps"] else ""
-                rehearsed += f", restorable {r['from']} to {r['to']}{gaps}"
+            if e["source"] in described:
+                rehearsed += f", {described[e['source']]}"
             print(f"{e['source']}: {e['archives']} archives, {e['stored_bytes']} B, {newest}{ver}{flag}{rehearsed}{mark}")
             for line in e["flagged_archives"]:  # every anomaly, named: a copy, a replay, an unbound archive
                 print(f"  flagged {line}")
@@ -242,11 +249,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def restorable_window(store: Any, source: str, keys: Any, allow_unencrypted: bool = False) -> Any:
     """The source's restorable window from its change segments (burrow/segments.py ``Window``),
-    or None when it has none. Segments that do not read or authenticate are left out of it."""
+    or None when it has none. Segments that do not read or authenticate are left out of it
+    (with a key, each chain's end is authenticated, and its links vouch for the rest: tasks/chain.py
+    ``read_chains``). ``list``, ``status`` and their ``--json`` all show this one window."""
     from tasks.chain import read_chains
 
     found = read_chains(store, source, keys if keys.keyring else None, allow_unencrypted=allow_unencrypted)
     return found.window() if found.chains else None
+
+
+def source_windows(store: Any, rows: list[dict[str, Any]], keys: Any, allow_unencrypted: bool = False) -> dict[str, Any]:
+    """:func:`restorable_window` of each source the readable ``rows`` name that has one."""
+    out = {}
+    for source in sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")}):
+        window = restorable_window(store, source, keys, allow_unencrypted)
+        if window is not None:
+            out[source] = window
+    return out
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -56,6 +56,10 @@ def register(sub: Any) -> dict[str, Any]:
     f.add_argument("--foreign-keys-max", metavar="PCT", type=float,
                    help="refuse a target that already holds more keys outside the archive's paths than PCT percent "
                    "of the archive's key count (default 1): the wrong-cluster guard")
+    f.add_argument("--at", choices=["latest"],
+                   help="restore the newest archive plus the change chain that continues it, up to the chain's end "
+                   "(the default; the runbook says it: without a chain the archive alone is restored, and the "
+                   "preflight says so)")
     f.add_argument("--full-only", action="store_true",
                    help="restore the full archive alone, without the changes a capture chained after it (by default "
                    "a failover restores --at latest when a change chain continues the archive)")
@@ -91,6 +95,8 @@ def check_usage(args: argparse.Namespace) -> None:
     from burrow.paths import KeyMapper
 
     KeyMapper(args.subtree, args.map)
+    if getattr(args, "at", None) and args.full_only:
+        raise UsageError("--at latest restores the chain's end and --full-only the archive alone: give one of them")
     if args.candidates < 1:
         raise UsageError("--candidates must be at least 1")
     if args.foreign_keys_max is not None and not 0 <= args.foreign_keys_max <= 100:

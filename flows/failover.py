@@ -242,19 +242,25 @@ def failover(
             if guarded:
                 _guard_primary(run, primary, source, None, target, force)
 
+            # the RPO gate judges what the failover restores: with a change chain, its end (below,
+            # once the chain is resolved); with --full-only or no chain, the archive's age here
+            chained = not full_only and _has_chain(st, source, keys, allow_unencrypted)
             with staging_dir() as work:
                 with run.step("download_validate"):
                     row, local, manifest = _choose(
-                        choice.candidates[: limits.max_candidates], st, work, keys, limits.max_age,
-                        allow_unencrypted, run.skipped, pinned=bool(archive),
+                        choice.candidates[: limits.max_candidates], st, work, keys,
+                        None if chained else limits.max_age, allow_unencrypted, run.skipped, pinned=bool(archive),
                     )
-                _report_archive(run, row, manifest, keys, choice, pinned=bool(archive), max_age=max_age)
+                _report_archive(run, row, manifest, keys, choice, pinned=bool(archive),
+                                max_age=None if chained else max_age)
                 if not guarded:
                     _guard_primary(run, None, source, manifest.get("source_url"), target, force)
                 _sanity(run, row, manifest, choice.trusted, force)
                 # the state to restore: the archive, or (a change chain continuing it) the chain's end
                 state, state_keys, manifest = _at_latest(run, st, source, row, local, manifest, keys, work,
-                                                         allow_unencrypted, full_only)
+                                                         allow_unencrypted, full_only, chained)
+                if chained:
+                    _rpo_gate(run, limits.max_age, max_age)
                 with run.step("target"):
                     _guard_target(run, target, state, manifest, state_keys, reached, force=force,
                                   cross_service=cross_service, foreign_keys_max=foreign_keys_max,
@@ -298,17 +304,19 @@ def failover(
 
 
 def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str, manifest: dict[str, Any],
-               keys: Any, work: Any, allow_unencrypted: bool, full_only: bool) -> tuple[str, Any, dict[str, Any]]:
+               keys: Any, work: Any, allow_unencrypted: bool, full_only: bool,
+               chained: bool) -> tuple[str, Any, dict[str, Any]]:
     """``(archive path, its keys, its manifest)`` to restore: the chosen archive as it is, or, when
     the source's change chain continues it up to a later point, the state at the chain's end
     (tasks/chain.py), with a preflight line giving both RPOs. A broken chain refuses the run."""
     from burrow import segments
-    from tasks.chain import materialize, read_chains, resolve_point_task
+    from tasks.chain import materialize, resolve_point_task
 
     if full_only:
         run.preflight.append("changes: not applied (--full-only)")
         return local, keys, manifest
-    if not read_chains(st, source, keys if keys.keyring else None, allow_unencrypted=allow_unencrypted).chains:
+    if not chained:  # (_has_chain)
+        run.preflight.append("changes: none captured (no change chain): the archive alone")
         return local, keys, manifest
     point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
     if point.start_name != row["name"]:
@@ -325,6 +333,30 @@ def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str,
         run.preflight.append(f"changes: --at latest, {len(point.segments)} change segments to "
                              f"{segments.show_time(end)} (RPO {chain_rpo}s) beside the archive's RPO {full_rpo}s")
     return state, state_keys, {**manifest, "keys": state_manifest["keys"]}
+
+
+def _has_chain(st: Any, source: str, keys: Any, allow_unencrypted: bool) -> bool:
+    """Whether the source has a change chain (``burrow capture``), whose end a failover restores
+    by default: a listing of its segments and their index, no read per segment."""
+    from tasks.chain import read_chains
+
+    return bool(read_chains(st, source, keys if keys.keyring else None, allow_unencrypted=allow_unencrypted).chains)
+
+
+def _rpo_gate(run: _Run, limit: timedelta | None, shown: str | None) -> None:
+    """``--max-age`` against what this failover restores: the chain's end when the chain
+    continues the archive (``rpo_s`` is then the chain's), else the archive. Before anything is
+    written (the target's scratch key included)."""
+    if limit is None:
+        return
+    rpo = run.summary.get("rpo_s")
+    what = f"the change chain's end ({run.summary['at_time']})" if run.summary.get("at") == "latest" else \
+        f"the archive {run.summary.get('archive')}"
+    age = naming.age_text(timedelta(seconds=rpo)) if rpo is not None else "unknown"
+    if rpo is None or rpo > limit.total_seconds():
+        raise FailoverRefused(f"RPO gate: {what} is {age} old, older than --max-age {shown}; pass a larger "
+                              "--max-age (flow parameter max_age) to accept it")
+    run.preflight.append(f"rpo: {what} is {age} old (--max-age {shown})")
 
 
 def _limits(max_age: str | None, resume_within: str, prefer_rehearsed_within: str, max_candidates: int) -> _Limits:
