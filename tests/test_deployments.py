@@ -15,7 +15,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -224,8 +223,8 @@ def test_loading_a_burrow_block_adds_no_event_to_the_feed(tmp_path):
     does, so the feed is read after it has caught up with both loads."""
     from prefect.blocks.core import Block
     from prefect.blocks.system import Secret
-    from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+    from test_orchestrator import all_events, wait_for
 
     from blocks.local import LocalStore
     from blocks.registry import register_twins
@@ -241,16 +240,7 @@ def test_loading_a_burrow_block_adds_no_event_to_the_feed(tmp_path):
 
     def loaded() -> list[str]:
         flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(prefix=["prefect.block."]))
-        with get_client(sync_client=True) as c:
-            page = c.read_events(filter=flt, limit=50)
-            events = list(page.events)
-            while page.next_page:
-                page = c.read_events_page(page.next_page)
-                events += page.events
-        return [e.event for e in events if e.resource.get("prefect.resource.name") == name]
+        return [e.event for e in all_events(flt) if e.resource.get("prefect.resource.name") == name]
 
-    deadline = time.monotonic() + 120
-    while "prefect.block.secret.loaded" not in loaded():
-        assert time.monotonic() < deadline, "the control block's load event never showed up"
-        time.sleep(0.5)
+    wait_for("the control block's load event", lambda: "prefect.block.secret.loaded" in loaded(), timeout=120)
     assert loaded() == ["prefect.block.secret.loaded"]

@@ -142,11 +142,9 @@ def artifacts_of(run_id: Any) -> list[Any]:
         return c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
 
 
-def events_since(since: datetime, prefixes: list[str]) -> list[Any]:
-    """Every event whose name starts with one of ``prefixes``, since ``since`` (all pages)."""
-    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
-
-    flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(prefix=prefixes))
+def all_events(flt: Any) -> list[Any]:
+    """Every event the server holds that matches the EventFilter ``flt``: all of its pages (the
+    API answers a page at a time, with a link to the next)."""
     with _client() as c:
         page = c.read_events(filter=flt, limit=50)
         found = list(page.events)
@@ -154,6 +152,13 @@ def events_since(since: datetime, prefixes: list[str]) -> list[Any]:
             page = c.read_events_page(page.next_page)
             found += page.events
     return found
+
+
+def events_since(since: datetime, prefixes: list[str]) -> list[Any]:
+    """Every event whose name starts with one of ``prefixes``, since ``since`` (all pages)."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    return all_events(EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(prefix=prefixes)))
 
 
 def burrow_event(since: datetime, name: str, run_id: Any) -> Any:
