@@ -21,6 +21,12 @@ place that decides which archives may be acted on and in which order: by the sig
 ``created``, never by a name or a listing. Backups add a one-entry index object for the archive they publish; a catalog that had
 to read archives by range, or found many index objects, writes one merged index and removes the
 objects it merged. Failing to write the index (a read-only credential) only costs speed.
+
+Change segments (burrow/segments.py) are indexed the same way, per source, under
+``_catalog/<slug>/changes/`` (:func:`index_prefix`): the capture adds each segment as it seals
+it, and tasks/chain.py reads a chain through :func:`read_indexed`, this module's reading of
+listed objects over their entries, with the same rules. Writers that add entries often merge
+them by size class (:func:`_merge_small`), so no object is rewritten once per entry added.
 """
 
 from __future__ import annotations
