@@ -273,6 +273,9 @@ class Run:
     restarted_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # what a failing test's traceback shows of it: no recorded states
+        return f"<the writer run of {self.name}, seed {self.seed}>"
+
     @property
     def rate(self) -> float:
         return self.changes / self.seconds if self.seconds else 0.0
