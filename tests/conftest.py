@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from burrow.testing.servers import (  # noqa: E402
     start_moto,
     start_postgres,
     start_zookeeper,
+    wait_progress,
 )
 
 PREFECT_PORT = free_port()
@@ -52,6 +52,31 @@ BURROW = str(Path(sys.executable).parent / "burrow")
 
 #: The session Prefect server's log: a test may read it (the fleet test looks for database errors).
 PREFECT_SERVER_LOG = SESSION_DIR / "prefect-server.log"
+
+
+#: The test files that take longest (a quiet 2-core machine, ``pytest --durations``: each file's
+#: setup, calls and teardown), longest first. The suite hands them out first (scripts/test.sh runs
+#: xdist with ``--dist loadfile --no-loadscope-reorder``), so the two workers end together: given
+#: last, one of them ran for minutes while the other had finished (a file goes to one worker whole).
+#: The rest follow in collection order. A file that grows to minutes belongs here.
+LONGEST_FIRST = (
+    "test_worker_stop.py",
+    "test_fleet.py",
+    "test_evidence_history.py",
+    "test_interrupt.py",
+    "test_automation_fires.py",
+    "test_capture_zookeeper.py",
+    "test_capture_etcd.py",
+    "test_capture_consul.py",
+    "test_orchestrator.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the files as :data:`LONGEST_FIRST` says (a file's tests keep their order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
 
 
 @pytest.fixture(scope="session")
@@ -77,21 +102,25 @@ def prefect_server(postgres: LocalServer) -> Iterator[str]:
              # a fleet's burst of runs needs more than the default 5 (+10) connections
              "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
              "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20"},
+        start_new_session=True,  # a process group of its own: its CPU time is its start's progress
     )
     url = os.environ["PREFECT_API_URL"]
-    deadline = time.monotonic() + 120
-    while True:
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError("exited with code " + str(proc.returncode))
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
+                return r.status == 200
         except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            tail = PREFECT_SERVER_LOG.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the Prefect server did not start:\n{tail}")
-        time.sleep(0.3)
+            return False
+
+    try:  # (120 s without progress: a loaded machine took more than 120 s in all to start it)
+        wait_progress(healthy, proc.pid, 120, "the Prefect server")
+    except (RuntimeError, TimeoutError) as exc:
+        proc.kill()
+        tail = PREFECT_SERVER_LOG.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the Prefect server did not start ({exc}):\n{tail}") from None
     yield url
     proc.terminate()
     try:
@@ -132,6 +161,18 @@ etcd_b = _session_server("etcd_b", start_etcd)
 consul_a = _session_server("consul_a", start_consul)
 consul_b = _session_server("consul_b", start_consul)
 moto = _session_server("moto", start_moto)
+
+
+@pytest.fixture(scope="session")
+def wide_zk_tree(zk_a: LocalServer) -> tuple[str, dict[str, bytes]]:
+    """(root, tree) of a 12,000-node ZooKeeper tree on zk_a (tests/zkutil.py ``seed_wide_tree``),
+    seeded once for the session: the interrupted-failover tests (test_interrupt, test_worker_stop)
+    each back it up their own way and only ever read it. A test must never write below it."""
+    from zkutil import kazoo, seed_wide_tree, unique_root
+
+    with kazoo(zk_a.url) as c:
+        root = unique_root()
+        return root, seed_wide_tree(c, root)
 
 
 @pytest.fixture

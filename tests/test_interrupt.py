@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BURROW, REPO, interruptible
-from zkutil import kazoo, snapshot, unique_root
+from zkutil import count, kazoo, snapshot, unique_root
 
 from blocks.keys import archive_keys
 from blocks.local import LocalStore
@@ -25,35 +25,19 @@ from burrow.testing.servers import free_port
 from flows.backup import backup
 from tasks.journal import unfinished_failover
 
-NODES = 12000
 DEAD = f"zk://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture(scope="module")
-def big_archive(zk_a, tmp_path_factory) -> tuple[Path, Path, str, dict[str, bytes]]:
-    """(store, key file, archive URL, the tree) of a 12,000-node ZooKeeper tree."""
+def big_archive(zk_a, wide_zk_tree, tmp_path_factory) -> tuple[Path, Path, str, dict[str, bytes]]:
+    """(store, key file, archive URL, the tree) of the session's 12,000-node ZooKeeper tree."""
     tmp = tmp_path_factory.mktemp("interrupt")
     store, key = tmp / "store", tmp / "k.key"
     store.mkdir()
     keygen(key, x25519=False)
-    root = unique_root()
-    with kazoo(zk_a.url) as c:
-        c.create(root, b"top", makepath=True)
-        for d in range(10):
-            c.create(f"{root}/d{d}", b"")
-        pending = [c.create_async(f"{root}/d{i % 10}/k{i}", b"x" * 200) for i in range(NODES)]
-        for p in pending:
-            p.get()
-        tree = snapshot(c, root)
+    root, tree = wide_zk_tree
     made = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-int", root=root, key_file=str(key))
     return store, key, made["url"], tree
-
-
-def _count(c, path: str) -> int:  # noqa: ANN001 - a KazooClient
-    """Nodes at and below ``path`` (0 while it does not exist)."""
-    if c.exists(path) is None:
-        return 0
-    return 1 + sum(_count(c, f"{path}/{child}") for child in c.get_children(path))
 
 
 def _interrupted_failover(sig: int, big_archive, zk_b) -> tuple[int, str, str, str]:  # noqa: ANN001
@@ -79,7 +63,7 @@ def _interrupted_failover(sig: int, big_archive, zk_b) -> tuple[int, str, str, s
             assert proc.poll() is None, "the failover ended before the replay was seen writing"
             proc.send_signal(sig)
             out, err = proc.communicate(timeout=120)
-            written = _count(c, f"{top}{root}")
+            written = count(c, f"{top}{root}")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -28,7 +28,7 @@ from kvutil import consul_client, unique
 from pydantic import SecretStr
 from test_orchestrator import _client, logs_of, runs_by_id, wait_final, wait_for
 from test_stores import KEY, SECRET, new_bucket, raw_client
-from zkutil import kazoo, snapshot, unique_root
+from zkutil import count, kazoo, snapshot, unique_root
 
 from blocks.consul import ConsulCluster
 from blocks.keys import EncryptionKeys
@@ -112,6 +112,16 @@ def _tree(pid: int) -> list[str]:
     return out
 
 
+def create_pool(pool: str) -> None:
+    """A process work pool, created through the API (a ``prefect work-pool create`` process would
+    cost a Python start and Prefect's import; the worker fills in the process type's default job
+    template, as it does for a pool the CLI created)."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with _client() as c:
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+
 def start_worker(pool: str, name: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     log = open(SESSION_DIR / f"{name}.log", "wb")
@@ -144,9 +154,7 @@ def setup(consul_a, moto) -> Any:
     identity = X25519Identity.generate()
     EncryptionKeys(recipients=[identity.recipient.to_text()]).save(f"{tag}-keys", overwrite=True)
     pool = f"stop-{tag}"
-    made = subprocess.run([str(REPO / ".venv" / "bin" / "prefect"), "--no-prompt", "work-pool", "create", pool,
-                           "--type", "process"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert made.returncode == 0, made.stdout + made.stderr
+    create_pool(pool)
     pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     with _client() as c:
         c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=source_limit_name(f"{tag}-src"), limit=1))
@@ -202,14 +210,11 @@ def test_sigterm_ends_the_worker_within_10_s_and_the_backup_it_held_leaves_nothi
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == [], "\n".join([*tree, *logs_of(run_id)[-8:]])
 
 
-NODES = 12000
-
-
 @pytest.fixture(scope="module")
-def failover_setup(zk_a, zk_b, tmp_path_factory) -> Any:
-    """A 12,000-node ZooKeeper tree backed up into a local store (encrypted to an identity the
-    failover deployment's key block holds), an empty DR chroot, a dead primary, and a failover
-    deployment on a private pool."""
+def failover_setup(zk_a, zk_b, wide_zk_tree, tmp_path_factory) -> Any:
+    """The session's 12,000-node ZooKeeper tree backed up into a local store (encrypted to an
+    identity the failover deployment's key block holds), an empty DR chroot, a dead primary, and
+    a failover deployment on a private pool."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     from blocks.local import LocalStore
@@ -221,15 +226,7 @@ def failover_setup(zk_a, zk_b, tmp_path_factory) -> Any:
     store = tmp_path_factory.mktemp("stop-failover") / "store"
     store.mkdir()
     identity = X25519Identity.generate()
-    root = unique_root()
-    with kazoo(zk_a.url) as c:
-        c.create(root, b"top", makepath=True)
-        for d in range(10):
-            c.create(f"{root}/d{d}", b"")
-        pending = [c.create_async(f"{root}/d{i % 10}/k{i}", b"x" * 200) for i in range(NODES)]
-        for p in pending:
-            p.get()
-        tree = snapshot(c, root)
+    root, tree = wide_zk_tree
     made = backup(source=f"zk://{zk_a.url}", store=str(store), name=f"{tag}-src", root=root,
                   recipients=[identity.recipient.to_text()])
     top = unique_root()
@@ -238,9 +235,7 @@ def failover_setup(zk_a, zk_b, tmp_path_factory) -> Any:
     ZooKeeperCluster(hosts=[zk_b.url], chroot=top).save(f"{tag}-dr", overwrite=True)
     ZooKeeperCluster(hosts=[f"127.0.0.1:{free_port()}"], connect_timeout=2.0).save(f"{tag}-dead", overwrite=True)
     pool = f"stop-{tag}"
-    made_pool = subprocess.run([str(REPO / ".venv" / "bin" / "prefect"), "--no-prompt", "work-pool", "create", pool,
-                                "--type", "process"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert made_pool.returncode == 0, made_pool.stdout + made_pool.stderr
+    create_pool(pool)
     pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     with _client() as c:
         for name in (f"{tag}-src", f"{tag}-dr"):
@@ -282,18 +277,20 @@ def test_a_failover_interrupted_by_a_worker_stop_is_finished_by_the_next_run(fai
                 worker.wait(timeout=STOP_WITHIN_S)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"the worker did not exit within {STOP_WITHIN_S} s of SIGTERM")
-            written = len(snapshot(c, written_root)) if c.exists(written_root) else 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    run = wait_final([run_id])[run_id]
-    assert run.state.type.value in ("CRASHED", "CANCELLED"), (run.state, logs_of(run_id)[-5:])
-    assert written <= len(s["tree"])  # anything from nothing to all of it, and never closed
-    assert not any("post-verify" in m and "ok" in m for m in logs_of(run_id)), "the interrupted run finished"
-
-    # the next run finishes it, with the archive the journal recorded
-    worker = start_worker(s["pool"], f"{s['pool']}-w2")
+            # the next run's worker starts now: its start (a Python and Prefect's import) overlaps
+            # the checks of the stopped run below; it has nothing to take until the next run exists
+            worker = start_worker(s["pool"], f"{s['pool']}-w2")
+            written = count(c, written_root)
+    except BaseException:
+        worker.kill()
+        raise
     try:
+        run = wait_final([run_id])[run_id]
+        assert run.state.type.value in ("CRASHED", "CANCELLED"), (run.state, logs_of(run_id)[-5:])
+        assert written <= len(s["tree"])  # anything from nothing to all of it, and never closed
+        assert not any("post-verify" in m and "ok" in m for m in logs_of(run_id)), "the interrupted run finished"
+
+        # the next run finishes it, with the archive the journal recorded
         again = run_deployment(s["deployment"], timeout=0).id
         done = wait_final([again])[again]
     finally:
