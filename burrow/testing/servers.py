@@ -52,6 +52,8 @@ __all__ = [
     "start_prefect",
     "start_postgres",
     "postgres_bin_dir",
+    "group_cpu_ticks",
+    "wait_progress",
     "REPO_ROOT",
     "consul_binary",
 ]
@@ -285,12 +287,52 @@ def _launch(
     return server
 
 
-def _wait_ready(server: LocalServer, probe: Callable[[], bool], timeout: float) -> None:
-    """Poll ``probe`` until it returns True; raise (after stopping the server) otherwise."""
-    deadline = time.monotonic() + timeout
+def group_cpu_ticks(pgid: int) -> int:
+    """CPU time (clock ticks, user + system) used so far by the live processes of process group
+    ``pgid`` (read from /proc): the progress a starting server makes, on a loaded machine too."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # from field 3 (state) on; the name may hold spaces
+        if int(fields[2]) == pgid:  # field 5, pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
+    return total
+
+
+def wait_progress(ready: Callable[[], bool], pgid: int, timeout: float, what: str) -> None:
+    """Poll ``ready`` until it is true. ``timeout`` counts only while process group ``pgid`` uses
+    no CPU: a server that is starting slowly on a busy machine (other suites, a load average of
+    20 on 2 cores) is waited for, one that is stuck fails after ``timeout`` seconds of standing
+    still (and anything after ten times ``timeout``). Raises ``TimeoutError`` naming ``what``."""
+    start = time.monotonic()
+    deadline = start + timeout
+    ticks, looked = group_cpu_ticks(pgid), start
     delay = 0.05
+    while not ready():
+        now = time.monotonic()
+        if now - looked >= 1.0:
+            looked, current = now, group_cpu_ticks(pgid)
+            if current != ticks:
+                ticks, deadline = current, now + timeout
+        if now >= deadline or now - start >= 10 * timeout:
+            raise TimeoutError(f"{what}: not ready after {now - start:.0f} s ({timeout:g} s without progress)")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+def _wait_ready(server: LocalServer, probe: Callable[[], bool], timeout: float) -> None:
+    """Poll ``probe`` until it returns True; raise (after stopping the server) otherwise. The
+    ``timeout`` counts only while the server's processes stand still (``wait_progress``)."""
     last_exc: BaseException | None = None
-    while True:
+
+    def ready() -> bool:
+        nonlocal last_exc
         if server.process.poll() is not None:
             server.stop()
             raise _fail(
@@ -300,21 +342,18 @@ def _wait_ready(server: LocalServer, probe: Callable[[], bool], timeout: float) 
                 server._log_offset,
             )
         try:
-            ready = probe()
+            ok = probe()
         except Exception as exc:  # any failure just means "not ready yet"
-            ready, last_exc = False, exc
-        if ready and server.process.poll() is None:
-            return
-        if time.monotonic() >= deadline:
-            server.stop()
-            detail = f" (last probe error: {last_exc!r})" if last_exc else ""
-            raise _fail(
-                f"{server.name} did not become ready on {server.url} within {timeout:g}s{detail}",
-                server.log_path,
-                server._log_offset,
-            )
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
+            ok, last_exc = False, exc
+        return ok and server.process.poll() is None
+
+    try:
+        wait_progress(ready, server.process.pid, timeout, server.name)
+    except TimeoutError as exc:
+        server.stop()
+        detail = f" (last probe error: {last_exc!r})" if last_exc else ""
+        raise _fail(f"{server.name} did not become ready on {server.url}: {exc}{detail}", server.log_path,
+                    server._log_offset) from None
 
 
 def _port_in_use_failure(exc: RuntimeError) -> bool:
