@@ -169,7 +169,7 @@ def authenticate_segment(store: ArchiveStore, found: Chains, seg: Segment, keys:
             _authenticate(entry_reader(*held), keys, allow_unencrypted)
             return
         except ArchiveError:
-            pass  # (a KeyMismatch is raised: no configured key opens it)
+            pass  # a forged or damaged entry: the object decides (a wrong key fails there too)
     try:
         with open_stored(store, seg.name) as reader:
             _authenticate(reader, keys, allow_unencrypted)
