@@ -24,7 +24,7 @@ then, in one run:
   10% re-creates) to each of ``--stages`` changes; at each stage the capture is stopped (SIGINT,
   it seals what it saw) and ``burrow restore STORE --source S --at latest`` runs into an empty
   prefix of the target etcd, compared key by key with the source. At the 100,000 stage the
-  restore of the full archive alone is timed too, interleaved. Peak RSS (ru_maxrss) of every
+  restore of the full archive alone is timed too, interleaved. Peak RSS (VmHWM, sampled) of every
   restore and capture process, from os.wait4.
 
 The machine may be shared: ``uptime`` is printed before and after each phase, and the load
@@ -194,6 +194,40 @@ def wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen | None 
 # --------------------------------------------------------------------------- the CLI
 
 
+def vm_hwm_mib(pid: int) -> float:
+    """The peak RSS of a live process so far (/proc/PID/status VmHWM), in MiB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class PeakRss:
+    """Samples a child's VmHWM every 0.1 s until it exits. Not os.wait4's ru_maxrss: on Linux a
+    child's ru_maxrss starts from its parent's peak at fork/exec, and this bench's own RSS (the
+    writers' records) is larger than the commands it measures."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, vm_hwm_mib(self.pid))
+            self.done.wait(0.1)
+
+    def stop(self) -> float:
+        self.peak = max(self.peak, vm_hwm_mib(self.pid))
+        self.done.set()
+        self.thread.join()
+        return self.peak
+
+
 #: Captures still running: killed if the bench fails part way.
 LIVE: list[Capture] = []
 
@@ -207,26 +241,30 @@ class Capture:
                                       str(key), "--for", "3h"], env=env, stdout=self.log, stderr=self.log,
                                      cwd=str(REPO))
         self.started = time.time()
+        self.rss = PeakRss(self.proc.pid)
         LIVE.append(self)
 
     def stop(self) -> dict[str, float]:
         """SIGINT (the capture seals what it saw); the reaped process's CPU and peak RSS."""
+        self.rss.peak = max(self.rss.peak, vm_hwm_mib(self.proc.pid))
         self.proc.send_signal(signal.SIGINT)
         _, status, usage = os.wait4(self.proc.pid, 0)
+        peak = self.rss.stop()
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.log.close()
         LIVE.remove(self)
-        return {"cpu": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024,
-                "code": self.proc.returncode}
+        return {"cpu": usage.ru_utime + usage.ru_stime, "rss_mib": peak, "code": self.proc.returncode}
 
 
 def burrow(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """A ``burrow`` command as a subprocess: its JSON summary (``--json``), wall time, CPU seconds
-    and peak RSS (os.wait4 of the reaped process)."""
+    (os.wait4 of the reaped process) and peak RSS (VmHWM sampled, :class:`PeakRss`)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
         proc = subprocess.Popen([BURROW, *args, "--json"], env=env, stdout=out, stderr=err, cwd=str(REPO))
+        rss = PeakRss(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
+        peak = rss.stop()
         wall = time.monotonic() - t0
         code = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -235,7 +273,7 @@ def burrow(args: list[str], env: dict[str, str]) -> dict[str, Any]:
             raise SystemExit(f"burrow {args[0]} failed ({code}): {err.read().decode(errors='replace')[-3000:]}")
         summary = json.loads(out.read())
     return {"summary": summary, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
-            "rss_mib": usage.ru_maxrss / 1024, "load": load()}
+            "rss_mib": peak, "load": load()}
 
 
 # --------------------------------------------------------------------------- writers (open loop)
