@@ -292,29 +292,33 @@ class Capture:
                 manifest = writer.finish(fields)
                 out.flush()
                 os.fsync(out.fileno())
+        seg = Segment.from_manifest(name, self.store.url(name), manifest)
+        n = len(records) if gap is None else 0
+        lag_s = (segments.now_us() - self.pending.first_seen) / 1e6 if self.pending.first_seen else 0.0
         try:
             info = self.store.put(name, path)
+            # The chain moves on the moment the segment is stored, before anything else runs: a
+            # Ctrl-C after the put must not find these changes still pending, or the interrupted
+            # capture's last seal stores them again after the same segment (a fork every restore
+            # of the chain refuses).
+            self.head = ChainHead(self.head.base, seg, last_position, now)
+            self.covered = max(self.covered, last_position)
+            self.pending = _Pending()
+            self.sealed += 1
+            self.live_sealed += 0 if seg.catching_up or gap is not None or (rs is not None and resync is None) else 1
+            self.changes += n
+            if rs is not None:
+                self.resync = None if resync is not None else _Resync(id=rs.id, part=rs.part + 1)
             # into the source's chain index (tasks/catalog.py), from the local file: readers of the
             # chain then need no request per segment
             index_new_archive(self.store, name, info, local=path)
         finally:
             path.unlink(missing_ok=True)
-        seg = Segment.from_manifest(name, self.store.url(name), manifest)
-        n = len(records) if gap is None else 0
         what = "changes"
         if rs is not None:
             what = f"keys (part {rs.part + 1} of a resync: the whole state{', complete' if resync else ''})"
         logger().info("capture: sealed %s: %d %s, positions %d to %d%s", name, n, what, first_position,
                       last_position, " (catching up)" if seg.catching_up else "")
-        lag_s = (segments.now_us() - self.pending.first_seen) / 1e6 if self.pending.first_seen else 0.0
-        self.head = ChainHead(self.head.base, seg, last_position, now)
-        self.covered = max(self.covered, last_position)
-        self.pending = _Pending()
-        self.sealed += 1
-        self.live_sealed += 0 if seg.catching_up or gap is not None or (rs is not None and resync is None) else 1
-        self.changes += n
-        if rs is not None:
-            self.resync = None if resync is not None else _Resync(id=rs.id, part=rs.part + 1)
         if gap is None:
             self.events.sealed(self.source_name, seg, n, lag_s, {"segments": self.sealed, "changes": self.changes})
         return seg
