@@ -25,7 +25,13 @@ then, in one run:
   it seals what it saw) and ``burrow restore STORE --source S --at latest`` runs into an empty
   prefix of the target etcd, compared key by key with the source. At the 100,000 stage the
   restore of the full archive alone is timed too, interleaved. Peak RSS (VmHWM, sampled) of every
-  restore and capture process, from os.wait4.
+  restore and capture process (CPU from os.wait4).
+
+* watch (``--phases watch``): etcd's delivery of a watch's backlog of 50,000 changes with and
+  without ``prev_kv`` (the capture asks for it and never reads it), alternating, 3 rounds.
+
+``--capture-no-prev-kv`` starts every capture with its etcd watch asking for no ``prev_kv`` (a
+patch inside the capture's process; the segments are the same).
 
 The machine may be shared: ``uptime`` is printed before and after each phase, and the load
 average beside each run.
@@ -228,6 +234,13 @@ class PeakRss:
         return self.peak
 
 
+#: How captures are started: the CLI, or (``--capture-no-prev-kv``) the CLI with its etcd watch
+#: asking for no previous values (the capture never reads them; etcd reads one per event for them).
+CAPTURE_CMD = [BURROW]
+NO_PREV_KV = [sys.executable, "-c", "import aetcd.rpc as r; w = r.WatchCreateRequest; "
+              "r.WatchCreateRequest = lambda **k: w(**{**k, 'prev_kv': False}); "
+              "import sys; sys.argv[0] = 'burrow'; from cli import run; sys.exit(run())"]
+
 #: Captures still running: killed if the bench fails part way.
 LIVE: list[Capture] = []
 
@@ -237,7 +250,7 @@ class Capture:
 
     def __init__(self, url: str, store: Path, name: str, key: Path, env: dict[str, str], log: Path) -> None:
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen([BURROW, "capture", url, "--to", str(store), "--name", name, "--key-file",
+        self.proc = subprocess.Popen([*CAPTURE_CMD, "capture", url, "--to", str(store), "--name", name, "--key-file",
                                       str(key), "--for", "3h"], env=env, stdout=self.log, stderr=self.log,
                                      cwd=str(REPO))
         self.started = time.time()
@@ -720,6 +733,64 @@ def phase_pitr(src: str, dst: str, store: Path, key: Path, env: dict[str, str], 
     return lines
 
 
+# --------------------------------------------------------------------------- phase: etcd's watch, prev_kv
+
+
+def watch_time(endpoint: str, prefix: bytes, start: int, last: int, prev_kv: bool) -> tuple[float, int]:
+    """A bare gRPC watch over ``prefix``/ from revision ``start`` (as the capture's, with or without
+    ``prev_kv``): seconds until it has delivered every event up to revision ``last``, and how many."""
+    import grpc
+    from aetcd import rpc
+
+    channel = grpc.insecure_channel(endpoint, options=[("grpc.max_receive_message_length", 256 << 20)])
+    req = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+        key=prefix + b"/", range_end=prefix + b"0", start_revision=start, prev_kv=prev_kv))
+    requests = iter([req])
+    t0 = time.monotonic()
+    n = 0
+    stream = rpc.WatchStub(channel).Watch(requests)
+    for resp in stream:
+        n += len(resp.events)
+        if resp.events and resp.events[-1].kv.mod_revision >= last:
+            break
+    seconds = time.monotonic() - t0
+    stream.cancel()
+    channel.close()
+    return seconds, n
+
+
+def phase_watch(endpoint: str, changes: int, rounds: int) -> list[str]:
+    """etcd's delivery of a watch's backlog of ``changes`` (txns of 128), with and without
+    ``prev_kv`` (the capture asks for it and never reads it), alternating."""
+    import grpc
+    from aetcd import rpc
+
+    channel = grpc.insecure_channel(endpoint)
+    kv = rpc.KVStub(channel)
+    uptime("before watch")
+    keys = 100_000
+    etcd_changes(kv, rpc, b"/w", keys, 0, keys)
+    done = keys
+    rows: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(rounds):
+        for prev_kv in (True, False):
+            start = kv.Range(rpc.RangeRequest(key=b"/w/", range_end=b"/w0", count_only=True)).header.revision + 1
+            etcd_changes(kv, rpc, b"/w", keys, done, done + changes)
+            done += changes
+            last = kv.Range(rpc.RangeRequest(key=b"/w/", range_end=b"/w0", count_only=True)).header.revision
+            secs, n = watch_time(endpoint, b"/w", start, last, prev_kv)
+            rows[prev_kv].append(n / secs)
+            print(f"watch {i + 1} prev_kv={prev_kv}: {n} events in {secs:.1f}s ({n / secs:,.0f}/s, load {load():.1f})",
+                  flush=True)
+    channel.close()
+    uptime("after watch")
+    line = (f"etcd watch backlog of {changes:,} changes delivered: with prev_kv {join(rows[True], ',.0f')} events/s "
+            f"(median {statistics.median(rows[True]):,.0f}), without {join(rows[False], ',.0f')} "
+            f"(median {statistics.median(rows[False]):,.0f})")
+    print(line, flush=True)
+    return [line]
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -728,16 +799,20 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=40.0, help="seconds of steady writes per run (default 40)")
     ap.add_argument("--pairs", type=int, default=3, help="runs without and with capture, alternating (default 3)")
     ap.add_argument("--services", default="etcd,zookeeper,consul", help="rpo phase: which services")
-    ap.add_argument("--phases", default="rpo,pitr")
+    ap.add_argument("--phases", default="rpo,pitr", help="rpo, pitr, watch (default rpo,pitr)")
     ap.add_argument("--pitr-keys", type=int, default=100_000, help="keys of the full archive (default 100000)")
     ap.add_argument("--stages", default="10000,100000,1000000", help="chain lengths, in changes")
     ap.add_argument("--full-runs", type=int, default=2, help="restores of the full archive alone (interleaved)")
     ap.add_argument("--workdir", help="keep servers' data and the store here (default: a temp dir, removed)")
+    ap.add_argument("--capture-no-prev-kv", action="store_true",
+                    help="start captures with their etcd watch asking for no prev_kv (a patch in the process)")
     args = ap.parse_args()
     # A bench started in the background inherits SIGINT ignored, and so would the captures it
     # starts (exec keeps an ignored signal ignored): they must get SIGINT as from Ctrl-C. Not a
     # preexec_fn: forking a process that holds gRPC channels aborts the child now and then.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.capture_no_prev_kv:
+        CAPTURE_CMD[:] = NO_PREV_KV
 
     from burrow.keys import keygen
     from burrow.testing.servers import start_consul, start_etcd, start_prefect, start_zookeeper
@@ -785,6 +860,10 @@ def main() -> int:
             finally:
                 for _, w, _ in writers:
                     w.close()
+        if "watch" in phases:
+            wsrv = start_etcd(workdir / "etcd-watch")
+            servers.append(wsrv)
+            summary += phase_watch(f"{wsrv.host}:{wsrv.port}", 50_000, 3)
         if "pitr" in phases:
             a = start_etcd(workdir / "etcd-pitr-a")
             servers.append(a)
