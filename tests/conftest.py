@@ -54,20 +54,25 @@ BURROW = str(Path(sys.executable).parent / "burrow")
 PREFECT_SERVER_LOG = SESSION_DIR / "prefect-server.log"
 
 
-#: The test files that take longest (a quiet 2-core machine, ``pytest --durations``: each file's
-#: setup, calls and teardown), longest first. The suite hands them out first (scripts/test.sh runs
-#: xdist with ``--dist loadfile --no-loadscope-reorder``), so the two workers end together: given
-#: last, one of them ran for minutes while the other had finished (a file goes to one worker whole).
-#: The rest follow in collection order. A file that grows to minutes belongs here.
+#: The test files that take longest (``pytest --durations`` on the shared 2-core machine: each
+#: file's setup, calls and teardown; the point-in-time files 4 to 9 minutes each under load, the
+#: orchestrator files 1 to 4), longest first. The suite hands them out first (scripts/test.sh runs
+#: xdist with ``--dist loadfile --no-loadscope-reorder``), so the two workers end together: xdist's
+#: default order (most tests first) sent the few-test files that take minutes (the fleet, the worker
+#: stops) last, one worker busy with them while the other had finished (a file goes to one worker
+#: whole). The rest follow in collection order. A file that grows to minutes belongs here.
 LONGEST_FIRST = (
-    "test_worker_stop.py",
-    "test_fleet.py",
-    "test_evidence_history.py",
-    "test_interrupt.py",
-    "test_automation_fires.py",
-    "test_capture_zookeeper.py",
     "test_capture_etcd.py",
+    "test_capture_engine.py",
     "test_capture_consul.py",
+    "test_window_views.py",
+    "test_capture_zookeeper.py",
+    "test_chain_index.py",
+    "test_automation_fires.py",
+    "test_evidence_history.py",
+    "test_fleet.py",
+    "test_worker_stop.py",
+    "test_interrupt.py",
     "test_orchestrator.py",
 )
 
