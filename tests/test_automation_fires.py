@@ -28,14 +28,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, SESSION_DIR
+from conftest import BURROW, REPO, SESSION_DIR
+from test_orchestrator import all_events
 from test_orchestrator import wait_for as wait_progress
 from zkutil import kazoo, unique_root
 
+from burrow.testing.fleet import stop_workers
 from burrow.testing.servers import free_port
 
 sys.path.insert(0, str(REPO / "deployments"))
@@ -143,20 +144,13 @@ def missing_backup_automation() -> Iterator[tuple[Any, Pager]]:
 
 def firings(automation_id: Any, since: datetime) -> dict[str, list[datetime]]:
     """When the automation fired since ``since``, per source resource id (its triggering label)."""
-    from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
     flt = EventFilter(occurred=EventOccurredFilter(since=since),
                       event=EventNameFilter(name=["prefect.automation.triggered"]),
                       resource=EventResourceFilter(id=[f"prefect.automation.{automation_id}"]))
     found: dict[str, list[datetime]] = {}
-    with get_client(sync_client=True) as c:
-        page = c.read_events(filter=flt, limit=50)
-        events = list(page.events)
-        while page.next_page:
-            page = c.read_events_page(page.next_page)
-            events += page.events
-    for ev in events:
+    for ev in all_events(flt):
         label = (ev.payload.get("triggering_labels") or {}).get("prefect.resource.id")
         found.setdefault(str(label), []).append(ev.occurred)
     return found
@@ -225,18 +219,11 @@ def test_backup_missing_fires_when_backups_stop_and_not_while_they_arrive(missin
 
 def source_events(source: str, name: str, since: datetime) -> list[Any]:
     """Every ``name`` event about ``burrow.source.<source>`` since ``since``, oldest first."""
-    from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
     flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=[name]),
                       resource=EventResourceFilter(id=[f"burrow.source.{source}"]))
-    with get_client(sync_client=True) as c:
-        page = c.read_events(filter=flt, limit=50)
-        events = list(page.events)
-        while page.next_page:
-            page = c.read_events_page(page.next_page)
-            events += page.events
-    return sorted(events, key=lambda e: e.occurred)
+    return sorted(all_events(flt), key=lambda e: e.occurred)
 
 
 def run_of(event: Any) -> str:
@@ -290,8 +277,7 @@ def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_pa
     env = {**os.environ, "BURROW_CHECKOUT": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     log = open(SESSION_DIR / f"{pool}.log", "wb")
-    worker = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
-                               "--type", "process", "--name", f"{pool}-1"],
+    worker = subprocess.Popen([BURROW, "worker", "start", "--pool", pool, "--name", f"{pool}-1"],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         def completed() -> list[Any]:
@@ -342,11 +328,7 @@ def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_pa
         assert f"flow run {run_name} ({last_run}): {ui_link(last_run)}" in body, body
         assert "{{" not in body and "None" not in body, body
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers([worker])  # burrow worker's clean stop (Prefect's own worker took 30 s on SIGTERM)
         log.close()
         with get_client(sync_client=True) as c:
             c.delete_deployment(dep_id)

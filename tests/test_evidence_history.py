@@ -44,7 +44,7 @@ import yaml
 from conftest import BURROW, REPO, SESSION_DIR
 from kvutil import consul_client, unique
 from pydantic import SecretStr
-from test_orchestrator import PREFECT, _client, logs_of, runs_by_id, wait_final, wait_for
+from test_orchestrator import _client, logs_of, runs_by_id, wait_final, wait_for
 from zkutil import kazoo, snapshot, unique_root
 
 from blocks.consul import ConsulCluster
@@ -52,6 +52,7 @@ from blocks.keys import EncryptionKeys
 from blocks.local import LocalStore
 from blocks.zookeeper import ZooKeeperCluster
 from burrow.keys import X25519Identity
+from burrow.testing.fleet import stop_workers
 from burrow.testing.servers import free_port
 
 #: Seconds between two slots of every backup schedule; each source's slots are offset within it.
@@ -227,10 +228,10 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
         c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     procs = []
-    for n in ("a", "b"):  # two workers, as on two machines
+    for n in ("a", "b"):  # two workers, as on two machines, started as the README starts them
         log = open(SESSION_DIR / f"burrow-ev-worker-{n}.log", "wb")
         procs.append(subprocess.Popen(
-            [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-{n}", "--limit", "6"],
+            [BURROW, "worker", "start", "--pool", pool, "--name", f"{pool}-{n}", "--limit", "6"],
             cwd=REPO, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
         ))
     try:
@@ -313,13 +314,8 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
                  archives={s: archives_in(store_dir, src[s]) for s in OFFSETS}, seen=seen, markers=markers)
         yield h
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        # burrow worker's clean stop: Prefect's own worker, sent SIGTERM, took 30 s each to exit
+        stop_workers(procs)
 
 
 def look(store_dir: Path, seen: dict[str, dict[str, Any]], markers: dict[str, dict[str, Any]]) -> None:
