@@ -21,6 +21,7 @@ import pytest
 from conftest import REPO
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from test_orchestrator import all_events, wait_for
 from zkutil import kazoo, unique_root
 
 from blocks.zookeeper import ZooKeeperCluster
@@ -176,7 +177,6 @@ def test_a_long_run_shows_a_progress_artifact(zk_a, store, monkeypatch):
 def test_a_flow_run_sends_its_heartbeat_through_burrows_prompt_heartbeat(zk_a, store, monkeypatch):
     """The flow-run heartbeat (how a server tells a crashed run from a running one) still
     reaches the API from Burrow's replacement, which stops without a second's wait."""
-    import time
     from datetime import timedelta
 
     from prefect import flow_engine
@@ -196,14 +196,8 @@ def test_a_flow_run_sends_its_heartbeat_through_burrows_prompt_heartbeat(zk_a, s
     since = state.timestamp - timedelta(minutes=5)
     flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
                       resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]))
-    deadline = time.monotonic() + 30
-    while True:
-        with get_client(sync_client=True) as client:
-            beats = client.read_events(filter=flt, limit=10).events
-        if beats or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert beats and beats[0].resource.id == f"prefect.flow-run.{run_id}"
+    beats = wait_for("the run's heartbeat event", lambda: all_events(flt), timeout=30)  # stored in batches
+    assert beats[0].resource.id == f"prefect.flow-run.{run_id}"
 
 
 def test_facts_round_trip_and_values_for_people():

@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 import pytest
 from conftest import run_cli
+from test_orchestrator import all_events, wait_for
 from zkutil import full_snapshot, kazoo, unique_root
 
 SECRET_VALUE = b"s3cr3t-value-never-printed-by-restore"
@@ -249,11 +250,9 @@ def test_a_changed_prefect_keeps_its_own_heartbeat_and_runs_still_beat(mismatch,
     """When Prefect's release or the replaced function's source is not what the replacement
     was written for, it is not installed: Prefect's heartbeat stays, a flow still runs, and its
     heartbeat event still reaches the API."""
-    import time
     from datetime import timedelta
 
     from prefect import flow_engine
-    from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
     import flows.common as common
@@ -282,11 +281,6 @@ def test_a_changed_prefect_keeps_its_own_heartbeat_and_runs_still_beat(mismatch,
     flt = EventFilter(occurred=EventOccurredFilter(since=state.timestamp - timedelta(minutes=5)),
                       event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
                       resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]))
-    beats: list = []
-    for _ in range(60):  # the server's event persister writes in batches
-        with get_client(sync_client=True) as client:
-            beats = client.read_events(filter=flt, limit=10).events
-        if beats:
-            break
-        time.sleep(0.5)
-    assert beats and beats[0].resource.id == f"prefect.flow-run.{run_id}"
+    # the server's event persister writes in batches
+    beats = wait_for("the run's heartbeat event", lambda: all_events(flt), timeout=30)
+    assert beats[0].resource.id == f"prefect.flow-run.{run_id}"

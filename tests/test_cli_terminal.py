@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import BURROW, REPO, run_cli
+from test_orchestrator import all_events, wait_for
 from zkutil import kazoo, unique_root
 
 KEYS = 1200  # below the root: enough for several batches of every stage
@@ -232,10 +233,8 @@ def test_the_last_event_of_a_cli_run_reaches_the_api_and_the_exit_stays_quiet(zk
     teardown): with the run's events still queued when the command ends, they all reach the
     API before the process is gone, and draining them prints nothing (no ``EventsWorker -
     Still processing items`` line after the command's own output)."""
-    import time
     from datetime import UTC, datetime, timedelta
 
-    from prefect.client.orchestration import get_client
     from prefect.events.filters import (
         EventAnyResourceFilter,
         EventFilter,
@@ -263,11 +262,6 @@ def test_the_last_event_of_a_cli_run_reaches_the_api_and_the_exit_stays_quiet(zk
     # what it received in batches, so it is read a few times over a few seconds at most.
     flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=["burrow.backup.completed"]),
                       any_resource=EventAnyResourceFilter(id=[f"burrow.archive.{archive}"]))
-    events: list = []
-    deadline = time.monotonic() + 10
-    while not events and time.monotonic() < deadline:
-        with get_client(sync_client=True) as client:
-            events = client.read_events(filter=flt, limit=5).events
-        if not events:
-            time.sleep(0.5)
-    assert len(events) == 1, "the run's last event did not reach the API before the console script exited"
+    events = wait_for("the run's last event (it did not reach the API before the console script exited)",
+                      lambda: all_events(flt), timeout=10)
+    assert len(events) == 1, events

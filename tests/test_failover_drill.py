@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from kvutil import Etcd, unique
+from test_orchestrator import all_events, wait_for
 from zkutil import kazoo, snapshot, unique_root
 
 from burrow import naming
@@ -323,7 +324,6 @@ def test_etcd_drill_through_s3_both_directions(etcd_a, etcd_b, moto, key, tmp_pa
 def test_a_rerun_after_an_interruption_finishes_the_job(standby, zk_a, zk_b, store, key):
     """An interrupted failover left part of the tree in the target: the re-run (pinned to the
     archive the first run named) creates the rest, nothing twice, and reports the same archive."""
-    from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
 
     root = unique_root()
@@ -350,15 +350,12 @@ def test_a_rerun_after_an_interruption_finishes_the_job(standby, zk_a, zk_b, sto
 
     # the report: an event per run naming source, target and archive, with RPO and RTO
     flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(prefix=["burrow.failover."]))
-    import time
 
-    deadline = time.monotonic() + 30
-    while True:
-        with get_client(sync_client=True) as c:
-            events = [e for e in c.read_events(filter=flt, limit=50).events if e.resource.id == "burrow.source.dc-i"]
-        if len(events) >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    def of_dc_i() -> list:
+        return [e for e in all_events(flt) if e.resource.id == "burrow.source.dc-i"]
+
+    wait_for("the two failovers' events", lambda: len(of_dc_i()) >= 2, timeout=30)  # stored a little after
+    events = of_dc_i()
     assert [e.event for e in events] == ["burrow.failover.completed"] * 2, events
     related = {r.role: r.id for r in events[0].related if r.role in ("target", "archive", "store")}
     assert related["target"] == f"burrow.target.zk://{standby}" and related["archive"] == f"burrow.archive.{made['url']}"

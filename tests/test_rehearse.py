@@ -7,7 +7,6 @@ gateway, py-consul), and the markers are read from the store's files directly.""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from kvutil import Etcd, consul_client, consul_snapshot, unique
+from test_orchestrator import all_events, wait_for
 from zkutil import kazoo, snapshot, unique_root
 
 from blocks.resolve import source_from_ref
@@ -230,17 +230,17 @@ def test_an_etcd_rehearsal_of_leased_keys_passes_and_leaves_no_lease_behind(etcd
 
 
 def rehearsal_events(source: str, since: datetime, want: int) -> list:
-    from prefect.client.orchestration import get_client
+    """The ``burrow.rehearsal.*`` events about ``source`` since ``since``, once there are ``want``
+    (events reach the API asynchronously: the server stores them a little after they are sent)."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
 
     flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(prefix=["burrow.rehearsal."]))
-    deadline = time.monotonic() + 30
-    while True:  # events reach the API asynchronously: wait for them (a bound, never an assertion)
-        with get_client(sync_client=True) as c:
-            events = [e for e in c.read_events(filter=flt, limit=50).events if e.resource.id == f"burrow.source.{source}"]
-        if len(events) >= want or time.monotonic() > deadline:
-            return events
-        time.sleep(0.5)
+
+    def about() -> list:
+        return [e for e in all_events(flt) if e.resource.id == f"burrow.source.{source}"]
+
+    wait_for(f"{want} rehearsal event(s) of {source}", lambda: len(about()) >= want, timeout=30)
+    return about()
 
 
 def test_delete_if_unchanged_deletes_only_keys_that_still_hold_the_restored_value(zk_b, etcd_b, consul_b):
