@@ -175,6 +175,9 @@ class Capture:
         self.covered = head.after  # everything up to here is gathered or sealed
         self.synced_at: int | None = None  # when the feed first said it had caught up
         self.last_t = 0
+        #: When the feed was last heard from (a change or a progress report): the state is known
+        #: up to then, not up to the moment a segment is sealed.
+        self.heard_t = 0
         self.sealed = 0
         self.live_sealed = 0  # segments sealed by this run after it caught up
         self.changes = 0
@@ -186,6 +189,7 @@ class Capture:
     def take(self, batch: ChangeBatch) -> None:
         t = max(self.last_t, segments.now_us())
         self.last_t = t
+        self.heard_t = t
         if batch.resync:
             self._take_resync(batch, t)
             return
@@ -242,7 +246,10 @@ class Capture:
         """Whether the next tick seals: changes gathered, the position moved on (changes
         elsewhere in the service), the capture just caught up, or an idle source's heartbeat."""
         caught_up = self.synced_at is not None and self.live_sealed == 0
-        return bool(self.pending.records) or self.covered > self.head.after or caught_up or idle_for_long
+        # an idle heartbeat only when the feed was heard from since the last segment: a feed gone
+        # quiet (ZooKeeper reconnecting, Consul retrying) extends the window over nothing
+        heard = self.heard_t > (self.head.last_time or 0)
+        return bool(self.pending.records) or self.covered > self.head.after or caught_up or (idle_for_long and heard)
 
     def seal(self, *, gap: dict[str, Any] | None = None) -> Segment:
         """Write what was gathered as the chain's next segment (``gap``: a gap segment instead).
@@ -272,11 +279,15 @@ class Capture:
                 first_time = prev.last_time  # the run's segments follow each other without a break
             else:  # the run's first segment since it caught up: its times start then
                 first_time = max(self.synced_at or now, prev.last_time if prev is not None else 0)
+        # The state is known up to the last time the feed was heard from, not up to now: a feed
+        # that went quiet because its connection was lost must not stretch the window over
+        # changes it never saw (they come with the resync after the reconnection).
+        last_time = now if gap is not None else max(first_time, min(now, self.heard_t or now))
         name = segments.segment_name(self.source_name, first_position)
         fields = segments.segment_manifest_fields(
             base={k: v for k, v in self.head.base.items() if k in ("name", "manifest_sha256", "position")},
             prev=prev, first_position=first_position, last_position=last_position, first_time=first_time,
-            last_time=now, counts=counts, catching_up=catching_up and gap is None, gap=gap, resync=rs is not None,
+            last_time=last_time, counts=counts, catching_up=catching_up and gap is None, gap=gap, resync=rs is not None,
             resync_part=rs.part if rs is not None else 0, resync_done=resync is not None,
         )
         fields.update(service=self.source.service, source=self.source_name, source_url=self.source.describe(),
@@ -301,7 +312,7 @@ class Capture:
             # Ctrl-C after the put must not find these changes still pending, or the interrupted
             # capture's last seal stores them again after the same segment (a fork every restore
             # of the chain refuses).
-            self.head = ChainHead(self.head.base, seg, last_position, now)
+            self.head = ChainHead(self.head.base, seg, last_position, last_time)
             self.covered = max(self.covered, last_position)
             self.pending = _Pending()
             self.sealed += 1
@@ -396,6 +407,7 @@ def capture_changes(
             if item is not False:
                 cap.take(item)  # seals by itself at seal_bytes
                 continue
+            feed.request_progress()  # (etcd: a progress report within the second; the others report unasked)
             now = time.monotonic()
             if now < next_seal:
                 continue

@@ -1,0 +1,135 @@
+"""A change feed that goes quiet (its connection lost: ZooKeeper reconnecting, Consul retrying)
+must not stretch the restorable window over a time it never saw: no idle heartbeat segment is
+sealed while nothing is heard, and a segment's end is the last time the feed was heard from, not
+the moment it was sealed. The source is a real etcd prefix with a real full backup; only the
+feed is scripted, so the silence is exact."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+from captureutil import capture_key, segments, to_us, wait_for  # noqa: F401 - capture_key: the key fixture
+from conftest import BURROW, REPO
+from kvutil import Etcd, unique
+
+from blocks.source import ChangeBatch
+
+
+class ScriptedFeed:
+    """Progress reports at the chain's position while ``talking`` is set; silence otherwise."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self.talking = threading.Event()
+        self.talking.set()
+        self.closed = threading.Event()
+        self.silent = threading.Event()
+        self.heard: list[int] = []  # when each report was handed on (µs, the capture's clock)
+
+    def request_progress(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed.set()
+        self.talking.set()
+
+    def __iter__(self) -> Any:
+        from burrow.segments import now_us
+
+        while not self.closed.is_set():
+            if not self.talking.is_set():
+                self.silent.set()  # nothing in flight: the last report was handed on before this
+                self.talking.wait()
+                self.silent.clear()
+                continue
+            self.heard.append(now_us())
+            yield ChangeBatch([], self.position, progress=True)
+            self.closed.wait(0.05)
+
+
+class _Session:
+    def __init__(self, real: Any, feed: ScriptedFeed) -> None:
+        self.real, self.feed = real, feed
+
+    def watch(self, after: int) -> ScriptedFeed:
+        self.feed.position = after
+        return self.feed
+
+    def close(self) -> None:
+        self.real.close()
+
+
+class _Source:
+    """The real etcd source, but its change feed is the script."""
+
+    def __init__(self, real: Any, feed: ScriptedFeed) -> None:
+        self.real, self.feed = real, feed
+        self.service = real.service
+
+    def describe(self) -> str:
+        return self.real.describe()
+
+    def connect(self) -> _Session:
+        return _Session(self.real.connect(), self.feed)
+
+
+def test_a_quiet_feed_extends_the_window_over_nothing(etcd_a, store: Path, key: Path, monkeypatch) -> None:
+    import tasks.capture as tc
+    from blocks.keys import backup_write_keys
+    from blocks.resolve import source_from_ref, store_from_ref
+    from burrow.keys import KeyRefs
+
+    prefix = f"/{unique('quiet')}/"
+    Etcd(etcd_a.url).put((prefix + "a").encode(), b"1")
+    url, name = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", unique("quiet")
+    r = subprocess.run([BURROW, "backup", url, "--to", str(store), "--name", name, "--key-file", str(key)],
+                       capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    monkeypatch.setattr(tc, "IDLE_SEAL", 0.3)  # a heartbeat segment every 0.3 s of an idle, healthy feed
+    feed = ScriptedFeed(0)
+    source = _Source(source_from_ref(url), feed)
+    stop, failed = threading.Event(), []
+    work = store.parent / "work-quiet"
+    work.mkdir()
+
+    def run() -> None:
+        try:
+            tc.capture_changes(source, store_from_ref(str(store)), name, backup_write_keys(True, KeyRefs(
+                key_files=[str(key)])), work, seal_every=0.1, stop=stop)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        live = lambda: [m for m in segments(store, name) if not m.get("catching_up")]  # noqa: E731
+        wait_for("heartbeat segments of a healthy idle feed", lambda: failed or len(live()) >= 3)
+        feed.talking.clear()  # the connection is lost: nothing more is heard
+        wait_for("the feed to fall silent", lambda: failed or feed.silent.is_set())
+
+        def idle_periods(n: int) -> list[dict[str, Any]]:
+            # the capture ticks every 0.1 s and an idle heartbeat is due every 0.3 s: let n of
+            # those periods pass (a negative check needs a stretch of time; nothing waits on work)
+            pause = threading.Event()
+            for _ in range(n):
+                pause.wait(0.3)
+            return segments(store, name)
+
+        first = idle_periods(5)  # (the last report, taken by the capture, may still be sealed here)
+        silent_from = max(to_us(m["last_time"]) for m in first)
+        second = idle_periods(10)
+        assert len(second) == len(first), (
+            f"{len(second) - len(first)} heartbeat segments were sealed while the feed was silent")
+        assert max(to_us(m["last_time"]) for m in second) == silent_from, (
+            "the window was stretched past the last time the feed was heard from")
+        feed.talking.set()  # heard again: the heartbeat resumes
+        wait_for("a heartbeat after the feed is heard again",
+                 lambda: failed or any(to_us(m["last_time"]) > silent_from for m in segments(store, name)))
+    finally:
+        stop.set()
+        t.join(timeout=300)
+    assert not failed, failed
