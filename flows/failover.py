@@ -59,6 +59,7 @@ from flows.restore import (
     target_name,
 )
 from tasks.catalog import Selection, catalog, created_at, select_archives
+from tasks.chain import has_chain
 from tasks.download import download
 from tasks.journal import close_journal, record_choice, unfinished_failover
 from tasks.markers import annotate_task, rehearsal_text
@@ -244,7 +245,7 @@ def failover(
 
             # the RPO gate judges what the failover restores: with a change chain, its end (below,
             # once the chain is resolved); with --full-only or no chain, the archive's age here
-            chained = not full_only and _has_chain(st, source, keys, allow_unencrypted)
+            chained = not full_only and has_chain(st, source, keys, allow_unencrypted)
             with staging_dir() as work:
                 with run.step("download_validate"):
                     row, local, manifest = _choose(
@@ -315,15 +316,21 @@ def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str,
     if full_only:
         run.preflight.append("changes: not applied (--full-only)")
         return local, keys, manifest
-    if not chained:  # (_has_chain)
+    if not chained:  # (tasks/chain.py has_chain)
         run.preflight.append("changes: none captured (no change chain): the archive alone")
         return local, keys, manifest
     point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
-    if point.start_name != row["name"]:
+    # The chain's latest point starts from the chosen archive, or from a resync of the chain (ZooKeeper
+    # and Consul list the whole state afresh on every (re)connection: the archive is not needed)
+    end = point.segments[-1].last_time if point.segments else None
+    if point.start_name not in (row["name"], None):
         run.preflight.append(f"changes: the change chain does not continue {row['url']}: restoring the archive alone")
         return local, keys, manifest
-    state, state_keys, state_manifest = materialize(st, point, local, keys, str(work), allow_unencrypted)
-    end = point.segments[-1].last_time if point.segments else None
+    if point.start_name is None and (end is None or end <= segments.iso_to_us(manifest.get("created"))):
+        run.preflight.append(f"changes: the change chain ends before {row['url']} was taken: restoring the archive alone")
+        return local, keys, manifest
+    base = local if point.start_name is not None else None
+    state, state_keys, state_manifest = materialize(st, point, base, keys, str(work), allow_unencrypted)
     now = segments.now_us()
     full_rpo = int((now - segments.iso_to_us(manifest.get("created"))) / 1e6)
     if end is not None:
@@ -333,14 +340,6 @@ def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str,
         run.preflight.append(f"changes: --at latest, {len(point.segments)} change segments to "
                              f"{segments.show_time(end)} (RPO {chain_rpo}s) beside the archive's RPO {full_rpo}s")
     return state, state_keys, {**manifest, "keys": state_manifest["keys"]}
-
-
-def _has_chain(st: Any, source: str, keys: Any, allow_unencrypted: bool) -> bool:
-    """Whether the source has a change chain (``burrow capture``), whose end a failover restores
-    by default: a listing of its segments and their index, no read per segment."""
-    from tasks.chain import read_chains
-
-    return bool(read_chains(st, source, keys if keys.keyring else None, allow_unencrypted=allow_unencrypted).chains)
 
 
 def _rpo_gate(run: _Run, limit: timedelta | None, shown: str | None) -> None:

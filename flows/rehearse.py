@@ -213,11 +213,24 @@ def _point_state(st: Any, source: str, name: str, at: str, local: str, keys: Any
     source's change chain (tasks/chain.py), every segment checked. A point that does not start
     from this archive is refused: the marker would name the wrong one."""
     from burrow import segments
-    from tasks.chain import materialize, resolve_point_task
+    from tasks.chain import has_chain, materialize, resolve_point_task
 
     at_time = None if at == "latest" else segments.parse_point(at)
+    if at == "latest" and not has_chain(st, source, keys, allow_unencrypted):
+        # the daily rehearsal asks for ``latest``: without a chain that is the archive itself
+        logger().info("rehearse: %s has no change chain: rehearsing the archive alone", source)
+        summary.update(at="latest", segments=0)
+        return local, keys, {"keys": summary["keys"]}
     point = resolve_point_task(st, source, keys, at_time=at_time, latest=at == "latest",
                                allow_unencrypted=allow_unencrypted)
+    if point.start_name != name and at == "latest":
+        # the chain's latest point does not start from this archive: a chain that started from an
+        # older one, or a ZooKeeper/Consul chain whose resync holds the whole state. The rehearsal
+        # marks the archive, so the archive is what is rehearsed
+        logger().info("rehearse: the change chain of %s does not start its latest point from the archive: "
+                      "rehearsing the archive alone", source)
+        summary.update(at="latest", segments=0)
+        return local, keys, {"keys": summary["keys"]}
     if point.start_name != name:
         raise UsageError(f"the point {at} of {source!r} starts from {point.start_name or 'a resync'}, not from the "
                          "archive being rehearsed; nothing was written")

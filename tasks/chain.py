@@ -158,6 +158,15 @@ def read_chains(store: ArchiveStore, source_name: str, keys: ArchiveKeys | None,
     raise AssertionError("unreachable")
 
 
+
+def has_chain(store: ArchiveStore, source_name: str, keys: ArchiveKeys, allow_unencrypted: bool = False) -> bool:
+    """Whether ``source_name`` has a change chain (``burrow capture``), whose end a failover and
+    the daily rehearsal restore by default: a listing of its segments and their index, no read
+    per segment."""
+    return bool(read_chains(store, source_name, keys if keys.keyring else None,
+                            allow_unencrypted=allow_unencrypted).chains)
+
+
 def authenticate_segment(store: ArchiveStore, found: Chains, seg: Segment, keys: ArchiveKeys,
                          allow_unencrypted: bool = False) -> None:
     """Check ``seg``'s manifest MAC on the bytes it was read from (no request) and, when they do
