@@ -80,6 +80,16 @@ def test_list_and_status_show_the_window_and_its_gap_in_text_and_json(tmp_path, 
         e.put(prefix.encode() + b"/after", b"a")
         after = e.revision()
         wait_for("the new chain", lambda: covered(store, name, after), cap.proc)
+
+        def past_the_gap() -> bool:
+            # a segment of the new chain whose window has length: the capture heard from etcd after
+            # the chain started (a segment ends when the feed was last heard from, not when sealed)
+            ms = segments(store, name)
+            gap_at = max(iso_to_us(m["last_time"]) for m in ms if m.get("gap"))
+            return any(not m.get("gap") and not m.get("catching_up")
+                       and iso_to_us(m["last_time"]) > iso_to_us(m["first_time"]) >= gap_at for m in ms)
+
+        wait_for("the new chain's window past the gap", past_the_gap, cap.proc)
         cap.kill()
 
         r = _status(store, name, key, "--json")
