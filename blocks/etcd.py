@@ -823,7 +823,14 @@ class EtcdSession:
 
 class EtcdWatch:
     """etcd's change feed for a capture (blocks/source.py ``ChangeFeed``): one Watch stream over
-    the session's prefix from a start revision, with ``prev_kv`` and progress notifications.
+    the session's prefix from a start revision, with progress notifications.
+
+    Without ``prev_kv``: the capture records the value after each change and never the one
+    before it, and etcd 3.4 looks every event's previous value up before sending it, which
+    slowed delivery from ~300,000 to 1,000-3,700 events a second here (bench/RESULTS.md,
+    "Point-in-time capture"): at 1,000 writes a second the watcher fell behind, etcd refused
+    writes, and a watcher left unsynced is where etcd 3.4.23 can send a progress notification
+    ahead of the events it covers (etcd-io/etcd#15220). Measured without it: no such case.
 
     etcd sends a watcher's events in revision order, every event of one revision in one
     response, and answers a progress request (sent on the same stream) only once the watcher
@@ -847,7 +854,7 @@ class EtcdWatch:
         self._cut = len(session.prefix)
         self._include_leased = session.block.include_leased
         self._requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=start, range_end=end, start_revision=after + 1, prev_kv=True, progress_notify=True,
+            key=start, range_end=end, start_revision=after + 1, progress_notify=True,
         )))
         self._stub = rpc.WatchStub(session.channel)
         self._stream = self._stub.Watch(iter(self._requests.get, None), metadata=session._metadata)

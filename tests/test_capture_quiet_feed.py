@@ -133,3 +133,96 @@ def test_a_quiet_feed_extends_the_window_over_nothing(etcd_a, store: Path, key: 
         stop.set()
         t.join(timeout=300)
     assert not failed, failed
+
+
+class LateFeed:
+    """A progress report past a change the feed has not delivered yet (etcd 3.4.23 sends a
+    requested progress notification ahead of queued events: etcd-io/etcd#15220), then that change
+    once a segment has sealed the progress."""
+
+    def __init__(self, sealed: Any) -> None:
+        self.sealed = sealed  # () -> whether a live segment reached the progress report
+        self.closed = threading.Event()
+        self.after = 0
+
+    def request_progress(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def __iter__(self) -> Any:
+        yield ChangeBatch([], self.after + 100, progress=True)
+        while not self.sealed() and not self.closed.is_set():
+            self.closed.wait(0.05)
+        yield ChangeBatch([("put", b"/late", b"v", self.after + 50, {})], self.after + 50)
+        while not self.closed.is_set():
+            self.closed.wait(0.05)
+            yield ChangeBatch([], self.after + 100, progress=True)
+
+
+def test_a_change_below_a_sealed_position_is_kept_and_reported(etcd_a, store: Path, key: Path, monkeypatch,
+                                                               caplog) -> None:
+    import tasks.capture as tc
+    from blocks.keys import backup_write_keys
+    from blocks.resolve import source_from_ref, store_from_ref
+    from burrow.keys import KeyRefs
+
+    prefix = f"/{unique('late')}/"
+    Etcd(etcd_a.url).put((prefix + "a").encode(), b"1")
+    url, name = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", unique("late")
+    r = subprocess.run([BURROW, "backup", url, "--to", str(store), "--name", name, "--key-file", str(key)],
+                       capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    feed = LateFeed(lambda: False)
+
+    def progress_sealed() -> bool:
+        return any(m["last_position"] >= feed.after + 100 for m in segments(store, name))
+
+    feed.sealed = progress_sealed
+    real = source_from_ref(url)
+
+    class Session:
+        def __init__(self) -> None:
+            self.real = real.connect()
+
+        def watch(self, after: int) -> LateFeed:
+            feed.after = after
+            return feed
+
+        def close(self) -> None:
+            self.real.close()
+
+    class Source:
+        service = real.service
+
+        def describe(self) -> str:
+            return real.describe()
+
+        def connect(self) -> Session:
+            return Session()
+
+    stop, result, failed = threading.Event(), {}, []
+    work = store.parent / "work-late"
+    work.mkdir()
+
+    def run() -> None:
+        try:
+            result.update(tc.capture_changes(Source(), store_from_ref(str(store)), name, backup_write_keys(
+                True, KeyRefs(key_files=[str(key)])), work, seal_every=0.1, stop=stop))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        wait_for("the late change sealed", lambda: failed or any(
+            m["keys"] and m["last_position"] >= feed.after + 100 and m["first_position"] > feed.after + 50
+            for m in segments(store, name) if m["first_position"] > feed.after + 1))
+    finally:
+        stop.set()
+        t.join(timeout=300)
+    assert not failed, failed
+    assert result["late_changes"] == 1, result
+    assert any("arrived at positions a sealed segment already covered" in rec.getMessage() for rec in caplog.records)
+    assert not any("/late" in rec.getMessage() for rec in caplog.records)  # positions only, never a key
