@@ -87,6 +87,10 @@ class WireSession:
         #: Watch notifications that arrived among replies, kept when not None (a capture's
         #: connection: :meth:`add_watch`, :meth:`next_event`); otherwise they are skipped.
         self.watch_events: deque[bytes] | None = None
+        #: Ping replies received: ZooKeeper answers a session's requests in order and sends the
+        #: notifications of changes made before a request ahead of its reply, so each answer to a
+        #: :meth:`ping` says every notification due until it was sent has arrived.
+        self.answered = 0
         self.sock = self._connect(hosts, connect_timeout, session_timeout)
         try:
             for scheme, credential in auth or []:
@@ -286,6 +290,8 @@ class WireSession:
             if xid in (-1, -2):  # a watch event or ping reply: not ours
                 if xid == WATCH_XID and self.watch_events is not None:
                     self.watch_events.append(frame)
+                elif xid == PING_XID:
+                    self.answered += 1
                 continue
             raise ConnectionLoss(f"reply out of order (xid {xid}, expected {expected})")
 
@@ -301,7 +307,8 @@ class WireSession:
         self._queue(OP_ADD_WATCH, _string(self._path(path)) + _INT.pack(mode))
 
     def ping(self) -> None:
-        """Send a ping (its reply is skipped): keeps a session that only waits for events alive."""
+        """Send a ping: keeps a session that only waits for events alive; its reply is counted
+        in :attr:`answered`, not returned."""
         self._out += _REQ.pack(8, PING_XID, OP_PING)
         self.flush()
 
@@ -320,7 +327,9 @@ class WireSession:
             xid = _REPLY.unpack_from(frame, 0)[0]
             if xid == WATCH_XID:
                 self.watch_events.append(frame)
-            elif xid != PING_XID:
+            elif xid == PING_XID:
+                self.answered += 1
+            else:
                 raise ConnectionLoss(f"reply out of order (xid {xid}, no request outstanding)")
         return parse_watch_event(self.watch_events.popleft(), self.prefix)
 

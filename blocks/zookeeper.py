@@ -1260,6 +1260,7 @@ class ZkWatch:
 
     RECONNECT_FOR = 120.0  # seconds a capture keeps trying to reconnect before it gives up
     RESYNC_PIECE = 1024 * 1024  # bytes of a resync handed on at once
+    PING_EVERY = 1.0  # seconds between pings of an idle capture: its progress reports (their answers)
 
     def __init__(self, session: ZooKeeperSession, after: int) -> None:
         self.session = session
@@ -1321,14 +1322,27 @@ class ZkWatch:
             pos = max(zkwire.reply_zxid(frame), self.floor)
             self.floor = pos
             yield ChangeBatch(piece, pos, resync=True, continued=continued)
-            last_ping = time.monotonic()
+            # Progress is reported only when the server answers a ping (every notification due
+            # until then has arrived before the answer), never because a wait ran out: a
+            # connection that went silent without closing reports nothing, and one that stays
+            # silent longer than the session timeout is lost (a reconnection, a resync).
+            answered, heard = wire.answered, time.monotonic()
+            wire.ping()
+            last_ping = heard
             while not self._closed:
-                event = wire.next_event(min(1.0, s.block.session_timeout / 3))
-                if time.monotonic() - last_ping > s.block.session_timeout / 3:
+                event = wire.next_event(min(self.PING_EVERY, s.block.session_timeout / 3))
+                now = time.monotonic()
+                fresh = wire.answered != answered
+                if fresh:
+                    answered, heard = wire.answered, now
+                elif now - heard > s.block.session_timeout:
+                    raise ConnectionLoss(f"ZooKeeper at {s.label} answered no ping for {now - heard:.0f}s")
+                if now - last_ping >= min(self.PING_EVERY, s.block.session_timeout / 3):
                     wire.ping()
-                    last_ping = time.monotonic()
+                    last_ping = now
                 if event is None:
-                    yield ChangeBatch([], self.floor, progress=True)
+                    if fresh:
+                        yield ChangeBatch([], self.floor, progress=True)
                     continue
                 paths = [event[1]]
                 while len(paths) < 1000 and (more := wire.next_event(0)) is not None:
