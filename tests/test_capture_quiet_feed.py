@@ -76,35 +76,50 @@ class _Source:
         return _Session(self.real.connect(), self.feed)
 
 
-def test_a_quiet_feed_extends_the_window_over_nothing(etcd_a, store: Path, key: Path, monkeypatch) -> None:
-    import tasks.capture as tc
-    from blocks.keys import backup_write_keys
-    from blocks.resolve import source_from_ref, store_from_ref
-    from burrow.keys import KeyRefs
 
-    prefix = f"/{unique('quiet')}/"
-    Etcd(etcd_a.url).put((prefix + "a").encode(), b"1")
-    url, name = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", unique("quiet")
+def _backed_up(etcd: Any, store: Path, key: Path, label: str) -> tuple[str, str]:
+    """A new etcd prefix with one key and its full backup: ``(url, source name)``."""
+    prefix = f"/{unique(label)}/"
+    Etcd(etcd.url).put((prefix + "a").encode(), b"1")
+    url, name = f"etcd://{etcd.host}:{etcd.port}{prefix}", unique(label)
     r = subprocess.run([BURROW, "backup", url, "--to", str(store), "--name", name, "--key-file", str(key)],
                        capture_output=True, text=True, cwd=str(REPO), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return url, name
 
-    monkeypatch.setattr(tc, "IDLE_SEAL", 0.3)  # a heartbeat segment every 0.3 s of an idle, healthy feed
-    feed = ScriptedFeed(0)
-    source = _Source(source_from_ref(url), feed)
-    stop, failed = threading.Event(), []
-    work = store.parent / "work-quiet"
+
+def _capture_thread(source: Any, store: Path, name: str, key: Path, label: str) -> tuple[Any, Any, dict, list]:
+    """``capture_changes`` of ``source`` on a thread (seal every 0.1 s) until ``stop`` is set:
+    ``(thread, stop, its summary, what it raised)``."""
+    import tasks.capture as tc
+    from blocks.keys import backup_write_keys
+    from blocks.resolve import store_from_ref
+    from burrow.keys import KeyRefs
+
+    stop, result, failed = threading.Event(), {}, []
+    work = store.parent / f"work-{label}"
     work.mkdir()
 
     def run() -> None:
         try:
-            tc.capture_changes(source, store_from_ref(str(store)), name, backup_write_keys(True, KeyRefs(
-                key_files=[str(key)])), work, seal_every=0.1, stop=stop)
+            result.update(tc.capture_changes(source, store_from_ref(str(store)), name, backup_write_keys(
+                True, KeyRefs(key_files=[str(key)])), work, seal_every=0.1, stop=stop))
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             failed.append(exc)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
+    return t, stop, result, failed
+
+
+def test_a_quiet_feed_extends_the_window_over_nothing(etcd_a, store: Path, key: Path, monkeypatch) -> None:
+    import tasks.capture as tc
+    from blocks.resolve import source_from_ref
+
+    url, name = _backed_up(etcd_a, store, key, "quiet")
+    monkeypatch.setattr(tc, "IDLE_SEAL", 0.3)  # a heartbeat segment every 0.3 s of an idle, healthy feed
+    feed = ScriptedFeed(0)
+    t, stop, _, failed = _capture_thread(_Source(source_from_ref(url), feed), store, name, key, "quiet")
     try:
         live = lambda: [m for m in segments(store, name) if not m.get("catching_up")]  # noqa: E731
         wait_for("heartbeat segments of a healthy idle feed", lambda: failed or len(live()) >= 3)
@@ -163,17 +178,9 @@ class LateFeed:
 
 def test_a_change_below_a_sealed_position_is_kept_and_reported(etcd_a, store: Path, key: Path, monkeypatch,
                                                                caplog) -> None:
-    import tasks.capture as tc
-    from blocks.keys import backup_write_keys
-    from blocks.resolve import source_from_ref, store_from_ref
-    from burrow.keys import KeyRefs
+    from blocks.resolve import source_from_ref
 
-    prefix = f"/{unique('late')}/"
-    Etcd(etcd_a.url).put((prefix + "a").encode(), b"1")
-    url, name = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", unique("late")
-    r = subprocess.run([BURROW, "backup", url, "--to", str(store), "--name", name, "--key-file", str(key)],
-                       capture_output=True, text=True, cwd=str(REPO), timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    url, name = _backed_up(etcd_a, store, key, "late")
     feed = LateFeed(lambda: False)
 
     def progress_sealed() -> bool:
@@ -202,19 +209,7 @@ def test_a_change_below_a_sealed_position_is_kept_and_reported(etcd_a, store: Pa
         def connect(self) -> Session:
             return Session()
 
-    stop, result, failed = threading.Event(), {}, []
-    work = store.parent / "work-late"
-    work.mkdir()
-
-    def run() -> None:
-        try:
-            result.update(tc.capture_changes(Source(), store_from_ref(str(store)), name, backup_write_keys(
-                True, KeyRefs(key_files=[str(key)])), work, seal_every=0.1, stop=stop))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            failed.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    t, stop, result, failed = _capture_thread(Source(), store, name, key, "late")
     try:
         wait_for("the late change sealed", lambda: failed or any(
             m["keys"] and m["last_position"] >= feed.after + 100 and m["first_position"] > feed.after + 50
