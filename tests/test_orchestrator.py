@@ -112,6 +112,13 @@ def wait_final(ids: list[Any], timeout: float = 180) -> dict[Any, Any]:
     return wait_for(f"runs {ids} to finish", done, timeout)
 
 
+def _delete_all_deployments() -> None:
+    with _client() as c:
+        while deployments := c.read_deployments(limit=200):
+            for d in deployments:
+                c.delete_deployment(d.id)
+
+
 def children_of(parent_id: Any) -> list[Any]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
@@ -264,6 +271,11 @@ def orch(zk_a, zk_b, etcd_a, consul_a, tmp_path_factory) -> Iterator[dict[str, A
 
     from blocks.s3 import S3Store
 
+    # The session's server may hold other modules' backup deployments (their modules are done:
+    # each test process has a server of its own and runs one file at a time). backup-fleet starts
+    # every backup deployment carrying its tags, so this module starts from a server holding none
+    # but the ones its setup.py applies.
+    _delete_all_deployments()
     store_dir = tmp_path_factory.mktemp("orch-store")
     identity = X25519Identity.generate()
     roots = {"dc-us": unique_root(), "dc-eu": unique_root(), "etcd-us": "/" + unique("orch"), "consul-us": unique("orch")}
