@@ -62,6 +62,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from childproc import cli_env  # noqa: E402  (bench/ is the script's directory)
+
 BURROW = str(REPO / ".venv" / "bin" / "burrow")
 #: Hang guard of one wait on progress (a busy machine is slow, never this slow).
 HANG_GUARD = 1800.0
@@ -827,12 +829,7 @@ def main() -> int:
         uptime("start")
         prefect = start_prefect(workdir / "prefect")
         servers.append(prefect)
-        env = {**os.environ, "PREFECT_API_URL": prefect.url + "/api",
-               "PREFECT_HOME": str(workdir / "prefect" / "prefect-home"), "BURROW_HOME": str(workdir / "home"),
-               "BURROW_STAGING_DIR": str(workdir / "staging")}
-        for var in ("BURROW_KEY_FILE", "BURROW_KEY", "BURROW_IDENTITY_FILE", "BURROW_PASSPHRASE_ENV",
-                    "BURROW_KEY_BLOCK", "BURROW_RECIPIENTS", "BURROW_KEYRING"):
-            env.pop(var, None)
+        env = cli_env(workdir, prefect.url)
         key = workdir / "capture.key"
         if not key.exists():
             keygen(key, x25519=False)

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_zookeeper import seed, znode_count  # noqa: E402  (bench/ is the script's directory)
-from childproc import run_child  # noqa: E402
+from childproc import cli_env, run_child  # noqa: E402
 
 BURROW = str(REPO / ".venv" / "bin" / "burrow")
 
@@ -148,12 +148,7 @@ def main() -> int:
         servers.append(b)
         prefect = start_prefect(workdir / "prefect")
         servers.append(prefect)
-        env = {**os.environ, "PREFECT_API_URL": prefect.url + "/api",
-               "PREFECT_HOME": str(workdir / "prefect" / "prefect-home"), "BURROW_HOME": str(workdir / "home"),
-               "BURROW_STAGING_DIR": str(workdir / "staging")}
-        for var in ("BURROW_KEY_FILE", "BURROW_KEY", "BURROW_IDENTITY_FILE", "BURROW_PASSPHRASE_ENV",
-                    "BURROW_KEY_BLOCK", "BURROW_RECIPIENTS", "BURROW_KEYRING"):
-            env.pop(var, None)
+        env = cli_env(workdir, prefect.url)
         seed_s = seed(a.url, args.n, args.fanout, 100)
         seeded = args.n // args.fanout * (args.fanout + 1) + 1
         print(f"seeded {seeded} znodes in {seed_s:.1f}s", flush=True)

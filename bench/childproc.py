@@ -27,3 +27,19 @@ def run_child(script: str, name: str, args: list[str], env: dict[str, str] | Non
     finally:
         os.unlink(result)
     return data, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss is KiB on Linux
+
+
+#: Key settings a developer's shell may carry: a bench's CLI runs name their keys themselves.
+_KEY_VARS = ("BURROW_KEY_FILE", "BURROW_KEY", "BURROW_IDENTITY_FILE", "BURROW_PASSPHRASE_ENV", "BURROW_KEY_BLOCK",
+             "BURROW_RECIPIENTS", "BURROW_KEYRING")
+
+
+def cli_env(workdir: Path, prefect_url: str) -> dict[str, str]:
+    """The environment of a bench's ``burrow`` commands: the bench's own Prefect server, a
+    private BURROW_HOME and staging directory under ``workdir``, and none of the caller's keys."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_url + "/api",
+           "PREFECT_HOME": str(workdir / "prefect" / "prefect-home"), "BURROW_HOME": str(workdir / "home"),
+           "BURROW_STAGING_DIR": str(workdir / "staging")}
+    for var in _KEY_VARS:
+        env.pop(var, None)
+    return env
