@@ -1326,18 +1326,19 @@ class ZkWatch:
             # until then has arrived before the answer), never because a wait ran out: a
             # connection that went silent without closing reports nothing, and one that stays
             # silent longer than the session timeout is lost (a reconnection, a resync).
+            every = min(self.PING_EVERY, s.block.session_timeout / 3)
             answered, heard = wire.answered, time.monotonic()
             wire.ping()
             last_ping = heard
             while not self._closed:
-                event = wire.next_event(min(self.PING_EVERY, s.block.session_timeout / 3))
+                event = wire.next_event(every)
                 now = time.monotonic()
                 fresh = wire.answered != answered
                 if fresh:
                     answered, heard = wire.answered, now
                 elif now - heard > s.block.session_timeout:
                     raise ConnectionLoss(f"ZooKeeper at {s.label} answered no ping for {now - heard:.0f}s")
-                if now - last_ping >= min(self.PING_EVERY, s.block.session_timeout / 3):
+                if now - last_ping >= every:
                     wire.ping()
                     last_ping = now
                 if event is None:

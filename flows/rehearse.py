@@ -216,21 +216,20 @@ def _point_state(st: Any, source: str, name: str, at: str, local: str, keys: Any
     from tasks.chain import has_chain, materialize, resolve_point_task
 
     at_time = None if at == "latest" else segments.parse_point(at)
-    if at == "latest" and not has_chain(st, source, keys, allow_unencrypted):
-        # the daily rehearsal asks for ``latest``: without a chain that is the archive itself
-        logger().info("rehearse: %s has no change chain: rehearsing the archive alone", source)
+    point = None
+    if at != "latest" or has_chain(st, source, keys, allow_unencrypted):
+        point = resolve_point_task(st, source, keys, at_time=at_time, latest=at == "latest",
+                                   allow_unencrypted=allow_unencrypted)
+    if at == "latest" and (point is None or point.start_name != name):
+        # The daily rehearsal asks for ``latest``. With no chain, or one whose latest point does
+        # not start from this archive (a chain from an older one, or a ZooKeeper/Consul chain
+        # whose resync holds the whole state), the archive alone is rehearsed: the rehearsal's
+        # marker is the archive's.
+        logger().info("rehearse: no change chain of %s starts its latest point from the archive: rehearsing the "
+                      "archive alone", source)
         summary.update(at="latest", segments=0)
         return local, keys, {"keys": summary["keys"]}
-    point = resolve_point_task(st, source, keys, at_time=at_time, latest=at == "latest",
-                               allow_unencrypted=allow_unencrypted)
-    if point.start_name != name and at == "latest":
-        # the chain's latest point does not start from this archive: a chain that started from an
-        # older one, or a ZooKeeper/Consul chain whose resync holds the whole state. The rehearsal
-        # marks the archive, so the archive is what is rehearsed
-        logger().info("rehearse: the change chain of %s does not start its latest point from the archive: "
-                      "rehearsing the archive alone", source)
-        summary.update(at="latest", segments=0)
-        return local, keys, {"keys": summary["keys"]}
+    assert point is not None
     if point.start_name != name:
         raise UsageError(f"the point {at} of {source!r} starts from {point.start_name or 'a resync'}, not from the "
                          "archive being rehearsed; nothing was written")

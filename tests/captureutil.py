@@ -368,6 +368,13 @@ def check_rate(run: Run) -> None:
         f"the writer made only {run.changes} changes ({run.rate:.0f}/s against {RATE:.0f}/s)")
 
 
+def check_writer_run(run: Run) -> None:
+    """The run made enough changes (:func:`check_rate`), and its chain holds puts and deletes."""
+    check_rate(run)
+    manifests = chain_of(run.store, run.name, run.base)
+    assert any(m["changes"].get("del") for m in manifests) and any(m["changes"].get("put") for m in manifests)
+
+
 # ----------------------------------------------------------------------------- broken chains
 
 

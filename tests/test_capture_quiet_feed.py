@@ -51,10 +51,10 @@ class ScriptedFeed:
 
 
 class _Session:
-    def __init__(self, real: Any, feed: ScriptedFeed) -> None:
+    def __init__(self, real: Any, feed: Any) -> None:
         self.real, self.feed = real, feed
 
-    def watch(self, after: int) -> ScriptedFeed:
+    def watch(self, after: int) -> Any:
         self.feed.position = after
         return self.feed
 
@@ -65,7 +65,7 @@ class _Session:
 class _Source:
     """The real etcd source, but its change feed is the script."""
 
-    def __init__(self, real: Any, feed: ScriptedFeed) -> None:
+    def __init__(self, real: Any, feed: Any) -> None:
         self.real, self.feed = real, feed
         self.service = real.service
 
@@ -158,7 +158,7 @@ class LateFeed:
     def __init__(self, sealed: Any) -> None:
         self.sealed = sealed  # () -> whether a live segment reached the progress report
         self.closed = threading.Event()
-        self.after = 0
+        self.position = 0  # the chain's position the capture starts after (set by _Session.watch)
 
     def request_progress(self) -> None:
         return None
@@ -167,13 +167,14 @@ class LateFeed:
         self.closed.set()
 
     def __iter__(self) -> Any:
-        yield ChangeBatch([], self.after + 100, progress=True)
+        after = self.position
+        yield ChangeBatch([], after + 100, progress=True)
         while not self.sealed() and not self.closed.is_set():
             self.closed.wait(0.05)
-        yield ChangeBatch([("put", b"/late", b"v", self.after + 50, {})], self.after + 50)
+        yield ChangeBatch([("put", b"/late", b"v", after + 50, {})], after + 50)
         while not self.closed.is_set():
             self.closed.wait(0.05)
-            yield ChangeBatch([], self.after + 100, progress=True)
+            yield ChangeBatch([], after + 100, progress=True)
 
 
 def test_a_change_below_a_sealed_position_is_kept_and_reported(etcd_a, store: Path, key: Path, monkeypatch,
@@ -181,39 +182,12 @@ def test_a_change_below_a_sealed_position_is_kept_and_reported(etcd_a, store: Pa
     from blocks.resolve import source_from_ref
 
     url, name = _backed_up(etcd_a, store, key, "late")
-    feed = LateFeed(lambda: False)
-
-    def progress_sealed() -> bool:
-        return any(m["last_position"] >= feed.after + 100 for m in segments(store, name))
-
-    feed.sealed = progress_sealed
-    real = source_from_ref(url)
-
-    class Session:
-        def __init__(self) -> None:
-            self.real = real.connect()
-
-        def watch(self, after: int) -> LateFeed:
-            feed.after = after
-            return feed
-
-        def close(self) -> None:
-            self.real.close()
-
-    class Source:
-        service = real.service
-
-        def describe(self) -> str:
-            return real.describe()
-
-        def connect(self) -> Session:
-            return Session()
-
-    t, stop, result, failed = _capture_thread(Source(), store, name, key, "late")
+    feed = LateFeed(lambda: any(m["last_position"] >= feed.position + 100 for m in segments(store, name)))
+    t, stop, result, failed = _capture_thread(_Source(source_from_ref(url), feed), store, name, key, "late")
     try:
         wait_for("the late change sealed", lambda: failed or any(
-            m["keys"] and m["last_position"] >= feed.after + 100 and m["first_position"] > feed.after + 50
-            for m in segments(store, name) if m["first_position"] > feed.after + 1))
+            m["keys"] and m["last_position"] >= feed.position + 100 and m["first_position"] > feed.position + 50
+            for m in segments(store, name) if m["first_position"] > feed.position + 1))
     finally:
         stop.set()
         t.join(timeout=300)
