@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from burrow.errors import EXIT_FAILURE, EXIT_OK
+from burrow.proc import all_stat_fields, stat_fields
 
 #: Seconds the flow runs get to end on their own after SIGTERM before they are killed.
 GRACE_S = 5.0
@@ -108,17 +109,8 @@ def _api() -> tuple[str, dict[str, str]]:
 def _children() -> dict[int, list[int]]:
     """Every process's children, by parent pid (from /proc)."""
     kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ')' ends it
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
+    for pid, fields in all_stat_fields():
+        kids.setdefault(int(fields[1]), []).append(pid)  # field 4, ppid
     return kids
 
 
@@ -160,12 +152,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:][:1] != b"Z"  # a zombie has ended
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"  # a zombie has ended
 
 
 # ------------------------------------------------------------------------ the stop

@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from burrow.proc import all_stat_fields
+
 __all__ = [
     "LocalServer",
     "free_port",
@@ -291,15 +293,7 @@ def group_cpu_ticks(pgid: int) -> int:
     """CPU time (clock ticks, user + system) used so far by the live processes of process group
     ``pgid`` (read from /proc): the progress a starting server makes, on a loaded machine too."""
     total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # from field 3 (state) on; the name may hold spaces
+    for _, fields in all_stat_fields():
         if int(fields[2]) == pgid:  # field 5, pgrp
             total += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
     return total
