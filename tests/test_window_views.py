@@ -55,7 +55,17 @@ def _chain(etcd: Any, store: Path, key: Path, changes: int = 12) -> tuple[str, s
         e.put(p + b"/c%03d" % i, b"v%d" % i)
     rev = e.revision()
     wait_for("the changes sealed", lambda: covered(store, name, rev), cap.proc)
+    wait_for("the chain's window to have length", lambda: _window_has_length(store, name, 0), cap.proc)
     return url, prefix, name, e, cap
+
+
+def _window_has_length(store: Path, name: str, after_us: int) -> bool:
+    """A live segment starting at or after ``after_us`` whose window has length: the capture heard
+    from etcd after it caught up (a segment ends when the feed was last heard from, not when it
+    was sealed, so the segment that catches up may span no time at all)."""
+    return any(not m.get("gap") and not m.get("catching_up")
+               and iso_to_us(m["last_time"]) > iso_to_us(m["first_time"]) >= after_us
+               for m in segments(store, name))
 
 
 def _status(store: Path, name: str, key: Path, *extra: str) -> Any:
@@ -80,16 +90,8 @@ def test_list_and_status_show_the_window_and_its_gap_in_text_and_json(tmp_path, 
         e.put(prefix.encode() + b"/after", b"a")
         after = e.revision()
         wait_for("the new chain", lambda: covered(store, name, after), cap.proc)
-
-        def past_the_gap() -> bool:
-            # a segment of the new chain whose window has length: the capture heard from etcd after
-            # the chain started (a segment ends when the feed was last heard from, not when sealed)
-            ms = segments(store, name)
-            gap_at = max(iso_to_us(m["last_time"]) for m in ms if m.get("gap"))
-            return any(not m.get("gap") and not m.get("catching_up")
-                       and iso_to_us(m["last_time"]) > iso_to_us(m["first_time"]) >= gap_at for m in ms)
-
-        wait_for("the new chain's window past the gap", past_the_gap, cap.proc)
+        gap_at = max(iso_to_us(m["last_time"]) for m in segments(store, name) if m.get("gap"))
+        wait_for("the new chain's window past the gap", lambda: _window_has_length(store, name, gap_at), cap.proc)
         cap.kill()
 
         r = _status(store, name, key, "--json")
