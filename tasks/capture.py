@@ -186,11 +186,16 @@ class Capture:
         #: at materialize, but the earlier segment's range was wrong: never silent.
         self.late = 0
         self.resync: _Resync | None = None  # a resync being gathered, part by part
+        #: The segment being stored, until the chain has moved on to it: an interrupt (Ctrl-C)
+        #: can land inside the store's put after the object is already visible, and a capture
+        #: that went on from the old head would store a second successor of it (a fork).
+        self.inflight: _Inflight | None = None
         self.seal_bytes = segments.SEAL_BYTES
         self.events = SEALED_EVENTS
 
     # -- gathering ----------------------------------------------------------------------
     def take(self, batch: ChangeBatch) -> None:
+        self.settle()
         t = max(self.last_t, segments.now_us())
         self.last_t = t
         self.heard_t = t
@@ -265,6 +270,7 @@ class Capture:
         """Write what was gathered as the chain's next segment (``gap``: a gap segment instead).
         While a resync is being gathered, the segment is its next part; the part that holds its
         last piece ends it."""
+        self.settle()
         now = max(self.last_t, segments.now_us())
         self.last_t = now
         prev = self.head.prev
@@ -316,23 +322,11 @@ class Capture:
         seg = Segment.from_manifest(name, self.store.url(name), manifest)
         n = len(records) if gap is None else 0
         lag_s = (segments.now_us() - self.pending.first_seen) / 1e6 if self.pending.first_seen else 0.0
+        live = not (seg.catching_up or gap is not None or (rs is not None and resync is None))
+        self.inflight = _Inflight(seg, last_position, last_time, n, live, rs, resync is not None)
         try:
             info = self.store.put(name, path)
-            # The chain moves on the moment the segment is stored, before anything else runs: a
-            # Ctrl-C after the put must not find these changes still pending, or the interrupted
-            # capture's last seal stores them again after the same segment (a fork every restore
-            # of the chain refuses).
-            self.head = ChainHead(self.head.base, seg, last_position, last_time)
-            self.covered = max(self.covered, last_position)
-            self.pending = _Pending()
-            self.sealed += 1
-            self.live_sealed += 0 if seg.catching_up or gap is not None or (rs is not None and resync is None) else 1
-            self.changes += n
-            if rs is not None:
-                self.resync = None if resync is not None else _Resync(id=rs.id, part=rs.part + 1)
-            # into the source's chain index (tasks/catalog.py), from the local file: readers of the
-            # chain then need no request per segment
-            index_new_archive(self.store, name, info, local=path)
+            self._moved_on(info, local=path)
         finally:
             path.unlink(missing_ok=True)
         what = "changes"
@@ -343,6 +337,57 @@ class Capture:
         if gap is None:
             self.events.sealed(self.source_name, seg, n, lag_s, {"segments": self.sealed, "changes": self.changes})
         return seg
+
+
+    def settle(self) -> None:
+        """Finish a put an interrupt cut short: when the segment it was storing is in the store,
+        the chain moves on to it (its changes are sealed); when it is not, its changes are still
+        pending and the next seal stores them. Either way the next segment follows the chain's
+        real end, never the segment before it."""
+        if self.inflight is None:
+            return
+        if self.head.prev is not None and self.head.prev.name == self.inflight.seg.name:
+            self.inflight = None  # it moved on already (the interrupt came after)
+            return
+        try:
+            info = self.store.head(self.inflight.seg.name)
+        except ArchiveNotFound:
+            self.inflight = None
+            return
+        logger().info("capture: %s was stored before the interruption; the chain continues from it",
+                      self.inflight.seg.name)
+        self._moved_on(info, local=None)
+
+    def _moved_on(self, info: Any, local: Path | None) -> None:
+        """The in-flight segment is stored: the chain moves on to it before anything else runs
+        (its changes are no longer pending), then it goes into the source's chain index
+        (tasks/catalog.py; from the local file when there is one), so readers of the chain need
+        no request per segment."""
+        f = self.inflight
+        assert f is not None
+        self.head = ChainHead(self.head.base, f.seg, f.last_position, f.last_time)
+        self.inflight = None
+        self.covered = max(self.covered, f.last_position)
+        self.pending = _Pending()
+        self.sealed += 1
+        self.live_sealed += 1 if f.live else 0
+        self.changes += f.changes
+        if f.resync is not None:
+            self.resync = None if f.resync_done else _Resync(id=f.resync.id, part=f.resync.part + 1)
+        index_new_archive(self.store, f.seg.name, info, local=local)
+
+
+@dataclass
+class _Inflight:
+    """A segment being stored, and what the chain's head becomes once it is."""
+
+    seg: Segment
+    last_position: int
+    last_time: int
+    changes: int
+    live: bool  # sealed by this run after it caught up (not a gap, not an unfinished resync's part)
+    resync: _Resync | None
+    resync_done: bool
 
 
 def _pump(feed: Any, out: queue.Queue[Any]) -> None:

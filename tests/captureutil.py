@@ -334,7 +334,10 @@ def writer_run(
         in_window()
         follow.cap.kill()
         run.killed_at = now_iso()
-        run.extra["position_at_kill"] = position()
+        run.extra["position_at_kill"] = at_kill = position()
+        # the writer goes on while no capture runs (a busy machine may not have made a change
+        # by the time the next capture would start): the resumed chain must reach past them
+        wait_for("a change while the capture is down", lambda: position() > at_kill)
         follow.cap = Capture(follow.url, follow.store, follow.name, follow.key)
         run.restarted_at = now_iso()
         run.extra["position_at_restart"] = position()

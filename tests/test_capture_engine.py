@@ -22,6 +22,7 @@ from kvutil import Etcd, consul_client, consul_snapshot, unique
 from zkutil import kazoo, snapshot, unique_root
 
 from burrow import segments as seglib
+from burrow.archive import ArchiveReader
 from burrow.errors import ArchiveError
 from burrow.naming import slug
 from burrow.records import Record
@@ -501,3 +502,80 @@ def test_segments_on_s3_carry_the_stores_object_lock_as_archives_do(moto, etcd_a
     version = c.head_object(Bucket=bucket, Key=key_name)["VersionId"]
     with pytest.raises(Exception, match="AccessDenied"):
         c.delete_object(Bucket=bucket, Key=key_name, VersionId=version)
+
+
+# --------------------------------------------------------------------------- Ctrl-C inside a put
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["after-the-object-is-stored", "before-it-is"])
+def test_a_ctrl_c_inside_the_stores_put_neither_forks_the_chain_nor_loses_changes(
+        etcd_a, etcd_b, store, key, monkeypatch, stored: bool) -> None:
+    """A Ctrl-C lands inside the store's put of a segment: after the object is visible (a local
+    store fsyncs its directory then; S3 answers late), or before it is written. The interrupted
+    capture seals what it saw and ends: one chain, no fork, and ``restore --at latest`` holds
+    every key written before the interrupt."""
+    import tasks.capture as tc
+    from blocks.local import LocalStore
+    from blocks.resolve import source_from_ref, store_from_ref
+    from tasks.chain import read_chains
+
+    e = Etcd(etcd_a.url)
+    prefix = "/" + unique("intr")
+    p = prefix.encode()
+    e.put(p + b"/seed", b"s")
+    url = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}"
+    name = unique("src")
+    r = cli("backup", url, "--to", str(store), "--name", name, "--key-file", str(key))
+    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setattr(tc, "SEALED_EVENTS", SealedEvents(emit=lambda s, p: None))
+    real_put = LocalStore.put
+    puts: list[str] = []
+    last_rev = [float("inf")]
+
+    def put(self: Any, obj: str, path: Path) -> Any:
+        """The put of the segment that reaches the last write is interrupted (once)."""
+        if "/changes/" in obj and not puts:
+            with open(path, "rb") as f:
+                reaches = ArchiveReader(f).manifest["last_position"] >= last_rev[0]
+            if reaches:
+                puts.append(obj)
+                if stored:
+                    real_put(self, obj, path)
+                raise KeyboardInterrupt
+        return real_put(self, obj, path)
+
+    monkeypatch.setattr(LocalStore, "put", put)
+    write, keys = _keys(key)
+    work = store.parent / f"work-{name}"
+    work.mkdir()
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            tc.capture_changes(source_from_ref(url), store_from_ref(str(store)), name, write, work, seal_every=0.2)
+        except BaseException as exc:  # noqa: BLE001 - the interrupt, reported to the test
+            ended.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wanted = {b"/seed": b"s"}
+    try:
+        last_rev[0] = e.revision() + 20  # (the capture may seal the last write before its put answers)
+        for i in range(20):
+            e.put(p + b"/k%02d" % i, b"v%d" % i)
+            wanted[b"/k%02d" % i] = b"v%d" % i
+        wait_for("the interrupted put", lambda: ended or puts)
+    finally:
+        t.join(timeout=300)
+    assert not t.is_alive(), "the capture did not end on the interrupt"
+    assert len(ended) == 1 and isinstance(ended[0], KeyboardInterrupt), ended
+    found = read_chains(store_from_ref(str(store)), name, keys)
+    assert found.problems == [] and found.bad == [] and len(found.chains) == 1, (found.problems, found.bad)
+    names = [s.name for s in found.chains[0].segments]
+    assert (puts[0].rsplit("/", 1)[-1] in " ".join(names)) is stored, (puts, names)
+    target = "/" + unique("into")
+    r = restore(store, name, key, f"etcd://{etcd_b.host}:{etcd_b.port}{target}", "--at", "latest")
+    assert r.returncode == 0, r.stderr[-3000:]
+    t_ = target.encode()
+    got = {k[len(t_):]: v for k, v in Etcd(etcd_b.url).snapshot(t_ + b"/").items()}
+    assert got == wanted
