@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import sys
 import threading
 import urllib.error
@@ -58,6 +57,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from burrow.errors import ArchiveError, PermanentError, UsageError
+from burrow.home import burrow_home, private_dir
 from burrow.keys import (
     Keyring,
     Passphrase,
@@ -97,22 +97,9 @@ class LocalCopyError(PermanentError):
 # ------------------------------------------------------------------------------ where
 
 
-def burrow_home() -> Path:
-    """Burrow's home, as the CLI's local server knows it: ``$BURROW_HOME``, else ``~/.burrow``."""
-    return Path(os.environ.get("BURROW_HOME") or Path.home() / ".burrow").expanduser()
-
-
 def copy_dir() -> Path:
     """Where the sealed documents live (0700)."""
     return burrow_home() / COPY_DIR
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for d in (path.parent, path) if path.parent == burrow_home() else (path,):
-        if stat.S_IMODE(d.stat().st_mode) != 0o700:
-            d.chmod(0o700)
-    return path
 
 
 def machine_key(create: bool = True) -> bytes | None:
@@ -122,7 +109,7 @@ def machine_key(create: bool = True) -> bytes | None:
     path = burrow_home() / KEY_FILE
     try:
         text = read_or_create_secret(path, lambda: b64e(os.urandom(32)) + "\n", create=create,
-                                     before_create=lambda: _private_dir(burrow_home()))
+                                     before_create=lambda: private_dir(burrow_home()))
     except OSError as exc:
         raise LocalCopyError(f"cannot read {path} ({exc.strerror or exc})") from None
     if text is None:
@@ -202,7 +189,7 @@ def write(doc: SavedBlock, key: bytes | None = None) -> None:
     """Seal ``doc`` with the machine key into the copy (atomically, 0600)."""
     key = key or machine_key()
     assert key is not None
-    _private_dir(copy_dir())
+    private_dir(copy_dir())
     path = _file(doc.type, doc.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

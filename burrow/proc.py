@@ -1,10 +1,13 @@
 """Reading /proc (Linux): each process's stat line, parsed once, for the worker's process tree
-(cli/worker.py) and the test harness's progress of a starting server (burrow/testing/servers.py)."""
+(cli/worker.py), the test harness's progress of a starting server (burrow/testing/servers.py),
+and who holds a lock on this host (flows/common.py ``source_lock``: a holder gone for certain
+frees its lock at once)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 
 def stat_fields(pid: int | str) -> list[bytes] | None:
@@ -24,3 +27,32 @@ def all_stat_fields() -> Iterator[tuple[int, list[bytes]]]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (fields := stat_fields(entry)) is not None:
             yield int(entry), fields
+
+
+def boot_id() -> str:
+    """This boot of this machine (``/proc/sys/kernel/random/boot_id``; empty when unknown): a
+    process identity is only comparable within one boot of one host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def process_identity(pid: int | None = None) -> dict[str, Any]:
+    """Who a process is, beyond its number (which the system reuses): the boot, the pid and
+    the process's start time in clock ticks since boot (``/proc/PID/stat``'s 22nd field)."""
+    pid = os.getpid() if pid is None else pid
+    fields = stat_fields(pid)
+    return {"boot": boot_id(), "pid": pid, "start": int(fields[19]) if fields else None}
+
+
+def identity_gone(ident: dict[str, Any]) -> bool:
+    """Whether the process ``ident`` (:func:`process_identity`) has certainly ended: same boot
+    of this host, and no process with its pid, or one that started at another time. A record
+    from another host or boot is never judged gone (nothing here can tell)."""
+    boot = boot_id()
+    if not boot or ident.get("boot") != boot or not isinstance(ident.get("pid"), int):
+        return False
+    fields = stat_fields(ident["pid"])
+    return fields is None or int(fields[19]) != ident.get("start")

@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from burrow.errors import EXIT_OK, BurrowError
+from burrow.home import burrow_home
 from burrow.naming import has_userinfo, redact_url
 
 HOST = "127.0.0.1"
@@ -106,11 +107,6 @@ class LocalServerError(BurrowError):
 
 
 # ------------------------------------------------------------------------------ where
-
-
-def burrow_home() -> Path:
-    """Burrow's own home: ``$BURROW_HOME``, else ``~/.burrow``."""
-    return Path(os.environ.get("BURROW_HOME") or Path.home() / ".burrow").expanduser()
 
 
 def server_home() -> Path:

@@ -35,8 +35,8 @@ def capture_lock(source_name: str) -> Iterator[None]:
     two captures of one source would fork its chain (which restores then refuse). The limit is
     created when missing (the first capture of a source, on any orchestrator), then held with
     ``source_lock``: a second capture says, in one line, that it waits for the lock, and
-    continues the chain once the first has ended (a run killed outright frees it when its
-    lease runs out)."""
+    continues the chain once the first has ended (a run killed outright frees it at once for
+    the next run on its host, and when its lease runs out for any other)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -51,8 +51,8 @@ def capture_lock(source_name: str) -> Iterator[None]:
             except ObjectAlreadyExists:
                 pass  # another capture of the source created it at the same moment
     # Prefect's shortest lease: a capture killed outright (SIGKILL, a lost worker) and started
-    # again waits about a minute for its lock, not the default five (a window's gap, and the
-    # "no sealed segment in 5 minutes" trigger, for every crash)
+    # again on another host waits about a minute for its lock, not the default five (a window's
+    # gap, and the "no sealed segment in 5 minutes" trigger, for every crash)
     with source_lock(f"capture-{source_name}", lease_duration=60):
         yield
 

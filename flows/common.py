@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import functools
 import getpass
+import json
 import logging
 import os
 import re
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
 from typing import Annotated, Any
 
 from prefect import Flow
@@ -470,6 +472,79 @@ def _limit_exists(limit: str) -> bool:
     return True
 
 
+def _lock_record_path(limit: str) -> Path:
+    from burrow.home import burrow_home
+
+    return burrow_home() / "locks" / f"{limit}.json"
+
+
+def _api_url() -> str:
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().api.url or "")
+
+
+def _record_lock_holder(limit: str, lease_id: Any) -> None:
+    """Note on this host (0600, in Burrow's private home) that this process holds ``limit``'s
+    slot under ``lease_id``, on which orchestrator: the next run here that finds the slot taken
+    can tell whether its holder is gone for certain (:func:`_free_if_holder_gone`)."""
+    from burrow.home import private_dir
+    from burrow.proc import process_identity
+
+    path = _lock_record_path(limit)
+    record = {"limit": limit, "lease": str(lease_id), "api": _api_url(), "holder": process_identity()}
+    try:
+        private_dir(path.parent)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError as exc:  # the lock holds anyway; only a takeover after a crash is lost
+        logging.getLogger("burrow").debug("cannot record the holder of %s: %s", limit, exc)
+
+
+def _drop_lock_record(limit: str, lease_id: str | None) -> None:
+    """Remove this host's record of ``limit``'s holder if it still names ``lease_id``."""
+    path = _lock_record_path(limit)
+    try:
+        if lease_id and json.loads(path.read_text()).get("lease") == lease_id:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _free_if_holder_gone(limit: str) -> bool:
+    """When this host's record says the process holding ``limit``'s slot (on the same
+    orchestrator) has ended for certain (same boot, its pid gone or reused: killed outright, it
+    could not release it), release its lease now instead of waiting for the lease to run out.
+    Returns whether a lease was released. A holder on another host, or still alive, is left be."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    from burrow.proc import identity_gone
+    from burrow.runlog import logger
+
+    try:
+        record = json.loads(_lock_record_path(limit).read_text())
+        lease = UUID(str(record["lease"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    holder = record.get("holder") if isinstance(record.get("holder"), dict) else {}
+    if record.get("api") != _api_url() or not identity_gone(holder):
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(lease_id=lease)
+    except Exception as exc:  # noqa: BLE001 - expired meanwhile (or the server's own error): wait as usual
+        logger().debug("could not release the lease of a gone holder of %s: %s", limit, type(exc).__name__)
+    _drop_lock_record(limit, str(lease))
+    logger().info("the per-cluster lock %s was held by process %s on this host, which has ended: its lease is "
+                  "released", limit, holder.get("pid"))
+    return True
+
+
 @contextmanager
 def source_lock(source: str, *, timeout_seconds: float | None = None, lease_duration: float = 300) -> Iterator[None]:
     """Hold one slot of the source's global concurrency limit (``burrow-source-<slug>``, limit
@@ -481,9 +556,12 @@ def source_lock(source: str, *, timeout_seconds: float | None = None, lease_dura
     when the slot is taken by another run so that this one really waits, that it is waiting: the
     slot is first asked for without waiting (no retry on the server's "locked" answer), and only
     when that is refused does the run log the wait and queue for the slot. ``lease_duration``: how
-    long (seconds, at least Prefect's 60) the slot outlives a holder killed outright."""
+    long (seconds, at least Prefect's 60) the slot outlives a holder killed outright on another
+    host. On this host a holder's process is recorded, so a run that finds the slot held by a
+    process that has ended (SIGKILL, the OOM killer) releases its lease at once."""
     import httpx
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.context import ConcurrencyContext
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import deployment
 
@@ -497,15 +575,26 @@ def source_lock(source: str, *, timeout_seconds: float | None = None, lease_dura
         log.debug("no global concurrency limit %s: this run outside a deployment does not lock the cluster", limit)
         yield
         return
-    with ExitStack() as stack:
+
+    def without_waiting(stack: ExitStack) -> bool:
+        """The slot, if free now (no retry on the server's "locked" answer)."""
         try:
-            try:  # without waiting: an uncontended run takes the slot at once, and says nothing of waiting
-                stack.enter_context(concurrency(limit, occupy=1, strict=strict, max_retries=0,
-                                                lease_duration=lease_duration))
-            except ConcurrencySlotAcquisitionError as exc:
-                cause = exc.__cause__
-                if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):
-                    raise
+            stack.enter_context(concurrency(limit, occupy=1, strict=strict, max_retries=0,
+                                            lease_duration=lease_duration))
+        except ConcurrencySlotAcquisitionError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):
+                raise
+            return False
+        return True
+
+    held: dict[str, str] = {}
+    with ExitStack() as stack:
+        stack.callback(lambda: _drop_lock_record(limit, held.get("lease")))  # (after the release below)
+        leases = stack.enter_context(ConcurrencyContext())  # where Prefect notes the lease it grants
+        try:
+            # an uncontended run takes the slot at once, and says nothing of waiting
+            if not without_waiting(stack) and not (_free_if_holder_gone(limit) and without_waiting(stack)):
                 log.info("waiting for the per-cluster lock %s (another run holds it)", limit)
                 stack.enter_context(concurrency(limit, occupy=1, strict=strict, timeout_seconds=timeout_seconds,
                                                 lease_duration=lease_duration))
@@ -517,6 +606,9 @@ def source_lock(source: str, *, timeout_seconds: float | None = None, lease_dura
                 "or restores at once: deployments/setup.py creates one per cluster it registers (list the "
                 "cluster under definitions.clusters in deployments/prefect.yaml, or pass --cluster to setup.py)"
             ) from None
+        if leases.cleanup_lease_ids:
+            held["lease"] = str(leases.cleanup_lease_ids[-1])
+            _record_lock_holder(limit, held["lease"])
         log.info("holding the per-cluster lock %s", limit)
         try:
             yield

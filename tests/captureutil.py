@@ -154,8 +154,7 @@ class Capture:
         self.proc.communicate(timeout=60)
 
     def stop(self) -> None:
-        """Ctrl-C: the capture seals what it saw and ends, its lock released at once (a capture
-        killed outright keeps it until its lease runs out, and the next one waits that long)."""
+        """Ctrl-C: the capture seals what it saw and ends, its lock released at once."""
         self.proc.send_signal(signal.SIGINT)
         self.proc.communicate(timeout=HANG_GUARD)
 

@@ -375,6 +375,44 @@ def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not
     assert set(names) >= before and len(names) > len(before)
 
 
+def test_a_capture_killed_outright_frees_its_lock_for_the_next_on_this_host_at_once(
+        etcd_a, store, key, tmp_path) -> None:
+    """The first capture is SIGKILLed (it cannot release its lock; its lease would hold the slot
+    a minute). The next capture on the same host finds its recorded holder gone, releases that
+    lease, and continues the chain without waiting for the lease to run out."""
+    from blocks.resolve import store_from_ref
+    from tasks.chain import read_chains
+
+    e = Etcd(etcd_a.url)
+    prefix = "/" + unique("lockgone")
+    e.put(prefix.encode() + b"/seed", b"s")
+    url = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}"
+    name = unique("src")
+    r = cli("backup", url, "--to", str(store), "--name", name, "--key-file", str(key))
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = capture_proc(tmp_path, "first", url, str(store), name, key)
+    second = None
+    try:
+        rev = e.put(prefix.encode() + b"/one", b"1")
+        first.wait_for("the first capture's segment", lambda: covered(store, name, rev))
+        pid = first.proc.pid
+        first.kill()
+        second = capture_proc(tmp_path, "second", url, str(store), name, key)
+        rev = e.put(prefix.encode() + b"/two", b"2")
+        second.wait_for("the second capture's segment", lambda: covered(store, name, rev))
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+    err = second.stderr()
+    assert "waiting for" not in err, err[-3000:]
+    (freed,) = [line for line in err.splitlines() if "which has ended" in line]
+    assert f"capture-{name}" in freed and f"process {pid} " in freed, freed
+    _, keys = _keys(key)
+    found = read_chains(store_from_ref(str(store)), name, keys)
+    assert found.problems == [] and found.bad == [] and len(found.chains) == 1, (found.problems, found.bad)
+
+
 # --------------------------------------------------------------------------- leased keys
 
 

@@ -274,7 +274,7 @@ def _stopped_chain(etcd: Any, store: Path, key: Path, changes: int = 60) -> tupl
             wait_for("a segment", lambda rev=rev: covered(store, name, rev), cap.proc)
     rev = e.revision()
     wait_for("the last segment", lambda: covered(store, name, rev), cap.proc)
-    cap.stop()  # Ctrl-C: its lock is free at once for the next capture (a SIGKILL holds it a minute)
+    cap.stop()  # Ctrl-C: its lock is free at once for the next capture
     return url, prefix, name, e
 
 
