@@ -478,10 +478,14 @@ def _lock_record_path(limit: str) -> Path:
     return burrow_home() / "locks" / f"{limit}.json"
 
 
-def _api_url() -> str:
+def _api_id() -> str:
+    """Which orchestrator (a hash of its API URL: the record names no address, and no credential
+    a URL might carry)."""
+    import hashlib
+
     from prefect.settings import get_current_settings
 
-    return str(get_current_settings().api.url or "")
+    return hashlib.sha256(str(get_current_settings().api.url or "").encode()).hexdigest()[:32]
 
 
 def _record_lock_holder(limit: str, lease_id: Any) -> None:
@@ -492,7 +496,7 @@ def _record_lock_holder(limit: str, lease_id: Any) -> None:
     from burrow.proc import process_identity
 
     path = _lock_record_path(limit)
-    record = {"limit": limit, "lease": str(lease_id), "api": _api_url(), "holder": process_identity()}
+    record = {"limit": limit, "lease": str(lease_id), "api": _api_id(), "holder": process_identity()}
     try:
         private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -532,7 +536,7 @@ def _free_if_holder_gone(limit: str) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     holder = record.get("holder") if isinstance(record.get("holder"), dict) else {}
-    if record.get("api") != _api_url() or not identity_gone(holder):
+    if record.get("api") != _api_id() or not identity_gone(holder):
         return False
     try:
         with get_client(sync_client=True) as client:
