@@ -61,8 +61,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
 from childproc import cli_env  # noqa: E402  (bench/ is the script's directory)
+
+from burrow import proc  # noqa: E402  (the checkout's own, from REPO)
 
 BURROW = str(REPO / ".venv" / "bin" / "burrow")
 #: Hang guard of one wait on progress (a busy machine is slow, never this slow).
@@ -90,8 +91,7 @@ def load() -> float:
 
 def cpu_of(pid: int) -> float:
     """CPU seconds (user + system) a live process has used so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc.cpu_seconds(pid) or 0.0
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -204,13 +204,7 @@ def wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen | None 
 
 def vm_hwm_mib(pid: int) -> float:
     """The peak RSS of a live process so far (/proc/PID/status VmHWM), in MiB; 0 once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return proc.peak_rss_kib(pid) / 1024
 
 
 class PeakRss:

@@ -35,37 +35,27 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from burrow import proc  # noqa: E402  (the checkout's own, from REPO)
 
 
 def _ticks(pids: list[int]) -> float:
     """CPU seconds (user + system) of ``pids`` and all their descendants, from /proc."""
     from cli.worker import _children
 
-    kids, total, stack, hz = _children(), 0, list(pids), os.sysconf("SC_CLK_TCK")
+    kids, total, stack = _children(), 0.0, list(pids)
     seen = set()
     while stack:
         pid = stack.pop()
         if pid in seen:
             continue
         seen.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])  # incl. reaped children
+        total += proc.cpu_seconds(pid, reaped_children=True) or 0.0
         stack.extend(kids.get(pid, []))
-    return total / hz
+    return total
 
 
 def _hwm_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return proc.peak_rss_kib(pid)
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -38,9 +38,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
 from bench_zookeeper import seed, znode_count  # noqa: E402  (bench/ is the script's directory)
 from childproc import cli_env, run_child  # noqa: E402
+
+from burrow import proc  # noqa: E402  (the checkout's own, from REPO)
 
 BURROW = str(REPO / ".venv" / "bin" / "burrow")
 
@@ -79,8 +80,7 @@ def phase_plan(hosts: str, archive: Path, workdir: Path, chroot: str, module: st
 def server_cpu(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far (/proc/PID/stat): the work a
     ZooKeeper server did for a restore, which the machine's load does not change much."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc.cpu_seconds(pid) or 0.0
 
 
 def cli_restore(url: str, into: str, env: dict[str, str], tree: Path | None = None,

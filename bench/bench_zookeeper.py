@@ -31,8 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
 from childproc import run_child  # noqa: E402  (bench/ is the script's directory)
+
+from burrow import proc  # noqa: E402  (the checkout's own, from REPO)
 
 BACKUP_TARGET = 15_000
 RESTORE_TARGET = 30_000
@@ -94,8 +95,7 @@ def _check(results: list) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds a process (the ZooKeeper JVM) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc.cpu_seconds(pid) or 0.0
 
 
 def znode_count(hosts: str) -> int:

@@ -56,3 +56,28 @@ def identity_gone(ident: dict[str, Any]) -> bool:
         return False
     fields = stat_fields(ident["pid"])
     return fields is None or int(fields[19]) != ident.get("start")
+
+
+def cpu_seconds(pid: int, *, reaped_children: bool = False) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far (with ``reaped_children``, its
+    waited-for children's too), or None when it is gone."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The peak resident set of process ``pid`` so far (``/proc/PID/status`` VmHWM), in KiB; 0
+    when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
