@@ -246,6 +246,7 @@ def failover(
             # the RPO gate judges what the failover restores: with a change chain, its end (below,
             # once the chain is resolved); with --full-only or no chain, the archive's age here
             chained = not full_only and has_chain(st, source, keys, allow_unencrypted)
+            point = _chain_first(run, st, source, keys, choice, allow_unencrypted) if chained and not archive else None
             with staging_dir() as work:
                 with run.step("download_validate"):
                     row, local, manifest = _choose(
@@ -259,7 +260,7 @@ def failover(
                 _sanity(run, row, manifest, choice.trusted, force)
                 # the state to restore: the archive, or (a change chain continuing it) the chain's end
                 state, state_keys, manifest = _at_latest(run, st, source, row, local, manifest, keys, work,
-                                                         allow_unencrypted, full_only, chained)
+                                                         allow_unencrypted, full_only, chained, point)
                 if chained:
                     _rpo_gate(run, limits.max_age, max_age)
                 with run.step("target"):
@@ -304,12 +305,33 @@ def failover(
         raise
 
 
+def _chain_first(run: _Run, st: Any, source: str, keys: Any, choice: _Choice, allow_unencrypted: bool) -> Any:
+    """The change chain's latest point (tasks/chain.py; a broken chain refuses the run here,
+    before any download), and the archive it continues put first among the candidates: a failover
+    restores the chain's end (seconds old) rather than a rehearsed but older archive alone (hours
+    old), which the chain does not continue. An unfinished failover's archive stays first (it is
+    finished with what it began)."""
+    from tasks.chain import resolve_point_task
+
+    point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
+    if choice.resumed_row is not None or not point.start_name:
+        return point  # (a chain point from a resync needs no archive: any candidate will do)
+    based = [r for r in choice.candidates if r["name"] == point.start_name]
+    if based and based[0] is not choice.candidates[0]:
+        first = choice.candidates[0]
+        choice.candidates = based + [r for r in choice.candidates if r is not based[0]]
+        run.preflight.append(f"archive: {based[0]['url']} tried before {first['url']}: the change chain continues "
+                             "it to its end (--at latest); --full-only restores an archive alone")
+    return point
+
+
 def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str, manifest: dict[str, Any],
                keys: Any, work: Any, allow_unencrypted: bool, full_only: bool,
-               chained: bool) -> tuple[str, Any, dict[str, Any]]:
+               chained: bool, point: Any = None) -> tuple[str, Any, dict[str, Any]]:
     """``(archive path, its keys, its manifest)`` to restore: the chosen archive as it is, or, when
     the source's change chain continues it up to a later point, the state at the chain's end
-    (tasks/chain.py), with a preflight line giving both RPOs. A broken chain refuses the run."""
+    (tasks/chain.py; ``point``, when already resolved), with a preflight line giving both RPOs. A
+    broken chain refuses the run."""
     from burrow import segments
     from tasks.chain import materialize, resolve_point_task
 
@@ -319,7 +341,8 @@ def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str,
     if not chained:  # (tasks/chain.py has_chain)
         run.preflight.append("changes: none captured (no change chain): the archive alone")
         return local, keys, manifest
-    point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
+    if point is None:
+        point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
     # The chain's latest point starts from the chosen archive, or from a resync of the chain (ZooKeeper
     # and Consul list the whole state afresh on every (re)connection: the archive is not needed)
     end = point.segments[-1].last_time if point.segments else None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from captureutil import Capture, backup, capture_key, cli, covered, segments, wait_for  # noqa: F401 - the key fixture
+from kvutil import Etcd, unique
 from zkutil import kazoo, snapshot, unique_root
 
 
@@ -72,3 +73,42 @@ def test_zookeeper_failover_restores_the_chain_end_from_its_resync(zk_a, zk_b, s
     summary = json.loads(r.stdout)
     assert summary["at"] == "latest" and summary["segments"] == 0
     assert summary["compared"] == summary["archive_keys"] == len(newest) - 1  # (the chroot's root is no key)
+
+
+@pytest.mark.timeout(1800)  # a hang guard: several CLI runs, each a flow, on a busy machine
+def test_a_rehearsed_older_archive_does_not_outrank_the_chain_that_continues_the_newest(
+        etcd_a, etcd_b, store: Path, key: Path) -> None:
+    """The older archive passed a rehearsal (within --prefer-rehearsed-within of the newest, so it
+    would be tried first), but the change chain continues the newest: the failover restores the
+    newest plus the chain, up to its end, not the rehearsed archive alone (hours of changes lost),
+    and its preflight says why."""
+    e = Etcd(etcd_a.url)
+    prefix = "/" + unique("pref")
+    p = prefix.encode()
+    url, name = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", unique("src")
+    e.put_many({p + b"/seed%02d" % i: b"s" for i in range(5)})
+    backup(url, store, name, key)
+    r = cli("rehearse", str(store), "--source", name, "--scratch", f"etcd://{etcd_b.host}:{etcd_b.port}/"
+            + unique("scratch"), "--key-file", str(key))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    e.put(p + b"/second", b"2")
+    backup(url, store, name, key)
+    cap = Capture(url, store, name, key)
+    try:
+        for i in range(5):
+            e.put(p + b"/chained%02d" % i, b"c")
+        e.delete(p + b"/seed00")
+        rev = e.revision()
+        wait_for("the chain's changes sealed", lambda: covered(store, name, rev), cap.proc)
+    finally:
+        cap.stop()
+    want = {k[len(p):]: v for k, v in e.snapshot(p + b"/").items()}
+
+    target = "/" + unique("into")
+    r = cli("failover", name, "--from", str(store), "--into", f"etcd://{etcd_b.host}:{etcd_b.port}{target}",
+            "--primary", "etcd://127.0.0.1:1", "--key-file", str(key))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "preferred over newest" in out and "tried before" in out and "--at latest" in out, out[-3000:]
+    t = target.encode()
+    assert {k[len(t):]: v for k, v in Etcd(etcd_b.url).snapshot(t + b"/").items()} == want
