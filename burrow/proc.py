@@ -39,20 +39,33 @@ def boot_id() -> str:
         return ""
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace (``/proc/self/ns/pid``; empty when unknown): two containers
+    on one host share its boot but not their process numbers."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def process_identity(pid: int | None = None) -> dict[str, Any]:
-    """Who a process is, beyond its number (which the system reuses): the boot, the pid and
-    the process's start time in clock ticks since boot (``/proc/PID/stat``'s 22nd field)."""
+    """Who a process is, beyond its number (which the system reuses): the boot, the PID
+    namespace its number belongs to, the pid and the process's start time in clock ticks since
+    boot (``/proc/PID/stat``'s 22nd field). ``pid``: a process of this one's namespace."""
     pid = os.getpid() if pid is None else pid
     fields = stat_fields(pid)
-    return {"boot": boot_id(), "pid": pid, "start": int(fields[19]) if fields else None}
+    return {"boot": boot_id(), "pidns": pid_namespace(), "pid": pid, "start": int(fields[19]) if fields else None}
 
 
 def identity_gone(ident: dict[str, Any]) -> bool:
     """Whether the process ``ident`` (:func:`process_identity`) has certainly ended: same boot
-    of this host, and no process with its pid, or one that started at another time. A record
-    from another host or boot is never judged gone (nothing here can tell)."""
-    boot = boot_id()
-    if not boot or ident.get("boot") != boot or not isinstance(ident.get("pid"), int):
+    of this host, same PID namespace, and no process with its pid, or one that started at another
+    time. A record from another host, boot or container is never judged gone (nothing here can
+    tell)."""
+    boot, ns = boot_id(), pid_namespace()
+    if not boot or not ns or ident.get("boot") != boot or ident.get("pidns") != ns:
+        return False
+    if not isinstance(ident.get("pid"), int):
         return False
     fields = stat_fields(ident["pid"])
     return fields is None or int(fields[19]) != ident.get("start")

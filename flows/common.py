@@ -495,26 +495,26 @@ def _record_lock_holder(limit: str, lease_id: Any) -> None:
     from burrow.home import private_dir
     from burrow.proc import process_identity
 
-    path = _lock_record_path(limit)
-    record = {"limit": limit, "lease": str(lease_id), "api": _api_id(), "holder": process_identity()}
     try:
+        path = _lock_record_path(limit)
+        record = {"limit": limit, "lease": str(lease_id), "api": _api_id(), "holder": process_identity()}
         private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(record, f)
         os.replace(tmp, path)
-    except OSError as exc:  # the lock holds anyway; only a takeover after a crash is lost
+    except (OSError, RuntimeError) as exc:  # (no home) the lock holds anyway; only a takeover after a crash is lost
         logging.getLogger("burrow").debug("cannot record the holder of %s: %s", limit, exc)
 
 
 def _drop_lock_record(limit: str, lease_id: str | None) -> None:
     """Remove this host's record of ``limit``'s holder if it still names ``lease_id``."""
-    path = _lock_record_path(limit)
     try:
+        path = _lock_record_path(limit)
         if lease_id and json.loads(path.read_text()).get("lease") == lease_id:
             path.unlink()
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError, AttributeError):
         pass
 
 
@@ -533,7 +533,7 @@ def _free_if_holder_gone(limit: str) -> bool:
     try:
         record = json.loads(_lock_record_path(limit).read_text())
         lease = UUID(str(record["lease"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return False
     holder = record.get("holder") if isinstance(record.get("holder"), dict) else {}
     if record.get("api") != _api_id() or not identity_gone(holder):
