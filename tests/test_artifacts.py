@@ -196,7 +196,7 @@ def test_a_flow_run_sends_its_heartbeat_through_burrows_prompt_heartbeat(zk_a, s
     since = state.timestamp - timedelta(minutes=5)
     flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
                       resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]))
-    beats = wait_for("the run's heartbeat event", lambda: all_events(flt), timeout=30)  # stored in batches
+    beats = wait_for("the run's heartbeat event", lambda: all_events(flt), timeout=120)  # stored in batches
     assert beats[0].resource.id == f"prefect.flow-run.{run_id}"
 
 

@@ -193,7 +193,7 @@ def test_backup_missing_fires_when_backups_stop_and_not_while_they_arrive(missin
     fired = wait_for(f"burrow-backup-missing to fire for {quiet}",
                      lambda: firings(automation.id, since).get(quiet_id), timeout=WINDOW + 120)
     assert len(fired) == 1 and fired[0] >= quiet_last + window - timedelta(seconds=1), (fired, quiet_last)
-    (page,) = wait_for(f"the page for {quiet}", lambda: pager.pages_for(quiet), timeout=60)
+    (page,) = wait_for(f"the page for {quiet}", lambda: pager.pages_for(quiet), timeout=180)
     assert page["subject"].startswith(f"Burrow: no backup of {quiet} since ")
     assert quiet_id in page["body"] and "{{" not in page["body"] and "0:00:30" in page["body"], page
 
@@ -201,7 +201,7 @@ def test_backup_missing_fires_when_backups_stop_and_not_while_they_arrive(missin
     fired = wait_for(f"burrow-backup-missing to fire for {steady}",
                      lambda: firings(automation.id, since).get(steady_id), timeout=WINDOW + 120)
     assert len(fired) == 1 and fired[0] >= steady_last + window - timedelta(seconds=1), (fired, steady_last)
-    wait_for(f"the page for {steady}", lambda: pager.pages_for(steady), timeout=60)
+    wait_for(f"the page for {steady}", lambda: pager.pages_for(steady), timeout=180)
     # one outage, one page: by now, about a window after its firing, the quiet source has not fired again
     assert len(firings(automation.id, since)[quiet_id]) == 1
     assert len(pager.pages_for(quiet)) == 1 and len(pager.pages_for(steady)) == 1, pager.received
@@ -210,7 +210,7 @@ def test_backup_missing_fires_when_backups_stop_and_not_while_they_arrive(missin
     fired = wait_for(f"burrow-backup-missing to fire for {never}",
                      lambda: firings(automation.id, since).get(f"burrow.source.{never}"), timeout=WINDOW + 120)
     assert len(fired) == 1 and fired[0] >= armed_at + window - timedelta(seconds=5), (fired, armed_at)
-    (page,) = wait_for(f"the page for {never}", lambda: pager.pages_for(never), timeout=60)
+    (page,) = wait_for(f"the page for {never}", lambda: pager.pages_for(never), timeout=180)
     assert f"burrow.source.{never}" in page["body"] and "{{" not in page["body"], page
 
 
@@ -319,7 +319,7 @@ def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_pa
         # the server's record of the firing (stored a little after it paged): once, after that backup
         after_last = wait_progress("the firing's event", lambda: [
             t for t in firings(automation.id, since).get(f"burrow.source.{source}") or [] if t > last.occurred],
-            timeout=60)
+            timeout=180)
         assert len(after_last) == 1, (after_last, last.occurred)
         assert after_last[0] >= last.occurred + timedelta(seconds=SERVED_WINDOW) - timedelta(seconds=1)
         assert page["subject"].startswith(f"Burrow: no backup of {source} since ")
@@ -380,7 +380,7 @@ def test_backup_failures_page_once_per_outage_per_source(zk_a, tmp_path):
     def assert_names_its_run(page: dict[str, Any], source: str, run_id: str) -> None:
         # the server stores events a little after its triggers have seen them
         (ev,) = wait_progress(f"the failed event of run {run_id}", lambda: [
-            e for e in source_events(source, "burrow.backup.failed", since) if run_of(e) == run_id], timeout=60)
+            e for e in source_events(source, "burrow.backup.failed", since) if run_of(e) == run_id], timeout=180)
         error = ev.payload["error"]
         from prefect.client.orchestration import get_client
 
@@ -413,7 +413,7 @@ def test_backup_failures_page_once_per_outage_per_source(zk_a, tmp_path):
         want = {f"burrow.source.{a}": 2, f"burrow.source.{b}": 1, f"burrow.source.{c}": 1}
         fired = wait_progress("the firings' events", lambda: (
             f := {k: len(v) for k, v in firings(automation.id, since).items()}) and sum(f.values()) >= 4 and f,
-            timeout=60)
+            timeout=180)
         assert fired == want, fired
     finally:
         delete_automation(automation)

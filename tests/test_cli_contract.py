@@ -282,5 +282,5 @@ def test_a_changed_prefect_keeps_its_own_heartbeat_and_runs_still_beat(mismatch,
                       event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
                       resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]))
     # the server's event persister writes in batches
-    beats = wait_for("the run's heartbeat event", lambda: all_events(flt), timeout=30)
+    beats = wait_for("the run's heartbeat event", lambda: all_events(flt), timeout=120)
     assert beats[0].resource.id == f"prefect.flow-run.{run_id}"

@@ -259,9 +259,9 @@ def test_the_last_event_of_a_cli_run_reaches_the_api_and_the_exit_stays_quiet(zk
     assert archive.startswith("file://"), r
 
     # The command has exited: its events are at the server already or lost. The server writes
-    # what it received in batches, so it is read a few times over a few seconds at most.
+    # what it received in batches, so it is read until it is there (a lost event never is: the wait then fails).
     flt = EventFilter(occurred=EventOccurredFilter(since=since), event=EventNameFilter(name=["burrow.backup.completed"]),
                       any_resource=EventAnyResourceFilter(id=[f"burrow.archive.{archive}"]))
     events = wait_for("the run's last event (it did not reach the API before the console script exited)",
-                      lambda: all_events(flt), timeout=10)
+                      lambda: all_events(flt), timeout=120)
     assert len(events) == 1, events

@@ -354,7 +354,7 @@ def test_a_rerun_after_an_interruption_finishes_the_job(standby, zk_a, zk_b, sto
     def of_dc_i() -> list:
         return [e for e in all_events(flt) if e.resource.id == "burrow.source.dc-i"]
 
-    wait_for("the two failovers' events", lambda: len(of_dc_i()) >= 2, timeout=30)  # stored a little after
+    wait_for("the two failovers' events", lambda: len(of_dc_i()) >= 2, timeout=120)  # stored a little after
     events = of_dc_i()
     assert [e.event for e in events] == ["burrow.failover.completed"] * 2, events
     related = {r.role: r.id for r in events[0].related if r.role in ("target", "archive", "store")}

@@ -176,7 +176,7 @@ def burrow_event(since: datetime, name: str, run_id: Any) -> Any:
                 return ev
         return None
 
-    return wait_for(f"the {name} event of run {run_id}", find, timeout=60)
+    return wait_for(f"the {name} event of run {run_id}", find, timeout=180)
 
 
 def run_deployment_now(name: str, **parameters: Any) -> Any:
