@@ -307,21 +307,33 @@ def failover(
 
 def _chain_first(run: _Run, st: Any, source: str, keys: Any, choice: _Choice, allow_unencrypted: bool) -> Any:
     """The change chain's latest point (tasks/chain.py; a broken chain refuses the run here,
-    before any download), and the archive it continues put first among the candidates: a failover
-    restores the chain's end (seconds old) rather than a rehearsed but older archive alone (hours
-    old), which the chain does not continue. An unfinished failover's archive stays first (it is
-    finished with what it began)."""
+    before any download), and the candidates ordered for ``--at latest``: the newest state goes
+    first, never a rehearsed but older one (``--prefer-rehearsed-within`` orders archives restored
+    alone: ``--full-only``). When the chain ends after the newest archive was taken, the archive it
+    continues goes first (a chain from a resync needs none: the order stays); when the newest
+    archive is newer than the chain's end, it goes first and is restored alone. An unfinished
+    failover's archive stays first (it is finished with what it began)."""
+    from burrow import segments
+    from tasks.catalog import signed_order
     from tasks.chain import resolve_point_task
 
     point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
-    if choice.resumed_row is not None or not point.start_name:
-        return point  # (a chain point from a resync needs no archive: any candidate will do)
-    based = [r for r in choice.candidates if r["name"] == point.start_name]
-    if based and based[0] is not choice.candidates[0]:
-        first = choice.candidates[0]
-        choice.candidates = based + [r for r in choice.candidates if r is not based[0]]
-        run.preflight.append(f"archive: {based[0]['url']} tried before {first['url']}: the change chain continues "
-                             "it to its end (--at latest); --full-only restores an archive alone")
+    if choice.resumed_row is not None or not choice.candidates:
+        return point
+    end = point.segments[-1].last_time if point.segments else None
+    newest = max(choice.candidates, key=signed_order)
+    if end is None or end <= segments.iso_to_us(newest.get("created")):
+        want, why = newest, "it is newer than the change chain's end"
+    elif point.start_name:
+        want = next((r for r in choice.candidates if r["name"] == point.start_name), None)
+        why = "the change chain continues it to its end (--at latest)"
+    else:
+        want, why = None, ""
+    first = choice.candidates[0]
+    if want is not None and want is not first:
+        choice.candidates = [want] + [r for r in choice.candidates if r is not want]
+        run.preflight.append(f"archive: {want['url']} tried before {first['url']}: {why}; --full-only restores "
+                             "an archive alone, as --prefer-rehearsed-within orders them")
     return point
 
 

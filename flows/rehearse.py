@@ -130,6 +130,7 @@ def rehearse(
             touched = False
             with staging_dir() as work:
                 local = None
+                chain_end = None  # a chain's end from its last resync, rehearsed after the archive
                 started = time.monotonic()
                 stage = "download"  # what a failure is reported as (public_error: no key path)
                 try:
@@ -153,8 +154,8 @@ def rehearse(
                     if point_at is not None:  # a point: the archive plus the change chain up to it
                         stage = "validate"
                         with steps.step("validate"):
-                            state, state_keys, state_manifest = _point_state(st, source, name, point_at, local, keys, work,
-                                                                             allow_unencrypted, summary)
+                            state, state_keys, state_manifest, chain_end = _point_state(
+                                st, source, name, point_at, local, keys, work, allow_unencrypted, summary)
                         summary.update(keys=state_manifest["keys"])
                     touched = True
                     stage = "restore"
@@ -203,15 +204,76 @@ def rehearse(
                             _cleanup(target, prepared, work, summary, lists)
                     if mark:
                         _mark(st, name, row, manifest, local, keys, at, outcome, target.describe(), summary)
+                if chain_end is not None:
+                    _rehearse_chain_end(st, chain_end, target, Path(work), keys, allow_unencrypted, summary, lists,
+                                        steps)
         summary["status"] = "ok"
         return summary
 
 
+def _rehearse_chain_end(st: Any, point: Any, target: Any, work: Path, keys: Any, allow_unencrypted: bool,
+                        summary: dict[str, Any], lists: dict[str, list[str]], steps: report.Steps) -> None:
+    """After the archive passed (its marker written): the change chain's end, which a ZooKeeper
+    or Consul chain holds from its last resync (the whole state listed afresh, so the archive is
+    no part of it), restored into the scratch target, empty again, compared key by key and cleaned
+    up, as ``failover --at latest`` would restore it. Its counts go into ``summary["chain"]``; a
+    difference or a failure fails the run with a path-free error (the archive's marker stands: the
+    archive itself restored)."""
+    from burrow import segments
+    from tasks.chain import materialize
+
+    end = point.segments[-1].last_time
+    chain: dict[str, Any] = {"segments": len(point.segments), "at_time": segments.us_to_iso(end)}
+    summary.update(chain=chain, at_time=chain["at_time"], segments=len(point.segments))
+    sub = work / "chain-end"
+    sub.mkdir()
+    prepared = check_scratch(target)
+    done: dict[str, Any] = {}
+    mine: dict[str, list[str]] = {}
+    touched = False
+    stage = "validate"
+    try:
+        with steps.step("chain"):
+            state, state_keys, state_manifest = materialize(st, point, None, keys, str(sub), allow_unencrypted)
+            chain["keys"] = done["keys"] = state_manifest["keys"]
+            touched, stage = True, "restore"
+            plan_and_replay(state, target, sub, state_keys, done, mine, dry_run=False, subtree=None, maps=None)
+            if done.get("conflicts"):
+                stage = "own"
+                raise ArchiveError(f"the scratch target held {done['conflicts']} of the chain's keys with other values "
+                                   "(written there during the rehearsal?): the rehearsal of the chain proves nothing")
+            stage = "compare"
+            cmp = compare_scratch(state, target, str(sub), state_keys, int(done.get("intermediate_created") or 0),
+                                  label="the change chain's end")
+        d = cmp.drift
+        chain.update(compared=d.archive_keys, scratch_missing=d.removed, scratch_changed=d.changed,
+                     scratch_extra=d.added)
+        if not cmp.ok:
+            stage = "own"
+            raise ArchiveError(f"the scratch restore of the change chain's end differs from it: {d.removed} missing, "
+                               f"{d.changed} changed, {d.added} extra")
+        logger().info("rehearse: the change chain's end (%d segments, to %s) restored and compared: %d keys",
+                      len(point.segments), segments.show_time(end), d.archive_keys)
+    except BurrowError as exc:
+        public = public_error(exc, stage)
+        chain["error"] = public
+        if public != str(exc):  # the full message (it names keys) stays in the run's logs
+            logger().error("rehearse: the change chain's end: %s: %s", public, exc)
+            raise _public(exc, public) from None
+        raise
+    finally:
+        if touched:
+            _cleanup(target, prepared, sub, chain, mine)
+        for title, paths in mine.items():
+            lists[f"Chain end: {title}"] = paths
+
+
 def _point_state(st: Any, source: str, name: str, at: str, local: str, keys: Any, work: Any,
-                 allow_unencrypted: bool, summary: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+                 allow_unencrypted: bool, summary: dict[str, Any]) -> tuple[str, Any, dict[str, Any], Any]:
     """The state at ``at`` (``latest`` or a time) from the archive ``name`` (at ``local``) and the
-    source's change chain (tasks/chain.py), every segment checked. A point that does not start
-    from this archive is refused: the marker would name the wrong one."""
+    source's change chain (tasks/chain.py), every segment checked, and a chain's end to rehearse
+    after the archive (or None). A point that does not start from this archive is refused: the
+    marker would name the wrong one."""
     from burrow import segments
     from tasks.chain import has_chain, materialize, resolve_point_task
 
@@ -222,13 +284,21 @@ def _point_state(st: Any, source: str, name: str, at: str, local: str, keys: Any
                                    allow_unencrypted=allow_unencrypted)
     if at == "latest" and (point is None or point.start_name != name):
         # The daily rehearsal asks for ``latest``. With no chain, or one whose latest point does
-        # not start from this archive (a chain from an older one, or a ZooKeeper/Consul chain
-        # whose resync holds the whole state), the archive alone is rehearsed: the rehearsal's
-        # marker is the archive's.
-        logger().info("rehearse: no change chain of %s starts its latest point from the archive: rehearsing the "
-                      "archive alone", source)
+        # not start from this archive, the archive alone is rehearsed: the rehearsal's marker is
+        # the archive's. A ZooKeeper/Consul chain that continues this archive holds its latest
+        # point from a resync (the whole state): that point is rehearsed after the archive, as a
+        # failover --at latest would restore it.
         summary.update(at="latest", segments=0)
-        return local, keys, {"keys": summary["keys"]}
+        later = None
+        if point is not None and point.start_name is None and point.segments and all(
+                s.base_name == name for s in point.segments):
+            later = point
+            logger().info("rehearse: the change chain of %s continues the archive from a resync: rehearsing the "
+                          "archive, then the chain's end", source)
+        else:
+            logger().info("rehearse: no change chain of %s starts its latest point from the archive: rehearsing "
+                          "the archive alone", source)
+        return local, keys, {"keys": summary["keys"]}, later
     assert point is not None
     if point.start_name != name:
         raise UsageError(f"the point {at} of {source!r} starts from {point.start_name or 'a resync'}, not from the "
@@ -237,7 +307,7 @@ def _point_state(st: Any, source: str, name: str, at: str, local: str, keys: Any
     end = point.segments[-1].last_time if point.segments else None
     summary.update(at=at, segments=len(point.segments),
                    at_time=segments.us_to_iso(at_time if at_time is not None else end) if (at_time or end) else None)
-    return state, state_keys, state_manifest
+    return state, state_keys, state_manifest, None
 
 
 def _public(exc: BurrowError, public: str) -> BurrowError:

@@ -51,6 +51,21 @@ def test_zookeeper_failover_restores_the_chain_end_from_its_resync(zk_a, zk_b, s
     with kazoo(zk_b.url) as c:
         assert _relative(snapshot(c, target), target) == want
 
+    # the daily rehearsal's `latest` while the chain continues the newest archive from its resync:
+    # the archive, then the chain's end (what the failover above restored), each restored into the
+    # scratch, compared key by key and cleaned up
+    scratch = unique_root()
+    r = cli("rehearse", str(store), "--source", name, "--scratch", f"zk://{zk_b.url}{scratch}", "--at", "latest",
+            "--key-file", str(key), "--json")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["compared"] == len(archived) - 1, summary  # (the chroot's root is no key)
+    chain = summary["chain"]
+    assert chain["compared"] == chain["keys"] == len(want) - 1 and chain["segments"] >= 1, summary
+    assert chain["scratch_missing"] == chain["scratch_changed"] == chain["scratch_extra"] == 0, summary
+    with kazoo(zk_b.url) as c:
+        assert not c.exists(scratch) or c.get_children(scratch) == [], "the chain's end was not cleaned up"
+
     # a newer full archive than the chain's end: the archive alone, and the preflight says why
     with kazoo(zk_a.url) as c:
         c.create(f"{root}/after-the-chain", b"x")
