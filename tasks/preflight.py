@@ -304,10 +304,22 @@ def probe(block: SourceBlock, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str
 
     It answers when a session opens and one read of a Burrow-owned key that never exists
     returns, or when the server refuses the credentials or the read (a refusal is an
-    answer: the server is up). It is down when it cannot be reached within ``timeout``
-    seconds (connect timeouts are shortened on a copy of the block, and the whole probe runs
-    in a thread given ``3 * timeout + 2`` seconds, so a black-holed host never costs 30 s).
-    """
+    answer: the server is up). It is down only when two attempts, ``timeout`` then twice
+    ``timeout`` seconds, both find no answer: a primary that is alive but slow (a loaded
+    machine, a JVM in a pause) answers the second, and calling it down would let a failover
+    make two live clusters. Connect timeouts are shortened on a copy of the block, and each
+    attempt runs in a thread given ``3 * its timeout + 2`` seconds, so a black-holed host costs
+    about ``3 * timeout`` seconds, never 30 s."""
+    answers, detail = _probe_once(block, timeout)
+    if answers:
+        return answers, detail
+    logger().info("preflight: the primary %s gave no answer (%s); asking once more, with twice the time",
+                  block.describe(), detail)
+    return _probe_once(block, 2 * timeout)
+
+
+def _probe_once(block: SourceBlock, timeout: float) -> tuple[bool, str]:
+    """One attempt of :func:`probe` with ``timeout``."""
     updates = {f: timeout for f in ("connect_timeout", "request_timeout") if f in type(block).model_fields}
     quick = block.model_copy(update=updates)
     outcome: list[tuple[bool, str]] = []

@@ -354,6 +354,11 @@ def writer_run(
     plan = [(EVERY * (i + 1), pause(i == PAUSES - 1)) for i in range(PAUSES)]
     plan.append((kill_at, kill))
     plan += [(t, lambda act=act: (in_window(), act())) for t, act in events or []]
+    # the writer starts once the capture follows the source (it has caught up, after its first
+    # resync for ZooKeeper and Consul): a kill early in the run, on a busy machine, must not come
+    # before the first capture has sealed anything
+    follow.wait("the capture to catch up", lambda: any(
+        not m.get("catching_up") and not m.get("gap") for m in segments(run.store, run.name)))
     writer.thread.start()
     for t, act in sorted(plan, key=lambda p: p[0]):
         writer.until(t)
