@@ -508,14 +508,24 @@ def _record_lock_holder(limit: str, lease_id: Any) -> None:
         logging.getLogger("burrow").debug("cannot record the holder of %s: %s", limit, exc)
 
 
+def _read_lock_record(limit: str) -> dict[str, Any] | None:
+    """This host's record of ``limit``'s holder (:func:`_record_lock_holder`), or None when there
+    is none that reads."""
+    try:
+        record = json.loads(_lock_record_path(limit).read_text())
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _drop_lock_record(limit: str, lease_id: str | None) -> None:
     """Remove this host's record of ``limit``'s holder if it still names ``lease_id``."""
-    try:
-        path = _lock_record_path(limit)
-        if lease_id and json.loads(path.read_text()).get("lease") == lease_id:
-            path.unlink()
-    except (OSError, ValueError, RuntimeError, AttributeError):
-        pass
+    record = _read_lock_record(limit)
+    if lease_id and record is not None and record.get("lease") == lease_id:
+        try:
+            _lock_record_path(limit).unlink()
+        except (OSError, RuntimeError):
+            pass
 
 
 def _free_if_holder_gone(limit: str) -> bool:
@@ -530,10 +540,12 @@ def _free_if_holder_gone(limit: str) -> bool:
     from burrow.proc import identity_gone
     from burrow.runlog import logger
 
+    record = _read_lock_record(limit)
     try:
-        record = json.loads(_lock_record_path(limit).read_text())
-        lease = UUID(str(record["lease"]))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        lease = UUID(str(record["lease"])) if record is not None else None
+    except (ValueError, KeyError):
+        return False
+    if record is None or lease is None:
         return False
     holder = record.get("holder") if isinstance(record.get("holder"), dict) else {}
     if record.get("api") != _api_id() or not identity_gone(holder):

@@ -338,7 +338,6 @@ class Capture:
             self.events.sealed(self.source_name, seg, n, lag_s, {"segments": self.sealed, "changes": self.changes})
         return seg
 
-
     def settle(self) -> None:
         """Finish a put an interrupt cut short: when the segment it was storing is in the store,
         the chain moves on to it (its changes are sealed); when it is not, its changes are still
