@@ -84,6 +84,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
 
 
+#: Each test file's wall time (setup, calls, teardown) and the xdist worker that ran it, summed from
+#: the reports the controller receives: where the suite's time goes, file by file.
+_FILE_SECONDS: dict[str, float] = {}
+_FILE_WORKER: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    name = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
+    node = getattr(report, "node", None)
+    if node is not None:
+        _FILE_WORKER[name] = node.gateway.id
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The 15 slowest files and, per xdist worker, its files' total (the suite's critical path)."""
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section("slowest files")
+    for name, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:15]:
+        terminalreporter.write_line(f"{seconds:8.1f}s  {_FILE_WORKER.get(name, '-'):4}  {name}")
+    per_worker: dict[str, float] = {}
+    for name, seconds in _FILE_SECONDS.items():
+        worker = _FILE_WORKER.get(name, "-")
+        per_worker[worker] = per_worker.get(worker, 0.0) + seconds
+    terminalreporter.write_line("per worker: " + ", ".join(
+        f"{worker} {seconds:.0f}s" for worker, seconds in sorted(per_worker.items())))
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[LocalServer]:
     """The session's PostgreSQL server (a process of its own, private port and data directory):
