@@ -830,7 +830,9 @@ class EtcdWatch:
     slowed delivery from ~300,000 to 1,000-3,700 events a second here (bench/RESULTS.md,
     "Point-in-time capture"): at 1,000 writes a second the watcher fell behind, etcd refused
     writes, and a watcher left unsynced is where etcd 3.4.23 can send a progress notification
-    ahead of the events it covers (etcd-io/etcd#15220). Measured without it: no such case.
+    ahead of the events it covers (etcd-io/etcd#15220). Measured without it: no such case. When
+    it happens the capture records those events as late in the next segment (``late_from``) and a
+    restore to a point they precede reads them there (docs/FORMAT.md).
 
     etcd sends a watcher's events in revision order, every event of one revision in one
     response, and answers a progress request (sent on the same stream) only once the watcher

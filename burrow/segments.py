@@ -173,6 +173,10 @@ class Segment:
     #: written before resyncs were streamed is a whole resync: part 0, done.
     resync_part: int = 0
     resync_done: bool = True
+    #: The lowest position of a change this segment holds at or below its predecessor's last
+    #: position (a feed that reported progress ahead of queued changes: etcd 3.4.23,
+    #: etcd-io/etcd#15220); None when it holds none. A point at or after it reads this segment too.
+    late_from: int | None = None
 
     @classmethod
     def from_manifest(cls, name: str, url: str, m: dict[str, Any]) -> Segment:
@@ -191,6 +195,9 @@ class Segment:
             first_time, last_time = iso_to_us(m["first_time"]), iso_to_us(m["last_time"])
             if last_time < first_time:
                 raise ValueError("bad times")
+            late_from = m.get("late_from")
+            if late_from is not None and not (type(late_from) is int and 0 <= late_from < m["first_position"]):
+                raise ValueError("bad late_from")
             return cls(
                 name=name, url=url, sha=str(m["manifest_sha256"]), source=str(m["source"]),
                 base_name=base["name"], base_sha=base["manifest_sha256"], base_position=base["position"],
@@ -200,6 +207,7 @@ class Segment:
                 gap=m.get("gap") if isinstance(m.get("gap"), dict) else None,
                 changes=m["keys"], catching_up=bool(m.get("catching_up")), resync=bool(m.get("resync")),
                 resync_part=_resync_part(m), resync_done=m.get("resync_done", True) is not False,
+                late_from=late_from,
             )
         except (KeyError, TypeError, AttributeError, ValueError, ArchiveError):
             raise ArchiveError(f"{url} is not a well-formed change segment (its manifest lacks or garbles the "
@@ -210,12 +218,14 @@ def segment_manifest_fields(
     *, base: dict[str, Any], prev: Segment | dict[str, Any] | None, first_position: int, last_position: int,
     first_time: int, last_time: int, counts: dict[str, int], catching_up: bool,
     gap: dict[str, Any] | None = None, resync: bool = False, resync_part: int = 0, resync_done: bool = True,
+    late_from: int | None = None,
 ) -> dict[str, Any]:
     """The chain fields a capture writes into a segment's manifest (beside the archive fields).
     ``catching_up``: sealed before the capture had caught up with the service after it started
     (its changes are exact by position, but the times they were made are unknown). ``resync``:
     the segment holds (part ``resync_part`` of) a resync, the whole state listed afresh;
-    ``resync_done``: this part ends it (only then is the state whole again)."""
+    ``resync_done``: this part ends it (only then is the state whole again). ``late_from``: the
+    lowest position of a change it holds that an earlier segment's range already covered."""
     fields: dict[str, Any] = {
         "kind": KIND, "base": base, "first_position": first_position, "last_position": last_position,
         "first_time": us_to_iso(first_time), "last_time": us_to_iso(last_time), "changes": counts,
@@ -229,6 +239,8 @@ def segment_manifest_fields(
         fields["gap"] = gap
     if resync:
         fields.update(resync=True, resync_part=resync_part, resync_done=resync_done)
+    if late_from is not None:
+        fields["late_from"] = late_from
     return fields
 
 
@@ -391,7 +403,9 @@ def window(chains: list[Chain]) -> Window:
 class Point:
     """What restoring one point takes: the chain, its segments to read (in order), the full
     archive to start from (name, and its position), and the cut: changes after the start
-    archive's position up to ``at_position`` or seen up to ``at_time``."""
+    archive's position up to ``at_position``, or seen up to ``at_time`` or at a position a
+    segment ended by then had covered (``known_position``: a change delivered after a progress
+    report that covered it was made before that report)."""
 
     chain: Chain
     segments: list[Segment]
@@ -400,6 +414,7 @@ class Point:
     start_position: int
     at_time: int | None
     at_position: int | None
+    known_position: int = -1
 
     def includes(self, record: Record) -> bool:
         """Whether a change record belongs to the state at this point."""
@@ -409,7 +424,7 @@ class Point:
             return False
         if self.at_position is not None:
             return pos <= self.at_position
-        return int(m.get("t", 0)) <= (self.at_time or 0)
+        return int(m.get("t", 0)) <= (self.at_time or 0) or pos <= self.known_position
 
 
 def _damage(problems: list[str]) -> str:
@@ -471,14 +486,18 @@ def choose(
     if relevant or (dangling and upto is chain.live()[-1]):
         raise ArchiveError(f"the change chain of {source!r} is broken, nothing was written: {(relevant or dangling)[0]}")
     needed = chain.segments[: chain.segments.index(upto) + 1]
+    known = at_position if at_position is not None else max(
+        (s.last_position for s in needed if s.last_time <= (at_time or 0)), default=-1)
+    late = _late_segments(chain, upto, known)
     # a resync is the whole state at its position: start from the first part of the last one
     # before the point (upto is consistent, so that resync is finished by upto)
     resyncs = [i for i, s in enumerate(needed) if s.resync and s.resync_part == 0]
     if resyncs:
         needed = needed[resyncs[-1]:]
-        return Point(chain=chain, segments=needed, start_name=None, start_sha=None,
+        return Point(chain=chain, segments=needed + late, start_name=None, start_sha=None,
                      start_position=needed[0].first_position - 1,
-                     at_time=None if at_position is not None else at_time, at_position=at_position)
+                     at_time=None if at_position is not None else at_time, at_position=at_position,
+                     known_position=known)
     # The full archive to start from: the newest trusted one whose state is a position the chain
     # covers before the point (any, for a service with positions; else only the chain's own base).
     first = chain.first
@@ -498,8 +517,23 @@ def choose(
         raise ArchiveError(f"no trusted full archive of {source!r} to start the change chain from (its base "
                            f"{first.base_name} is gone or not trusted); {win.describe()}")
     needed = [s for s in needed if s.last_position > best[0]]
-    return Point(chain=chain, segments=needed, start_name=best[1], start_sha=best[2], start_position=best[0],
-                 at_time=None if at_position is not None else at_time, at_position=at_position)
+    return Point(chain=chain, segments=needed + late, start_name=best[1], start_sha=best[2], start_position=best[0],
+                 at_time=None if at_position is not None else at_time, at_position=at_position,
+                 known_position=known)
+
+
+def _late_segments(chain: Chain, upto: Segment, known: int) -> list[Segment]:
+    """The segments after ``upto`` that hold changes at or below ``known`` (delivered after a
+    progress report had covered them: etcd-io/etcd#15220). Their other changes are cut by the
+    point's position; a resync (the whole state afresh) is never read in part, so the search
+    stops at one."""
+    out: list[Segment] = []
+    for s in chain.live()[chain.live().index(upto) + 1:]:
+        if s.resync:
+            break
+        if s.late_from is not None and s.late_from <= known:
+            out.append(s)
+    return out
 
 
 # ----------------------------------------------------------------------------- materialize

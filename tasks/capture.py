@@ -152,6 +152,7 @@ class _Pending:
     bytes: int = 0
     counts: dict[str, int] = field(default_factory=lambda: {"put": 0, "del": 0})
     first_seen: int | None = None  # when its oldest change was seen (µs): the lag when it is sealed
+    late_from: int | None = None  # its lowest change at a position a sealed segment covered
 
 
 @dataclass
@@ -208,12 +209,14 @@ class Capture:
             # next resync completes
             self.seal()
             self.resync = None
-        if batch.changes and (late := sum(1 for c in batch.changes if c[3] <= self.head.after)):
-            self.late += late
-            logger().error("capture: %d changes arrived at positions a sealed segment already covered (up to %d): "
-                           "the feed reported progress ahead of them (etcd 3.4.23: etcd-io/etcd#15220); a restore "
-                           "--at-revision or --at inside that segment may miss them, --at latest holds them",
-                           late, self.head.after)
+        if batch.changes and (late := [c[3] for c in batch.changes if c[3] <= self.head.after]):
+            self.late += len(late)
+            low = min(late)
+            self.pending.late_from = low if self.pending.late_from is None else min(self.pending.late_from, low)
+            logger().warning("capture: %d changes arrived at positions a sealed segment already covered (up to %d): "
+                             "the feed reported progress ahead of them (etcd 3.4.23: etcd-io/etcd#15220); the next "
+                             "segment records them as late from position %d, and a restore to a point at or after "
+                             "it reads that segment too", len(late), self.head.after, low)
         self._gather(batch.changes, t, None)
         self.covered = max(self.covered, batch.position)
         if batch.progress and self.synced_at is None:
@@ -305,6 +308,7 @@ class Capture:
             prev=prev, first_position=first_position, last_position=last_position, first_time=first_time,
             last_time=last_time, counts=counts, catching_up=catching_up and gap is None, gap=gap, resync=rs is not None,
             resync_part=rs.part if rs is not None else 0, resync_done=resync is not None,
+            late_from=self.pending.late_from if gap is None else None,
         )
         fields.update(service=self.source.service, source=self.source_name, source_url=self.source.describe(),
                       root="/", object_name=name)

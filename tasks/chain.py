@@ -280,8 +280,11 @@ def resolve_point(
 
 
 def _relied_on(point: Point) -> list[Segment]:
-    """The segments a point relies on: those it applies, and the one that placed it (the last
-    segment at or before its time or position, which may hold no change after the start)."""
+    """The segments a point relies on: those it applies, the one that placed it (the last
+    segment at or before its time or position, which may hold no change after the start), and
+    the chain's last: its links vouch for every segment's ``late_from`` up to it, which decided
+    whether a later segment holds changes the point includes (a forged index entry could
+    otherwise hide one)."""
     placed = None
     for s in point.chain.live():
         if point.at_position is not None:
@@ -290,8 +293,9 @@ def _relied_on(point: Point) -> list[Segment]:
         elif s.first_time <= (point.at_time or 0):
             placed = s
     out = list(point.segments)
-    if placed is not None and all(s.name != placed.name for s in out):
-        out.append(placed)
+    for seg in (placed, point.chain.live()[-1] if point.chain.live() else None):
+        if seg is not None and all(s.name != seg.name for s in out):
+            out.append(seg)
     return out
 
 

@@ -177,7 +177,7 @@ class LateFeed:
             yield ChangeBatch([], after + 100, progress=True)
 
 
-def test_a_change_below_a_sealed_position_is_kept_and_reported(etcd_a, store: Path, key: Path, monkeypatch,
+def test_a_late_change_below_a_sealed_position_is_in_every_point_after_it(etcd_a, store: Path, key: Path, monkeypatch,
                                                                caplog) -> None:
     from blocks.resolve import source_from_ref
 
@@ -195,3 +195,25 @@ def test_a_change_below_a_sealed_position_is_kept_and_reported(etcd_a, store: Pa
     assert result["late_changes"] == 1, result
     assert any("arrived at positions a sealed segment already covered" in rec.getMessage() for rec in caplog.records)
     assert not any("/late" in rec.getMessage() for rec in caplog.records)  # positions only, never a key
+
+    # The late change was made before the progress report that covered it: every point at or
+    # after its position holds it, though the segment that placed the point does not.
+    after = feed.position
+    sealed = segments(store, name)
+    holder = next(m for m in sealed if m.get("late_from") is not None)
+    assert holder["late_from"] == after + 50 and holder["first_position"] > after + 50, holder
+    covering = next(m for m in sealed if m["first_position"] <= after + 60 <= m["last_position"])
+    assert covering["keys"] == 0, covering  # the segment that placed the point holds no change
+    src = Etcd(etcd_a.url)
+    points = {"--at-revision before it": ("--at-revision", str(after + 49)),
+              "--at-revision": ("--at-revision", str(after + 60)),
+              "--at the covering segment's end": ("--at", covering["last_time"])}
+    for label, point in points.items():
+        prefix = f"/{unique('late-into')}/"
+        r = subprocess.run([BURROW, "restore", str(store), "--source", name, *point, "--into",
+                            f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", "--key-file", str(key)],
+                           capture_output=True, text=True, cwd=str(REPO), timeout=300)
+        assert r.returncode == 0, (label, r.stderr[-3000:])
+        got = {k[len(prefix):]: v for k, v in src.snapshot(prefix.encode()).items()}
+        want = {b"a": b"1"} if label.endswith("before it") else {b"a": b"1", b"late": b"v"}
+        assert {k.decode(): v for k, v in got.items()} == {k.decode(): v for k, v in want.items()}, label
