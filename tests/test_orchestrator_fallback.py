@@ -154,7 +154,7 @@ def test_a_refusing_api_url_falls_back_to_the_local_server(local, archive, zk_b)
     env, port = local
     url, store, root = archive
     dead = f"http://burrow-user:hunter2-secret@127.0.0.1:{free_port()}/api"
-    r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
+    r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}{unique_root()}", "--dry-run",
                "--force"],  # the primary (zk_a) still answers: this is a drill
               {**env, "PREFECT_API_URL": dead})
     assert r.code == 0, r
@@ -241,7 +241,7 @@ def test_a_never_answering_api_url_starts_the_stopped_local_server_and_keeps_the
     hang = silent_listener()
     try:
         dead = f"http://127.0.0.1:{hang.getsockname()[1]}/api"
-        r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
+        r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}{unique_root()}", "--dry-run",
                    "--force"], {**env, "PREFECT_API_URL": dead})
     finally:
         hang.close()
@@ -262,7 +262,7 @@ def test_first_use_with_a_refusing_api_url_starts_the_local_server_and_keeps_the
     _HOMES.append(env["BURROW_HOME"])
     dead = f"http://127.0.0.1:{free_port()}/api"
     try:
-        r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}", "--dry-run",
+        r = Timed(["failover", "fallback-src", "--from", str(store), "--into", f"zk://{zk_b.url}{unique_root()}", "--dry-run",
                    "--force"], {**env, "PREFECT_API_URL": dead})
         _fell_back_once(r, cause="connection refused", dead=dead, port=port, archive_url=url)
         assert "Traceback" not in r.err, r
