@@ -246,7 +246,7 @@ def failover(
             # the RPO gate judges what the failover restores: with a change chain, its end (below,
             # once the chain is resolved); with --full-only or no chain, the archive's age here
             chained = not full_only and has_chain(st, source, keys, allow_unencrypted)
-            point = _chain_first(run, st, source, keys, choice, allow_unencrypted) if chained and not archive else None
+            point = _chain_first(run, st, source, keys, choice, allow_unencrypted, bool(archive)) if chained else None
             with staging_dir() as work:
                 with run.step("download_validate"):
                     row, local, manifest = _choose(
@@ -305,20 +305,22 @@ def failover(
         raise
 
 
-def _chain_first(run: _Run, st: Any, source: str, keys: Any, choice: _Choice, allow_unencrypted: bool) -> Any:
+def _chain_first(run: _Run, st: Any, source: str, keys: Any, choice: _Choice, allow_unencrypted: bool,
+                 pinned: bool) -> Any:
     """The change chain's latest point (tasks/chain.py; a broken chain refuses the run here,
     before any download), and the candidates ordered for ``--at latest``: the newest state goes
     first, never a rehearsed but older one (``--prefer-rehearsed-within`` orders archives restored
     alone: ``--full-only``). When the chain ends after the newest archive was taken, the archive it
     continues goes first (a chain from a resync needs none: the order stays); when the newest
     archive is newer than the chain's end, it goes first and is restored alone. An unfinished
-    failover's archive stays first (it is finished with what it began)."""
+    failover's archive stays first (it is finished with what it began), and so does an archive
+    the operator named (``--archive``)."""
     from burrow import segments
     from tasks.catalog import signed_order
     from tasks.chain import resolve_point_task
 
     point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
-    if choice.resumed_row is not None or not choice.candidates:
+    if pinned or choice.resumed_row is not None or not choice.candidates:
         return point
     end = point.segments[-1].last_time if point.segments else None
     newest = max(choice.candidates, key=signed_order)
@@ -339,13 +341,12 @@ def _chain_first(run: _Run, st: Any, source: str, keys: Any, choice: _Choice, al
 
 def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str, manifest: dict[str, Any],
                keys: Any, work: Any, allow_unencrypted: bool, full_only: bool,
-               chained: bool, point: Any = None) -> tuple[str, Any, dict[str, Any]]:
+               chained: bool, point: Any) -> tuple[str, Any, dict[str, Any]]:
     """``(archive path, its keys, its manifest)`` to restore: the chosen archive as it is, or, when
     the source's change chain continues it up to a later point, the state at the chain's end
-    (tasks/chain.py; ``point``, when already resolved), with a preflight line giving both RPOs. A
-    broken chain refuses the run."""
+    (``point``: resolved once, by :func:`_chain_first`), with a preflight line giving both RPOs."""
     from burrow import segments
-    from tasks.chain import materialize, resolve_point_task
+    from tasks.chain import materialize
 
     if full_only:
         run.preflight.append("changes: not applied (--full-only)")
@@ -353,8 +354,6 @@ def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str,
     if not chained:  # (tasks/chain.py has_chain)
         run.preflight.append("changes: none captured (no change chain): the archive alone")
         return local, keys, manifest
-    if point is None:
-        point = resolve_point_task(st, source, keys, latest=True, allow_unencrypted=allow_unencrypted)
     # The chain's latest point starts from the chosen archive, or from a resync of the chain (ZooKeeper
     # and Consul list the whole state afresh on every (re)connection: the archive is not needed)
     end = point.segments[-1].last_time if point.segments else None

@@ -20,6 +20,7 @@ block names).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,39 +159,21 @@ def rehearse(
                                 st, source, name, point_at, local, keys, work, allow_unencrypted, summary)
                         summary.update(keys=state_manifest["keys"])
                     touched = True
-                    stage = "restore"
-                    with steps.step("restore"):
-                        plan_and_replay(state, target, work, state_keys, summary, lists, dry_run=False, subtree=None,
-                                        maps=None)
-                    restore_s = time.monotonic() - started
-                    outcome.update(restore_s=restore_s, keys=summary["keys"])
-                    summary.update(rto_s=round(restore_s, 3), restore_s=round(restore_s, 3))
+                    restored_at = _restore_and_compare(state, state_keys, target, work, summary, lists, steps,
+                                                       row["url"])
                     stage = "own"  # (the flow's own messages: counts and URLs only)
-                    if summary.get("conflicts"):
-                        raise ArchiveError(
-                            f"the scratch target {target.describe()} held {summary['conflicts']} of the archive's keys "
-                            "with other values (written there during the rehearsal?): the rehearsal proves nothing"
-                        )
-                    stage = "compare"
-                    with steps.step("compare"):
-                        cmp = compare_scratch(state, target, str(work), state_keys,
-                                              int(summary.get("intermediate_created") or 0), label=row["url"])
-                    stage = "own"
-                    d = cmp.drift
-                    summary.update(compared=d.archive_keys, scratch_missing=d.removed, scratch_changed=d.changed,
-                                   scratch_extra=d.added)
-                    lists["Missing in the scratch restore"] = d.removed_paths
-                    lists["Changed in the scratch restore"] = d.changed_paths
-                    lists["Extra in the scratch restore"] = d.added_paths
-                    if not cmp.ok:
-                        raise ArchiveError(f"the scratch restore of {row['url']} differs from the archive: {cmp.problem}")
-                    outcome["ok"] = True
+                    restore_s = restored_at - started
+                    outcome.update(restore_s=restore_s, keys=summary["keys"], ok=True)
+                    summary.update(rto_s=round(restore_s, 3), restore_s=round(restore_s, 3))
                 except KeyMismatch:
                     mark = False  # a key problem says nothing about the archive
                     raise
                 except UsageError:
                     mark = False
                     raise
+                except _Failed as failed:
+                    outcome["error"] = failed.public
+                    raise failed.error from None
                 except BurrowError as exc:
                     public = public_error(exc, stage)
                     outcome["error"] = public
@@ -228,44 +211,88 @@ def _rehearse_chain_end(st: Any, point: Any, target: Any, work: Path, keys: Any,
     sub = work / "chain-end"
     sub.mkdir()
     prepared = check_scratch(target)
-    done: dict[str, Any] = {}
+    done: dict[str, Any] = {}  # the plan's and the replay's counts
     mine: dict[str, list[str]] = {}
     touched = False
-    stage = "validate"
     try:
         with steps.step("chain"):
-            state, state_keys, state_manifest = materialize(st, point, None, keys, str(sub), allow_unencrypted)
+            try:
+                state, state_keys, state_manifest = materialize(st, point, None, keys, str(sub), allow_unencrypted)
+            except BurrowError as exc:
+                raise _Failed.of(exc, "validate", "the change chain's end") from None
             chain["keys"] = done["keys"] = state_manifest["keys"]
-            touched, stage = True, "restore"
-            plan_and_replay(state, target, sub, state_keys, done, mine, dry_run=False, subtree=None, maps=None)
-            if done.get("conflicts"):
-                stage = "own"
-                raise ArchiveError(f"the scratch target held {done['conflicts']} of the chain's keys with other values "
-                                   "(written there during the rehearsal?): the rehearsal of the chain proves nothing")
-            stage = "compare"
-            cmp = compare_scratch(state, target, str(sub), state_keys, int(done.get("intermediate_created") or 0),
-                                  label="the change chain's end")
-        d = cmp.drift
-        chain.update(compared=d.archive_keys, scratch_missing=d.removed, scratch_changed=d.changed,
-                     scratch_extra=d.added)
-        if not cmp.ok:
-            stage = "own"
-            raise ArchiveError(f"the scratch restore of the change chain's end differs from it: {d.removed} missing, "
-                               f"{d.changed} changed, {d.added} extra")
+            touched = True
+            _restore_and_compare(state, state_keys, target, sub, done, mine, None, "the change chain's end")
+        chain.update({k: done[k] for k in ("compared", "scratch_missing", "scratch_changed", "scratch_extra")})
         logger().info("rehearse: the change chain's end (%d segments, to %s) restored and compared: %d keys",
-                      len(point.segments), segments.show_time(end), d.archive_keys)
-    except BurrowError as exc:
-        public = public_error(exc, stage)
-        chain["error"] = public
-        if public != str(exc):  # the full message (it names keys) stays in the run's logs
-            logger().error("rehearse: the change chain's end: %s: %s", public, exc)
-            raise _public(exc, public) from None
-        raise
+                      len(point.segments), segments.show_time(end), chain["compared"])
+    except _Failed as failed:
+        chain["error"] = failed.public
+        raise failed.error from None
     finally:
         if touched:
             _cleanup(target, prepared, sub, chain, mine)
         for title, paths in mine.items():
             lists[f"Chain end: {title}"] = paths
+
+
+class _Failed(Exception):
+    """A scratch restore that failed: the error to raise (path-free) and its public text."""
+
+    def __init__(self, error: BurrowError, public: str) -> None:
+        super().__init__(public)
+        self.error, self.public = error, public
+
+    @classmethod
+    def of(cls, exc: BurrowError, stage: str, what: str) -> _Failed:
+        """``exc`` as the rehearsal reports it: its text when it names no key, else the stage's
+        public line (the full message stays in the run's logs)."""
+        public = public_error(exc, stage)
+        if public != str(exc):
+            logger().error("rehearse: %s: %s: %s", what, public, exc)
+            return cls(_public(exc, public), public)
+        return cls(exc, public)
+
+
+def _restore_and_compare(state: str, state_keys: Any, target: Any, work: Path, summary: dict[str, Any],
+                         lists: dict[str, list[str]], steps: report.Steps | None, label: str) -> float:
+    """The rehearsal's proof, of an archive or of a change chain's end (``state``): restored into
+    the empty scratch target, no conflict, then compared key by key. The counts go into
+    ``summary``, the differing paths into ``lists``; ``_Failed`` on a failure or a difference (a
+    key or usage problem is raised as it is: it says nothing about the archive). ``steps``: the
+    run's steps, timed as ``restore`` and ``compare`` (None: the caller times them). Returns when
+    the replay ended (``time.monotonic()``)."""
+    def step(name: str) -> Any:
+        return steps.step(name) if steps is not None else contextlib.nullcontext()
+
+    stage = "restore"
+    try:
+        with step("restore"):
+            plan_and_replay(state, target, work, state_keys, summary, lists, dry_run=False, subtree=None, maps=None)
+        restored_at = time.monotonic()
+        stage = "own"  # (the flow's own messages: counts and URLs only)
+        if summary.get("conflicts"):
+            raise ArchiveError(
+                f"the scratch target {target.describe()} held {summary['conflicts']} of the keys of {label} with other "
+                "values (written there during the rehearsal?): the rehearsal proves nothing")
+        stage = "compare"
+        with step("compare"):
+            cmp = compare_scratch(state, target, str(work), state_keys, int(summary.get("intermediate_created") or 0),
+                                  label=label)
+        stage = "own"
+        d = cmp.drift
+        summary.update(compared=d.archive_keys, scratch_missing=d.removed, scratch_changed=d.changed,
+                       scratch_extra=d.added)
+        lists["Missing in the scratch restore"] = d.removed_paths
+        lists["Changed in the scratch restore"] = d.changed_paths
+        lists["Extra in the scratch restore"] = d.added_paths
+        if not cmp.ok:
+            raise ArchiveError(f"the scratch restore differs from {label}: {cmp.problem}")
+    except (KeyMismatch, UsageError):
+        raise
+    except BurrowError as exc:
+        raise _Failed.of(exc, stage, label) from None
+    return restored_at
 
 
 def _point_state(st: Any, source: str, name: str, at: str, local: str, keys: Any, work: Any,

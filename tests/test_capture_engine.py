@@ -332,19 +332,25 @@ def test_a_large_consul_resync_is_sealed_in_parts_and_restores_whole(consul_a, c
 # --------------------------------------------------------------------------- one capture per source
 
 
+def _backed_up_prefix(etcd: Any, store: Path, key: Path, label: str) -> tuple[Etcd, str, str, str]:
+    """A new etcd prefix holding one key, and its full backup: ``(client, prefix, url, source name)``."""
+    e = Etcd(etcd.url)
+    prefix = "/" + unique(label)
+    e.put(prefix.encode() + b"/seed", b"s")
+    url = f"etcd://{etcd.host}:{etcd.port}{prefix}"
+    name = unique("src")
+    r = cli("backup", url, "--to", str(store), "--name", name, "--key-file", str(key))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return e, prefix, url, name
+
+
 @pytest.mark.timeout(1200)  # a hang guard: two captures on a busy machine
 def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not_fork(
         etcd_a, store, key, tmp_path) -> None:
     from blocks.resolve import store_from_ref
     from tasks.chain import read_chains
 
-    e = Etcd(etcd_a.url)
-    prefix = "/" + unique("lock")
-    e.put(prefix.encode() + b"/seed", b"s")
-    url = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}"
-    name = unique("src")
-    r = cli("backup", url, "--to", str(store), "--name", name, "--key-file", str(key))
-    assert r.returncode == 0, r.stderr[-3000:]
+    e, prefix, url, name = _backed_up_prefix(etcd_a, store, key, "lock")
     first = capture_proc(tmp_path, "first", url, str(store), name, key)
     second = None
     try:
@@ -383,13 +389,7 @@ def test_a_capture_killed_outright_frees_its_lock_for_the_next_on_this_host_at_o
     from blocks.resolve import store_from_ref
     from tasks.chain import read_chains
 
-    e = Etcd(etcd_a.url)
-    prefix = "/" + unique("lockgone")
-    e.put(prefix.encode() + b"/seed", b"s")
-    url = f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}"
-    name = unique("src")
-    r = cli("backup", url, "--to", str(store), "--name", name, "--key-file", str(key))
-    assert r.returncode == 0, r.stderr[-3000:]
+    e, prefix, url, name = _backed_up_prefix(etcd_a, store, key, "lockgone")
     first = capture_proc(tmp_path, "first", url, str(store), name, key)
     second = None
     try:
