@@ -94,3 +94,15 @@ def peak_rss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def lower_priority(nice: int) -> int:
+    """Lower this process's CPU priority to niceness ``nice`` (never raise it: an unprivileged
+    process cannot, and a process already nicer stays so); return the niceness it now has.
+    ``nice`` outside 0..19 is a usage error of the caller."""
+    if not 0 <= nice <= 19:
+        raise ValueError("niceness is 0 to 19")
+    current = os.nice(0)
+    if nice > current:
+        current = os.nice(nice - current)
+    return current

@@ -23,6 +23,9 @@ def register(sub: Any) -> dict[str, Any]:
     c.add_argument("--include-leased", action="store_true",
                    help="etcd: capture leased keys with their TTL, as backup --include-leased keeps them "
                         "(default: a leased key is left out, as a backup skips it)")
+    c.add_argument("--nice", type=int, default=10, metavar="N",
+                   help="run at CPU niceness N, 0 to 19 (default 10): on a host shared with the source's "
+                        "server, its requests come first; 0 leaves the priority as it is")
     add_write_keys(c)
     return {"capture": cmd_capture}
 
@@ -38,6 +41,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     seal_every = parse_duration(args.seal_every, "--seal-every").total_seconds()
     if seal_every <= 0 or (duration is not None and duration <= 0):
         raise UsageError("--for and --seal-every must be longer than zero")
+    if not 0 <= args.nice <= 19:
+        raise UsageError("--nice takes a niceness from 0 to 19")
     if args.include_leased:
         from blocks.resolve import source_from_ref
 
@@ -50,7 +55,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     summary = capture(
         source=ref, store=args.store, name=args.name, seal_every_s=seal_every, duration_s=duration, **keys,
-        include_leased=args.include_leased,
+        include_leased=args.include_leased, nice=args.nice,
     )
     if report_json(summary, EXIT_OK):
         return EXIT_OK

@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from blocks.keys import backup_write_keys
 from blocks.resolve import source_from_ref, store_from_ref
-from burrow import naming, report
+from burrow import naming, proc, report
 from burrow.errors import UsageError
 from burrow.keys import KeyRefs
 from burrow.runlog import logger
@@ -77,6 +77,7 @@ def capture(
     passphrase_env: str | None = None,
     key_block: str | None = None,
     include_leased: bool = False,
+    nice: int = 10,
 ) -> dict[str, Any]:
     """Follow ``source``'s changes for ``duration_s`` seconds (None: until interrupted) and seal
     them into ``store`` every ``seal_every_s`` seconds, continuing the source's chain (or
@@ -85,7 +86,10 @@ def capture(
     times), takes a full backup and goes on from it. One capture at a time per source
     (``capture_lock``). ``include_leased`` (etcd): leased keys are captured with their lease's
     TTL, as ``backup --include-leased`` keeps them; else a leased put is recorded as the key's
-    delete, as a backup skips it."""
+    delete, as a backup skips it. ``nice``: the capture's process lowers its CPU priority to this
+    niceness (0: left as it is): it follows for hours beside whatever else the host runs, the
+    source's own server perhaps, and a busy CPU serves the others first (bench/RESULTS.md, the
+    source's write latency with and without a capture)."""
     log = logger()
     summary: dict[str, Any] = {"status": "failed", "source": name or source}
 
@@ -94,6 +98,7 @@ def capture(
                        f"Burrow capture of {summary.get('source')}: {summary['status']}", dict(summary))
 
     with recorded_run("capture", summary, _publish):
+        summary["nice"] = proc.lower_priority(nice)
         src = source_from_ref(source)
         if include_leased:
             if "include_leased" not in type(src).model_fields:

@@ -15,6 +15,7 @@ refused before anything is written."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,6 +273,8 @@ def _stopped_chain(etcd: Any, store: Path, key: Path, changes: int = 60) -> tupl
         if i % 15 == 14:
             rev = e.revision()
             wait_for("a segment", lambda rev=rev: covered(store, name, rev), cap.proc)
+            # the capture lowered its CPU priority (--nice, default 10): a shared host serves the source first
+            assert os.getpriority(os.PRIO_PROCESS, cap.proc.pid) == 10
     rev = e.revision()
     wait_for("the last segment", lambda: covered(store, name, rev), cap.proc)
     cap.stop()  # Ctrl-C: its lock is free at once for the next capture
