@@ -526,10 +526,11 @@ def _late_segments(chain: Chain, upto: Segment, known: int) -> list[Segment]:
     """The segments after ``upto`` that hold changes at or below ``known`` (delivered after a
     progress report had covered them: etcd-io/etcd#15220). Their other changes are cut by the
     point's position; a resync (the whole state afresh) is never read in part, so the search
-    stops at one."""
+    stops at one, and at a segment whose state is not whole."""
     out: list[Segment] = []
-    for s in chain.live()[chain.live().index(upto) + 1:]:
-        if s.resync:
+    live = chain.live()
+    for s, whole in list(zip(live, chain.consistent(), strict=True))[live.index(upto) + 1:]:
+        if s.resync or not whole:
             break
         if s.late_from is not None and s.late_from <= known:
             out.append(s)

@@ -214,7 +214,8 @@ class Capture:
             low = min(late)
             self.pending.late_from = low if self.pending.late_from is None else min(self.pending.late_from, low)
             logger().warning("capture: %d changes arrived at positions a sealed segment already covered (up to %d): "
-                             "the feed reported progress ahead of them (etcd 3.4.23: etcd-io/etcd#15220); the next "
+                             "the feed reported progress ahead of them (etcd 3.4.23: etcd-io/etcd#15220; ZooKeeper: "
+                             "notifications queued during a resync's walk); the next "
                              "segment records them as late from position %d, and a restore to a point at or after "
                              "it reads that segment too", len(late), self.head.after, low)
         self._gather(batch.changes, t, None)
