@@ -322,8 +322,9 @@ class Capture:
                 for r in records:
                     writer.add(r)
                 manifest = writer.finish(fields)
-                out.flush()
-                os.fsync(out.fileno())
+                # no fsync: the file is scratch, read once by the store's put, which makes its own
+                # copy durable (a crash before the put loses only a segment no chain names yet);
+                # the capture shares its host's disk with the source perhaps, whose log fsyncs
         seg = Segment.from_manifest(name, self.store.url(name), manifest)
         n = len(records) if gap is None else 0
         lag_s = (segments.now_us() - self.pending.first_seen) / 1e6 if self.pending.first_seen else 0.0
