@@ -800,6 +800,8 @@ def main() -> int:
     ap.add_argument("--stages", default="10000,100000,1000000", help="chain lengths, in changes")
     ap.add_argument("--full-runs", type=int, default=2, help="restores of the full archive alone (interleaved)")
     ap.add_argument("--workdir", help="keep servers' data and the store here (default: a temp dir, removed)")
+    ap.add_argument("--store", help="the local store's directory (default: WORKDIR/store); another filesystem "
+                                    "(/dev/shm) keeps the capture's writes off the sources' disk, as a remote store does")
     ap.add_argument("--capture-no-prev-kv", action="store_true",
                     help="start captures with their etcd watch asking for no prev_kv (a patch in the process)")
     args = ap.parse_args()
@@ -827,8 +829,8 @@ def main() -> int:
         key = workdir / "capture.key"
         if not key.exists():
             keygen(key, x25519=False)
-        store = workdir / "store"
-        store.mkdir(exist_ok=True)
+        store = Path(args.store) if args.store else workdir / "store"
+        store.mkdir(parents=True, exist_ok=True)
         if "rpo" in phases:
             writers: list[tuple[str, Writer, str]] = []
             if "etcd" in services:

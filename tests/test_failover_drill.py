@@ -230,22 +230,25 @@ def test_a_dead_target_fails_first_before_any_archive_is_read(store, key):
 def test_zookeeper_drill_us_to_eu_and_back(standby, cli, zk_a, zk_b, store, key, capsys):
     """B1/R1: DC-US (zk_a) is backed up; it fails; DC-EU (zk_b) is rebuilt from the archive.
     B2/R2: DC-EU, now serving, is backed up and DC-US is brought back from it. While a primary
-    answers, the split-brain guard refuses unless --force."""
+    answers, the split-brain guard refuses unless --force. The sources' names are the test's own:
+    a block of the session's server named like one (test_orchestrator saves ``dc-eu``) would be
+    probed as the primary instead of the URL each archive's manifest records."""
+    us_name, eu_name = unique("dc-us"), unique("dc-eu")
     root = unique_root()
     with kazoo(zk_a.url) as us:
         for i in range(20):
             us.create(f"{root}/app/k{i}", f"us-{i}".encode(), makepath=True)
         us_state = snapshot(us, root)
-    b1 = backup(source=f"zk://{zk_a.url}", store=str(store), name="dc-us", root=root, key_file=str(key))
+    b1 = backup(source=f"zk://{zk_a.url}", store=str(store), name=us_name, root=root, key_file=str(key))
 
     # R1 while DC-US still answers (the manifest records its URL): refused, nothing written
-    assert main(["failover", "dc-us", "--from", str(store), "--into", f"zk://{standby}", "--key-file", str(key)]) == 1
+    assert main(["failover", us_name, "--from", str(store), "--into", f"zk://{standby}", "--key-file", str(key)]) == 1
     line = errors(capsys.readouterr().err)
     assert len(line) == 1 and "split-brain guard" in line[0] and "--force" in line[0], line
     with kazoo(standby) as eu:
         assert eu.exists(root) is None
     # R1 with DC-US down
-    r = cli("failover", "dc-us", "--from", str(store), "--into", f"zk://{standby}", "--key-file", str(key),
+    r = cli("failover", us_name, "--from", str(store), "--into", f"zk://{standby}", "--key-file", str(key),
             "--primary", DEAD)
     assert r.code == 0, r
     assert f"failover from {b1['url']}" in r.out and "preflight target" in r.out and "rto_s=" in r.out, r
@@ -256,13 +259,13 @@ def test_zookeeper_drill_us_to_eu_and_back(standby, cli, zk_a, zk_b, store, key,
         eu.set(f"{root}/app/k0", b"eu-changed")
         eu.create(f"{root}/app/eu-new", b"eu-only")
         eu_state = snapshot(eu, root)
-    b2 = backup(source=f"zk://{standby}", store=str(store), name="dc-eu", root=root, key_file=str(key))
+    b2 = backup(source=f"zk://{standby}", store=str(store), name=eu_name, root=root, key_file=str(key))
 
     # R2: DC-EU still answers, so going back needs --force; DC-US still holds its old data
-    assert main(["failover", "dc-eu", "--from", str(store), "--into", f"zk://{zk_a.url}", "--key-file", str(key)]) == 1
+    assert main(["failover", eu_name, "--from", str(store), "--into", f"zk://{zk_a.url}", "--key-file", str(key)]) == 1
     line = errors(capsys.readouterr().err)
     assert len(line) == 1 and "split-brain guard" in line[0] and f"zk://{standby}" in line[0], line
-    r = cli("failover", "dc-eu", "--from", str(store), "--into", f"zk://{zk_a.url}", "--key-file", str(key),
+    r = cli("failover", eu_name, "--from", str(store), "--into", f"zk://{zk_a.url}", "--key-file", str(key),
             "--force")
     assert r.code == 3, r  # the key DC-EU changed exists in DC-US with its old value: a conflict, kept
     assert f"failover from {b2['url']}" in r.out and f"conflict {root}/app/k0" in r.out, r
