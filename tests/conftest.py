@@ -7,6 +7,7 @@ A server that cannot start fails the tests that need it: nothing here skips.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -188,8 +189,11 @@ def _session_server(name: str, start: Callable[[Path], LocalServer]) -> Any:
     return server_fixture
 
 
-zk_a = _session_server("zk_a", start_zookeeper)
-zk_b = _session_server("zk_b", start_zookeeper)
+#: The suite's ZooKeepers are lean (C1 only, one GC thread, no fsync per commit: start_zookeeper):
+#: the suite is CPU-bound on two cores (bench/RESULTS.md, "where the suite's CPU goes").
+lean_zookeeper = functools.partial(start_zookeeper, lean=True)
+zk_a = _session_server("zk_a", lean_zookeeper)
+zk_b = _session_server("zk_b", lean_zookeeper)
 etcd_a = _session_server("etcd_a", start_etcd)
 etcd_b = _session_server("etcd_b", start_etcd)
 consul_a = _session_server("consul_a", start_consul)

@@ -180,7 +180,7 @@ def test_a_source_killed_mid_backup_fails_the_run_and_leaves_nothing(env, tmp_pa
     from burrow.testing.servers import start_zookeeper
 
     staging, store, key = env
-    server = start_zookeeper(tmp_path / "zk-doomed")
+    server = start_zookeeper(tmp_path / "zk-doomed", lean=True)
     try:
         root = "/doomed"
         seed(server.url, root, 40_000)

@@ -141,7 +141,7 @@ def zk_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     kills and restarts it."""
     rng, seed = seeded("ZooKeeper capture run")
     work = tmp_path_factory.mktemp("zk-run")
-    servers = [start_zookeeper(work / "zk")]
+    servers = [start_zookeeper(work / "zk", lean=True)]
     port = servers[0].port
     try:
         key = make_key(work / "key")
@@ -172,7 +172,7 @@ def zk_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             try:
                 run.extra["bounced_at"] = now_iso()
                 servers[0].kill()
-                servers[0] = start_zookeeper(work / "zk", port=port)
+                servers[0] = start_zookeeper(work / "zk", port=port, lean=True)
                 wait_for("the writer's and the reader's reconnection", lambda: writer.c.connected and c.connected)
                 before = writer.changes
                 writer.resume()

@@ -464,12 +464,18 @@ def _zk_four_letter(port: int, cmd: bytes, timeout: float = 1.0) -> str:
     return b"".join(chunks).decode("utf-8", errors="replace")
 
 
-def start_zookeeper(workdir: Path, port: int | None = None, timeout: float = 60) -> LocalServer:
+def start_zookeeper(workdir: Path, port: int | None = None, timeout: float = 60, *, lean: bool = False) -> LocalServer:
     """Start a standalone ZooKeeper 3.8 server; ``url`` is ``127.0.0.1:PORT``.
 
     Data lives in ``workdir/data``, so stopping and starting again on the same
     workdir (and port) keeps the tree.  ``jute.maxbuffer`` is 4 MiB so values of
     1 MiB plus overhead are accepted.
+
+    ``lean`` (the test suite's servers, not the benchmarks'): the JVM compiles with C1 only and
+    collects with one thread (a CPU-bound suite on two cores spends less on each server's JIT and
+    GC threads), and the transaction log is written without an fsync per commit (``forceSync=no``:
+    a killed server keeps its tree, the writes are in the OS's cache; only a crash of the machine
+    would lose them).
     """
     workdir = _prepare_workdir(workdir)
     java = _require_binary("zookeeper", ["java", Path("/usr/lib/jvm/default-java/bin/java")], _INSTALL_HINT)
@@ -492,6 +498,7 @@ def start_zookeeper(workdir: Path, port: int | None = None, timeout: float = 60)
                     "jute.maxbuffer=4194304",
                     "autopurge.snapRetainCount=3",
                     "autopurge.purgeInterval=1",
+                    *(["forceSync=no"] if lean else []),
                     "",
                 ]
             )
@@ -501,6 +508,7 @@ def start_zookeeper(workdir: Path, port: int | None = None, timeout: float = 60)
             "-Xms64m",
             "-Xmx1g",
             "-XX:+ExitOnOutOfMemoryError",
+            *(["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"] if lean else []),
             "-Djava.net.preferIPv4Stack=true",
             "-Djute.maxbuffer=4194304",
             "-Dzookeeper.admin.enableServer=false",
