@@ -379,7 +379,13 @@ class Capture:
         self.changes += f.changes
         if f.resync is not None:
             self.resync = None if f.resync_done else _Resync(id=f.resync.id, part=f.resync.part + 1)
-        index_new_archive(self.store, f.seg.name, info, local=local)
+        try:
+            index_new_archive(self.store, f.seg.name, info, local=local)
+        except KeyboardInterrupt:
+            # a Ctrl-C inside the index write: the entry is written whole first (a second object
+            # holding it is harmless, entries are merged by name), then the run stops
+            index_new_archive(self.store, f.seg.name, info, local=local)
+            raise
 
 
 @dataclass
