@@ -541,11 +541,11 @@ def _free_if_holder_gone(limit: str) -> bool:
     from burrow.runlog import logger
 
     record = _read_lock_record(limit)
-    try:
-        lease = UUID(str(record["lease"])) if record is not None else None
-    except (ValueError, KeyError):
+    if record is None:
         return False
-    if record is None or lease is None:
+    try:
+        lease = UUID(str(record["lease"]))
+    except (ValueError, KeyError):
         return False
     holder = record.get("holder") if isinstance(record.get("holder"), dict) else {}
     if record.get("api") != _api_id() or not identity_gone(holder):

@@ -259,8 +259,8 @@ def failover(
                     _guard_primary(run, None, source, manifest.get("source_url"), target, force)
                 _sanity(run, row, manifest, choice.trusted, force)
                 # the state to restore: the archive, or (a change chain continuing it) the chain's end
-                state, state_keys, manifest = _at_latest(run, st, source, row, local, manifest, keys, work,
-                                                         allow_unencrypted, full_only, chained, point)
+                state, state_keys, manifest = _at_latest(run, st, row, local, manifest, keys, work, allow_unencrypted,
+                                                         full_only, point)
                 if chained:
                     _rpo_gate(run, limits.max_age, max_age)
                 with run.step("target"):
@@ -339,19 +339,19 @@ def _chain_first(run: _Run, st: Any, source: str, keys: Any, choice: _Choice, al
     return point
 
 
-def _at_latest(run: _Run, st: Any, source: str, row: dict[str, Any], local: str, manifest: dict[str, Any],
-               keys: Any, work: Any, allow_unencrypted: bool, full_only: bool,
-               chained: bool, point: Any) -> tuple[str, Any, dict[str, Any]]:
+def _at_latest(run: _Run, st: Any, row: dict[str, Any], local: str, manifest: dict[str, Any], keys: Any,
+               work: Any, allow_unencrypted: bool, full_only: bool, point: Any) -> tuple[str, Any, dict[str, Any]]:
     """``(archive path, its keys, its manifest)`` to restore: the chosen archive as it is, or, when
     the source's change chain continues it up to a later point, the state at the chain's end
-    (``point``: resolved once, by :func:`_chain_first`), with a preflight line giving both RPOs."""
+    (``point``: resolved once, by :func:`_chain_first`; None when there is no chain or with
+    ``full_only``), with a preflight line giving both RPOs."""
     from burrow import segments
     from tasks.chain import materialize
 
     if full_only:
         run.preflight.append("changes: not applied (--full-only)")
         return local, keys, manifest
-    if not chained:  # (tasks/chain.py has_chain)
+    if point is None:  # no change chain (tasks/chain.py has_chain)
         run.preflight.append("changes: none captured (no change chain): the archive alone")
         return local, keys, manifest
     # The chain's latest point starts from the chosen archive, or from a resync of the chain (ZooKeeper
