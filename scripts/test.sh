@@ -12,6 +12,8 @@ bash scripts/install-deps.sh
 # --no-loadscope-reorder: the files go out in the order tests/conftest.py gives them (the
 # longest first), not xdist's default of the most tests first, which sent the few-test files
 # that take minutes (the fleet, the worker stops) last, one worker busy with them and the other
-# idle. --durations=25: every run shows where the time went.
+# idle. --durations=25: every run shows where the time went. A test's `burrow` run is forked from
+# one process per test process that imported Prefect once (tests/clifork.py, a second of CPU saved
+# per run); BURROW_TEST_FORK=0 runs each as the real console script instead.
 exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${BURROW_TEST_WORKERS:-3}" --dist loadfile \
   --no-loadscope-reorder --durations=25 "$@"
