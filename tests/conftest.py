@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="burrow-tests-"))
 sys.path.insert(0, str(REPO))
 
+import clifork  # noqa: E402 - tests/ is on sys.path (the rootdir conftest's directory)
+
 from burrow.testing.servers import (  # noqa: E402
     LocalServer,
     free_port,
@@ -55,26 +57,37 @@ BURROW = str(Path(sys.executable).parent / "burrow")
 PREFECT_SERVER_LOG = SESSION_DIR / "prefect-server.log"
 
 
-#: The test files that take longest (``pytest --durations`` on the shared 2-core machine: each
-#: file's setup, calls and teardown; the point-in-time files 4 to 9 minutes each under load, the
-#: orchestrator files 1 to 4), longest first. The suite hands them out first (scripts/test.sh runs
-#: xdist with ``--dist loadfile --no-loadscope-reorder``), so the two workers end together: xdist's
-#: default order (most tests first) sent the few-test files that take minutes (the fleet, the worker
-#: stops) last, one worker busy with them while the other had finished (a file goes to one worker
-#: whole). The rest follow in collection order. A file that grows to minutes belongs here.
+#: The test files that take longest (``pytest --durations``: each file's setup, calls and teardown,
+#: 1 to 3 minutes each on a quiet 2-core machine), handed out first (scripts/test.sh runs xdist with
+#: ``--dist loadfile --no-loadscope-reorder``), so the workers end together: xdist's default order
+#: (most tests first) sent the few-test files that take minutes (the fleet, the worker stops) last,
+#: one worker busy with them while the others had finished (a file goes to one worker whole). The
+#: rest follow in collection order. A file that grows to minutes belongs here.
+#:
+#: Two kinds alternate. The point-in-time files mostly wait (60 s writers at 100 changes a second,
+#: captures sealing every few seconds): three of them at once, as when they came first, left the
+#: machine a third idle for five minutes (bench/RESULTS.md). Each is followed in the list by files
+#: that keep the CPU busy (the fleet, the evidence history, the adversary), so that at any time
+#: about one worker of three waits (a worker takes the next file in the list once its current one
+#: has two tests or fewer left to run: xdist's LoadScopeScheduling).
 LONGEST_FIRST = (
-    "test_capture_etcd.py",
-    "test_capture_engine.py",
-    "test_capture_consul.py",
-    "test_window_views.py",
-    "test_capture_zookeeper.py",
-    "test_chain_index.py",
-    "test_automation_fires.py",
-    "test_evidence_history.py",
+    "test_capture_etcd.py",  # waits
     "test_fleet.py",
+    "test_evidence_history.py",
+    "test_capture_consul.py",  # waits
+    "test_adversary.py",
+    "test_orchestrator.py",
+    "test_capture_zookeeper.py",  # waits
+    "test_offline_blocks.py",
+    "test_rerun_acls.py",
+    "test_window_views.py",  # waits
+    "test_housekeeping.py",
+    "test_automation_fires.py",
+    "test_capture_engine.py",  # waits
     "test_worker_stop.py",
     "test_interrupt.py",
-    "test_orchestrator.py",
+    "test_chain_index.py",  # waits
+    "test_failover_drill.py",
 )
 
 
@@ -89,23 +102,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 #: the reports the controller receives: where the suite's time goes, file by file.
 _FILE_SECONDS: dict[str, float] = {}
 _FILE_WORKER: dict[str, str] = {}
+#: When each file started and ended, in seconds since the first report (what overlapped what).
+_FILE_SPAN: dict[str, tuple[float, float]] = {}
+_T0: list[float] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    import time
+
     name = report.nodeid.split("::", 1)[0]
     _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
+    now = time.monotonic()
+    if not _T0:
+        _T0.append(now - report.duration)
+    t0 = _T0[0]
+    start, _ = _FILE_SPAN.get(name, (now - report.duration - t0, 0.0))
+    _FILE_SPAN[name] = (start, now - t0)
     node = getattr(report, "node", None)
     if node is not None:
         _FILE_WORKER[name] = node.gateway.id
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The 15 slowest files and, per xdist worker, its files' total (the suite's critical path)."""
+    """The 15 slowest files (seconds, xdist worker, from-to since the first report) and, per
+    xdist worker, its files' total (the suite's critical path)."""
     if not _FILE_SECONDS:
         return
     terminalreporter.section("slowest files")
     for name, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1])[:15]:
-        terminalreporter.write_line(f"{seconds:8.1f}s  {_FILE_WORKER.get(name, '-'):4}  {name}")
+        start, end = _FILE_SPAN.get(name, (0.0, 0.0))
+        terminalreporter.write_line(f"{seconds:8.1f}s  {_FILE_WORKER.get(name, '-'):4}  {start:6.0f}-{end:<6.0f} {name}")
     per_worker: dict[str, float] = {}
     for name, seconds in _FILE_SECONDS.items():
         worker = _FILE_WORKER.get(name, "-")
@@ -249,14 +275,31 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+#: The CLI fork server (tests/clifork.py): a ``burrow`` run is a process of its own, forked from one
+#: that imported Prefect once, instead of a second of CPU importing it again: about 300 runs on a
+#: CPU-bound two-core machine. BURROW_TEST_FORK=0 runs every one as a real console script.
+_ZYGOTE = clifork.Zygote(SESSION_DIR / "clifork", REPO) if os.environ.get("BURROW_TEST_FORK", "1") != "0" else None
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> CliResult:
-    """Run the real ``burrow`` console script as a subprocess."""
+    """Run ``burrow ARGS``: the console script's entry point in a process of its own, forked from
+    the CLI fork server when its environment allows (tests/clifork.py), else the real console
+    script as a subprocess."""
     full_env = os.environ.copy()
     full_env.update(env or {})
+    if _ZYGOTE is not None and _ZYGOTE.usable(full_env):
+        forked = _ZYGOTE.run(list(args), full_env, str(REPO), timeout)
+        if forked is not None:
+            return CliResult(subprocess.CompletedProcess([BURROW, *args], *forked))
     proc = subprocess.run(
         [BURROW, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(REPO)
     )
     return CliResult(proc)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _ZYGOTE is not None:
+        _ZYGOTE.stop()
 
 
 @pytest.fixture
