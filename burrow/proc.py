@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from burrow.errors import UsageError
+
 
 def stat_fields(pid: int | str) -> list[bytes] | None:
     """The fields of ``/proc/PID/stat`` from the third on (``state``, ``ppid``, ``pgrp``, ...,
@@ -96,12 +98,20 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
+def check_niceness(nice: int, name: str = "nice") -> int:
+    """``nice`` when it is a niceness this process can take (0 to 19), else a UsageError naming
+    the option or parameter ``name``: the one check of ``burrow capture --nice`` (before any flow
+    starts) and of the capture flow's ``nice`` parameter."""
+    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+        raise UsageError(f"{name} takes a niceness from 0 to 19")
+    return nice
+
+
 def lower_priority(nice: int) -> int:
     """Lower this process's CPU priority to niceness ``nice`` (never raise it: an unprivileged
     process cannot, and a process already nicer stays so); return the niceness it now has.
-    ``nice`` outside 0..19 is a usage error of the caller."""
-    if not 0 <= nice <= 19:
-        raise ValueError("niceness is 0 to 19")
+    ``nice`` outside 0..19: :func:`check_niceness`'s UsageError."""
+    check_niceness(nice)
     current = os.nice(0)
     if nice > current:
         current = os.nice(nice - current)

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from burrow.errors import EXIT_OK, UsageError
+from burrow.proc import check_niceness
 from cli.common import add_write_keys, print_summary, report_json, write_refs
 
 
@@ -41,8 +42,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     seal_every = parse_duration(args.seal_every, "--seal-every").total_seconds()
     if seal_every <= 0 or (duration is not None and duration <= 0):
         raise UsageError("--for and --seal-every must be longer than zero")
-    if not 0 <= args.nice <= 19:
-        raise UsageError("--nice takes a niceness from 0 to 19")
+    check_niceness(args.nice, "--nice")
     if args.include_leased:
         from blocks.resolve import source_from_ref
 

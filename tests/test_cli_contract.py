@@ -212,6 +212,25 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_niceness_out_of_range_is_a_usage_error_on_the_cli_and_as_a_flow_parameter(tmp_path, capsys):
+    """One check (burrow/proc.py ``check_niceness``) names the option or the parameter: ``--nice 20``
+    exits 2 before any flow runs; a deployment's ``nice: -1`` fails its run before it connects."""
+    import os
+
+    from burrow.errors import UsageError
+    from flows.capture import capture
+
+    for bad in ("20", "-1"):
+        code, out, err = run_main(capsys, "capture", "zk://127.0.0.1:1", "--to", str(tmp_path), "--nice", bad)
+        assert code == 2, (bad, out, err)
+        assert err.strip().splitlines()[-1] == "burrow: error: --nice takes a niceness from 0 to 19", err
+    niceness = os.nice(0)
+    with pytest.raises(UsageError, match=r"^nice takes a niceness from 0 to 19$"):
+        capture(source="zk://127.0.0.1:1", store=str(tmp_path), encryption=False, nice=-1)
+    assert os.nice(0) == niceness  # this process's priority untouched
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------ the heartbeat replacement
 
 _HEARTBEAT_PROBE = """
