@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import itertools
 import os
 import re
@@ -946,25 +947,62 @@ class ConsulWatch:
     def close(self) -> None:
         self._closed = True
 
-    def _read(self) -> tuple[int, list[dict[str, Any]]]:
+    @contextmanager
+    def _answer(self) -> Iterator[tuple[int, Iterator[bytes]]]:
+        """One read of the prefix (a blocking query once the index is known): its index, and its
+        body as it arrives (``_entries`` parses it batch by batch: the whole prefix is never held
+        at once, only the changes found in it)."""
         s = self.session
-        params = {"recurse": ""}
+        params = {**s.params, "recurse": ""}
         if self.index:
             params.update(index=str(self.index), wait=f"{self.WAIT}s")
-        resp = s._request("GET", self._path, "watching for changes", params=params, ok=(200, 404))
-        header = resp.headers.get("X-Consul-Index", "")
-        if not header.isdigit():
-            raise SourceError(f"Consul at {s.label} answered a blocking query without an index")
-        entries = orjson.loads(resp.content) if resp.status_code == 200 and resp.content else []
-        return int(header), entries
+        action = "watching for changes"
+        request = s.http.build_request("GET", self._path, params=params, extensions=s._extensions)
+        with s._guard(action):
+            resp = s.http.send(request, stream=True)  # headers when Consul answers, the body as read
+        try:
+            if resp.status_code not in (200, 404):
+                with s._guard(action):
+                    resp.read()
+                raise s._http_error(resp, action)
+            header = resp.headers.get("X-Consul-Index", "")
+            if not header.isdigit():
+                raise SourceError(f"Consul at {s.label} answered a blocking query without an index")
+            yield int(header), s._body(resp, action) if resp.status_code == 200 else iter(())
+        finally:
+            resp.close()
 
-    def _resync(self, current: dict[str, tuple[int, dict[str, Any]]], pos: int) -> Iterator[ChangeBatch]:
-        """The whole prefix as a resync, handed on in pieces of about RESYNC_PIECE bytes (the
-        values decoded piece by piece: the answer is held once, not twice)."""
+    def _entries(self, body: Iterator[bytes]) -> Iterator[list[dict[str, Any]]]:
+        """The entries of an answer's ``body``, batch by batch."""
+        batches = _json_array_batches(body)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (ValueError, ijson.JSONError):  # orjson.JSONDecodeError is a ValueError
+                raise SourceError(f"Consul at {self.session.label} answered a watch with malformed JSON") from None
+            if batch is None:
+                return
+            yield batch
+
+    def _keyed(self, batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        """(key below the prefix, ModifyIndex, entry) of every entry of an answer."""
+        cut = self._cut
+        for batch in batches:
+            for e in batch:
+                rel = e["Key"][cut:] if cut else e["Key"]
+                if rel:
+                    yield rel, int(e.get("ModifyIndex") or 0), e
+
+    def _resync(self, batches: Iterator[list[dict[str, Any]]], pos: int) -> Iterator[ChangeBatch]:
+        """The whole prefix as a resync, handed on in pieces of about RESYNC_PIECE bytes as the
+        answer arrives (its order is Consul's; the chain's reader sorts). ``tracked`` is rebuilt
+        from it."""
         a2b = binascii.a2b_base64
+        self.tracked = {}
         piece: list[tuple[str, bytes, bytes, int, dict[str, Any]]] = []
         size, continued = 0, False
-        for k, (_, e) in sorted(current.items()):
+        for k, mi, e in self._keyed(batches):
+            self.tracked[k] = mi
             value = a2b(e["Value"]) if e.get("Value") else b""
             piece.append(("put", k.encode("utf-8"), value, pos, _meta(e)))
             size += len(k) + len(value) + 64
@@ -973,41 +1011,48 @@ class ConsulWatch:
                 piece, size, continued = [], 0, True
         yield ChangeBatch(piece, pos, resync=True, continued=continued)
 
-    def __iter__(self) -> Iterator[ChangeBatch]:
+    def _changes(self, batches: Iterator[list[dict[str, Any]]], pos_now: int) -> list[tuple[str, bytes, bytes, int,
+                                                                                            dict[str, Any]]]:
+        """The puts and deletes since the last answer: every key whose ModifyIndex is not the one
+        tracked, and every tracked key the answer lacks (only those values are decoded and held)."""
         a2b = binascii.a2b_base64
+        seen: dict[str, int] = {}
+        changes = []
+        for k, mi, e in self._keyed(batches):
+            seen[k] = mi
+            if self.tracked.get(k) != mi:
+                pos = min(pos_now, max(mi + self.offset, self.floor + 1))
+                changes.append(("put", k.encode("utf-8"), a2b(e["Value"]) if e.get("Value") else b"", pos, _meta(e)))
+        changes += [("del", k.encode("utf-8"), b"", pos_now, {}) for k in self.tracked if k not in seen]
+        changes.sort(key=lambda c: c[3])
+        self.tracked = seen
+        return changes
+
+    def __iter__(self) -> Iterator[ChangeBatch]:
         last_read = 0.0
         while not self._closed:
             if (pause := self.MIN_INTERVAL - (time.monotonic() - last_read)) > 0:
                 time.sleep(pause)
             last_read = time.monotonic()
-            index, entries = self._read()
-            if self._closed:
-                return
-            current: dict[str, tuple[int, dict[str, Any]]] = {}
-            for e in entries:
-                rel = e["Key"][self._cut:] if self._cut else e["Key"]
-                if rel:
-                    current[rel] = (int(e.get("ModifyIndex") or 0), e)
-            resync = not self.index or index < self.index
-            if index < self.index:
-                self.offset += self.index - index + 1  # positions keep growing past a reset index
-            pos_now = max(index + self.offset, self.floor + 1)
-            if resync:
-                self.tracked = {k: mi for k, (mi, _) in current.items()}
-                self.index, self.floor = index, pos_now
-                yield from self._resync(current, pos_now)
-                continue
-            if index == self.index:
+            with self._answer() as (index, body):
+                if self._closed:
+                    return
+                resync = not self.index or index < self.index
+                if index < self.index:
+                    self.offset += self.index - index + 1  # positions keep growing past a reset index
+                pos_now = max(index + self.offset, self.floor + 1)
+                if resync:
+                    self.index, self.floor = index, pos_now
+                    yield from self._resync(self._entries(body), pos_now)
+                    continue
+                if index == self.index:  # the wait ran out: nothing changed (read, not parsed)
+                    collections.deque(body, maxlen=0)
+                    changes = None
+                else:
+                    changes = self._changes(self._entries(body), pos_now)
+            if changes is None:
                 yield ChangeBatch([], self.floor, progress=True)
                 continue
-            changes = []
-            for k, (mi, e) in current.items():
-                if self.tracked.get(k) != mi:
-                    pos = min(pos_now, max(mi + self.offset, self.floor + 1))
-                    changes.append(("put", k.encode("utf-8"), a2b(e["Value"]) if e.get("Value") else b"", pos, _meta(e)))
-            changes += [("del", k.encode("utf-8"), b"", pos_now, {}) for k in self.tracked if k not in current]
-            changes.sort(key=lambda c: c[3])
-            self.tracked = {k: mi for k, (mi, _) in current.items()}
             self.index, self.floor = index, pos_now
             yield ChangeBatch(changes, pos_now)
 

@@ -22,6 +22,7 @@ talks to no store and no cluster: the tasks hand it manifests and record iterato
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -147,9 +148,12 @@ def _resync_part(m: dict[str, Any]) -> int:
     return part
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
-    """What one segment's (authenticated) manifest says about its place in a chain."""
+    """What one segment's (authenticated) manifest says about its place in a chain. A chain of
+    a week holds tens of thousands: no per-instance ``__dict__``, and the names and hashes one
+    segment shares with its neighbours (its predecessor's, the base's, the source) are interned,
+    one string each however many segments name it."""
 
     name: str
     url: str
@@ -198,10 +202,13 @@ class Segment:
             late_from = m.get("late_from")
             if late_from is not None and not (type(late_from) is int and 0 <= late_from < m["first_position"]):
                 raise ValueError("bad late_from")
+            shared = sys.intern
             return cls(
-                name=name, url=url, sha=str(m["manifest_sha256"]), source=str(m["source"]),
-                base_name=base["name"], base_sha=base["manifest_sha256"], base_position=base["position"],
-                prev_name=prev["name"] if prev else None, prev_sha=prev["manifest_sha256"] if prev else None,
+                name=shared(name), url=url, sha=shared(str(m["manifest_sha256"])), source=shared(str(m["source"])),
+                base_name=shared(base["name"]), base_sha=shared(base["manifest_sha256"]),
+                base_position=base["position"],
+                prev_name=shared(prev["name"]) if prev else None,
+                prev_sha=shared(prev["manifest_sha256"]) if prev else None,
                 first_position=m["first_position"], last_position=m["last_position"],
                 first_time=first_time, last_time=last_time,
                 gap=m.get("gap") if isinstance(m.get("gap"), dict) else None,
