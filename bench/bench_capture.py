@@ -30,6 +30,11 @@ then, in one run:
 * watch (``--phases watch``): etcd's delivery of a watch's backlog of 50,000 changes with and
   without ``prev_kv`` (the capture asks for it and never reads it), alternating, 3 rounds.
 
+``--capture-cpus 1`` runs the captures on CPU 1 only and the bench (its writers), the sources
+and the Prefect server on the other CPUs: the capture on a host of its own, as on a worker, so what
+is left of the source's latency rise is the source's cost of serving the capture (its watch, the
+store's disk). Both kinds of run poll the store (the lag's clock) from the writer's process.
+
 ``--capture-no-prev-kv`` starts every capture with its etcd watch asking for no ``prev_kv`` (a
 patch inside the capture's process; the segments are the same).
 
@@ -120,12 +125,14 @@ class SegmentWatch:
         self.dir = store / source / "changes"
         self.seen: dict[str, dict[str, Any]] = {}
         self.stop = threading.Event()
+        self.polled = threading.Event()  # the first poll (every segment already there) is done
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
         while not self.stop.is_set():
             self.poll()
+            self.polled.set()
             self.stop.wait(0.1)
 
     def poll(self) -> None:
@@ -468,9 +475,12 @@ def rpo_run(w: Writer, url: str, store: Path, name: str, key: Path, env: dict[st
             with_capture: bool, log: Path) -> dict[str, Any]:
     """One steady-write run of ``seconds``, with or without a capture following the source."""
     row: dict[str, Any] = {"with": with_capture, "load_start": load()}
-    cap = watch = None
+    cap = None
+    # the store is watched in both runs: its polling thread shares this process (the writer's)
+    watch = SegmentWatch(store, name, key)
+    if not watch.polled.wait(HANG_GUARD):
+        raise SystemExit(f"no first poll of {store} in {HANG_GUARD:.0f} s")
     if with_capture:
-        watch = SegmentWatch(store, name, key)
         cap = Capture(url, store, name, key, env, log)
         # the capture is following once a segment sealed after it caught up appears
         wait_for("the capture to catch up", lambda: watch.live_after(cap.started), cap.proc)
@@ -483,7 +493,9 @@ def rpo_run(w: Writer, url: str, store: Path, name: str, key: Path, env: dict[st
     row["refused"] = w.errors
     lats = [a[1] for a in w.acks] or [float("nan")]
     row["p50_ms"], row["p99_ms"] = pct(lats, 50) * 1e3, pct(lats, 99) * 1e3
-    if cap is not None and watch is not None:
+    if cap is None:
+        watch.close()
+    else:
         last = max((a[2] for a in w.acks), default=0)
         wait_for(f"a sealed segment up to position {last}", lambda: watch.covered(last), cap.proc)
         row["cpu_steady"] = cpu_of(cap.proc.pid) - cpu0
@@ -790,6 +802,15 @@ def phase_watch(endpoint: str, changes: int, rounds: int) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
+def parse_cpus(spec: str) -> set[int]:
+    """A CPU list as taskset takes it: ``1``, ``0,2``, ``2-3``."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=40.0, help="seconds of steady writes per run (default 40)")
@@ -804,13 +825,25 @@ def main() -> int:
                                     "(/dev/shm) keeps the capture's writes off the sources' disk, as a remote store does")
     ap.add_argument("--capture-no-prev-kv", action="store_true",
                     help="start captures with their etcd watch asking for no prev_kv (a patch in the process)")
+    ap.add_argument("--capture-cpus", metavar="LIST",
+                    help="run the captures on these CPUs only (taskset's list, say 1) and this bench, its writers "
+                         "and every server on the others: a capture on a host of its own, as on a worker, "
+                         "leaving the source's cost of serving it (its watch, the store's disk)")
     args = ap.parse_args()
+    if args.capture_cpus:
+        capture_cpus = parse_cpus(args.capture_cpus)
+        rest = os.sched_getaffinity(0) - capture_cpus
+        if not capture_cpus or not rest:
+            raise SystemExit("--capture-cpus must name some of this machine's CPUs, not all")
+        os.sched_setaffinity(0, rest)  # the servers started below inherit it
+        CAPTURE_CMD[:0] = ["taskset", "-c", ",".join(map(str, sorted(capture_cpus)))]
+        print(f"captures on CPUs {sorted(capture_cpus)}; the bench, its writers and the servers on {sorted(rest)}")
     # A bench started in the background inherits SIGINT ignored, and so would the captures it
     # starts (exec keeps an ignored signal ignored): they must get SIGINT as from Ctrl-C. Not a
     # preexec_fn: forking a process that holds gRPC channels aborts the child now and then.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.capture_no_prev_kv:
-        CAPTURE_CMD[:] = NO_PREV_KV
+        CAPTURE_CMD[len(CAPTURE_CMD) - 1:] = NO_PREV_KV
 
     from burrow.keys import keygen
     from burrow.testing.servers import start_consul, start_etcd, start_prefect, start_zookeeper
