@@ -356,14 +356,8 @@ class ConsulSession:
         exact_child = full_root + "/"
         locked = 0
         a2b = binascii.a2b_base64
-        batches = _json_array_batches(self._body(resp, action)) if resp.status_code == 200 else iter(())
-        while True:
-            try:
-                entries = next(batches, None)
-            except (ValueError, ijson.JSONError):  # orjson.JSONDecodeError is a ValueError
-                raise SourceError(f"Consul at {self.label} answered {action} with malformed JSON") from None
-            if entries is None:
-                break
+        body = self._body(resp, action) if resp.status_code == 200 else iter(())
+        for entries in _entry_batches(body, self.label, action):
             for e in entries:
                 key: str = e["Key"]
                 if full_root and key != full_root and not key.startswith(exact_child):
@@ -783,6 +777,20 @@ _SCAN = 64  # "}" looked at per chunk when looking for the end of the last compl
 _FAILS = 8  # failed guesses (a "}" inside a string) before the rest goes to ijson
 
 
+def _entry_batches(body: Iterable[bytes], label: str, action: str) -> Iterator[list[dict[str, Any]]]:
+    """The entries of a recursive read's ``body`` as they arrive, batch by batch
+    (:func:`_json_array_batches`); malformed JSON is the server's fault, named as such."""
+    batches = _json_array_batches(body)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (ValueError, ijson.JSONError):  # orjson.JSONDecodeError is a ValueError
+            raise SourceError(f"Consul at {label} answered {action} with malformed JSON") from None
+        if batch is None:
+            return
+        yield batch
+
+
 def _json_array_batches(chunks: Iterable[bytes]) -> Iterator[list[Any]]:
     """The elements of the JSON array whose text arrives as ``chunks``, a batch per chunk.
 
@@ -974,15 +982,7 @@ class ConsulWatch:
 
     def _entries(self, body: Iterator[bytes]) -> Iterator[list[dict[str, Any]]]:
         """The entries of an answer's ``body``, batch by batch."""
-        batches = _json_array_batches(body)
-        while True:
-            try:
-                batch = next(batches, None)
-            except (ValueError, ijson.JSONError):  # orjson.JSONDecodeError is a ValueError
-                raise SourceError(f"Consul at {self.session.label} answered a watch with malformed JSON") from None
-            if batch is None:
-                return
-            yield batch
+        return _entry_batches(body, self.session.label, "a watch")
 
     def _keyed(self, batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[str, int, dict[str, Any]]]:
         """(key below the prefix, ModifyIndex, entry) of every entry of an answer."""
