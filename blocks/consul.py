@@ -320,10 +320,16 @@ class ConsulSession:
             full_root = ""
             ask = p + "/" if p else ""
         action = "reading " + (ask or "the KV store")
-        request = self.http.build_request(
-            "GET", "/v1/kv/" + quote(ask, safe="/"), params={**self.params, "recurse": "", "consistent": ""},
-            extensions=self._extensions,
-        )
+        with self._recursive_read("/v1/kv/" + quote(ask, safe="/"), action, {"consistent": ""}) as (resp, body):
+            yield from self._walk_entries(resp, body, action, full_root, stats)
+
+    @contextmanager
+    def _recursive_read(self, path: str, action: str,
+                        params: dict[str, str]) -> Iterator[tuple[httpx.Response, Iterator[bytes]]]:
+        """A ``?recurse`` GET of ``path`` read as it arrives: the response (its headers now) and
+        its body's chunks (none for a 404: nothing under the prefix); any other status raised."""
+        request = self.http.build_request("GET", path, params={**self.params, "recurse": "", **params},
+                                          extensions=self._extensions)
         with self._guard(action):
             resp = self.http.send(request, stream=True)  # headers now, the body as it is read
         try:
@@ -332,11 +338,12 @@ class ConsulSession:
                     resp.read()  # 404 (nothing under the prefix) has an empty body; errors, a message
                 if resp.status_code != 404:
                     raise self._http_error(resp, action)
-            yield from self._walk_entries(resp, action, full_root, stats)
+            yield resp, self._body(resp, action) if resp.status_code == 200 else iter(())
         finally:
             resp.close()
 
-    def _walk_entries(self, resp: httpx.Response, action: str, full_root: str, stats: WalkStats) -> Iterator[Record]:
+    def _walk_entries(self, resp: httpx.Response, body: Iterator[bytes], action: str, full_root: str,
+                      stats: WalkStats) -> Iterator[Record]:
         index = resp.headers.get("X-Consul-Index")
         stats.info.update(
             consul_index=int(index) if index and index.isdigit() else None,
@@ -356,7 +363,6 @@ class ConsulSession:
         exact_child = full_root + "/"
         locked = 0
         a2b = binascii.a2b_base64
-        body = self._body(resp, action) if resp.status_code == 200 else iter(())
         for entries in _entry_batches(body, self.label, action):
             for e in entries:
                 key: str = e["Key"]
@@ -961,24 +967,12 @@ class ConsulWatch:
         body as it arrives (``_entries`` parses it batch by batch: the whole prefix is never held
         at once, only the changes found in it)."""
         s = self.session
-        params = {**s.params, "recurse": ""}
-        if self.index:
-            params.update(index=str(self.index), wait=f"{self.WAIT}s")
-        action = "watching for changes"
-        request = s.http.build_request("GET", self._path, params=params, extensions=s._extensions)
-        with s._guard(action):
-            resp = s.http.send(request, stream=True)  # headers when Consul answers, the body as read
-        try:
-            if resp.status_code not in (200, 404):
-                with s._guard(action):
-                    resp.read()
-                raise s._http_error(resp, action)
+        params = {"index": str(self.index), "wait": f"{self.WAIT}s"} if self.index else {}
+        with s._recursive_read(self._path, "watching for changes", params) as (resp, body):
             header = resp.headers.get("X-Consul-Index", "")
             if not header.isdigit():
                 raise SourceError(f"Consul at {s.label} answered a blocking query without an index")
-            yield int(header), s._body(resp, action) if resp.status_code == 200 else iter(())
-        finally:
-            resp.close()
+            yield int(header), body
 
     def _entries(self, body: Iterator[bytes]) -> Iterator[list[dict[str, Any]]]:
         """The entries of an answer's ``body``, batch by batch."""
