@@ -102,18 +102,11 @@ def _run_cli(request: dict, out: int, err: int) -> None:
     cli.server.choose_orchestrator = choose_here
     try:
         cli.run()  # ends the process (os._exit)
-    except SystemExit as exc:  # a usage error: argparse exits
-        import atexit
-
+    except SystemExit as exc:  # a usage error: argparse exits; the interpreter's exit, as cli._exit does it
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
-        with contextlib.suppress(Exception):
-            atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        cli._exit(code)
     except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback, exit 1
         import traceback
 
@@ -232,17 +225,16 @@ class Zygote:
             raise RuntimeError("the CLI fork server did not start: "
                                + (self._dir / "clifork.log").read_text(errors="replace")[-3000:])
 
-    def usable(self, env: dict[str, str]) -> bool:
-        """Whether a run with ``env`` can be a fork of the zygote (see the module doc)."""
+    def run(self, args: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[int, str, str] | None:
+        """(exit code, stdout, stderr) of ``burrow ARGS`` forked, or None when it must run as a real
+        process instead: its ``env`` differs from the zygote's in what is read at import, or the
+        forked run ended with :data:`RETRY` (see the module doc). Raises
+        ``subprocess.TimeoutExpired`` as ``subprocess.run`` does, after killing the run."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
-        return _import_time_env(env) == _import_time_env(self._env)
-
-    def run(self, args: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[int, str, str] | None:
-        """(exit code, stdout, stderr) of ``burrow ARGS`` forked, or None when it must run again as
-        a real process (:data:`RETRY`). Raises ``subprocess.TimeoutExpired`` as ``subprocess.run``
-        does, after killing the run."""
+        if _import_time_env(env) != _import_time_env(self._env):
+            return None
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

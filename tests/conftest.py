@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,29 +103,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 #: the reports the controller receives: where the suite's time goes, file by file.
 _FILE_SECONDS: dict[str, float] = {}
 _FILE_WORKER: dict[str, str] = {}
-#: When each file started and ended, in seconds since the first report (what overlapped what).
+#: When each file started and ended, in seconds since the session started (what overlapped what).
 _FILE_SPAN: dict[str, tuple[float, float]] = {}
-_T0: list[float] = []
+_SESSION_START = time.monotonic()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    import time
-
     name = report.nodeid.split("::", 1)[0]
     _FILE_SECONDS[name] = _FILE_SECONDS.get(name, 0.0) + report.duration
-    now = time.monotonic()
-    if not _T0:
-        _T0.append(now - report.duration)
-    t0 = _T0[0]
-    start, _ = _FILE_SPAN.get(name, (now - report.duration - t0, 0.0))
-    _FILE_SPAN[name] = (start, now - t0)
+    now = time.monotonic() - _SESSION_START
+    start, _ = _FILE_SPAN.get(name, (now - report.duration, 0.0))
+    _FILE_SPAN[name] = (start, now)
     node = getattr(report, "node", None)
     if node is not None:
         _FILE_WORKER[name] = node.gateway.id
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The 15 slowest files (seconds, xdist worker, from-to since the first report) and, per
+    """The 15 slowest files (seconds, xdist worker, from-to since the session started) and, per
     xdist worker, its files' total (the suite's critical path)."""
     if not _FILE_SECONDS:
         return
@@ -287,10 +283,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180)
     script as a subprocess."""
     full_env = os.environ.copy()
     full_env.update(env or {})
-    if _ZYGOTE is not None and _ZYGOTE.usable(full_env):
-        forked = _ZYGOTE.run(list(args), full_env, str(REPO), timeout)
-        if forked is not None:
-            return CliResult(subprocess.CompletedProcess([BURROW, *args], *forked))
+    forked = _ZYGOTE.run(list(args), full_env, str(REPO), timeout) if _ZYGOTE is not None else None
+    if forked is not None:
+        return CliResult(subprocess.CompletedProcess([BURROW, *args], *forked))
     proc = subprocess.run(
         [BURROW, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(REPO)
     )
