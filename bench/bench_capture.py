@@ -843,7 +843,7 @@ def main() -> int:
     # preexec_fn: forking a process that holds gRPC channels aborts the child now and then.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.capture_no_prev_kv:
-        CAPTURE_CMD[len(CAPTURE_CMD) - 1:] = NO_PREV_KV
+        CAPTURE_CMD[-1:] = NO_PREV_KV  # after a taskset prefix, if any
 
     from burrow.keys import keygen
     from burrow.testing.servers import start_consul, start_etcd, start_prefect, start_zookeeper
