@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BURROW, REPO, interruptible
+from conftest import BurrowProcess, run_burrow, start_burrow
 
 from burrow.archive import ArchiveReader
 from burrow.keys import keygen
@@ -125,7 +125,7 @@ def full_archives(store: Path, source: str) -> list[str]:
     return sorted(f"{source}/{p.name}" for p in (store / source).glob("*.burrow"))
 
 
-def wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen | None = None) -> Any:
+def wait_for(what: str, check: Callable[[], Any], proc: BurrowProcess | None = None) -> Any:
     """Wait until ``check()`` is truthy; fail after HANG_GUARD seconds, or when ``proc`` died."""
     deadline = time.monotonic() + HANG_GUARD
     while time.monotonic() < deadline:
@@ -140,14 +140,12 @@ def wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen | None 
 
 
 class Capture:
-    """``burrow capture`` as a real subprocess."""
+    """``burrow capture`` as a process of its own (forked from the suite's CLI fork server where
+    it can be)."""
 
     def __init__(self, url: str, store: Path, name: str, key: Path, seal: str = "1s", duration: str = "30m") -> None:
-        self.proc = subprocess.Popen(
-            [BURROW, "capture", url, "--to", str(store), "--name", name, "--key-file", str(key),
-             "--seal-every", seal, "--for", duration],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO), preexec_fn=interruptible,
-        )
+        self.proc = start_burrow("capture", url, "--to", str(store), "--name", name, "--key-file", str(key),
+                                 "--seal-every", seal, "--for", duration)
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -164,7 +162,8 @@ class Capture:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([BURROW, *args], capture_output=True, text=True, cwd=str(REPO), timeout=HANG_GUARD)
+    """``burrow ARGS`` to its end (forked from the suite's CLI fork server where it can be)."""
+    return run_burrow(*args, timeout=HANG_GUARD)
 
 
 def restore(store: Path, name: str, key: Path, into: str, *point: str) -> subprocess.CompletedProcess:

@@ -29,6 +29,7 @@ import contextlib
 import gc
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -195,6 +196,62 @@ def serve(path: str) -> None:
 # ------------------------------------------------------------------------------ the client
 
 
+class ForkedRun:
+    """A forked run left running, driven as a ``subprocess.Popen`` is (``pid``, ``returncode``,
+    ``poll``, ``wait``, ``send_signal``, ``kill``). The run is the zygote's grandchild, not the
+    test process's child: its pid and its exit status come over the zygote's connection."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._control = b""
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        while self.pid is None:
+            self._read(None)
+
+    def _read(self, timeout: float | None) -> None:
+        """Take what the connection holds, waiting up to ``timeout`` seconds for it."""
+        if self.returncode is not None:
+            return
+        ready, _, _ = select.select([self._conn], [], [], timeout)
+        if not ready:
+            return
+        data = self._conn.recv(4096)
+        if not data:
+            self._conn.close()
+            raise RuntimeError("the CLI fork server lost a run of burrow")
+        self._control += data
+        while b"\n" in self._control:
+            line, self._control = self._control.split(b"\n", 1)
+            message = json.loads(line)
+            self.pid = message.get("pid", self.pid)
+            if "status" in message:
+                self.returncode = os.waitstatus_to_exitcode(message["status"])
+                self._conn.close()
+
+    def poll(self) -> int | None:
+        self._read(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(["burrow"], timeout or 0)
+            self._read(left)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None and self.pid is not None:  # not once its status came: the pid is free
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+
 class Zygote:
     """The test process's end: starts the zygote on first use, forks runs from it."""
 
@@ -225,23 +282,46 @@ class Zygote:
             raise RuntimeError("the CLI fork server did not start: "
                                + (self._dir / "clifork.log").read_text(errors="replace")[-3000:])
 
-    def run(self, args: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[int, str, str] | None:
-        """(exit code, stdout, stderr) of ``burrow ARGS`` forked, or None when it must run as a real
-        process instead: its ``env`` differs from the zygote's in what is read at import, or the
-        forked run ended with :data:`RETRY` (see the module doc). Raises
-        ``subprocess.TimeoutExpired`` as ``subprocess.run`` does, after killing the run."""
+    def _ready(self, env: dict[str, str]) -> bool:
+        """Start the zygote if it is not running; whether a run with ``env`` can be its fork."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
-        if _import_time_env(env) != _import_time_env(self._env):
-            return None
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        return _import_time_env(env) == _import_time_env(self._env)
+
+    def _send(self, args: list[str], env: dict[str, str], cwd: str, out_w: int, err_w: int) -> socket.socket:
+        """Ask the zygote for a run writing to ``out_w`` and ``err_w``: the connection its pid and
+        status come back on."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.connect(self._path)
             request = json.dumps({"argv": args, "env": env, "cwd": cwd}).encode() + b"\n"
             conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [out_w, err_w]))])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def spawn(self, args: list[str], env: dict[str, str], cwd: str, out_w: int, err_w: int) -> ForkedRun | None:
+        """``burrow ARGS`` forked and left running, its stdout and stderr on ``out_w`` and
+        ``err_w`` (the caller's descriptors, left open), or None when its ``env`` differs from the
+        zygote's in what is read at import. The caller runs it again as a real process when it
+        ends with :data:`RETRY`."""
+        if not self._ready(env):
+            return None
+        return ForkedRun(self._send(args, env, cwd, out_w, err_w))
+
+    def run(self, args: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[int, str, str] | None:
+        """(exit code, stdout, stderr) of ``burrow ARGS`` forked, or None when it must run as a real
+        process instead: its ``env`` differs from the zygote's in what is read at import, or the
+        forked run ended with :data:`RETRY` (see the module doc). Raises
+        ``subprocess.TimeoutExpired`` as ``subprocess.run`` does, after killing the run."""
+        if not self._ready(env):
+            return None
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            conn = self._send(args, env, cwd, out_w, err_w)
         finally:
             os.close(out_w)
             os.close(err_w)

@@ -7,11 +7,13 @@ A server that cannot start fails the tests that need it: nothing here skips.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -277,19 +279,143 @@ def interruptible() -> None:
 _ZYGOTE = clifork.Zygote(SESSION_DIR / "clifork", REPO) if os.environ.get("BURROW_TEST_FORK", "1") != "0" else None
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> CliResult:
-    """Run ``burrow ARGS``: the console script's entry point in a process of its own, forked from
-    the CLI fork server when its environment allows (tests/clifork.py), else the real console
-    script as a subprocess."""
+def run_burrow(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``burrow ARGS`` to its end, as ``subprocess.run(..., capture_output=True, text=True)``
+    does: the console script's entry point in a process of its own, forked from the CLI fork server
+    when its environment allows (tests/clifork.py), else the real console script as a subprocess.
+    ``env`` adds to the test process's environment."""
     full_env = os.environ.copy()
     full_env.update(env or {})
     forked = _ZYGOTE.run(list(args), full_env, str(REPO), timeout) if _ZYGOTE is not None else None
     if forked is not None:
-        return CliResult(subprocess.CompletedProcess([BURROW, *args], *forked))
-    proc = subprocess.run(
+        return subprocess.CompletedProcess([BURROW, *args], *forked)
+    return subprocess.run(
         [BURROW, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(REPO)
     )
-    return CliResult(proc)
+
+
+class BurrowProcess:
+    """``burrow ARGS`` started and left running, driven as a ``subprocess.Popen(..., text=True)``
+    is: ``pid``, ``returncode``, ``poll``, ``wait``, ``send_signal``, ``kill``, ``communicate``.
+    Forked from the CLI fork server when its environment allows (a fork that ends with
+    ``clifork.RETRY`` is started again as the real console script), else the real console
+    script. ``stdout`` and ``stderr`` are ``subprocess.PIPE`` or open files. SIGINT reaches it as
+    Ctrl-C reaches a user's command (``interruptible``)."""
+
+    def __init__(self, args: list[str], stdout: Any, stderr: Any, env: dict[str, str]) -> None:
+        self._args, self._env = args, env
+        self._targets = [stdout, stderr]
+        # the run's own descriptors: pipes we read, or copies of the files' (a retry writes there too)
+        self._fds = [os.dup(t.fileno()) if t is not subprocess.PIPE else -1 for t in self._targets]
+        self._proc: Any = None
+        self._readers: list[threading.Thread] | None = None
+        self._got: dict[Any, list[str]] = {}
+        self.stdout: Any = None
+        self.stderr: Any = None
+        forked = None
+        if _ZYGOTE is not None:
+            ends = [os.pipe() if fd == -1 else (None, fd) for fd in self._fds]
+            try:
+                forked = _ZYGOTE.spawn(list(args), env, str(REPO), ends[0][1], ends[1][1])
+            finally:
+                for (r, w), fd in zip(ends, self._fds, strict=True):
+                    if fd == -1:
+                        os.close(w)
+                        if forked is None:
+                            os.close(r)
+            if forked is not None:
+                self._proc = forked
+                self.stdout, self.stderr = (open(r, errors="replace") if r is not None else None  # noqa: SIM115
+                                            for r, _ in ends)
+        if self._proc is None:
+            self._real()
+
+    def _real(self) -> None:
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        outs = [subprocess.PIPE if fd == -1 else fd for fd in self._fds]
+        self._proc = subprocess.Popen([BURROW, *self._args], stdout=outs[0], stderr=outs[1], text=True,
+                                      env=self._env, cwd=str(REPO), preexec_fn=interruptible)
+        self.stdout, self.stderr = self._proc.stdout, self._proc.stderr
+
+    def _retried(self) -> None:
+        """A fork whose orchestrator choice differed from the zygote's ended with RETRY before
+        its first flow: run it as the real console script."""
+        if isinstance(self._proc, clifork.ForkedRun) and self._proc.returncode == clifork.RETRY:
+            self._real()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def poll(self) -> int | None:
+        self._proc.poll()
+        self._retried()
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._proc.wait(timeout)
+        self._retried()
+        return self._proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def send_signal(self, sig: int) -> None:
+        self._proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self._proc.kill()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str | None, str | None]:
+        """Its output to the end, as ``Popen.communicate`` gives it (``None`` for a file, and for
+        what an earlier call already returned)."""
+        if isinstance(self._proc, subprocess.Popen):
+            return self._proc.communicate(timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        if self._readers is None:  # one reader a pipe, kept across a call that timed out
+            self._got = {f: [] for f in (self.stdout, self.stderr) if f is not None}
+            self._readers = [threading.Thread(target=lambda f=f: self._got[f].append(f.read()), daemon=True)
+                             for f in self._got]
+            for t in self._readers:
+                t.start()
+        for t in self._readers:
+            t.join(left())
+            if t.is_alive():
+                raise subprocess.TimeoutExpired([BURROW, *self._args], timeout or 0)
+        self.wait(left())
+        if isinstance(self._proc, subprocess.Popen):  # it was retried as a real process
+            return self._proc.communicate(timeout=left())
+        out, err = (("".join(self._got[f]) if f in self._got else None) for f in (self.stdout, self.stderr))
+        for f in self._got:
+            f.close()
+        self._got = {}
+        return out, err
+
+    def __del__(self) -> None:
+        for fd in self._fds:
+            if fd != -1:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def start_burrow(*args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.PIPE,
+                 env: dict[str, str] | None = None) -> BurrowProcess:
+    """``burrow ARGS`` started (see :class:`BurrowProcess`); ``env`` adds to the test process's
+    environment."""
+    return BurrowProcess(list(args), stdout, stderr, {**os.environ, **(env or {})})
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> CliResult:
+    """``run_burrow``'s result as a :class:`CliResult`."""
+    return CliResult(run_burrow(*args, env=env, timeout=timeout))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

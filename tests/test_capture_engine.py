@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from captureutil import capture_key, covered, restore, segments, wait_for  # noqa: F401 - capture_key: the key fixture
-from conftest import BURROW, REPO, interruptible
+from conftest import run_burrow, start_burrow
 from kvutil import Etcd, consul_client, consul_snapshot, unique
 from zkutil import kazoo, snapshot, unique_root
 
@@ -33,13 +33,12 @@ from tasks.capture import SealedEvents
 
 
 class Proc:
-    """``burrow ARGS`` as a real subprocess whose output goes to files, read while it runs."""
+    """``burrow ARGS`` as a process of its own whose output goes to files, read while it runs."""
 
     def __init__(self, tmp: Path, label: str, *args: str) -> None:
         self.out, self.err = tmp / f"{label}.out", tmp / f"{label}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([BURROW, *args], stdout=out, stderr=err, text=True, cwd=str(REPO),
-                                         preexec_fn=interruptible)
+            self.proc = start_burrow(*args, stdout=out, stderr=err)
 
     def stderr(self) -> str:
         return self.err.read_text(errors="replace")
@@ -65,7 +64,7 @@ def capture_proc(tmp: Path, label: str, url: str, store: str, name: str, key: Pa
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([BURROW, *args], capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    return run_burrow(*args, timeout=300)
 
 
 def source_events(source: str, name: str, since: datetime) -> list[Any]:

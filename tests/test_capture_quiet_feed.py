@@ -6,13 +6,12 @@ feed is scripted, so the silence is exact."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 from captureutil import capture_key, segments, to_us, wait_for  # noqa: F401 - capture_key: the key fixture
-from conftest import BURROW, REPO
+from conftest import run_burrow
 from kvutil import Etcd, unique
 
 from blocks.source import ChangeBatch
@@ -82,8 +81,7 @@ def _backed_up(etcd: Any, store: Path, key: Path, label: str) -> tuple[str, str]
     prefix = f"/{unique(label)}/"
     Etcd(etcd.url).put((prefix + "a").encode(), b"1")
     url, name = f"etcd://{etcd.host}:{etcd.port}{prefix}", unique(label)
-    r = subprocess.run([BURROW, "backup", url, "--to", str(store), "--name", name, "--key-file", str(key)],
-                       capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    r = run_burrow("backup", url, "--to", str(store), "--name", name, "--key-file", str(key), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return url, name
 
@@ -210,9 +208,8 @@ def test_a_late_change_below_a_sealed_position_is_in_every_point_after_it(etcd_a
               "--at the covering segment's end": ("--at", covering["last_time"])}
     for label, point in points.items():
         prefix = f"/{unique('late-into')}/"
-        r = subprocess.run([BURROW, "restore", str(store), "--source", name, *point, "--into",
-                            f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", "--key-file", str(key)],
-                           capture_output=True, text=True, cwd=str(REPO), timeout=300)
+        r = run_burrow("restore", str(store), "--source", name, *point, "--into",
+                       f"etcd://{etcd_a.host}:{etcd_a.port}{prefix}", "--key-file", str(key), timeout=300)
         assert r.returncode == 0, (label, r.stderr[-3000:])
         got = {k[len(prefix):]: v for k, v in src.snapshot(prefix.encode()).items()}
         want = {b"a": b"1"} if label.endswith("before it") else {b"a": b"1", b"late": b"v"}

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
-import subprocess
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ import orjson
 import pytest
 import zstandard
 from captureutil import HANG_GUARD, wait_for
-from conftest import BURROW, REPO, interruptible, run_cli
+from conftest import run_cli, start_burrow
 from kvutil import Etcd, unique
 from test_stores import KEY, SECRET, minio_store, new_bucket
 
@@ -140,12 +138,8 @@ def _make_chain(etcd: Any, url: str, store: Any, key: Path) -> dict[str, Any]:
         return r.last_line.split("?", 1)[0].rsplit("/", 1)[1]
 
     full0 = backup()
-    proc = subprocess.Popen(
-        [BURROW, "capture", source, "--to", url, "--name", name, "--key-file", str(key), "--seal-every", "1s",
-         "--for", "30m"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO), preexec_fn=interruptible,
-        env={**os.environ, **env},
-    )
+    proc = start_burrow("capture", source, "--to", url, "--name", name, "--key-file", str(key), "--seal-every",
+                        "1s", "--for", "30m", env=env)
     seen: dict[str, dict[str, Any]] = {}
     try:
         for i in range(BEFORE + AFTER):
