@@ -826,10 +826,13 @@ def main() -> int:
     ap.add_argument("--capture-no-prev-kv", action="store_true",
                     help="start captures with their etcd watch asking for no prev_kv (a patch in the process)")
     ap.add_argument("--capture-cpus", metavar="LIST",
-                    help="run the captures on these CPUs only (taskset's list, say 1) and this bench, its writers "
-                         "and every server on the others: a capture on a host of its own, as on a worker, "
-                         "leaving the source's cost of serving it (its watch, the store's disk)")
+                    help="run the captures and the Prefect server on these CPUs only (taskset's list, say 1) and "
+                         "this bench, its writers and the source servers on the others: a capture on a host of "
+                         "its own, as on a worker, leaving the source's cost of serving it (its watch, the "
+                         "store's disk)")
     args = ap.parse_args()
+    capture_cpus: set[int] = set()
+    rest: set[int] = set()
     if args.capture_cpus:
         capture_cpus = parse_cpus(args.capture_cpus)
         rest = os.sched_getaffinity(0) - capture_cpus
@@ -837,7 +840,8 @@ def main() -> int:
             raise SystemExit("--capture-cpus must name some of this machine's CPUs, not all")
         os.sched_setaffinity(0, rest)  # the servers started below inherit it
         CAPTURE_CMD[:0] = ["taskset", "-c", ",".join(map(str, sorted(capture_cpus)))]
-        print(f"captures on CPUs {sorted(capture_cpus)}; the bench, its writers and the servers on {sorted(rest)}")
+        print(f"captures and the Prefect server on CPUs {sorted(capture_cpus)}; the bench, its writers and the "
+              f"source servers on {sorted(rest)}")
     # A bench started in the background inherits SIGINT ignored, and so would the captures it
     # starts (exec keeps an ignored signal ignored): they must get SIGINT as from Ctrl-C. Not a
     # preexec_fn: forking a process that holds gRPC channels aborts the child now and then.
@@ -856,7 +860,11 @@ def main() -> int:
     summary: list[str] = []
     try:
         uptime("start")
+        if capture_cpus:  # the orchestrator is the capture's, on another host than the source's
+            os.sched_setaffinity(0, capture_cpus)
         prefect = start_prefect(workdir / "prefect")
+        if capture_cpus:
+            os.sched_setaffinity(0, rest)
         servers.append(prefect)
         env = cli_env(workdir, prefect.url)
         key = workdir / "capture.key"
