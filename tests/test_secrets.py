@@ -30,6 +30,7 @@ import pytest
 from kazoo.security import make_digest_acl
 from kvutil import consul_client
 from pydantic import SecretStr
+from test_orchestrator import wait_for
 from zkutil import kazoo, snapshot
 
 from blocks.consul import ConsulCluster
@@ -292,7 +293,9 @@ def test_no_secret_leaks_anywhere(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)), limit=200
         )
         failed = [st.state_details.flow_run_id for st in states if st.is_failed()]
-        failed_tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=failed)))
+        # the server records task runs from their events, a little after the flow runs: wait for them
+        failed_tasks = wait_for("the failed flow runs' task runs to be recorded", lambda: client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=failed))))
     # a failed check (wrong key, corrupt archive, refused credentials) is never retried
     assert len(failed) == 9 and failed_tasks
     assert all(tr.run_count <= 1 for tr in failed_tasks), [(tr.name, tr.run_count) for tr in failed_tasks]
