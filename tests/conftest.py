@@ -67,31 +67,30 @@ PREFECT_SERVER_LOG = SESSION_DIR / "prefect-server.log"
 #: one worker busy with them while the others had finished (a file goes to one worker whole). The
 #: rest follow in collection order. A file that grows to minutes belongs here.
 #:
-#: Two kinds alternate. Some files mostly wait (60 s writers at 100 changes a second, captures
-#: sealing every few seconds, automations' windows running out): three of them at once, as when
-#: they came first, left the machine a third idle for five minutes, and two at once (the window
-#: views beside the automations) still left it half idle (bench/RESULTS.md). Each is followed in
-#: the list by files that keep the CPU busy (the fleet, the evidence history, the adversary), so
-#: that at any time about half the workers wait (a worker takes the next file in the list once its
-#: current one has two tests or fewer left to run: xdist's LoadScopeScheduling).
+#: Two kinds alternate. The point-in-time files mostly wait (60 s writers at 100 changes a second,
+#: captures sealing every few seconds): three of them at once, as when they came first, left the
+#: machine a third idle for five minutes (bench/RESULTS.md). Each is followed in the list by files
+#: that keep the CPU busy (the fleet, the evidence history, the adversary), so that at any time
+#: about one worker of three waits (a worker takes the next file in the list once its current one
+#: has two tests or fewer left to run: xdist's LoadScopeScheduling).
 LONGEST_FIRST = (
     "test_capture_etcd.py",  # waits
     "test_fleet.py",
     "test_evidence_history.py",
-    "test_automation_fires.py",  # waits
-    "test_adversary.py",
     "test_capture_consul.py",  # waits
+    "test_adversary.py",
     "test_orchestrator.py",
-    "test_offline_blocks.py",
     "test_capture_zookeeper.py",  # waits
+    "test_offline_blocks.py",
     "test_rerun_acls.py",
-    "test_housekeeping.py",
     "test_window_views.py",  # waits
+    "test_housekeeping.py",
+    "test_automation_fires.py",
+    "test_capture_engine.py",  # waits
     "test_worker_stop.py",
     "test_interrupt.py",
-    "test_capture_engine.py",  # waits
-    "test_failover_drill.py",
     "test_chain_index.py",  # waits
+    "test_failover_drill.py",
 )
 
 
