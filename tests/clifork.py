@@ -251,7 +251,6 @@ class ForkedRun:
         self.send_signal(signal.SIGKILL)
 
 
-
 class Zygote:
     """The test process's end: starts the zygote on first use, forks runs from it."""
 

@@ -304,9 +304,8 @@ class BurrowProcess:
 
     def __init__(self, args: list[str], stdout: Any, stderr: Any, env: dict[str, str]) -> None:
         self._args, self._env = args, env
-        self._targets = [stdout, stderr]
         # the run's own descriptors: pipes we read, or copies of the files' (a retry writes there too)
-        self._fds = [os.dup(t.fileno()) if t is not subprocess.PIPE else -1 for t in self._targets]
+        self._fds = [os.dup(t.fileno()) if t is not subprocess.PIPE else -1 for t in (stdout, stderr)]
         self._proc: Any = None
         self._readers: list[threading.Thread] | None = None
         self._got: dict[Any, list[str]] = {}
