@@ -139,9 +139,13 @@ def _wait_until_old(store: Path, name: str, seconds: float) -> None:
     """Wait until the source's (only) full archive is ``seconds`` old, by its signed time (read
     once: it does not change, only the clock moves)."""
     rows = json.loads(cli("list", str(store), "--source", name, "--json").stdout)
-    created = min(iso_to_us(r["created"]) for r in rows)
-    while (age := (_now_us() - created) / 1e6) < seconds:
-        time.sleep(seconds - age)
+    _sleep_until_past(min(iso_to_us(r["created"]) for r in rows), seconds)
+
+
+def _sleep_until_past(t_us: int, seconds: float) -> None:
+    """Sleep until more than ``seconds`` have passed since ``t_us`` (a time that no longer moves)."""
+    while (age := (_now_us() - t_us) / 1e6) <= seconds:
+        time.sleep(seconds - age + 0.05)
 
 
 @pytest.mark.timeout(1800)  # a hang guard: many CLI runs, each a flow, on a busy machine
@@ -189,9 +193,7 @@ def test_max_age_judges_what_a_restore_reaches(etcd_a, store, key) -> None:
     # the capture stopped: once its end is older than the limit, status says so (exit 5). The end
     # no longer moves (read once); only the clock does
     r = _status(store, name, key, "--json")
-    end = iso_to_us(json.loads(r.stdout)["sources"][0]["restorable"]["to"])
-    while (age := (_now_us() - end) / 1e6) <= 3:
-        time.sleep(3.1 - age)
+    _sleep_until_past(iso_to_us(json.loads(r.stdout)["sources"][0]["restorable"]["to"]), 3)
     r = _status(store, name, key, "--max-age", "3s")
     assert r.returncode == 5, r.stdout[-2000:] + r.stderr[-2000:]
     assert name in r.stderr, r.stderr[-2000:]
