@@ -296,11 +296,17 @@ def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_pa
             machine) and those under way still run: the outage starts after the last of them.
             Their events are stored a little after the runs end: every completed run's event.
             A pass of Prefect's scheduler that read the schedule before the pause can insert runs
-            after it: they are deleted here, as the pause deletes the ones it finds."""
+            after it: they are deleted here, as the pause deletes the ones it finds, but only those
+            due well after now. The worker takes a run up to PREFETCH (2 s) before it is due, so a
+            run due sooner may be under way by the time the delete lands; deleted under the
+            worker, it would still back up and emit its completed event, then fail to record its
+            end (ObjectNotFound), and the page's flow-run line, looked up from that event, would be
+            empty (a stress run lost a page that way). Those due sooner run, and are waited for."""
+            horizon = datetime.now(UTC) + timedelta(seconds=30)
             with get_client(sync_client=True) as c:
                 runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])))
                 ahead = [r for r in runs if r.state.is_scheduled() and r.expected_start_time
-                         and r.expected_start_time > paused_at]
+                         and r.expected_start_time > max(paused_at, horizon)]
                 for r in ahead:
                     c.delete_flow_run(r.id)
             runs = [r for r in runs if r not in ahead]
