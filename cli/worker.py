@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -253,15 +254,24 @@ def stop_worker(proc: subprocess.Popen, grace: float, api: tuple[str, dict[str, 
     return ids
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    """``burrow worker start``."""
-    argv = [*_prefect_command(), "worker", "start", "--pool", args.pool, "--type", "process"]
-    env = dict(os.environ)
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment ``burrow worker start`` gives Prefect's worker, and so its flow runs."""
+    env = dict(environ)
     # A run on a worker was handed to it by the API: a slow /health answer there is load, not a
     # dead orchestrator. The 2 s probe that decides whether saved blocks come from the local copy
     # (blocks/localcopy.py) failed fleet backups on a busy server ("the saved source block cannot
     # be read: the Prefect API is unreachable (no answer within 2 s)"); the worker's runs wait longer.
     env.setdefault("BURROW_ORCHESTRATOR_TIMEOUT", str(RUN_PROBE_TIMEOUT_S))
+    # A Burrow pool starts its runs with `python -m prefect.engine` (flows.common.FLOW_RUN_COMMAND):
+    # `python` is the interpreter Burrow runs in, wherever it is installed on this host.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
+    return env
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``burrow worker start``."""
+    argv = [*_prefect_command(), "worker", "start", "--pool", args.pool, "--type", "process"]
+    env = worker_environment(os.environ)
     if args.name:
         argv += ["--name", args.name]
     if args.limit is not None:

@@ -15,7 +15,7 @@ every step creates what is missing and updates what is there, never duplicates.
 Usage: python deployments/setup.py [--notify-block SLUG/NAME] [--cluster NAME ...]
                                    [--only DEPLOYMENT ...] [--skip-deploy] [--prefect-file PATH]
                                    [--backup-missing-hours HOURS]
-Then start workers (on as many machines as you like):  prefect worker start --pool burrow
+Then start workers (on as many machines as you like):  burrow worker start --pool burrow
 """
 
 from __future__ import annotations
@@ -123,19 +123,26 @@ async def apply(clusters: list[str], automations: list[Any], armed: list[str] | 
     """Create the work pool, the per-cluster limits and the automations, or update them; then
     arm the failure page of each source of ``armed`` (see :func:`arm`)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     sys.path.insert(0, str(REPO))
-    from flows.common import source_limit_name
+    from flows.common import pool_runs_engine_directly, process_pool_template, source_limit_name
 
     async with get_client() as client:
         try:
-            await client.read_work_pool(POOL)
-            print(f"work pool {POOL} is there", flush=True)
+            pool = await client.read_work_pool(POOL)
+            if pool.type == "process" and not pool_runs_engine_directly(pool.base_job_template):
+                # a pool made before the template named the runs' command (an operator's own
+                # command is left as it is)
+                await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=process_pool_template()))
+                print(f"work pool {POOL}: its runs now start the engine directly", flush=True)
+            else:
+                print(f"work pool {POOL} is there", flush=True)
         except ObjectNotFound:
             try:
-                await client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+                await client.create_work_pool(WorkPoolCreate(name=POOL, type="process",
+                                                             base_job_template=process_pool_template()))
                 print(f"created the process work pool {POOL}", flush=True)
             except ObjectAlreadyExists:  # another setup run got there first
                 pass
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [x for d in wanted for x in ("--name", d["name"])] if args.only else ["--all"]
         run("deploy", *names, "--prefect-file", str(prefect_file))
         print(f"deployed {len(wanted)} deployment(s) to the {POOL} work pool", flush=True)
-    print(f"done: start workers with  BURROW_CHECKOUT={REPO} prefect worker start --pool {POOL}")
+    print(f"done: start workers with  BURROW_CHECKOUT={REPO} burrow worker start --pool {POOL}")
     return 0
 
 

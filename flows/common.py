@@ -234,6 +234,36 @@ def burrow_flow(**options: Any) -> Callable[[Callable[..., Any]], BurrowFlow]:
     return decorate
 
 
+# ------------------------------------------------------------------------ the work pool's runs
+
+#: The command a Burrow work pool's process worker starts each flow run with. Left unset, Prefect
+#: 3.8's process worker starts a workspace supervisor for every run (``python -m
+#: prefect.runner._workspace_supervisor``: it imports Prefect, runs the pull steps, then execs
+#: ``python -m prefect.engine``, which imports Prefect again), and the worker does more per run
+#: besides: 4.1-4.3 CPU-seconds a run on this repository's 2-core machine against 2.7-3.0 with the
+#: command set (bench/RESULTS.md, "A flow run's CPU under a process worker"), for a fleet's
+#: hundreds of runs an hour. The engine runs the deployment's pull steps itself. ``python`` is
+#: looked up on the worker's PATH: ``burrow worker start`` puts its own interpreter's directory
+#: first, so the runs use the interpreter Burrow is installed in (as Prefect's default does).
+FLOW_RUN_COMMAND = "python -m prefect.engine"
+
+
+def process_pool_template() -> dict[str, Any]:
+    """The base job template of a Burrow process work pool: Prefect's own, with
+    :data:`FLOW_RUN_COMMAND` as the command's default (a deployment can still override it)."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = FLOW_RUN_COMMAND
+    return template
+
+
+def pool_runs_engine_directly(template: dict[str, Any]) -> bool:
+    """Whether a process pool's base job template names a command for its runs (see
+    :data:`FLOW_RUN_COMMAND`)."""
+    return bool(template.get("variables", {}).get("properties", {}).get("command", {}).get("default"))
+
+
 # ------------------------------------------------------------------------ quiet expected failures
 
 

@@ -250,6 +250,7 @@ def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_pa
     from prefect.client.schemas.schedules import IntervalSchedule
 
     from burrow.keys import keygen
+    from flows.common import process_pool_template
 
     run = uuid.uuid4().hex[:8]
     source, deployment, pool = f"served-{run}", f"backup-served-{run}", f"burrow-missing-{run}"
@@ -266,7 +267,7 @@ def test_backup_missing_pages_when_a_deployments_schedule_is_paused(zk_a, tmp_pa
     params = {"source": f"zk://{zk_a.url}", "store": str(store), "name": source, "root": root,
               "key_file": str(tmp_path / "k.key")}
     with get_client(sync_client=True) as c:
-        c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=process_pool_template()))
         dep_id = c.create_deployment(
             c.create_flow_from_name("backup"), deployment, entrypoint="flows/backup.py:backup",
             work_pool_name=pool, parameters=params,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -244,3 +246,58 @@ def test_loading_a_burrow_block_adds_no_event_to_the_feed(tmp_path):
 
     wait_for("the control block's load event", lambda: "prefect.block.secret.loaded" in loaded(), timeout=120)
     assert loaded() == ["prefect.block.secret.loaded"]
+
+
+def test_setup_makes_the_pools_runs_start_the_engine_directly(monkeypatch):
+    """setup.py's work pool names the command its runs start with (flows.common.FLOW_RUN_COMMAND:
+    the engine, without Prefect's per-run workspace supervisor); a pool made before that, with
+    Prefect's default template, is updated; an operator's own command is left as it is. And
+    ``burrow worker start`` puts its interpreter first on the worker's PATH, so that ``python`` is
+    the one Burrow is installed in."""
+    sys.path.insert(0, str(REPO / "deployments"))
+    import setup
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.workers.process import ProcessWorker
+
+    from flows.common import FLOW_RUN_COMMAND, process_pool_template
+
+    def command(pool: str) -> str | None:
+        with get_client(sync_client=True) as c:
+            return c.read_work_pool(pool).base_job_template["variables"]["properties"]["command"].get("default")
+
+    pools = [f"setup-{n}-{uuid.uuid4().hex[:6]}" for n in ("new", "old", "own")]
+    new, old, own = pools
+    try:
+        monkeypatch.setattr(setup, "POOL", new)
+        asyncio.run(setup.apply([], []))
+        assert command(new) == FLOW_RUN_COMMAND
+        with get_client(sync_client=True) as c:  # made by an older setup: Prefect's template
+            c.create_work_pool(WorkPoolCreate(name=old, type="process",
+                                              base_job_template=ProcessWorker.get_default_base_job_template()))
+            mine = process_pool_template()
+            mine["variables"]["properties"]["command"]["default"] = "/opt/py/bin/python -m prefect.engine"
+            c.create_work_pool(WorkPoolCreate(name=own, type="process", base_job_template=mine))
+        assert command(old) is None
+        monkeypatch.setattr(setup, "POOL", old)
+        asyncio.run(setup.apply([], []))
+        assert command(old) == FLOW_RUN_COMMAND
+        monkeypatch.setattr(setup, "POOL", own)
+        asyncio.run(setup.apply([], []))
+        assert command(own) == "/opt/py/bin/python -m prefect.engine"
+        with get_client(sync_client=True) as c:  # re-applied: nothing else about the pool changes
+            c.update_work_pool(old, WorkPoolUpdate(concurrency_limit=7))
+        monkeypatch.setattr(setup, "POOL", old)
+        asyncio.run(setup.apply([], []))
+        with get_client(sync_client=True) as c:
+            assert c.read_work_pool(old).concurrency_limit == 7
+    finally:
+        with get_client(sync_client=True) as c:
+            for pool in pools:
+                c.delete_work_pool(pool)
+    from cli.worker import worker_environment
+
+    env = worker_environment({"PATH": "/usr/local/bin:/usr/bin:/bin", "BURROW_ORCHESTRATOR_TIMEOUT": "5"})
+    found = shutil.which(FLOW_RUN_COMMAND.split()[0], path=env["PATH"])
+    assert found and Path(found).parent == Path(sys.executable).parent, (found, env["PATH"])
+    assert env["PATH"].endswith(os.pathsep + "/usr/local/bin:/usr/bin:/bin") and env["BURROW_ORCHESTRATOR_TIMEOUT"] == "5"

@@ -164,6 +164,8 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import StateType
 
+    from flows.common import process_pool_template
+
     tag = uuid.uuid4().hex[:6]
     pool = f"burrow-ev-{tag}"
     store_dir = tmp_path_factory.mktemp("ev-store")
@@ -236,7 +238,7 @@ def history(zk_a, zk_b, consul_a, consul_b, tmp_path_factory) -> Iterator[dict[s
     # the period starts before the deployments exist (the report counts slots from their creation)
     since = clear_of_slots(datetime.now(UTC) - timedelta(seconds=2))
     with _client() as c:
-        c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=process_pool_template()))
     worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     procs = []
     for n in ("a", "b"):  # two workers, as on two machines, started as the README starts them

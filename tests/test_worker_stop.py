@@ -118,8 +118,10 @@ def create_pool(pool: str) -> None:
     template, as it does for a pool the CLI created)."""
     from prefect.client.schemas.actions import WorkPoolCreate
 
+    from flows.common import process_pool_template
+
     with _client() as c:
-        c.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        c.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=process_pool_template()))
 
 
 def start_worker(pool: str, name: str) -> subprocess.Popen:

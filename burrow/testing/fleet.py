@@ -106,26 +106,24 @@ def seed_fleet(n: int, zk: str, etcd: str, consul: str, tag: str | None = None, 
 def deploy_fleet(tag: str, clusters: list[Cluster], store: Path) -> Fleet:
     """Save the blocks, limits, backup deployments and the fleet deployment (see the module)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 
     from blocks.keys import EncryptionKeys
     from blocks.local import LocalStore
     from burrow.keys import X25519Identity
-    from flows.common import source_limit_name
+    from flows.common import process_pool_template, source_limit_name
 
     pool = f"fleet-{tag}"
     identity = X25519Identity.generate()
     LocalStore(path=str(store)).save(f"{tag}-store", overwrite=True)
     EncryptionKeys(recipients=[identity.recipient.to_text()]).save(f"{tag}-keys", overwrite=True)
     _save_blocks([(c.name, c.block) for c in clusters])
-    prefect = str(Path(sys.executable).parent / "prefect")
-    made = subprocess.run([prefect, "--no-prompt", "work-pool", "create", pool, "--type", "process", "--overwrite"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    if made.returncode != 0:
-        raise RuntimeError(f"could not create the work pool {pool}: {made.stdout[-1000:]}{made.stderr[-1000:]}")
     fleet = Fleet(tag=tag, pool=pool, store=store, identity=identity, clusters=clusters)
     pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}]
     with get_client(sync_client=True) as client:
+        # the pool deployments/setup.py makes: its runs start the engine directly
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=process_pool_template()),
+                                overwrite=True)
         backup_flow = client.create_flow_from_name("backup")
         fleet_flow = client.create_flow_from_name("backup-fleet")
         for c in clusters:
