@@ -15,7 +15,13 @@ their own), starts the workers (``burrow worker start --limit``), runs the fleet
   and 95th percentile; and the start lateness (start minus scheduled start), median and p95;
 * server CPU seconds over the fleet run (the Prefect server's process tree, and PostgreSQL's);
 * the peak RSS of a worker process (Prefect's worker, ``VmHWM``) and of a backup run's process
-  (the largest seen while sampling).
+  (the largest seen while sampling);
+* the workers' CPU seconds (each ``burrow worker`` process tree, the runs' processes included)
+  and the whole machine's busy CPU seconds (``/proc/stat``) over the fleet run, each per backup run.
+
+``--launch burrow,prefect`` runs each pair twice: with the pool's template as Burrow makes it (its
+runs start ``python -m prefect.engine``, flows.common.FLOW_RUN_COMMAND) and with Prefect's own
+(each run through a workspace supervisor first), alternating, in the same run.
 
 The Prefect server and PostgreSQL keep running across pairs (their databases grow; each pair has
 its own pool, blocks and deployments). Prints one JSON line per pair and a Markdown table.
@@ -65,10 +71,20 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_pair(n: int, workers: int, limit: int, servers: dict[str, Any], work: Path) -> dict[str, Any]:
+def _busy_seconds() -> float:
+    """The machine's busy CPU seconds so far (all CPUs: /proc/stat less idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def run_pair(n: int, workers: int, limit: int, servers: dict[str, Any], work: Path,
+             launch: str = "burrow") -> dict[str, Any]:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
     from prefect.deployments import run_deployment
+    from prefect.workers.process import ProcessWorker
 
     from burrow.testing.fleet import deploy_fleet, seed_fleet, start_workers, stop_workers
     from cli.worker import flow_run_processes
@@ -77,6 +93,10 @@ def run_pair(n: int, workers: int, limit: int, servers: dict[str, Any], work: Pa
     store = work / tag
     store.mkdir()
     fleet = deploy_fleet(tag, clusters, store)
+    if launch == "prefect":  # Prefect's own template: no command, each run through its supervisor
+        with get_client(sync_client=True) as client:
+            client.update_work_pool(fleet.pool, WorkPoolUpdate(
+                base_job_template=ProcessWorker.get_default_base_job_template()))
     procs = start_workers(fleet, workers, limit, work)
     peak_run_kib, peak_worker_kib = [0], [0]
     stop_sampling = threading.Event()
@@ -93,10 +113,13 @@ def run_pair(n: int, workers: int, limit: int, servers: dict[str, Any], work: Pa
     sampler.start()
     cpu_server0, cpu_pg0 = _ticks([servers["prefect"].pid]), _ticks([servers["postgres"].pid])
     load0 = os.getloadavg()
+    cpu_workers0, busy0 = _ticks([p.pid for p in procs]), _busy_seconds()
     try:
         run = run_deployment(fleet.fleet_deployment, parameters={"deployments": fleet.names(), "poll_s": 2.0},
                              timeout=None)
     finally:
+        cpu_workers = _ticks([p.pid for p in procs]) - cpu_workers0
+        busy = _busy_seconds() - busy0
         cpu_server = _ticks([servers["prefect"].pid]) - cpu_server0
         cpu_pg = _ticks([servers["postgres"].pid]) - cpu_pg0
         stop_sampling.set()
@@ -125,7 +148,10 @@ def run_pair(n: int, workers: int, limit: int, servers: dict[str, Any], work: Pa
     for kid in kids:
         states[kid.state.type.value] = states.get(kid.state.type.value, 0) + 1
     return {
-        "clusters": n, "workers": workers, "limit": limit, "state": run.state.type.value, "runs": states,
+        "clusters": n, "workers": workers, "limit": limit, "launch": launch, "state": run.state.type.value,
+        "runs": states,
+        "workers_cpu_per_run_s": round(cpu_workers / max(1, len(kids)), 2),
+        "busy_cpu_per_run_s": round(busy / max(1, len(kids)), 2),
         "wall_s": round((run.end_time - run.start_time).total_seconds(), 1),
         "overhead_median_s": round(statistics.median(overhead), 2) if overhead else None,
         "overhead_p95_s": round(_pct(overhead, 0.95), 2),
@@ -148,6 +174,8 @@ def main() -> None:
     p.add_argument("--clusters", default="50,100,200")
     p.add_argument("--workers", default="1,2,3")
     p.add_argument("--limit", type=int, default=4)
+    p.add_argument("--launch", default="burrow", help="burrow, prefect or both (burrow,prefect): the pool's "
+                   "template as Burrow makes it, or Prefect's own")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     from burrow.testing.servers import (
@@ -173,22 +201,24 @@ def main() -> None:
     try:
         for n in [int(x) for x in args.clusters.split(",")]:
             for w in [int(x) for x in args.workers.split(",")]:
-                row = run_pair(n, w, args.limit, servers, work)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for launch in args.launch.split(","):
+                    row = run_pair(n, w, args.limit, servers, work, launch)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
         log = servers["prefect"].log_path.read_text(errors="replace") if servers["prefect"].log_path else ""
         print(f"server log: {log.count('database is locked')} 'database is locked', "
               f"{sum(1 for ln in log.splitlines() if 'lease' in ln.lower() and 'error' in ln.lower())} lease errors")
     finally:
         for s in reversed(list(servers.values())):
             s.stop()
-    print("\n| clusters | workers | wall | overhead/run median (p95) | lateness median (p95) | server CPU | "
-          "PostgreSQL CPU | worker peak RSS | run peak RSS | load before → after |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| clusters | workers | launch | wall | overhead/run median (p95) | lateness median (p95) | server CPU | "
+          "PostgreSQL CPU | workers' CPU/run | machine CPU/run | worker peak RSS | run peak RSS | load before → after |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['clusters']} | {r['workers']} | {r['wall_s']} s | {r['overhead_median_s']} s "
+        print(f"| {r['clusters']} | {r['workers']} | {r['launch']} | {r['wall_s']} s | {r['overhead_median_s']} s "
               f"({r['overhead_p95_s']} s) | {r['lateness_median_s']} s ({r['lateness_p95_s']} s) | "
-              f"{r['server_cpu_s']} s | {r['postgres_cpu_s']} s | {r['worker_peak_rss_mib']} MiB | "
+              f"{r['server_cpu_s']} s | {r['postgres_cpu_s']} s | {r['workers_cpu_per_run_s']} s | "
+              f"{r['busy_cpu_per_run_s']} s | {r['worker_peak_rss_mib']} MiB | "
               f"{r['run_peak_rss_mib']} MiB | {r['load_before'][0]} → {r['load_after'][0]} |")
 
 
