@@ -315,66 +315,49 @@ class Zygote:
         process instead: its ``env`` differs from the zygote's in what is read at import, or the
         forked run ended with :data:`RETRY` (see the module doc). Raises
         ``subprocess.TimeoutExpired`` as ``subprocess.run`` does, after killing the run."""
-        if not self._ready(env):
-            return None
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            conn = self._send(args, env, cwd, out_w, err_w)
+            run = self.spawn(args, env, cwd, out_w, err_w)
         finally:
             os.close(out_w)
             os.close(err_w)
         chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-        control = b""
-        pid: int | None = None
-        status: int | None = None
         deadline = time.monotonic() + timeout
         timed_out = False
-        sel = selectors.DefaultSelector()
-        sel.register(out_r, selectors.EVENT_READ)
-        sel.register(err_r, selectors.EVENT_READ)
-        sel.register(conn, selectors.EVENT_READ)
-        killed = False
         try:
-            while sel.get_map():
+            if run is None:
+                return None
+            reading = [out_r, err_r]
+            while reading:  # to both ends of file: the run's output, all of it
                 left = deadline - time.monotonic()
-                timed_out = timed_out or left <= 0
-                if timed_out and pid is not None and not killed:
-                    killed = True
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                for key, _ in sel.select(timeout=1.0 if timed_out else max(left, 0.01)):
-                    fd = key.fd
-                    if key.fileobj is conn:
-                        data = conn.recv(4096)
-                        if not data:
-                            sel.unregister(conn)
-                            continue
-                        control += data
-                        while b"\n" in control:
-                            line, control = control.split(b"\n", 1)
-                            message = json.loads(line)
-                            pid = message.get("pid", pid)
-                            status = message.get("status", status)
+                if left <= 0 and not timed_out:
+                    timed_out = True
+                    run.kill()
+                ready, _, _ = select.select(reading, [], [], 1.0 if timed_out else left)
+                for fd in ready:
+                    data = os.read(fd, 65536)
+                    if data:
+                        chunks[fd].append(data)
                     else:
-                        data = os.read(fd, 65536)
-                        if data:
-                            chunks[fd].append(data)
-                        else:
-                            sel.unregister(fd)
+                        reading.remove(fd)
+            if not timed_out:
+                try:
+                    run.wait(max(deadline - time.monotonic(), 0.01))
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    run.kill()
+            if timed_out:  # its status, once killed, closes the connection
+                with contextlib.suppress(subprocess.TimeoutExpired, RuntimeError):
+                    run.wait(10)
         finally:
-            sel.close()
-            conn.close()
             os.close(out_r)
             os.close(err_r)
         out = b"".join(chunks[out_r]).decode(errors="replace")
         err = b"".join(chunks[err_r]).decode(errors="replace")
         if timed_out:
             raise subprocess.TimeoutExpired(["burrow", *args], timeout, output=out, stderr=err)
-        if status is None:
-            raise RuntimeError(f"the CLI fork server lost the run of burrow {args[:1]}")
-        code = os.waitstatus_to_exitcode(status)
-        return None if code == RETRY else (code, out, err)
+        return None if run.returncode == RETRY else (run.returncode, out, err)
 
     def stop(self) -> None:
         if self._proc is not None:
