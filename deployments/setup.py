@@ -127,12 +127,12 @@ async def apply(clusters: list[str], automations: list[Any], armed: list[str] | 
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     sys.path.insert(0, str(REPO))
-    from flows.common import pool_runs_engine_directly, process_pool_template, source_limit_name
+    from flows.common import pool_run_command, process_pool_template, source_limit_name
 
     async with get_client() as client:
         try:
             pool = await client.read_work_pool(POOL)
-            if pool.type == "process" and not pool_runs_engine_directly(pool.base_job_template):
+            if pool.type == "process" and not pool_run_command(pool.base_job_template):
                 # a pool made before the template named the runs' command (an operator's own
                 # command is left as it is)
                 await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=process_pool_template()))

@@ -258,10 +258,10 @@ def process_pool_template() -> dict[str, Any]:
     return template
 
 
-def pool_runs_engine_directly(template: dict[str, Any]) -> bool:
-    """Whether a process pool's base job template names a command for its runs (see
-    :data:`FLOW_RUN_COMMAND`)."""
-    return bool(template.get("variables", {}).get("properties", {}).get("command", {}).get("default"))
+def pool_run_command(template: dict[str, Any]) -> str | None:
+    """The command a process pool's base job template names for its runs (see
+    :data:`FLOW_RUN_COMMAND`), or None when it names none (Prefect's default)."""
+    return template.get("variables", {}).get("properties", {}).get("command", {}).get("default") or None
 
 
 # ------------------------------------------------------------------------ quiet expected failures

@@ -260,11 +260,11 @@ def test_setup_makes_the_pools_runs_start_the_engine_directly(monkeypatch):
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.workers.process import ProcessWorker
 
-    from flows.common import FLOW_RUN_COMMAND, process_pool_template
+    from flows.common import FLOW_RUN_COMMAND, pool_run_command, process_pool_template
 
     def command(pool: str) -> str | None:
         with get_client(sync_client=True) as c:
-            return c.read_work_pool(pool).base_job_template["variables"]["properties"]["command"].get("default")
+            return pool_run_command(c.read_work_pool(pool).base_job_template)
 
     pools = [f"setup-{n}-{uuid.uuid4().hex[:6]}" for n in ("new", "old", "own")]
     new, old, own = pools
