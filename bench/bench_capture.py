@@ -39,7 +39,11 @@ then, in one run:
 ``--capture-cpus 1`` runs the captures on CPU 1 only and the bench (its writers), the sources
 and the Prefect server on the other CPUs: the capture on a host of its own, as on a worker, so what
 is left of the source's latency rise is the source's cost of serving the capture (its watch, the
-store's disk). Both kinds of run poll the store (the lag's clock) from the writer's process.
+store's disk). Both kinds of run poll the store (the lag's clock) from the bench's process, not the
+writer's. ``--source-cpus 0-1`` starts the rpo phase's source servers on those CPUs instead: a
+source with two cores (a Go server's GOMAXPROCS is 2 then), which serves a capture's read on one
+while it answers writes on the other, as any production server has more than one; the capture's
+CPU is shared with it then.
 
 ``--capture-no-prev-kv`` starts every capture with its etcd watch asking for no ``prev_kv`` (a
 patch inside the capture's process; the segments are the same).
@@ -53,6 +57,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import contextlib
 import hashlib
 import json
 import os
@@ -65,7 +70,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -962,6 +967,10 @@ def main() -> int:
                          "this bench, its writers and the source servers on the others: a capture on a host of "
                          "its own, as on a worker, leaving the source's cost of serving it (its watch, the "
                          "store's disk)")
+    ap.add_argument("--source-cpus", metavar="LIST",
+                    help="with --capture-cpus: the rpo phase's source servers on these CPUs (say 0-1: a source "
+                         "with more than one core, as a server has, the capture's CPU shared with it) instead "
+                         "of the bench's")
     args = ap.parse_args()
     capture_cpus: set[int] = set()
     rest: set[int] = set()
@@ -974,6 +983,23 @@ def main() -> int:
         CAPTURE_CMD[:0] = ["taskset", "-c", ",".join(map(str, sorted(capture_cpus)))]
         print(f"captures and the Prefect server on CPUs {sorted(capture_cpus)}; the bench, its writers and the "
               f"source servers on {sorted(rest)}")
+    source_cpus = parse_cpus(args.source_cpus) if args.source_cpus else None
+    if source_cpus:
+        print(f"the rpo phase's source servers on CPUs {sorted(source_cpus)}")
+
+    @contextlib.contextmanager
+    def source_affinity() -> Iterator[None]:
+        """A source server started inside runs on ``--source-cpus`` (a Go server's GOMAXPROCS is
+        the CPUs it may run on when it starts)."""
+        if not source_cpus:
+            yield
+            return
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, source_cpus)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
     # A bench started in the background inherits SIGINT ignored, and so would the captures it
     # starts (exec keeps an ignored signal ignored): they must get SIGINT as from Ctrl-C. Not a
     # preexec_fn: forking a process that holds gRPC channels aborts the child now and then.
@@ -1007,16 +1033,19 @@ def main() -> int:
         if "rpo" in phases:
             writers: list[tuple[str, WriterProcess, str]] = []
             if "etcd" in services:
-                e = start_etcd(workdir / "etcd-rpo")
+                with source_affinity():
+                    e = start_etcd(workdir / "etcd-rpo")
                 servers.append(e)
                 writers.append(("etcd", WriterProcess("etcd", f"{e.host}:{e.port}", b"/cap", 10_000, 1000.0),
                                 f"etcd://{e.host}:{e.port}/cap"))
             if "zookeeper" in services:
-                z = start_zookeeper(workdir / "zk-rpo")
+                with source_affinity():
+                    z = start_zookeeper(workdir / "zk-rpo")
                 servers.append(z)
                 writers.append(("zookeeper", WriterProcess("zookeeper", z.url, "/cap", 1000, 200.0), f"zk://{z.url}/cap"))
             if "consul" in services:
-                c = start_consul(workdir / "consul-rpo")
+                with source_affinity():
+                    c = start_consul(workdir / "consul-rpo")
                 servers.append(c)
                 writers.append(("consul", WriterProcess("consul", c.url, "cap", 1000, 200.0), f"consul://{c.host}:{c.port}/cap"))
             for (_, w, _), srv in zip(writers, servers[-len(writers):], strict=True):
