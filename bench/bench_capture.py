@@ -10,7 +10,7 @@ then, in one run:
 * rpo: for each service, a steady open-loop writer updates a bounded key set (etcd 10,000 keys at
   1,000 changes/s; ZooKeeper and Consul 1,000 keys at 200/s; 100-byte values) for ``--seconds``,
   ``--pairs`` times without and with ``burrow capture SOURCE --to STORE --for ...`` running
-  (default ``--seal-every`` 10 s), alternating, after one full backup. Measured:
+  (default ``--seal-every`` 10 s), in ABBA pairs, after one full backup. Measured:
   - the lag of each change: its write acknowledged (the writer's wall clock) to the moment the
     sealed segment that holds it appeared in the store (the store's directory polled every
     0.1 s; each segment's manifest names its last position: etcd revision, ZooKeeper mzxid,
@@ -951,7 +951,7 @@ def parse_cpus(spec: str) -> set[int]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=40.0, help="seconds of steady writes per run (default 40)")
-    ap.add_argument("--pairs", type=int, default=3, help="runs without and with capture, alternating (default 3)")
+    ap.add_argument("--pairs", type=int, default=3, help="pairs of runs without and with capture, next to each other, ABBA (default 3)")
     ap.add_argument("--services", default="etcd,zookeeper,consul", help="rpo phase: which services")
     ap.add_argument("--phases", default="rpo,pitr", help="rpo, pitr, watch (default rpo,pitr)")
     ap.add_argument("--pitr-keys", type=int, default=100_000, help="keys of the full archive (default 100000)")
