@@ -939,10 +939,11 @@ class ConsulWatch:
     WAIT = 2  # seconds a blocking query waits for a change: also how often progress is reported
     #: The least time between two reads of the prefix. Every answer is the whole prefix, so a
     #: busy prefix read again after each change cost the Consul agent 4x its CPU and its own
-    #: writers' p99 latency 8 -> 52 ms at 200 changes a second (bench/RESULTS.md). Read every
-    #: 0.5 s, a 1,000-key prefix still raised the writers' p99 by 75-128%, every 2 s by 31-35%
-    #: (the RPO's p99 10.5 -> 12.0 s): changes in between are in the next answer (one ModifyIndex
-    #: comparison), and writes to one key within these 2 s collapse into the last.
+    #: writers' p99 latency 8 -> 52 ms at 200 changes a second (bench/RESULTS.md). A 1,000-key
+    #: prefix read every 2 s (~300 KB of JSON, built on one core): the writers' p99 +0.8% on an
+    #: agent with two cores, +30% on an agent with one, where they wait behind the read; every
+    #: 4 s still +15% there, for 2 s more RPO (p99 12.0 -> 13.9 s). Changes in between are in the
+    #: next answer (one ModifyIndex comparison); writes to one key within these 2 s collapse.
     MIN_INTERVAL = 2.0
     RESYNC_PIECE = 1024 * 1024  # bytes of a resync handed on at once
 
