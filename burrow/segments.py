@@ -181,6 +181,9 @@ class Segment:
     #: position (a feed that reported progress ahead of queued changes: etcd 3.4.23,
     #: etcd-io/etcd#15220); None when it holds none. A point at or after it reads this segment too.
     late_from: int | None = None
+    #: The service the segment's manifest names (``etcd``, ``zookeeper``, ``consul``): what its
+    #: positions are (a revision, a zxid, a Consul index). None in a hand-built segment.
+    service: str | None = None
 
     @classmethod
     def from_manifest(cls, name: str, url: str, m: dict[str, Any]) -> Segment:
@@ -215,6 +218,7 @@ class Segment:
                 changes=m["keys"], catching_up=bool(m.get("catching_up")), resync=bool(m.get("resync")),
                 resync_part=_resync_part(m), resync_done=m.get("resync_done", True) is not False,
                 late_from=late_from,
+                service=shared(m["service"]) if isinstance(m.get("service"), str) else None,
             )
         except (KeyError, TypeError, AttributeError, ValueError, ArchiveError):
             raise ArchiveError(f"{url} is not a well-formed change segment (its manifest lacks or garbles the "
@@ -451,7 +455,10 @@ def choose(
 
     Refuses, in one line naming the restorable window, a point outside it or inside a gap,
     and refuses a point whose chain has a problem (a missing, replaced, forked or foreign
-    segment)."""
+    segment). A position is refused, as a usage error, for a source whose chains or full archives
+    are of another service than etcd (a zxid or a Consul index is no point a revision names)."""
+    if at_position is not None:
+        chains = _revision_chains(chains, fulls, source)
     win = window(chains)
     if not chains:
         raise ArchiveError(f"no change segments of source {source!r}: there is no restorable window (run "
@@ -527,6 +534,21 @@ def choose(
     return Point(chain=chain, segments=needed + late, start_name=best[1], start_sha=best[2], start_position=best[0],
                  at_time=None if at_position is not None else at_time, at_position=at_position,
                  known_position=known)
+
+
+def _revision_chains(chains: list[Chain], fulls: list[dict[str, Any]], source: str) -> list[Chain]:
+    """The chains a revision (``--at-revision``) may be looked up in: etcd's. UsageError when the
+    source has none and its chains, or (without any) its full archives, name another service:
+    decided from the manifests already read, before any segment or archive is downloaded."""
+    kept = [c for c in chains if c.first.service in (None, "etcd")]
+    if kept:
+        return kept
+    others = {c.first.service for c in chains} or {str(r["service"]) for r in fulls if r.get("service")}
+    others.discard("etcd")
+    if others:
+        raise UsageError(f"--at-revision applies to etcd only: source {source!r} is {' and '.join(sorted(map(str, others)))}"
+                         " (its changes are not at etcd revisions); give --at TIME or --at latest")
+    return kept
 
 
 def _late_segments(chain: Chain, upto: Segment, known: int) -> list[Segment]:

@@ -32,7 +32,8 @@ def register(sub: Any) -> dict[str, Any]:
                    "change chain (latest): the newest full archive before it plus the captured changes up to it; "
                    "ARCHIVE is the store")
     r.add_argument("--at-revision", type=int, metavar="R",
-                   help="etcd: restore --source as it was at revision R (ARCHIVE is the store)")
+                   help="etcd only: restore --source as it was at revision R (ARCHIVE is the store); a ZooKeeper or "
+                   "Consul source is refused (usage error)")
     r.add_argument("--into", required=True, help="target cluster URL or saved source block name")
     r.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     r.add_argument("--subtree", help="restore only this path and below")

@@ -52,10 +52,12 @@ def restore(
 ) -> dict[str, Any]:
     """Restore ``archive`` into the cluster ``into``, creating only missing keys.
 
-    ``at`` (an ISO 8601 time, or ``latest``) or ``at_revision`` (etcd): ``archive`` is then the
-    store, and the restore is of ``source`` at that point: the newest full archive before it
-    plus the change segments up to it (tasks/chain.py), materialized into a private archive
-    that is planned and replayed like any other.
+    ``at`` (an ISO 8601 time, or ``latest``) or ``at_revision`` (etcd only: for a ZooKeeper or
+    Consul source it is a UsageError, raised from the chain's manifests before anything is
+    downloaded or written): ``archive`` is then the store, and the restore is of ``source`` at
+    that point: the newest full archive before it plus the change segments up to it
+    (tasks/chain.py), materialized into a private archive that is planned and replayed like
+    any other.
 
     An encrypted archive is opened with the keys named by ``key_files``/``identity_files``
     (paths), ``passphrase_env``/``key_env`` (environment variable names) or ``key_block``
