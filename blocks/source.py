@@ -126,7 +126,9 @@ class ChangeFeed(Protocol):
     """A narrow, optional capability of a session (``session.watch(after)``, where the service
     has one): the changes after a position, in position order, as :class:`ChangeBatch` items.
     Raises HistoryCompacted when that history is gone. ``request_progress`` asks for a batch
-    that says how far the feed has delivered; ``close`` ends it (also from another thread)."""
+    that says how far the feed has delivered; ``close`` ends it (also from another thread).
+    A feed whose class sets ``RESUMES_EXACTLY = True`` delivers every change after ``after``
+    without a resync (etcd), so a capture may open it ahead of holding the capture lock."""
 
     def __iter__(self) -> Iterator[ChangeBatch]: ...
 

@@ -19,6 +19,7 @@ from burrow.runlog import logger
 from burrow.staging import staging_dir
 from flows.common import Ref, burrow_flow, emit_run_event, recorded_run, source_limit_name, source_lock
 from tasks.capture import capture as capture_task
+from tasks.capture import follow_ahead
 from tasks.upload import check_store
 
 
@@ -115,27 +116,35 @@ def capture(
             log.warning("encryption is turned off: change segments are written unencrypted")
         started = time.monotonic()
         totals = {"segments": 0, "changes": 0, "gaps": 0, "backups": 0}
-        # one capture per source, from the CLI or a deployment alike (a second would fork the chain)
-        with staging_dir() as work, capture_lock(source_name):
-            while True:
-                left = None if duration_s is None else max(0.0, duration_s - (time.monotonic() - started))
-                done = capture_task(src, dst, source_name, write_keys, str(work), seal_every_s, left)
-                totals["segments"] += done["segments"]
-                totals["changes"] += done["changes"]
-                summary["last_position"] = done["last_position"]
-                if done["gap"] is None:
-                    break
-                totals["gaps"] += 1
-                # the gap's positions and times (no key, no value) ride in the event's payload
-                emit_run_event("capture", "gap", {**summary, "gap": done["gap"]})
-                log.warning("capture: a gap in the chain; taking a full backup to continue from")
-                from flows.backup import backup
+        # one capture per source, from the CLI or a deployment alike (a second would fork the chain);
+        # a run that waits for the lock follows the source meanwhile where its feed resumes exactly
+        # (etcd), so it is caught up when the run before it stops: the window does not break there
+        ahead = follow_ahead(src, dst, source_name, write_keys)
+        try:
+            with staging_dir() as work, capture_lock(source_name):
+                while True:
+                    left = None if duration_s is None else max(0.0, duration_s - (time.monotonic() - started))
+                    owned, ahead = ahead, None  # (the task owns it from now on, and closes it)
+                    done = capture_task(src, dst, source_name, write_keys, str(work), seal_every_s, left, owned)
+                    totals["segments"] += done["segments"]
+                    totals["changes"] += done["changes"]
+                    summary["last_position"] = done["last_position"]
+                    if done["gap"] is None:
+                        break
+                    totals["gaps"] += 1
+                    # the gap's positions and times (no key, no value) ride in the event's payload
+                    emit_run_event("capture", "gap", {**summary, "gap": done["gap"]})
+                    log.warning("capture: a gap in the chain; taking a full backup to continue from")
+                    from flows.backup import backup
 
-                backup(source=source, store=store, name=source_name, encryption=encryption, key_file=key_file,
-                       key_env=key_env, recipients=recipients, passphrase_env=passphrase_env, key_block=key_block,
-                       include_leased=include_leased)
-                totals["backups"] += 1
-                if left is not None and duration_s is not None and time.monotonic() - started >= duration_s:
-                    break
+                    backup(source=source, store=store, name=source_name, encryption=encryption, key_file=key_file,
+                           key_env=key_env, recipients=recipients, passphrase_env=passphrase_env, key_block=key_block,
+                           include_leased=include_leased)
+                    totals["backups"] += 1
+                    if left is not None and duration_s is not None and time.monotonic() - started >= duration_s:
+                        break
+        finally:
+            if ahead is not None:  # (the lock was never held)
+                ahead.close()
         summary.update(status="ok", **totals)
         return summary

@@ -19,10 +19,18 @@ segments it seals before it has caught up are marked ``catching_up``: their chan
 by position (an etcd revision), but when they were made is not known, so no time in that
 stretch is restorable. A start position the service no longer holds is a gap: recorded as a
 gap segment that closes the chain (the flow then takes a full backup and a new chain starts).
+
+Hand-over: a run that has to wait for its source's capture lock (the run before it still
+follows) opens its feed while it waits, where the feed resumes exactly (etcd: ``follow_ahead``),
+and keeps what arrives, with the moment each batch arrived. Once it holds the lock it drops what
+the chain already holds and goes on: caught up before the run before it stopped, so the window
+runs on from that run's last segment without a break (the scheduled runs of a deployment
+overlap by a minute for this). ZooKeeper and Consul begin every run with a resync instead.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -51,6 +59,10 @@ from tasks.chain import read_chains, trusted_fulls
 IDLE_SEAL = 60.0
 #: At most one ``burrow.capture.sealed`` event a minute per source.
 SEALED_EVENT_EVERY = 60.0
+#: What a run waiting for its source's capture lock keeps of its feed (bytes of changes): beyond
+#: it the oldest batches go, which the run holding the lock has sealed by then as a rule (and
+#: when it has not, the waiting run follows afresh from the chain's end once it holds the lock).
+AHEAD_BYTES = 64 * 1024 * 1024
 
 
 class SealedEvents:
@@ -175,7 +187,7 @@ class Capture:
         self.pending = _Pending()
         self.covered = head.after  # everything up to here is gathered or sealed
         self.synced_at: int | None = None  # when the feed first said it had caught up
-        self.last_t = 0
+        self.last_t = head.last_time or 0  # times only grow along a chain (a host's clock may lag)
         #: When the feed was last heard from (a change or a progress report): the state is known
         #: up to then, not up to the moment a segment is sealed.
         self.heard_t = 0
@@ -195,9 +207,10 @@ class Capture:
         self.events = SEALED_EVENTS
 
     # -- gathering ----------------------------------------------------------------------
-    def take(self, batch: ChangeBatch) -> None:
+    def take(self, batch: ChangeBatch, seen: int | None = None) -> None:
+        """Gather ``batch``, which arrived at ``seen`` (µs; now when not given)."""
         self.settle()
-        t = max(self.last_t, segments.now_us())
+        t = max(self.last_t, seen if seen is not None else segments.now_us())
         self.last_t = t
         self.heard_t = t
         if batch.resync:
@@ -401,7 +414,43 @@ class _Inflight:
     resync_done: bool
 
 
-def _pump(feed: Any, out: queue.Queue[Any]) -> None:
+class _Batches:
+    """The feed's batches, in order, each with the moment it arrived (µs), then the feed's end:
+    None, or the error it raised. While ``bounded`` (a run that waits for the capture lock), it
+    keeps at most AHEAD_BYTES of changes: the oldest batches go first, and ``dropped_to`` is the
+    position up to which something went."""
+
+    def __init__(self, bounded: bool = False) -> None:
+        self._items: collections.deque[tuple[int, Any, int]] = collections.deque()
+        self._cond = threading.Condition()
+        self.bounded = bounded
+        self.bytes = 0
+        self.dropped_to = 0
+        self.ended = False
+
+    def put(self, item: Any) -> None:
+        size = sum(len(c[1]) + len(c[2]) + 64 for c in item.changes) if isinstance(item, ChangeBatch) else 0
+        with self._cond:
+            self._items.append((segments.now_us(), item, size))
+            self.bytes += size
+            self.ended = self.ended or not isinstance(item, ChangeBatch)
+            while self.bounded and self.bytes > AHEAD_BYTES and isinstance(self._items[0][1], ChangeBatch):
+                _, old, n = self._items.popleft()
+                self.bytes -= n
+                self.dropped_to = max(self.dropped_to, old.position)
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None) -> tuple[int, Any]:
+        """The next item and when it arrived; queue.Empty when none came within ``timeout``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                raise queue.Empty
+            t, item, n = self._items.popleft()
+            self.bytes -= n
+            return t, item
+
+
+def _pump(feed: Any, out: _Batches) -> None:
     """The feed's batches onto ``out`` (in order), then its end: None, or the error it raised."""
     try:
         for batch in feed:
@@ -411,30 +460,118 @@ def _pump(feed: Any, out: queue.Queue[Any]) -> None:
         out.put(exc)
 
 
+class Following:
+    """A source's feed being followed from a chain head: its session, the feed and what it has
+    delivered (``_Batches``, filled by a thread)."""
+
+    def __init__(self, source: SourceBlock, head: ChainHead, *, ahead: bool = False) -> None:
+        self.head = head
+        self.session = source.connect()
+        watch = getattr(self.session, "watch", None)
+        if watch is None:
+            self.session.close()
+            raise SourceError(f"capture does not support {source.service} sources yet")
+        try:
+            self.feed = watch(head.after)
+        except BaseException:
+            self.session.close()
+            raise
+        self.batches = _Batches(bounded=ahead)
+        self._stop = threading.Event()
+        self._closed = False
+        threading.Thread(target=_pump, args=(self.feed, self.batches), name="burrow-capture-feed",
+                         daemon=True).start()
+        self.feed.request_progress()
+        if ahead:  # (the capture loop asks once it holds the lock: until then, this thread)
+            threading.Thread(target=self._ask_progress, name="burrow-capture-ahead", daemon=True).start()
+
+    def _ask_progress(self) -> None:
+        """Ask the feed how far it has delivered every second while the run waits for the lock,
+        so that what it kept says when it had caught up (its first progress report after that)."""
+        while not self._stop.wait(1.0):
+            self.feed.request_progress()
+
+    def continues(self, head: ChainHead) -> str | None:
+        """Why this feed, opened ahead of the lock, cannot go on from ``head`` (the chain's end now
+        that the run holds the lock), or None when it can: the same chain, grown or not, and
+        nothing dropped or ended that the chain does not hold."""
+        if head.base.get("name") != self.head.base.get("name") or head.after < self.head.after:
+            return "the chain it followed was ended (a gap, or a new full archive)"
+        if self.batches.dropped_to > head.after:
+            return f"it kept at most {AHEAD_BYTES >> 20} MiB while waiting for the lock"
+        if self.batches.ended and head.after > self.head.after:
+            return "its feed ended while waiting for the lock"
+        return None
+
+    def hold(self) -> None:
+        """The run holds the lock: keep everything from now on, and stop asking for progress
+        (the capture loop does)."""
+        self._stop.set()
+        self.batches.bounded = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.feed.close()
+        self.session.close()
+
+
+def follow_ahead(source: SourceBlock, store: ArchiveStore, source_name: str,
+                 write_keys: WriteKeys | None) -> Following | None:
+    """Open ``source``'s feed from its chain's end before the run holds the capture lock, where
+    the feed resumes exactly (``RESUMES_EXACTLY``: etcd); None otherwise, or when the chain
+    cannot be read yet (the run then follows from the chain's end once it holds the lock). A run
+    whose lock is free at once loses nothing by it; one that waits is caught up when it gets
+    the lock, so the window does not break where one run hands over to the next."""
+    keys = ArchiveKeys(write_keys.keyring() if write_keys is not None else None)
+    try:
+        head = chain_head(store, source_name, keys)
+        following = Following(source, head, ahead=True)
+    except Exception as exc:  # noqa: BLE001 - the run does it again, and reports it, once it holds the lock
+        logger().debug("capture: not following ahead of the lock (%s)", type(exc).__name__)
+        return None
+    if not getattr(following.feed, "RESUMES_EXACTLY", False):
+        following.close()
+        return None
+    return following
+
+
 def capture_changes(
     source: SourceBlock, store: ArchiveStore, source_name: str, write_keys: WriteKeys | None, workdir: Path, *,
     seal_every: float = 10.0, seal_bytes: int = segments.SEAL_BYTES, duration: float | None = None,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, ahead: Following | None = None,
 ) -> dict[str, Any]:
     """Follow ``source`` for ``duration`` seconds (None: until ``stop`` is set or the process is
     interrupted), sealing segments as it goes. Returns the run's counts; ``gap`` holds the gap
-    when the chain's next position was compacted away (the gap segment is sealed then)."""
+    when the chain's next position was compacted away (the gap segment is sealed then).
+    ``ahead``: the feed ``follow_ahead`` opened before the run held the capture lock (this call
+    owns it from now on): what it kept past the chain's end is taken first, at the moments it
+    arrived."""
     log = logger()
     keys = ArchiveKeys(write_keys.keyring() if write_keys is not None else None)
-    head = chain_head(store, source_name, keys)
+    try:
+        head = chain_head(store, source_name, keys)
+        if ahead is not None and (why := ahead.continues(head)) is not None:
+            log.info("capture: following afresh from the chain's end: the feed opened while waiting for the lock "
+                     "cannot go on (%s)", why)
+            ahead.close()
+            ahead = None
+        following = ahead if ahead is not None else Following(source, head)
+    except BaseException:
+        if ahead is not None:
+            ahead.close()
+        raise
+    following.hold()
     cap = Capture(source, store, source_name, write_keys, workdir, head)
     cap.seal_bytes = seal_bytes
-    session = source.connect()
-    watch = getattr(session, "watch", None)
-    if watch is None:
-        session.close()
-        raise SourceError(f"capture does not support {source.service} sources yet")
-    log.info("capture: following %s %s from position %d (%s)", source.service, source.describe(), head.after + 1,
-             "continuing the chain" if head.prev is not None else f"a new chain after {head.base['name']}")
-    feed = watch(head.after)
-    batches: queue.Queue[Any] = queue.Queue()
-    pump = threading.Thread(target=_pump, args=(feed, batches), name="burrow-capture-feed", daemon=True)
-    pump.start()
+    feed, batches = following.feed, following.batches
+    held = head.after if ahead is not None else None
+    log.info("capture: following %s %s from position %d (%s%s)", source.service, source.describe(), head.after + 1,
+             "continuing the chain" if head.prev is not None else f"a new chain after {head.base['name']}",
+             f"; caught up ahead of the lock from position {following.head.after + 1}" if ahead is not None else "")
     started = time.monotonic()
     end = started + duration if duration is not None else None
     next_seal = started + seal_every
@@ -447,9 +584,11 @@ def capture_changes(
             if (end is not None and now >= end) or (stop is not None and stop.is_set()):
                 break
             try:
-                item = batches.get(timeout=max(0.0, min(1.0, next_seal - now)))
+                seen, item = batches.get(timeout=max(0.0, min(1.0, next_seal - now)))
             except queue.Empty:
-                item = False
+                seen, item = 0, False
+            if isinstance(item, ChangeBatch):
+                item = _past(item, held)
             if item is None:
                 raise SourceError(f"the change feed of {source.describe()} ended unexpectedly")
             if isinstance(item, HistoryCompacted):
@@ -471,7 +610,7 @@ def capture_changes(
                     cap.seal()  # what the feed delivered before it failed is exact: keep it
                 raise item
             if item is not False:
-                cap.take(item)  # seals by itself at seal_bytes
+                cap.take(item, seen)  # seals by itself at seal_bytes
                 continue
             feed.request_progress()  # (etcd: a progress report within the second; the others report unasked)
             now = time.monotonic()
@@ -483,39 +622,47 @@ def capture_changes(
             next_seal = now + seal_every
             feed.request_progress()
         if summary["gap"] is None:
-            _drain(batches, cap)
+            _drain(batches, cap, held)
             cap.seal()  # the window reaches the end of the run
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
-            _drain(batches, cap)
+            _drain(batches, cap, held)
             cap.seal()  # what was seen is kept; the next capture continues from it
         raise
     finally:
-        with contextlib.suppress(Exception):
-            feed.close()
-        session.close()
+        following.close()
     summary.update(segments=cap.sealed, changes=cap.changes, last_position=cap.head.after, late_changes=cap.late,
                    seconds=round(time.monotonic() - started, 3))
     log.info("capture: %d segments sealed, %d changes, up to position %d", cap.sealed, cap.changes, cap.head.after)
     return summary
 
 
-def _drain(batches: queue.Queue[Any], cap: Capture) -> None:
-    """Take the batches already delivered (the run is ending: seal everything it saw)."""
+def _drain(batches: _Batches, cap: Capture, held: int | None) -> None:
+    """Take the batches already delivered (the run is ending: seal everything it saw); ``held``:
+    see ``_past``."""
     while True:
         try:
-            item = batches.get_nowait()
+            seen, item = batches.get(timeout=0)
         except queue.Empty:
             return
         if isinstance(item, ChangeBatch):
-            cap.take(item)
+            cap.take(_past(item, held), seen)
+
+
+def _past(batch: ChangeBatch, held: int | None) -> ChangeBatch:
+    """``batch`` less its changes at or before ``held``: the chain's end when the run took the
+    lock, for a feed opened ahead of it (it delivered what the run before this one sealed
+    meanwhile); None for a feed opened at the chain's end (whatever it delivers is new)."""
+    if held is None or not batch.changes or batch.changes[0][3] > held:
+        return batch
+    return ChangeBatch([c for c in batch.changes if c[3] > held], batch.position, progress=batch.progress)
 
 
 @task(name="capture", retries=0, retry_condition_fn=should_retry)
 def capture(
     source: SourceBlock, store: ArchiveStore, source_name: str, write_keys: WriteKeys | None, workdir: str,
-    seal_every: float = 10.0, duration: float | None = None,
+    seal_every: float = 10.0, duration: float | None = None, ahead: Following | None = None,
 ) -> dict[str, Any]:
     """Prefect task wrapper of :func:`capture_changes`."""
     return capture_changes(source, store, source_name, write_keys, Path(workdir), seal_every=seal_every,
-                           duration=duration)
+                           duration=duration, ahead=ahead)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from captureutil import capture_key, covered, restore, segments, wait_for  # noqa: F401 - capture_key: the key fixture
+from captureutil import capture_key, covered, now_iso, restore, segments, to_us, wait_for  # noqa: F401 - capture_key: the key fixture
 from conftest import run_burrow, start_burrow
 from kvutil import Etcd, consul_client, consul_snapshot, unique
 from zkutil import kazoo, snapshot, unique_root
@@ -343,9 +343,13 @@ def _backed_up_prefix(etcd: Any, store: Path, key: Path, label: str) -> tuple[Et
     return e, prefix, url, name
 
 
-@pytest.mark.timeout(1200)  # a hang guard: two captures on a busy machine
+@pytest.mark.timeout(1200)  # a hang guard: two captures and a restore on a busy machine
 def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not_fork(
-        etcd_a, store, key, tmp_path) -> None:
+        etcd_a, etcd_b, store, key, tmp_path) -> None:
+    """The second capture waits for the first's lock and continues its chain. While it waits it
+    follows etcd ahead of the lock, so it is caught up when the first stops: the window runs on
+    without a break across the hand-over, and a point just after the first stopped (before the
+    second held the lock) restores exactly."""
     from blocks.resolve import store_from_ref
     from tasks.chain import read_chains
 
@@ -364,14 +368,33 @@ def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not
         before = {m["_path"].name for m in segments(store, name)}
         first.proc.send_signal(signal.SIGINT)  # the first stops (seals what it saw): the lock is free
         first.finish()
+        # a point in the hand-over: the first has stopped, the second may not hold the lock yet
+        # (Prefect's retry of a held limit waits up to 30 s), and without following ahead it
+        # would not have caught up by then: a gap in the window
+        handover = now_iso()
+        then = e.snapshot(prefix.encode() + b"/")
         rev = e.put(prefix.encode() + b"/three", b"3")
         second.wait_for("the second capture's segment", lambda: covered(store, name, rev))
     finally:
         first.kill()
         if second is not None:
             second.kill()
-    waits = [line for line in second.stderr().splitlines() if "waiting for" in line]
+    err = second.stderr()
+    waits = [line for line in err.splitlines() if "waiting for" in line]
     assert len(waits) == 1 and f"capture-{name}" in waits[0], waits
+    assert "caught up ahead of the lock" in err, err[-3000:]
+    status = run_burrow("status", str(store), "--source", name, "--key-file", str(key), "--json")
+    assert status.returncode == 0, status.stderr[-3000:]
+    (entry,) = [x for x in json.loads(status.stdout)["sources"] if x["source"] == name]
+    assert entry["restorable"]["gaps"] == [], entry["restorable"]
+    assert to_us(entry["restorable"]["from"]) < to_us(handover) < to_us(entry["restorable"]["to"]), \
+        (handover, entry["restorable"])
+    target = "/" + unique("handover")
+    r = restore(store, name, key, f"etcd://{etcd_b.host}:{etcd_b.port}{target}", "--at", handover)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = Etcd(etcd_b.url).snapshot(target.encode() + b"/")
+    assert {k[len(target):]: v for k, v in got.items()} == {k[len(prefix):]: v for k, v in then.items()}
+    assert set(then) == {prefix.encode() + b"/" + k for k in (b"seed", b"one", b"two")}
     _, keys = _keys(key)
     found = read_chains(store_from_ref(str(store)), name, keys)
     assert found.problems == [] and found.bad == [], (found.problems, found.bad)
