@@ -81,21 +81,29 @@ def clusters_of(spec: dict[str, Any], extra: list[str]) -> list[str]:
 BACKUP_MISSING = "burrow-backup-missing"
 #: The automation that pages once per outage when a source's backups fail.
 BACKUP_FAILED = "burrow-backup-failed"
+#: The automation that pages when a capture records a gap in a source's chain, or fails.
+CAPTURE_GAP_OR_FAILED = "burrow-capture-gap-or-failed"
+#: The automation that pages when a source's capture stops sealing (its window: ``capture_silent_within``).
+CAPTURE_SILENT = "burrow-capture-silent"
 #: The event that arms a source's failure page (see :func:`arm`).
 ARMED = "burrow.alerts.armed"
 
 
-def automations_of(path: Path, notify_block_id: str, backup_missing_within: float | None = None) -> list[Any]:
+def automations_of(path: Path, notify_block_id: str, backup_missing_within: float | None = None,
+                   capture_silent_within: float | None = None) -> list[Any]:
     """The automations of ``path``, with ``${NOTIFY_BLOCK_ID}`` filled in, as Prefect models.
     ``backup_missing_within`` (seconds, at least 10) replaces the window of
-    ``burrow-backup-missing``: how long after a source's last completed backup it pages."""
+    ``burrow-backup-missing``: how long after a source's last completed backup it pages;
+    ``capture_silent_within`` that of ``burrow-capture-silent``: how long after a source's last
+    sealed change segment."""
     from prefect.events.schemas.automations import AutomationCore
 
     text = path.read_text().replace("${NOTIFY_BLOCK_ID}", notify_block_id)
     specs = yaml.safe_load(text)["automations"]
+    windows = {BACKUP_MISSING: backup_missing_within, CAPTURE_SILENT: capture_silent_within}
     for spec in specs:
-        if spec["name"] == BACKUP_MISSING and backup_missing_within is not None:
-            spec["trigger"]["within"] = backup_missing_within
+        if windows.get(spec["name"]) is not None:
+            spec["trigger"]["within"] = windows[spec["name"]]
     return [AutomationCore.model_validate(a) for a in specs]
 
 

@@ -13,6 +13,13 @@ pager received and the server's ``prefect.automation.triggered`` events.
   An outage of several failed runs of one source pages once; a completed backup, then failures
   again, page once more; another source's failure pages on its own. Every page names the
   source, the run's one-line error, the flow run and its UI link.
+* ``burrow-capture-gap-or-failed``: a gap event, as the capture flow emits it inside its run, and
+  real capture runs that fail (their store is a file; their source does not answer), each with a
+  digest password in its source URL. Each pages, with what its own event carries (the gap's
+  positions, times and reason; the run's error), never the password or the key.
+* ``burrow-capture-silent`` with a short window, with sealed events as the capture emits them: a
+  source that keeps sealing is not paged, one that stops is paged once; a source whose capture
+  failed (a real run) is not paged again by it, until its next sealed segment re-arms it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 
 import pytest
 from conftest import BURROW, REPO, SESSION_DIR
+from prefect import flow
 from test_orchestrator import all_events
 from test_orchestrator import wait_for as wait_progress
 from zkutil import kazoo, unique_root
@@ -40,7 +48,16 @@ from burrow.testing.fleet import stop_workers
 from burrow.testing.servers import free_port
 
 sys.path.insert(0, str(REPO / "deployments"))
-from setup import BACKUP_FAILED, BACKUP_MISSING, apply, arm, automations_of, notify_block_id  # noqa: E402
+from setup import (  # noqa: E402
+    BACKUP_FAILED,
+    BACKUP_MISSING,
+    CAPTURE_GAP_OR_FAILED,
+    CAPTURE_SILENT,
+    apply,
+    arm,
+    automations_of,
+    notify_block_id,
+)
 
 #: The test's window (Prefect's minimum for a proactive trigger is 10 s).
 WINDOW = 30.0
@@ -437,6 +454,224 @@ def test_backup_failures_page_once_per_outage_per_source(zk_a, tmp_path):
             f := {k: len(v) for k, v in firings(automation.id, since).items()}) and sum(f.values()) >= 4 and f,
             timeout=180)
         assert fired == want, fired
+    finally:
+        delete_automation(automation)
+        pager.close()
+
+
+# ------------------------------------------------------------------ capture pages
+
+
+@flow(name="capture", persist_result=False)
+def gap_in_a_run(source: str, gap: dict[str, Any]) -> None:
+    """Emit ``burrow.capture.gap`` inside a flow run, as flows/capture.py does when its capture
+    meets a gap (a real gap needs a compacted etcd: tests/test_capture_engine.py makes one)."""
+    from flows.common import emit_run_event
+
+    summary = {"status": "failed", "source": source, "service": "etcd", "store": "/srv/burrow-archives",
+               "last_position": gap["from_position"] - 1}  # the run's summary so far
+    emit_run_event("capture", "gap", {**summary, "gap": gap})
+
+
+def secret_free(password: str, key_text: str, *texts: str) -> None:
+    for text in texts:
+        assert password not in text and key_text not in text, text
+
+
+def key_secret(path: Any) -> str:
+    """The key material of a key file (its one line that is not a comment)."""
+    (line,) = [x for x in path.read_text().splitlines() if x and not x.startswith("#")]
+    return line
+
+
+@pytest.mark.timeout(900)
+def test_capture_gaps_and_failures_page_with_what_their_events_carry(zk_a, tmp_path):
+    """burrow-capture-gap-or-failed: a gap event (emitted in a flow run, as the capture flow emits
+    it), a capture run whose store is a file and one whose source does not answer each page once.
+    The gap's page gives its first and last positions and times and why; a failure's page the
+    run's one-line error, as its ``burrow.capture.failed`` event carries it. Both name the flow
+    run with its UI link. The failed runs' sources are saved blocks with a digest password, as a
+    deployment names them: neither it nor the key is in the events or the pages."""
+    from prefect.client.orchestration import get_client
+    from pydantic import SecretStr
+
+    from blocks.zookeeper import ZooKeeperCluster
+    from burrow.keys import keygen
+    from flows.backup import backup
+    from flows.capture import capture
+
+    run = uuid.uuid4().hex[:8]
+    gapped, no_store, no_source = (f"cap-{x}-{run}" for x in ("gap", "store", "down"))
+    password = "pw-" + uuid.uuid4().hex
+    keygen(tmp_path / "k.key", x25519=False)
+    key_text = key_secret(tmp_path / "k.key")
+    store = tmp_path / "store"
+    store.mkdir()
+    broken = tmp_path / "store-is-a-file"
+    broken.write_text("not a directory")
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    pager = Pager()
+    automation = shipped_automation(CAPTURE_GAP_OR_FAILED, pager)
+
+    def failed_capture(name: str, hosts: list[str], to: Any) -> str:
+        ZooKeeperCluster(hosts=hosts, digest_user="burrow", digest_password=SecretStr(password), connect_timeout=2,
+                         session_timeout=4).save(name, overwrite=True)
+        state = capture(source=name, store=str(to), name=name, key_file=str(tmp_path / "k.key"), duration_s=30,
+                        seal_every_s=1, nice=0, return_state=True)
+        assert state.is_failed(), state
+        return str(state.state_details.flow_run_id)
+
+    def page_of(source: str, event: str) -> dict[str, Any]:
+        (page,) = wait_progress(f"the {event} page for {source}", lambda: [
+            m for m in pager.received if m.get("subject") == f"Burrow: {event} for {source}"], timeout=120)
+        return page
+
+    def run_name(run_id: str) -> str:
+        with get_client(sync_client=True) as c:
+            return c.read_flow_run(uuid.UUID(run_id)).name
+
+    try:
+        gap = {"from_position": 1041, "to_position": 1999, "from_time": "2026-03-01T10:00:00.250000Z",
+               "to_time": "2026-03-01T10:05:00.500000Z",
+               "reason": "etcd no longer holds the history from position 1041 (compacted up to 2000)"}
+        gap_state = gap_in_a_run(gapped, gap, return_state=True)
+        assert gap_state.is_completed(), gap_state
+        gap_run = str(gap_state.state_details.flow_run_id)
+        # a store that is a file: the run fails before it reads the source
+        store_run = failed_capture(no_store, [zk_a.url], broken)
+        # a source that does not answer (nothing listens on the port), with a full archive to
+        # continue from (backed up while it answered)
+        root = unique_root()
+        with kazoo(zk_a.url) as zk:
+            zk.create(root + "/app/config", b"v1", makepath=True)
+        done = backup(source=f"zk://{zk_a.url}", store=str(store), name=no_source, root=root,
+                      key_file=str(tmp_path / "k.key"), return_state=True)
+        assert done.is_completed(), done
+        down_run = failed_capture(no_source, [f"127.0.0.1:{free_port()}"], store)
+
+        page = page_of(gapped, "burrow.capture.gap")
+        body = page["body"]
+        assert body.startswith(f"The change capture of source {gapped} found a gap in its chain: nothing is recorded "
+                               f"from {gap['from_time']} (position 1041) to {gap['to_time']} (position 1999)"), body
+        assert f"Why: {gap['reason']}." in body, body
+        assert f"Flow run {run_name(gap_run)} ({gap_run}): {ui_link(gap_run)}" in body, body
+        assert "{{" not in body and "None" not in body, body
+
+        for source, run_id, why in ((no_store, store_run, "store directory"),
+                                    (no_source, down_run, "cannot connect to ZooKeeper")):
+            (ev,) = wait_progress(f"the failed event of {source}", lambda s=source: source_events(
+                s, "burrow.capture.failed", since), timeout=180)
+            assert run_of(ev) == run_id and ev.payload["status"] == "failed", ev
+            error = ev.payload["error"]
+            assert why in error and "gap" not in ev.payload, ev.payload
+            body = page_of(source, "burrow.capture.failed")["body"]
+            assert body.startswith(f"The change capture of source {source} failed: {error}\n"), body
+            assert f"Flow run {run_name(run_id)} ({run_id}): {ui_link(run_id)}" in body, body
+            assert "{{" not in body and "None" not in body, body
+            secret_free(password, key_text, ev.model_dump_json(), json.dumps(pager.received))
+
+        # the server's own record: three firings (no for_each: they carry no source label), three pages
+        fired = wait_progress("the firings' events", lambda: (
+            f := sum(len(v) for v in firings(automation.id, since).values())) >= 3 and f, timeout=180)
+        assert fired == 3 and len(pager.received) == 3, pager.received
+    finally:
+        delete_automation(automation)
+        pager.close()
+
+
+#: burrow-capture-silent's window in the test (the shipped one is 300 s), and the steady source's
+#: seconds between sealed events (well inside it) and how many (they span more than a window).
+SILENT_WINDOW = 30.0
+SEAL_EVERY = 5.0
+SEAL_COUNT = 9
+
+
+def sealed(source: str, position: int) -> tuple[datetime, str]:
+    """Emit ``burrow.capture.sealed`` for ``source`` as the capture does (tasks/capture.py); when
+    it occurred (at the latest) and the window's end it announces."""
+    from burrow import segments
+    from tasks.capture import _emit_sealed
+
+    last_time = segments.us_to_iso(segments.now_us())
+    _emit_sealed(source, {"segments_since_last": 6, "changes_since_last": 40, "segments": position // 10,
+                          "changes": position, "last_position": position, "last_time": last_time, "lag_s": 0.2,
+                          "catching_up": False})
+    return datetime.now(UTC), last_time
+
+
+@pytest.mark.timeout(900)
+def test_capture_silent_pages_once_when_sealing_stops_but_not_after_a_failed_capture(tmp_path):
+    from burrow.keys import keygen
+    from flows.capture import capture
+
+    pager = Pager()
+    automation = shipped_automation(CAPTURE_SILENT, pager, capture_silent_within=SILENT_WINDOW)
+    assert automation.trigger.within == timedelta(seconds=SILENT_WINDOW)
+    run = uuid.uuid4().hex[:8]
+    quiet, steady, failing = (f"seal-{x}-{run}" for x in ("quiet", "steady", "failed"))
+    window = timedelta(seconds=SILENT_WINDOW)
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    keygen(tmp_path / "k.key", x25519=False)
+    broken = tmp_path / "store-is-a-file"
+    broken.write_text("not a directory")
+
+    def pages_for(source: str) -> list[dict[str, Any]]:
+        return [m for m in pager.received
+                if str(m.get("subject")).startswith(f"Burrow: no change segment sealed for {source} since ")]
+
+    def fired_for(source: str) -> list[datetime]:
+        return firings(automation.id, since).get(f"burrow.source.{source}") or []
+
+    try:
+        sealed(failing, 10)
+        # the sealed event is in: its window is open when the capture's failure comes
+        wait_progress("the failing source's sealed event", lambda: source_events(
+            failing, "burrow.capture.sealed", since), timeout=120)
+        state = capture(source="zk://127.0.0.1:1", store=str(broken), name=failing, key_file=str(tmp_path / "k.key"),
+                        nice=0, return_state=True)
+        assert state.is_failed(), state
+        wait_progress("the failed capture's event", lambda: source_events(
+            failing, "burrow.capture.failed", since), timeout=120)
+
+        steady_last, _ = sealed(steady, 100)
+        quiet_last = quiet_end = None
+        for i in range(1, SEAL_COUNT):
+            time.sleep(SEAL_EVERY)  # the steady source's cadence (not a wait for the server)
+            if i == 1:
+                quiet_last, quiet_end = sealed(quiet, 50)  # its last sealed segment
+            steady_last, _ = sealed(steady, 100 + i)
+            # while its segments keep coming inside the window, the steady source is never paged
+            assert not fired_for(steady) and not pages_for(steady), (firings(automation.id, since), pager.received)
+        assert quiet_last is not None
+
+        # the quiet source stopped sealing: paged once, a window after its last sealed segment
+        fired = wait_for(f"burrow-capture-silent to fire for {quiet}", lambda: fired_for(quiet),
+                         timeout=SILENT_WINDOW + 120)
+        assert len(fired) == 1 and fired[0] >= quiet_last + window - timedelta(seconds=1), (fired, quiet_last)
+        (page,) = wait_for(f"the page for {quiet}", lambda: pages_for(quiet), timeout=180)
+        body = page["body"]
+        assert f"The capture of source {quiet} (burrow.source.{quiet}) sealed no change segment within 0:00:30" in body
+        assert f"stopped growing at {quiet_end} (position 50)" in body and "{{" not in body, body
+        # the failing source's window closed before the quiet one's: once the quiet source has
+        # fired, the server has evaluated it, and the failed capture had filled it: no page
+        assert not fired_for(failing) and not pages_for(failing), pager.received
+
+        # the steady source stopped too: paged once, a window after its last sealed segment
+        fired = wait_for(f"burrow-capture-silent to fire for {steady}", lambda: fired_for(steady),
+                         timeout=SILENT_WINDOW + 120)
+        assert len(fired) == 1 and fired[0] >= steady_last + window - timedelta(seconds=1), (fired, steady_last)
+        wait_for(f"the page for {steady}", lambda: pages_for(steady), timeout=180)
+
+        # the failing source's next sealed segment re-arms it; when sealing stops again, it pages once
+        rearmed, _ = sealed(failing, 20)
+        fired = wait_for(f"burrow-capture-silent to fire for {failing}", lambda: fired_for(failing),
+                         timeout=SILENT_WINDOW + 120)
+        assert len(fired) == 1 and fired[0] >= rearmed + window - timedelta(seconds=1), (fired, rearmed)
+        wait_for(f"the page for {failing}", lambda: pages_for(failing), timeout=180)
+        # one outage, one page each
+        assert [len(pages_for(s)) for s in (quiet, steady, failing)] == [1, 1, 1], pager.received
+        assert {k: len(v) for k, v in firings(automation.id, since).items()} == {
+            f"burrow.source.{s}": 1 for s in (quiet, steady, failing)}
     finally:
         delete_automation(automation)
         pager.close()

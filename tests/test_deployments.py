@@ -72,6 +72,52 @@ def test_the_schedules_and_on_demand_deployments_the_issue_asks_for():
     assert "extra" in clusters_of(SPEC, ["extra"])
 
 
+def test_every_backed_up_cluster_has_an_hourly_capture_deployment():
+    """One ``capture-<cluster>`` per cluster a backup deployment backs up (restore --at needs its
+    change chain), and none for anything else: the capture flow, with the backup's source and
+    store, the backup's write keys (public only: a capture worker cannot read archives either),
+    an hour a run, hourly, one run at a time (ENQUEUE: the next run waits and continues the
+    chain, never two captures forking it), and not tagged ``backup`` (the fleet would start it)."""
+    import inspect
+
+    from flows.capture import capture
+
+    accepted = set(inspect.signature(capture.fn).parameters)
+    backups = {d["parameters"]["name"]: d for d in BY_NAME.values() if d["entrypoint"] == "flows/backup.py:backup"}
+    captures = {n for n, d in BY_NAME.items() if d["entrypoint"].split(":")[0] == "flows/capture.py"}
+    assert len(backups) >= 4 and captures == {f"capture-{cluster}" for cluster in backups}, captures
+    for cluster, backup in backups.items():
+        d = BY_NAME[f"capture-{cluster}"]
+        assert d["entrypoint"] == "flows/capture.py:capture", cluster
+        params = d["parameters"]
+        assert set(params) <= accepted, set(params) - accepted  # the enforced schema would refuse the rest
+        assert params["name"] == cluster and params["source"] == backup["parameters"]["source"], params
+        assert params["store"] == backup["parameters"]["store"], params  # segments beside the archives
+        assert params["key_block"] == backup["parameters"]["key_block"] == "burrow-backup-keys", params
+        assert params["duration_s"] == 3600, params
+        (schedule,) = d["schedules"]
+        minute, *every = schedule["cron"].split()
+        assert schedule["active"] and minute.isdigit() and every == ["*"] * 4, schedule  # hourly
+        assert schedule.get("timezone") == "UTC", schedule
+        assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}, cluster
+        assert "capture" in d["tags"] and "backup" not in d["tags"], d["tags"]
+        assert set(d["tags"]) - {"capture"} == set(backup["tags"]) - {"backup"}, d["tags"]  # the same service
+
+
+def test_the_rehearsals_restore_what_a_failover_would():
+    """Every rehearsal restores ``at: latest``: the newest archive and the change chain that
+    continues it, as a failover does (the archive alone when there is no chain)."""
+    import inspect
+
+    from flows.rehearse import rehearse
+
+    rehearsals = [d for d in BY_NAME.values() if d["entrypoint"] == "flows/rehearse.py:rehearse"]
+    assert len(rehearsals) >= 4
+    assert "at" in inspect.signature(rehearse.fn).parameters
+    for d in rehearsals:
+        assert d["parameters"].get("at") == "latest", d["name"]
+
+
 def test_the_automations_parse_and_watch_what_they_promise():
     sys.path.insert(0, str(REPO / "deployments"))
     from setup import automations_of
@@ -90,7 +136,7 @@ def test_the_automations_parse_and_watch_what_they_promise():
     assert set(crashed.for_each) == {"related:deployment:prefect.resource.id"} and crashed.within.total_seconds() == 3600
     # every page names the flow run and links to it
     for name in ("burrow-backup-failed", "burrow-run-failed", "burrow-rehearsal-failed", "burrow-backup-missing",
-                 "burrow-run-crashed"):
+                 "burrow-run-crashed", "burrow-capture-gap-or-failed", "burrow-capture-silent"):
         (action,) = autos[name].actions
         assert "{{ flow_run|ui_url }}" in action.body and "{{ flow_run.name }}" in action.body, name
     assert set(autos["burrow-rehearsal-failed"].trigger.expect) == {"burrow.rehearsal.failed"}
@@ -107,6 +153,37 @@ def test_the_automations_parse_and_watch_what_they_promise():
     assert missing.match.get("prefect.resource.id") == ["burrow.source.*"]
     for a in autos.values():
         assert [str(x.block_document_id) for x in a.actions] == ["00000000-0000-0000-0000-000000000001"]
+
+
+def test_the_capture_automations_watch_what_they_promise():
+    """burrow-capture-gap-or-failed pages for every gap and every failed capture;
+    burrow-capture-silent is a proactive window per source that each sealed segment re-arms,
+    which a failed capture (already paged) fills so that it closes without a second page; a
+    crashed capture pages through it, not through burrow-run-crashed as well
+    (tests/test_automation_fires.py makes both fire)."""
+    sys.path.insert(0, str(REPO / "deployments"))
+    from setup import CAPTURE_GAP_OR_FAILED, CAPTURE_SILENT, automations_of
+
+    path, block = REPO / "deployments" / "automations.yaml", "00000000-0000-0000-0000-000000000001"
+    autos = {a.name: a for a in automations_of(path, block)}
+    gap = autos[CAPTURE_GAP_OR_FAILED].trigger
+    assert gap.posture.value == "Reactive" and set(gap.expect) == {"burrow.capture.gap", "burrow.capture.failed"}
+    assert gap.threshold == 1 and gap.within.total_seconds() == 0 and not gap.after
+    assert gap.match.get("prefect.resource.id") == ["burrow.source.*"]
+    (action,) = autos[CAPTURE_GAP_OR_FAILED].actions
+    # each event's own fields: a gap event carries no error, a failed one no gap
+    assert "event.payload.gap.reason" in action.body and "event.payload.error" in action.body
+    silent = autos[CAPTURE_SILENT].trigger
+    assert silent.posture.value == "Proactive" and set(silent.for_each) == {"prefect.resource.id"}
+    assert set(silent.after) == {"burrow.capture.sealed"}  # each sealed segment re-arms the window
+    assert set(silent.expect) == {"burrow.capture.sealed", "burrow.capture.failed"}
+    assert silent.threshold == 1 and silent.within.total_seconds() == 300
+    assert silent.match.get("prefect.resource.id") == ["burrow.source.*"]
+    short = {a.name: a for a in automations_of(path, block, capture_silent_within=20)}
+    assert short[CAPTURE_SILENT].trigger.within.total_seconds() == 20
+    assert short["burrow-backup-missing"].trigger == autos["burrow-backup-missing"].trigger
+    crashed = autos["burrow-run-crashed"].trigger.match_related
+    assert set(crashed.get("prefect.resource.name")) == {"backup", "rehearse", "failover", "backup-fleet"}
 
 
 def test_setup_refuses_an_unknown_deployment_name():
