@@ -70,6 +70,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{verb} {url}  ({why})")
     for url, why in (summary.get("not_reauthenticated") or {}).items():
         print(f"kept {url}  (not authenticated for this run, so never deleted: {why})")
+    # change segments: a count per reason (a week of them is tens of thousands; the artifact lists each)
+    reasons: dict[str, int] = {}
+    for why in (summary.get("changes_deleted_because") or {}).values():
+        reasons[why] = reasons.get(why, 0) + 1
+    for why, n in reasons.items():
+        print(f"{verb} {n} change segment{'s' if n != 1 else ''}  ({why})")
+    for url, why in (summary.get("changes_left_alone") or {}).items():
+        print(f"left alone {url}  ({why})")
     if summary["deleted"] and not summary.get("authenticated"):
         print("burrow: no read key: the deleted archives' manifests were re-read and checked against their names, "
               "but nothing authenticates an unencrypted archive", file=sys.stderr)

@@ -21,6 +21,7 @@ from tasks.retention import (
     block_sources,
     delete_archive,
     iter_reauthenticated,
+    lock_reason,
     plan_retention,
     reauthenticate_task,
 )
@@ -61,7 +62,10 @@ def prune(
     reported, and a source whose newest fails loses nothing. A source's newest archive whose
     rehearsal passed (by an authenticated marker) is kept too (``keep-rehearsed``). An archive's
     rehearsal markers go with it. Change segments (restore to a point) go when no kept archive
-    needs them or they are older than ``keep_changes_within`` (tasks/chain.py ``prune_chains``).
+    needs them or they ended before ``keep_changes_within``, from the start of their chain up to
+    a segment it can start from without them (tasks/chain.py ``prune_chains``); they are decided
+    first, as if the archives to delete were gone, and an archive a chain still starts from is
+    left alone. A segment under Object Lock is left alone, and listed, as an archive is.
     Returns the summary, with the rule(s) that kept every archive and the reason for
     every deletion."""
     log = logger()
@@ -81,11 +85,16 @@ def prune(
             outcome += (f", {summary.get('deleted', 0):,} of {report.count(summary.get('archives'), 'archive')} "
                         f"{'would be deleted' if dry_run else 'deleted'}, {summary.get('kept', 0):,} kept, "
                         f"{summary.get('left_alone', 0):,} left alone")
+            if summary.get("changes_deleted") or summary.get("changes_left_alone"):
+                outcome += (f"; {report.count(summary.get('changes_deleted'), 'change segment')} "
+                            f"{'would be deleted' if dry_run else 'deleted'}, "
+                            f"{len(summary.get('changes_left_alone') or {}):,} left alone")
         report.publish(
             f"prune-{naming.slug(store_block_name(store) or naming.redact_url(store))}",
             outcome,
             {k: v for k, v in summary.items()
-             if k not in ("deleted_urls", "kept_because", "deleted_because", "not_reauthenticated", "status", "error")},
+             if k not in ("deleted_urls", "kept_because", "deleted_because", "not_reauthenticated", "status", "error",
+                          "changes_deleted_because", "changes_left_alone")},
             lists={("Would delete" if dry_run else "Deleted"): deleted, "Left alone (never deleted)": left_alone,
                    "Kept: could not be re-authenticated for this run": [
                        f"{u}: {why}" for u, why in (summary.get("not_reauthenticated") or {}).items()],
@@ -117,15 +126,8 @@ def prune(
         rows = catalog(st, keys if keyed else None)
         # each archive's authenticated rehearsal: the newest that passed is kept (keep-rehearsed)
         rows = annotate_task(st, rows, keys if keyed else None)
-        locked_until = getattr(st, "locked_until", None)
-
-        def locked(row: dict[str, Any]) -> str | None:
-            if locked_until is None:
-                return None
-            until = locked_until(row["name"])
-            return f"under Object Lock until {until:%Y-%m-%dT%H:%M:%SZ}" if until else None
-
-        decision = plan_retention(rows, policy, keyed=keyed, source=source, max_age_days=max_age_days, locked=locked)
+        decision = plan_retention(rows, policy, keyed=keyed, source=source, max_age_days=max_age_days,
+                                  locked=lambda row: lock_reason(st, row["name"]))
         not_reauthenticated: dict[str, str] = {}
         if decision.delete:
             targets = [r for r, _ in decision.delete] + list(decision.newest.values())
@@ -142,6 +144,18 @@ def prune(
             if not keyed:
                 log.warning("prune: no read key: the manifests were re-read and checked against their names, "
                             "but an unencrypted archive's manifest cannot be authenticated")
+        # change segments first, as if the archives planned for deletion were gone: a chain loses
+        # what no kept archive needs and what ended before keep_changes_within (up to a segment
+        # it can start from without them), and an archive a chain still starts from stays
+        planned = {str(r["name"]) for r, _ in decision.delete}
+        remaining = {str(r["name"]) for r in rows if not r.get("error")} - planned
+        sources = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")
+                          and (source is None or r.get("source") == source)})
+        changes = prune_changes(st, sources, remaining, keys if keyed else None, keep_changes_within, dry_run, rows)
+        if changes.protect:
+            held = [(r, changes.protect[str(r["name"])]) for r, _ in decision.delete if str(r["name"]) in changes.protect]
+            decision.delete = [(r, why) for r, why in decision.delete if str(r["name"]) not in changes.protect]
+            decision.left_alone.extend(held)
         for row, why in decision.left_alone:
             log.warning("prune: leaving %s alone: %s", row["url"], why)
             left_alone.append(f"{row['url']}: {why}")
@@ -166,11 +180,6 @@ def prune(
             deleted.append(f"{row['url']}: {why}")
             done.append((row, why))
         decision.delete = done
-        # change segments: the chains no kept archive needs, or older than keep_changes_within
-        remaining = {str(r["name"]) for r in rows if not r.get("error")} - {str(r["name"]) for r, _ in done}
-        sources = sorted({str(r["source"]) for r in rows if r.get("source") and not r.get("error")
-                          and (source is None or r.get("source") == source)})
-        changes = prune_changes(st, sources, remaining, keys if keyed else None, keep_changes_within, dry_run)
         # stray uploads: engineer C (the sweep moves here from the backup path)
         aborted = []
         if not dry_run and hasattr(st, "abort_stray_uploads"):
@@ -184,9 +193,12 @@ def prune(
             authenticated=keyed, not_reauthenticated=not_reauthenticated,
             kept_because={u: rules for u, rules in decision.keep.items()},
             deleted_because={r["url"]: why for r, why in decision.delete},
-            changes_deleted=len(changes),
+            changes_deleted=len(changes.deleted), changes_locked=changes.locked,
+            changes_deleted_because=dict(changes.deleted), changes_left_alone=dict(changes.left_alone),
         )
-        deleted.extend(f"{url}: {why}" for url, why in changes)  # the artifact lists them with their reasons
+        # the artifact lists the segments with their reasons, as it lists archives
+        deleted.extend(f"{url}: {why}" for url, why in changes.deleted)
+        left_alone.extend(f"{url}: {why}" for url, why in changes.left_alone)
         return summary
 
 

@@ -17,8 +17,9 @@ previous manifest's checksum, so an authenticated segment vouches for the chain 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,8 +29,9 @@ from blocks.store import ArchiveInfo, ArchiveStore, open_stored
 from burrow import segments
 from burrow.archive import ArchiveReader, ArchiveWriter, manifest_digest
 from burrow.crypto import ArchiveKeys, StreamEncryptor
-from burrow.errors import ArchiveError, KeyMismatch, StoreError, should_retry
+from burrow.errors import ArchiveError, ArchiveNotFound, KeyMismatch, StoreError, should_retry
 from burrow.keys import SymmetricKey, WriteKeys
+from burrow.naming import age_text
 from burrow.records import Record
 from burrow.runlog import logger
 from burrow.segments import Chain, Point, Segment
@@ -44,6 +46,7 @@ from tasks.catalog import (
     read_indexed,
     select_archives,
 )
+from tasks.retention import lock_reason
 
 
 @dataclass
@@ -58,6 +61,9 @@ class Chains:
     bad: list[tuple[str, str]]
     entries: dict[str, tuple[ArchiveInfo, dict[str, Any]]] = field(default_factory=dict)
     from_index: set[str] = field(default_factory=set)  # the segments read from their index entries
+    #: The chains prune cut at their start (``--keep-changes-within``): their first segment's
+    #: name -> the full archive a restore starts from there (None: the segment starts a resync).
+    trimmed: dict[str, str | None] = field(default_factory=dict)
 
     def window(self) -> segments.Window:
         return segments.window(self.chains)
@@ -92,6 +98,87 @@ def read_segment(store: ArchiveStore, name: str, keys: ArchiveKeys | None, *, au
         return _segment_of(name, store.url(name), reader)
 
 
+def trim_anchor(seg: Segment, fulls: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The trusted full archive (a row of :func:`trusted_fulls`) a chain may start from at
+    ``seg`` once prune has deleted the segments before it: an etcd archive of the source (its
+    state is one revision, exactly) whose revision ``seg`` covers or starts right after, not
+    before the chain's base. The one right before ``seg`` first (every instant of ``seg`` stays
+    restorable), else the earliest inside it. None when there is none."""
+    if seg.service not in (None, "etcd"):
+        return None
+    best: tuple[tuple[bool, int], dict[str, Any]] | None = None
+    for row in fulls:
+        pos = row.get("position")
+        if row.get("service") != "etcd" or type(pos) is not int or pos < seg.base_position:
+            continue
+        if seg.first_position - 1 <= pos <= seg.last_position:
+            rank = (pos == seg.first_position - 1, -pos)
+            if best is None or rank > best[0]:
+                best = (rank, row)
+    return best[1] if best is not None else None
+
+
+def starts_resync(seg: Segment) -> bool:
+    """Whether ``seg`` starts a resync (its first part): the whole state afresh, which a chain may
+    start from once prune has deleted the segments before it."""
+    return seg.resync and seg.resync_part == 0
+
+
+def _trimmed_view(good: list[Segment], fulls: Callable[[], list[dict[str, Any]]],
+                  present: Collection[str] = ()) -> tuple[list[Segment], dict[str, str | None]]:
+    """The segments as the chain rules read them once prune has cut chains at their start.
+
+    Prune deletes a chain's old segments from its start, and only up to a segment a restore can
+    start from without them (``prune_chains``): one that starts a resync (the whole state), or
+    one that covers, or starts right after, the revision of a trusted etcd full archive. Such a
+    segment, whose predecessor is gone, is read as the first of its chain: after that archive
+    (the chain's base from there on, for it and the segments after it, which name the old base)
+    at its revision, its times from its own end (or its start, when the archive is right before
+    it: no instant in it is then before the archive's revision), or from the resync. Any other
+    segment whose predecessor is missing stays what it is: a break, which a restore refuses.
+    The archive's state is exact at its revision, so nothing before it is needed and nothing
+    after it is lost: a segment removed by anyone else at such a place costs the window its
+    past, never a wrong state. A predecessor that is ``present`` but did not read is damage,
+    not a cut: its successor stays a break."""
+    names = {s.name for s in good} | set(present)
+    dangling = [s for s in good if s.prev_name is not None and s.prev_name not in names]
+    if not dangling:
+        return good, {}
+    rows = fulls()
+    known = {(str(r.get("name")), str(r.get("manifest_sha256"))) for r in rows}
+    children: dict[str, list[Segment]] = {}
+    for s in good:
+        if s.prev_name is not None:
+            children.setdefault(s.prev_name, []).append(s)
+    view = {s.name: s for s in good}
+    trimmed: dict[str, str | None] = {}
+    for s in dangling:
+        if starts_resync(s):
+            view[s.name] = dataclasses.replace(s, prev_name=None, prev_sha=None, base_position=s.first_position - 1)
+            trimmed[s.name] = None
+            continue
+        row = trim_anchor(s, rows)
+        if row is None:
+            continue
+        name, sha, pos = str(row["name"]), str(row["manifest_sha256"]), int(row["position"])
+        exact = pos == s.first_position - 1
+        view[s.name] = dataclasses.replace(
+            s, prev_name=None, prev_sha=None, base_name=name, base_sha=sha, base_position=pos, first_position=pos + 1,
+            first_time=s.first_time if exact else s.last_time)
+        trimmed[s.name] = name
+        # the segments after it name the chain's old base (or, written by a capture that continued
+        # this view, a trusted full archive): from here on the chain starts from this archive
+        allowed = {(s.base_name, s.base_sha)} | known
+        todo = list(children.get(s.name, []))
+        while todo:
+            d = todo.pop()
+            if (d.base_name, d.base_sha) not in allowed:
+                continue  # (moved in from another chain: the chain rules refuse it)
+            view[d.name] = dataclasses.replace(d, base_name=name, base_sha=sha, base_position=pos)
+            todo.extend(children.get(d.name, []))
+    return list(view.values()), trimmed
+
+
 #: ``read_chains``' ``authenticate``: every segment's MAC; the MAC of each chain's last segment,
 #: whose links (each a manifest's checksum) vouch for every segment before it; or none (the
 #: caller authenticates what it relies on: :func:`resolve_point`).
@@ -99,7 +186,8 @@ AUTH_ALL, AUTH_ENDS, AUTH_NONE = "all", "ends", "none"
 
 
 def read_chains(store: ArchiveStore, source_name: str, keys: ArchiveKeys | None, *,
-                allow_unencrypted: bool = False, authenticate: str = AUTH_ENDS, distrust: Collection[str] = ()) -> Chains:
+                allow_unencrypted: bool = False, authenticate: str = AUTH_ENDS, distrust: Collection[str] = (),
+                fulls: list[dict[str, Any]] | None = None) -> Chains:
     """Every segment of ``source_name`` in ``store``, linked, read as the catalog reads archives
     (tasks/catalog.py ``read_indexed``): one LIST of the segments, the source's index objects,
     and a ranged read only for a segment the index does not hold. Without a key nothing is
@@ -112,8 +200,21 @@ def read_chains(store: ArchiveStore, source_name: str, keys: ArchiveKeys | None,
     one per segment. A chain whose end does not authenticate is cut back to its last segment
     that does; what was cut is ``bad``. A link that does not hold, where an index entry was
     involved, is read again from the objects themselves: a forged or stale entry costs speed,
-    never a decision. ``distrust``: segments whose index entries are not used at all."""
+    never a decision. ``distrust``: segments whose index entries are not used at all.
+
+    A chain that prune cut at its start begins at a segment whose predecessor is gone; it is
+    read from the full archive or resync it starts after (:func:`_trimmed_view`; ``fulls``: the
+    source's :func:`trusted_fulls`, read only when a segment's predecessor is missing, unless
+    given)."""
     keyed = bool(keys is not None and keys.keyring)
+    held: list[list[dict[str, Any]]] = [fulls] if fulls is not None else []
+
+    def trusted() -> list[dict[str, Any]]:
+        if not held:
+            held.append(trusted_fulls(store, source_name, keys if keys is not None else ArchiveKeys(),
+                                      allow_unencrypted=allow_unencrypted))
+        return held[0]
+
     infos = [i for i in store.list(segments.segments_prefix(source_name)) if segments.is_segment_name(i.name)]
     prefix = index_prefix(segments.segment_name(source_name, 0))  # (the index of every segment of the source)
 
@@ -125,16 +226,18 @@ def read_chains(store: ArchiveStore, source_name: str, keys: ArchiveKeys | None,
             raise ArchiveError(f"a segment of source {seg.source!r}, not of {source_name!r} (moved in)")
         return seg
 
-    def linked(got: list[IndexedRead]) -> tuple[list[Segment], list[tuple[str, str]], list[Chain], list[str]]:
+    def linked(got: list[IndexedRead]) -> tuple[list[Segment], list[tuple[str, str]], list[Chain], list[str],
+                                                dict[str, str | None]]:
         good = [g.value for g in got if g.error is None]
         bad = [(g.info.url, str(g.error)) for g in got if g.error is not None]
+        good, trimmed = _trimmed_view(good, trusted, {g.info.name for g in got})
         chains, problems = segments.build_chains(good)
-        return good, bad, chains, problems
+        return good, bad, chains, problems, trimmed
 
     distrusted = set(distrust)
     for attempt in range(2):
         got = read_indexed(store, infos, read, prefix=prefix, skip=distrusted)
-        good, bad, chains, problems = linked(got)
+        good, bad, chains, problems, trimmed = linked(got)
         if problems:
             # a link that does not hold: read the segments it names from the objects themselves
             named = {s.name for s in good if any(s.url in p or s.name in p for p in problems)}
@@ -142,10 +245,10 @@ def read_chains(store: ArchiveStore, source_name: str, keys: ArchiveKeys | None,
             if any(g.from_index and g.info.name in named for g in got):
                 distrusted |= named
                 got = read_indexed(store, infos, read, prefix=prefix, skip=distrusted)
-                good, bad, chains, problems = linked(got)
+                good, bad, chains, problems, trimmed = linked(got)
         found = Chains(chains, problems, bad,
                        {g.info.name: (g.info, g.entry) for g in got if g.error is None and g.entry is not None},
-                       {g.info.name for g in got if g.from_index})
+                       {g.info.name for g in got if g.from_index}, trimmed)
         if not keyed or authenticate != AUTH_ENDS:
             return found
         failed = _authenticate_ends(store, found, keys, allow_unencrypted)  # type: ignore[arg-type]
@@ -210,10 +313,12 @@ def _authenticate_ends(store: ArchiveStore, found: Chains, keys: ArchiveKeys,
 
 
 def trusted_fulls(store: ArchiveStore, source_name: str, keys: ArchiveKeys, *,
-                  allow_unencrypted: bool = False) -> list[dict[str, Any]]:
+                  allow_unencrypted: bool = False, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The source's full archives whose claims can be trusted (the one selector,
-    tasks/catalog.py ``select_archives``), each with the ``position`` its manifest records."""
-    rows = describe_archives(store, keys if keys.keyring else None)
+    tasks/catalog.py ``select_archives``), each with the ``position`` its manifest records.
+    ``rows``: the store's catalog, when the caller has read it already (under ``keys``)."""
+    if rows is None:
+        rows = describe_archives(store, keys if keys.keyring else None)
     sel = select_archives(rows, source_name, keyed=bool(keys.keyring), allow_unencrypted=allow_unencrypted)
 
     def position(info: ArchiveInfo, reader: ArchiveReader) -> int | None:
@@ -247,14 +352,14 @@ def resolve_point(
     authenticated; an index entry that fails only costs a second reading, from the objects."""
     distrust: set[str] = set()
     for _ in range(2):
+        fulls = trusted_fulls(store, source_name, keys, allow_unencrypted=allow_unencrypted)
         found = read_chains(store, source_name, keys, allow_unencrypted=allow_unencrypted, authenticate=AUTH_NONE,
-                            distrust=distrust)
+                            distrust=distrust, fulls=fulls)
         if found.bad:
             url, why = found.bad[0]
             more = f" (and {len(found.bad) - 1} more)" if len(found.bad) > 1 else ""
             raise ArchiveError(f"the change chain of {source_name!r} holds a segment that is damaged, forged or "
                                f"moved in: {url}: {why}{more}; nothing was written")
-        fulls = trusted_fulls(store, source_name, keys, allow_unencrypted=allow_unencrypted)
         point = segments.choose(found.chains, found.problems, fulls, source=source_name, at_time=at_time,
                                 at_position=at_position, latest=latest)
         relied = _relied_on(point)
@@ -373,58 +478,164 @@ def materialize(
                              allow_unencrypted=allow_unencrypted)
 
 
+@dataclass
+class ChainPrune:
+    """What :func:`prune_chains` did (or, on a dry run, would do): the segments deleted and why,
+    the segments it left alone and why (``url: why``, as prune lists archives), how many of those
+    are under Object Lock, and the full archives a chain still starts from (name -> why), which
+    the prune must not delete."""
+
+    deleted: list[tuple[str, str]] = field(default_factory=list)
+    left_alone: list[tuple[str, str]] = field(default_factory=list)
+    locked: int = 0
+    protect: dict[str, str] = field(default_factory=dict)
+
+
+def _to_delete(chain: Chain, kept_fulls: list[dict[str, Any]], base_kept: bool, cutoff: int, within: str,
+               last_stays: bool) -> tuple[int, list[str]]:
+    """How many segments of ``chain``, from its start, prune deletes, and why each.
+
+    A segment is needed when a kept full archive restores its instants (one before it: the
+    chain's base, or for etcd any kept archive at a revision the chain covers before its end)
+    and it ended within the window (``cutoff``). The segments from the start that are not needed
+    go (every one, when the chain needs none and ``last_stays`` does not hold: its capture may
+    continue it), but only up to a segment the chain can start from without them (``trim_anchor``
+    with a kept archive, or a resync), so that what is left reads as a chain and restores from
+    that archive; and never up to one whose own instants in the window a kept archive before it
+    restores, but a start inside it would not (a start inside a segment restores its end)."""
+    segs = chain.segments
+    first = chain.first
+    etcd = first.service in (None, "etcd")
+    starts = [first.base_position] if base_kept else []
+    starts += [int(r["position"]) for r in kept_fulls if etcd and r.get("service") == "etcd"
+               and type(r.get("position")) is int and int(r["position"]) >= first.base_position]
+    earliest = min(starts, default=None)
+    reasons: list[str] = []
+    for seg in segs:
+        if earliest is None or earliest >= seg.last_position:
+            reasons.append(f"change segment that no kept full archive needs (its chain's base archive "
+                           f"{first.base_name} is not kept, nor any archive before it)")
+        elif seg.last_time < cutoff:
+            reasons.append(f"change segment older than --keep-changes-within {within}")
+        else:
+            break
+    unneeded = len(reasons)
+    if unneeded == len(segs) and not last_stays:
+        return unneeded, reasons
+    for b in range(min(unneeded, len(segs) - 1), 0, -1):
+        seg = segs[b]
+        if starts_resync(seg):
+            return b, reasons[:b]
+        row = trim_anchor(seg, kept_fulls)
+        if row is None:
+            continue
+        exact = row["position"] == seg.first_position - 1
+        if exact or seg.last_time < cutoff or not any(p <= seg.first_position - 1 for p in starts):
+            return b, reasons[:b]
+    return 0, []
+
+
+def _cut_to(segs: list[Segment], upto: int, kept_fulls: list[dict[str, Any]]) -> int:
+    """The largest ``b <= upto`` at which the chain ``segs`` can start once the segments before
+    it are deleted (a kept archive's revision, or a resync); 0 when there is none."""
+    for b in range(upto, 0, -1):
+        if starts_resync(segs[b]) or trim_anchor(segs[b], kept_fulls) is not None:
+            return b
+    return 0
+
+
 def prune_chains(
     store: ArchiveStore, sources: list[str], remaining: set[str], keys: ArchiveKeys | None, keep_within: timedelta,
-    *, dry_run: bool = False, now: datetime | None = None,
-) -> list[tuple[str, str]]:
-    """Delete the change segments no kept full archive needs (``prune --keep-changes-within``):
-    per source, every chain but the newest (which a capture may be continuing) whose base
-    archive is not among ``remaining`` (the archives this prune keeps) or whose end is older than
-    ``keep_within``. A chain goes from its last segment back to its first, so one a delete
-    refused (Object Lock) or that an interruption stopped is still a whole chain from its start.
-    Without a key nothing is deleted: a segment's manifest must be authenticated first, as an
-    archive's is. Returns ``(url, reason)`` of each segment deleted (or, with ``dry_run``, that
-    would be)."""
+    *, dry_run: bool = False, now: datetime | None = None, within: str | None = None,
+    rows: list[dict[str, Any]] | None = None,
+) -> ChainPrune:
+    """Delete the change segments no kept full archive needs (``prune --keep-changes-within``).
+
+    Per source, ``remaining`` being the full archives this prune keeps: each chain loses the
+    segments from its start that no kept archive needs or that ended before the window
+    (``_to_delete``), up to a segment it can start from without them, so the window's start
+    moves on while everything in the window stays restorable; a chain that needs none goes
+    whole, but for the newest one not ended by a gap (a capture may be continuing it), whose
+    last segment stays. Segments go from the cut back to the chain's start, so one that a
+    delete refused, or that an interruption stopped at, leaves two chains that each read whole:
+    the rest of the old start, and the kept part. A segment under Object Lock is left alone
+    (tasks/retention.py ``lock_reason``, the rule prune applies to archives) and with it the
+    segments before it, down to where the chain can start again. Without a key nothing is
+    deleted: a segment's manifest must be authenticated first, as an archive's is. The archives
+    a chain still starts from after this (its first segment was kept, and follows an archive
+    that is not kept) are returned in ``protect``: deleting one would leave the chain without a
+    start. ``rows``: the store's catalog, as the prune read it (else it is read here)."""
     log = logger()
     now = now or datetime.now(UTC)
     cutoff = int((now - keep_within).timestamp() * 1_000_000)
-    out: list[tuple[str, str]] = []
+    within = within or age_text(keep_within)
+    keyed = keys is not None and bool(keys.keyring)
+    out = ChainPrune()
     for source in sources:
-        found = read_chains(store, source, keys)
-        if len(found.chains) < 2:
+        fulls = trusted_fulls(store, source, keys if keys is not None else ArchiveKeys(), rows=rows)
+        found = read_chains(store, source, keys, fulls=fulls)
+        if not found.chains:
             continue
-        if keys is None or not keys.keyring:
-            log.warning("prune: the change segments of %s are kept: no read key to authenticate them", source)
-            continue
+        kept_fulls = [r for r in fulls if str(r["name"]) in remaining]
         newest = max(found.chains, key=lambda c: (c.last.last_time, c.last.name))
+        plans = []
         for chain in found.chains:
-            if chain is newest:
-                continue
-            if chain.first.base_name not in remaining:
-                why = f"change segment of a chain whose base archive {chain.first.base_name} is not kept"
-            elif chain.last.last_time < cutoff:
-                why = "change segment older than --keep-changes-within"
-            else:
-                continue
-            for seg in reversed(chain.segments):
-                if not dry_run:
-                    try:
-                        store.delete(seg.name)
-                    except StoreError as exc:
-                        log.warning("prune: keeping %s: %s", seg.url, exc)
+            last_stays = chain is newest and not chain.ended_by_gap
+            n, why = _to_delete(chain, kept_fulls, chain.first.base_name in remaining, cutoff, within, last_stays)
+            plans.append((chain, n, why))
+        if not keyed and any(n for _, n, _ in plans):
+            log.warning("prune: the change segments of %s are kept: no read key to authenticate them", source)
+            plans = [(chain, 0, []) for chain, _, _ in plans]
+        for chain, n, why in plans:
+            segs = chain.segments
+            gone: set[str] = set()
+            upto = n  # delete segs[:upto], from segs[upto - 1] back to segs[0]
+            while upto > 0:
+                stopped = None
+                for i in range(upto - 1, -1, -1):
+                    seg = segs[i]
+                    lock = lock_reason(store, seg.name)
+                    if lock is None and not dry_run:
+                        try:
+                            store.delete(seg.name)
+                        except ArchiveNotFound:
+                            pass  # (gone meanwhile)
+                        except StoreError as exc:
+                            lock = str(exc)
+                    if lock is not None:
+                        stopped = i
+                        out.locked += int("Object Lock" in lock)
                         break
-                log.info("prune: %s %s: %s", "would delete" if dry_run else "deleted", seg.url, why)
-                out.append((seg.url, why))
+                    log.info("prune: %s %s: %s", "would delete" if dry_run else "deleted", seg.url, why[i])
+                    out.deleted.append((seg.url, why[i]))
+                    gone.add(seg.name)
+                if stopped is None:
+                    break
+                # what is left from the start reads whole up to the refused segment; the segments
+                # before it stay with it down to where the chain can start again, the rest go
+                restart = _cut_to(segs, stopped, kept_fulls)
+                with_it = stopped - restart
+                note = (f"; the {with_it} segment{'s' if with_it != 1 else ''} of its chain before it "
+                        "stay with it (a chain is cut from its start only)") if with_it else ""
+                log.warning("prune: leaving %s alone: %s%s", segs[stopped].url, lock, note)
+                out.left_alone.append((segs[stopped].url, f"{lock}{note}"))
+                upto = restart
+            # the chain's start stays (nothing was to go, or a delete was refused): when prune cut it
+            # there before, the archive it starts from must stay too
+            anchor = found.trimmed.get(segs[0].name) if segs[0].name not in gone else None
+            if anchor is not None and anchor not in remaining:
+                out.protect[anchor] = (f"the change chain of {source!r} starts from it ({segs[0].url}: the segments "
+                                       "before that were pruned); kept while that segment is")
     return out
 
 
 @task(name="prune-changes", retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=should_retry)
 def prune_changes(
     store: ArchiveStore, sources: list[str], remaining: set[str], keys: ArchiveKeys | None, keep_within: str = "7d",
-    dry_run: bool = False,
-) -> list[tuple[str, str]]:
+    dry_run: bool = False, rows: list[dict[str, Any]] | None = None,
+) -> ChainPrune:
     """Prefect task wrapper of :func:`prune_chains` (``keep_within``: a duration, ``7d``)."""
     from burrow.naming import parse_duration
 
     return prune_chains(store, sources, remaining, keys, parse_duration(keep_within, "--keep-changes-within"),
-                        dry_run=dry_run)
+                        dry_run=dry_run, within=keep_within, rows=rows)

@@ -138,6 +138,17 @@ def plan_retention(
     return d
 
 
+def lock_reason(store: Any, name: str) -> str | None:
+    """Why the object ``name`` of ``store`` cannot be deleted now: it is under Object Lock until
+    its retain-until date (None: it is not, or the store has no Object Lock). The one rule prune
+    applies to archives and change segments alike: what it names is left alone, never deleted."""
+    locked_until = getattr(store, "locked_until", None)
+    if locked_until is None:
+        return None
+    until = locked_until(name)
+    return f"under Object Lock until {until:%Y-%m-%dT%H:%M:%SZ}" if until else None
+
+
 def select_expired(
     rows: list[dict[str, Any]],
     *,
