@@ -117,8 +117,8 @@ def capture(
         started = time.monotonic()
         totals = {"segments": 0, "changes": 0, "gaps": 0, "backups": 0}
         # one capture per source, from the CLI or a deployment alike (a second would fork the chain);
-        # a run that waits for the lock follows the source meanwhile where its feed resumes exactly
-        # (etcd), so it is caught up when the run before it stops: the window does not break there
+        # a run that waits for the lock follows the source meanwhile, so it is caught up when the
+        # run before it stops: the window does not break there
         ahead = follow_ahead(src, dst, source_name, write_keys)
         try:
             with staging_dir() as work, capture_lock(source_name):
@@ -133,7 +133,7 @@ def capture(
                         break
                     totals["gaps"] += 1
                     # the gap's positions and times (no key, no value) ride in the event's payload
-                    emit_run_event("capture", "gap", {**summary, "gap": done["gap"]})
+                    emit_run_event("capture", "gap", {**summary, "status": "gap", "gap": done["gap"]})
                     log.warning("capture: a gap in the chain; taking a full backup to continue from")
                     from flows.backup import backup
 

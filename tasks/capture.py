@@ -21,17 +21,18 @@ stretch is restorable. A start position the service no longer holds is a gap: re
 gap segment that closes the chain (the flow then takes a full backup and a new chain starts).
 
 Hand-over: a run that has to wait for its source's capture lock (the run before it still
-follows) opens its feed while it waits, where the feed resumes exactly (etcd: ``follow_ahead``),
-and keeps what arrives, with the moment each batch arrived. Once it holds the lock it drops what
-the chain already holds and goes on: caught up before the run before it stopped, so the window
-runs on from that run's last segment without a break (the scheduled runs of a deployment
-overlap by a minute for this). ZooKeeper and Consul begin every run with a resync instead.
+follows) opens its feed while it waits (``follow_ahead``) and keeps what arrives, with the
+moment each batch arrived. Once it holds the lock it goes on from the chain's end: etcd's
+changes that the run before it sealed meanwhile are dropped; a ZooKeeper or Consul resync and
+the changes seen after it are kept, at positions past the chain's end. Either way it was caught
+up before the run before it stopped, so the window runs on without a break.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import queue
 import threading
@@ -273,6 +274,15 @@ class Capture:
             self.synced_at = t
             self.seal()
 
+    def bridge(self, t: int) -> None:
+        """A run that followed a resync feed ahead of the lock goes on from the chain's end: the
+        state stands as the run before it last saw it (as between any two observations) until
+        ``t``, its own first observation after that end, from which its resync and the changes it
+        saw count. Seals that stretch as an empty segment, so the window runs on without a break."""
+        self.synced_at = self.head.last_time
+        self.heard_t = self.last_t = max(self.last_t, t)
+        self.seal()
+
     # -- sealing ------------------------------------------------------------------------
     def due(self, idle_for_long: bool) -> bool:
         """Whether the next tick seals: changes gathered, the position moved on (changes
@@ -289,7 +299,6 @@ class Capture:
         last piece ends it."""
         self.settle()
         now = max(self.last_t, segments.now_us())
-        self.last_t = now
         prev = self.head.prev
         first_position = self.head.after + 1
         catching_up = self.synced_at is None
@@ -316,6 +325,10 @@ class Capture:
         # that went quiet because its connection was lost must not stretch the window over
         # changes it never saw (they come with the resync after the reconnection).
         last_time = now if gap is not None else max(first_time, min(now, self.heard_t or now))
+        # the changes taken after this segment count from its end on, not from the moment it was
+        # sealed: a run that took the lock after following ahead still takes batches that arrived
+        # earlier, each at the moment it arrived
+        self.last_t = max(self.last_t, last_time)
         name = segments.segment_name(self.source_name, first_position)
         fields = segments.segment_manifest_fields(
             base={k: v for k, v in self.head.base.items() if k in ("name", "manifest_sha256", "position")},
@@ -427,6 +440,7 @@ class _Batches:
         self.bytes = 0
         self.dropped_to = 0
         self.ended = False
+        self.synced = False  # a progress report, or a resync's last piece, has arrived
 
     def put(self, item: Any) -> None:
         size = sum(len(c[1]) + len(c[2]) + 64 for c in item.changes) if isinstance(item, ChangeBatch) else 0
@@ -434,6 +448,7 @@ class _Batches:
             self._items.append((segments.now_us(), item, size))
             self.bytes += size
             self.ended = self.ended or not isinstance(item, ChangeBatch)
+            self.synced = self.synced or (isinstance(item, ChangeBatch) and (item.progress or (item.resync and not item.more)))
             while self.bounded and self.bytes > AHEAD_BYTES and isinstance(self._items[0][1], ChangeBatch):
                 _, old, n = self._items.popleft()
                 self.bytes -= n
@@ -466,6 +481,7 @@ class Following:
 
     def __init__(self, source: SourceBlock, head: ChainHead, *, ahead: bool = False) -> None:
         self.head = head
+        self._log = logger()  # (the run's, taken on the run's thread: the progress thread logs too)
         self.session = source.connect()
         watch = getattr(self.session, "watch", None)
         if watch is None:
@@ -476,6 +492,8 @@ class Following:
         except BaseException:
             self.session.close()
             raise
+        #: Whether the feed resumes exactly (etcd) or begins with a resync (ZooKeeper, Consul)
+        self.exact = bool(getattr(self.feed, "RESUMES_EXACTLY", False))
         self.batches = _Batches(bounded=ahead)
         self._stop = threading.Event()
         self._closed = False
@@ -487,19 +505,26 @@ class Following:
 
     def _ask_progress(self) -> None:
         """Ask the feed how far it has delivered every second while the run waits for the lock,
-        so that what it kept says when it had caught up (its first progress report after that)."""
+        so that what it kept says when it had caught up (its first progress report after that),
+        and say once when it has."""
+        told = False
         while not self._stop.wait(1.0):
             self.feed.request_progress()
+            if self.batches.synced and not told and not self._stop.is_set():
+                told = True
+                self._log.info("capture: caught up with the source while waiting for the lock: this run goes on "
+                               "where the one holding it stops, without a gap")
 
     def continues(self, head: ChainHead) -> str | None:
         """Why this feed, opened ahead of the lock, cannot go on from ``head`` (the chain's end now
         that the run holds the lock), or None when it can: the same chain, grown or not, and
-        nothing dropped or ended that the chain does not hold."""
+        nothing dropped that the chain does not hold (for a feed that begins with a resync,
+        nothing dropped at all: the resync is the whole state), and no end of the feed."""
         if head.base.get("name") != self.head.base.get("name") or head.after < self.head.after:
             return "the chain it followed was ended (a gap, or a new full archive)"
-        if self.batches.dropped_to > head.after:
-            return f"it kept at most {AHEAD_BYTES >> 20} MiB while waiting for the lock"
-        if self.batches.ended and head.after > self.head.after:
+        if self.batches.dropped_to > (head.after if self.exact else 0):
+            return f"it keeps at most {AHEAD_BYTES >> 20} MiB while waiting for the lock"
+        if self.batches.ended and (head.after > self.head.after or not self.exact):
             return "its feed ended while waiting for the lock"
         return None
 
@@ -521,22 +546,18 @@ class Following:
 
 def follow_ahead(source: SourceBlock, store: ArchiveStore, source_name: str,
                  write_keys: WriteKeys | None) -> Following | None:
-    """Open ``source``'s feed from its chain's end before the run holds the capture lock, where
-    the feed resumes exactly (``RESUMES_EXACTLY``: etcd); None otherwise, or when the chain
-    cannot be read yet (the run then follows from the chain's end once it holds the lock). A run
-    whose lock is free at once loses nothing by it; one that waits is caught up when it gets
-    the lock, so the window does not break where one run hands over to the next."""
+    """Open ``source``'s feed from its chain's end before the run holds the capture lock; None
+    when the chain cannot be read yet or the source does not answer (the run then follows from
+    the chain's end once it holds the lock, and reports what is wrong). A run whose lock is free
+    at once loses nothing by it; one that waits is caught up when it gets the lock (etcd: every
+    change since; ZooKeeper, Consul: its resync done, and every change seen since), so the
+    window does not break where one run hands over to the next."""
     keys = ArchiveKeys(write_keys.keyring() if write_keys is not None else None)
     try:
-        head = chain_head(store, source_name, keys)
-        following = Following(source, head, ahead=True)
+        return Following(source, chain_head(store, source_name, keys), ahead=True)
     except Exception as exc:  # noqa: BLE001 - the run does it again, and reports it, once it holds the lock
         logger().debug("capture: not following ahead of the lock (%s)", type(exc).__name__)
         return None
-    if not getattr(following.feed, "RESUMES_EXACTLY", False):
-        following.close()
-        return None
-    return following
 
 
 def capture_changes(
@@ -568,7 +589,12 @@ def capture_changes(
     cap = Capture(source, store, source_name, write_keys, workdir, head)
     cap.seal_bytes = seal_bytes
     feed, batches = following.feed, following.batches
-    held = head.after if ahead is not None else None
+    adjust = _adjust(head.after if ahead is not None else None, following.exact)
+    #: A feed that began with a resync (ZooKeeper, Consul), opened ahead of the lock on a chain
+    #: that goes on: what it saw before the chain's end (the run before this one sealed its own
+    #: view up to then) counts from its first batch seen after it (``Capture.bridge``).
+    early: list[tuple[int, ChangeBatch]] | None = (
+        [] if ahead is not None and not following.exact and head.last_time is not None else None)
     log.info("capture: following %s %s from position %d (%s%s)", source.service, source.describe(), head.after + 1,
              "continuing the chain" if head.prev is not None else f"a new chain after {head.base['name']}",
              f"; caught up ahead of the lock from position {following.head.after + 1}" if ahead is not None else "")
@@ -587,8 +613,22 @@ def capture_changes(
                 seen, item = batches.get(timeout=max(0.0, min(1.0, next_seal - now)))
             except queue.Empty:
                 seen, item = 0, False
+            if early is not None and item is not False:
+                if isinstance(item, ChangeBatch) and seen < (head.last_time or 0):
+                    early.append((seen, item))  # seen before the chain's end: held until a batch seen after it
+                    continue
+                if isinstance(item, ChangeBatch):
+                    # both runs followed across the chain's end only when this one's resync was
+                    # done by then; else (the run before was killed, say) the time from the
+                    # chain's end to this resync is not known, a gap, as for any capture's start
+                    across = any(b.resync and not b.more for _, b in early)
+                    if across:
+                        cap.bridge(seen)
+                    for t, b in early:
+                        cap.take(adjust(b), seen if across else t)
+                early = None
             if isinstance(item, ChangeBatch):
-                item = _past(item, held)
+                item = adjust(item)
             if item is None:
                 raise SourceError(f"the change feed of {source.describe()} ended unexpectedly")
             if isinstance(item, HistoryCompacted):
@@ -622,11 +662,11 @@ def capture_changes(
             next_seal = now + seal_every
             feed.request_progress()
         if summary["gap"] is None:
-            _drain(batches, cap, held)
+            _drain(batches, cap, adjust)
             cap.seal()  # the window reaches the end of the run
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
-            _drain(batches, cap, held)
+            _drain(batches, cap, adjust)
             cap.seal()  # what was seen is kept; the next capture continues from it
         raise
     finally:
@@ -637,25 +677,49 @@ def capture_changes(
     return summary
 
 
-def _drain(batches: _Batches, cap: Capture, held: int | None) -> None:
-    """Take the batches already delivered (the run is ending: seal everything it saw); ``held``:
-    see ``_past``."""
+def _drain(batches: _Batches, cap: Capture, adjust: Any) -> None:
+    """Take the batches already delivered (the run is ending: seal everything it saw), through
+    ``adjust`` (``_adjust``)."""
     while True:
         try:
             seen, item = batches.get(timeout=0)
         except queue.Empty:
             return
         if isinstance(item, ChangeBatch):
-            cap.take(_past(item, held), seen)
+            cap.take(adjust(item), seen)
 
 
-def _past(batch: ChangeBatch, held: int | None) -> ChangeBatch:
-    """``batch`` less its changes at or before ``held``: the chain's end when the run took the
-    lock, for a feed opened ahead of it (it delivered what the run before this one sealed
-    meanwhile); None for a feed opened at the chain's end (whatever it delivers is new)."""
-    if held is None or not batch.changes or batch.changes[0][3] > held:
+def _past(batch: ChangeBatch, held: int) -> ChangeBatch:
+    """``batch`` less its changes at or before ``held``, the chain's end when the run took the
+    lock: an exact feed (etcd) opened ahead of the lock delivered what the run before this one
+    sealed meanwhile, and the chain holds it."""
+    if not batch.changes or batch.changes[0][3] > held:
         return batch
     return ChangeBatch([c for c in batch.changes if c[3] > held], batch.position, progress=batch.progress)
+
+
+def _lift(batch: ChangeBatch, held: int) -> ChangeBatch:
+    """``batch`` of a feed opened ahead of the lock that began with a resync (ZooKeeper, Consul),
+    with its positions at or before ``held`` (the chain's end when the run took the lock) moved
+    past it, as such a feed keeps its own past the chain's end it started from: a resync's to
+    ``held + 1``, a change's to ``held + 2`` (after the resync, which the changes seen after it
+    bring up to date: none is dropped). These positions are observed order, not a point a
+    restore can name (``--at-revision`` is etcd's); the times stay as seen."""
+    if batch.progress and not batch.changes:
+        return batch
+    to = held + 1 if batch.resync else held + 2
+    if not batch.changes or batch.changes[0][3] >= to:
+        return batch if batch.position >= to or not batch.resync else dataclasses.replace(batch, position=to)
+    changes = [(op, k, v, max(pos, to), meta) for op, k, v, pos, meta in batch.changes]
+    return dataclasses.replace(batch, changes=changes, position=max(batch.position, to))
+
+
+def _adjust(held: int | None, exact: bool) -> Any:
+    """What a batch goes through before the capture takes it: nothing for a feed opened at the
+    chain's end (``held`` None); ``_past`` or ``_lift`` for one opened ahead of the lock."""
+    if held is None:
+        return lambda batch: batch
+    return (lambda batch: _past(batch, held)) if exact else (lambda batch: _lift(batch, held))
 
 
 @task(name="capture", retries=0, retry_condition_fn=should_retry)

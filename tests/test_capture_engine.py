@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from captureutil import capture_key, covered, now_iso, restore, segments, to_us, wait_for  # noqa: F401 - capture_key: the key fixture
+from captureutil import (  # noqa: F401 - capture_key: the key fixture
+    capture_key,
+    covered,
+    now_iso,
+    restore,
+    resyncs,
+    sealed_past,
+    segments,
+    to_us,
+    wait_for,
+)
 from conftest import run_burrow, start_burrow
 from kvutil import Etcd, consul_client, consul_snapshot, unique
 from zkutil import kazoo, snapshot, unique_root
@@ -360,10 +370,10 @@ def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not
         rev = e.put(prefix.encode() + b"/one", b"1")
         first.wait_for("the first capture's segment", lambda: covered(store, name, rev))
         second = capture_proc(tmp_path, "second", url, str(store), name, key)
-        wait_for("the second capture to wait for the lock", lambda: "waiting for" in second.stderr()
-                 or second.proc.poll() is not None)
+        wait_for("the second capture to catch up while it waits for the lock",
+                 lambda: CAUGHT_UP in second.stderr() or second.proc.poll() is not None)
         assert second.proc.poll() is None, second.stderr()[-3000:]
-        rev = e.put(prefix.encode() + b"/two", b"2")  # the first still follows, alone
+        rev = e.put(prefix.encode() + b"/two", b"2")  # the first still follows, alone (the second sees it too)
         first.wait_for("the first capture's next segment", lambda: covered(store, name, rev))
         before = {m["_path"].name for m in segments(store, name)}
         first.proc.send_signal(signal.SIGINT)  # the first stops (seals what it saw): the lock is free
@@ -380,7 +390,7 @@ def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not
         if second is not None:
             second.kill()
     err = second.stderr()
-    waits = [line for line in err.splitlines() if "waiting for" in line]
+    waits = [line for line in err.splitlines() if "waiting for the per-cluster lock" in line]
     assert len(waits) == 1 and f"capture-{name}" in waits[0], waits
     assert "caught up ahead of the lock" in err, err[-3000:]
     status = run_burrow("status", str(store), "--source", name, "--key-file", str(key), "--json")
@@ -401,6 +411,124 @@ def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not
     assert len(found.chains) == 1, "two chains: the second capture did not continue the first's"
     names = [s.name.rsplit("/", 1)[-1] for s in found.chains[0].segments]
     assert set(names) >= before and len(names) > len(before)
+
+
+#: What a capture that waits for the lock says once it has caught up with the source.
+CAUGHT_UP = "caught up with the source while waiting for the lock"
+
+
+class _Tree:
+    """A small tree of one service, written and read with the service's own client."""
+
+    def __init__(self, service: str, server: Any) -> None:
+        self.service, self.server = service, server
+        if service == "zookeeper":
+            self._kz = kazoo(server.url)
+            self.c = self._kz.__enter__()
+            self.root = unique_root()
+            self.url = f"zk://{server.host}:{server.port}{self.root}"
+        else:
+            self.c = consul_client(server.url)
+            self.root = unique("handover")
+            self.url = f"consul://{server.host}:{server.port}/{self.root}"
+
+    def put(self, rel: str, value: bytes) -> int:
+        """Write ``rel`` (created or updated); its position: a zxid or a Consul index."""
+        if self.service == "zookeeper":
+            path = f"{self.root}/{rel}"
+            if self.c.exists(path):
+                return self.c.set(path, value).mzxid
+            self.c.create(path, value, makepath=True)
+            return self.c.exists(path).mzxid
+        self.c.kv.put(f"{self.root}/{rel}", value)
+        return int(self.c.kv.get(f"{self.root}/{rel}")[0])
+
+    def delete(self, rel: str) -> None:
+        if self.service == "zookeeper":
+            self.c.delete(f"{self.root}/{rel}")
+        else:
+            self.c.kv.delete(f"{self.root}/{rel}")
+
+    def state(self) -> dict[str, bytes]:
+        """Every key below the root, relative to it, with its value."""
+        if self.service == "zookeeper":
+            return {k[len(self.root):]: v for k, v in snapshot(self.c, self.root).items() if k != self.root}
+        return {k[len(self.root):]: v[0] for k, v in consul_snapshot(self.c, self.root + "/").items()}
+
+    def close(self) -> None:
+        if self.service == "zookeeper":
+            self._kz.__exit__(None, None, None)
+
+
+@pytest.mark.timeout(1200)  # a hang guard: two captures and a restore on a busy machine
+@pytest.mark.parametrize("service", ["zookeeper", "consul"])
+def test_a_capture_waiting_for_the_lock_resyncs_ahead_and_the_window_does_not_break(
+        service, request, store, key, tmp_path) -> None:
+    """ZooKeeper and Consul begin every capture with a resync (the whole tree). A capture that
+    waits for the lock does it while it waits, and follows the changes after it; once it holds the
+    lock it goes on from the chain's end: no gap in the window at the hand-over, and points in it
+    (a change made while both followed, then one made after the first stopped) restore exactly."""
+    prefix = "zk" if service == "zookeeper" else "consul"
+    src, into = request.getfixturevalue(f"{prefix}_a"), request.getfixturevalue(f"{prefix}_b")
+    tree = _Tree(service, src)
+    try:
+        tree.put("seed", b"s")
+        tree.put("gone", b"g")
+        name = unique("src")
+        r = cli("backup", tree.url, "--to", str(store), "--name", name, "--key-file", str(key))
+        assert r.returncode == 0, r.stderr[-3000:]
+        first = capture_proc(tmp_path, "first", tree.url, str(store), name, key)
+        second = None
+        try:
+            pos = tree.put("one", b"1")
+            first.wait_for("the first capture's segment", lambda: covered(store, name, pos))
+            second = capture_proc(tmp_path, "second", tree.url, str(store), name, key)
+            wait_for("the second capture to resync while it waits for the lock",
+                     lambda: CAUGHT_UP in second.stderr() or second.proc.poll() is not None)
+            assert second.proc.poll() is None, second.stderr()[-3000:]
+            # changes both captures see: the first seals them, the second keeps them past its resync
+            tree.put("one", b"1-updated")
+            tree.delete("gone")
+            pos = tree.put("two", b"2")
+            first.wait_for("the first capture's segment", lambda: covered(store, name, pos))
+            both = now_iso()
+            at_both = tree.state()
+            first.proc.send_signal(signal.SIGINT)  # the first stops: the lock is free
+            first.finish()
+            handover = now_iso()  # the second may not hold the lock yet (Prefect retries in up to 30 s)
+            at_handover = tree.state()
+            tree.put("three", b"3")
+            # its positions are the second's own past the chain's end, not the source's: wait on time,
+            # from once the second has sealed its resync (a segment that ends later saw "three")
+            second.wait_for("the second capture's resync", lambda: len(resyncs(segments(store, name))) == 2)
+            after = now_iso()
+            second.wait_for("the second capture's segment", lambda: sealed_past(store, name, after))
+        finally:
+            first.kill()
+            if second is not None:
+                second.kill()
+        err = second.stderr()
+        assert "caught up ahead of the lock" in err and "following afresh" not in err, err[-3000:]
+        status = run_burrow("status", str(store), "--source", name, "--key-file", str(key), "--json")
+        assert status.returncode == 0, status.stderr[-3000:]
+        (entry,) = [x for x in json.loads(status.stdout)["sources"] if x["source"] == name]
+        window = entry["restorable"]
+        chain = [{k: m.get(k) for k in ("first_position", "last_position", "first_time", "last_time", "resync",
+                                        "resync_part", "resync_done", "catching_up")} for m in segments(store, name)]
+        assert window["gaps"] == [], (window, chain)
+        assert to_us(window["from"]) < to_us(both) < to_us(handover) < to_us(window["to"]), (both, handover, window, chain)
+        assert at_both == at_handover == {"/seed": b"s", "/one": b"1-updated", "/two": b"2"}, at_handover
+        for label, point, want in (("both", both, at_both), ("handover", handover, at_handover),
+                                   ("latest", "latest", {**at_handover, "/three": b"3"})):
+            target = _Tree(service, into)
+            try:
+                r = restore(store, name, key, target.url, "--at", point)
+                assert r.returncode == 0, (label, r.stderr[-3000:])
+                assert target.state() == want, label
+            finally:
+                target.close()
+    finally:
+        tree.close()
 
 
 def test_a_capture_killed_outright_frees_its_lock_for_the_next_on_this_host_at_once(
