@@ -847,9 +847,9 @@ class EtcdWatch:
     once per lease per batch (LeaseTimeToLive); a lease gone by then (its keys' deletes follow
     in the feed) is recorded with a TTL of 1 s, never as no lease."""
 
-    #: A watch from a revision delivers every change after it, however long ago: a capture can
-    #: open it before it holds the capture lock and continue the chain exactly where the run that
-    #: held the lock stops (tasks/capture.py ``follow_ahead``).
+    #: A watch from a revision delivers every change after it, however long ago: a capture that
+    #: opened it before it held the capture lock drops the changes the run before it sealed
+    #: meanwhile and goes on exactly from there (tasks/capture.py ``follow_ahead``).
     RESUMES_EXACTLY = True
 
     def __init__(self, session: EtcdSession, after: int) -> None:

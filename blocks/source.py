@@ -128,7 +128,7 @@ class ChangeFeed(Protocol):
     Raises HistoryCompacted when that history is gone. ``request_progress`` asks for a batch
     that says how far the feed has delivered; ``close`` ends it (also from another thread).
     A feed whose class sets ``RESUMES_EXACTLY = True`` delivers every change after ``after``
-    without a resync (etcd), so a capture may open it ahead of holding the capture lock."""
+    without a resync (etcd); the others begin with one (tasks/capture.py ``_adjust``)."""
 
     def __iter__(self) -> Iterator[ChangeBatch]: ...
 
