@@ -449,7 +449,8 @@ class _Batches:
             self.bytes += size
             self.ended = self.ended or not isinstance(item, ChangeBatch)
             self.synced = self.synced or (isinstance(item, ChangeBatch) and (item.progress or (item.resync and not item.more)))
-            while self.bounded and self.bytes > AHEAD_BYTES and isinstance(self._items[0][1], ChangeBatch):
+            while (self.bounded and self.bytes > AHEAD_BYTES and len(self._items) > 1
+                   and isinstance(self._items[0][1], ChangeBatch)):
                 _, old, n = self._items.popleft()
                 self.bytes -= n
                 self.dropped_to = max(self.dropped_to, old.position)
