@@ -393,12 +393,9 @@ def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not
     waits = [line for line in err.splitlines() if "waiting for the per-cluster lock" in line]
     assert len(waits) == 1 and f"capture-{name}" in waits[0], waits
     assert "caught up ahead of the lock" in err, err[-3000:]
-    status = run_burrow("status", str(store), "--source", name, "--key-file", str(key), "--json")
-    assert status.returncode == 0, status.stderr[-3000:]
-    (entry,) = [x for x in json.loads(status.stdout)["sources"] if x["source"] == name]
-    assert entry["restorable"]["gaps"] == [], entry["restorable"]
-    assert to_us(entry["restorable"]["from"]) < to_us(handover) < to_us(entry["restorable"]["to"]), \
-        (handover, entry["restorable"])
+    window = _restorable(store, name, key)
+    assert window["gaps"] == [], window
+    assert to_us(window["from"]) < to_us(handover) < to_us(window["to"]), (handover, window)
     target = "/" + unique("handover")
     r = restore(store, name, key, f"etcd://{etcd_b.host}:{etcd_b.port}{target}", "--at", handover)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -411,6 +408,14 @@ def test_a_second_capture_of_a_source_waits_for_the_first_and_the_chain_does_not
     assert len(found.chains) == 1, "two chains: the second capture did not continue the first's"
     names = [s.name.rsplit("/", 1)[-1] for s in found.chains[0].segments]
     assert set(names) >= before and len(names) > len(before)
+
+
+def _restorable(store: Path, name: str, key: Path) -> dict[str, Any]:
+    """The source's restorable window as ``burrow status --json`` shows it."""
+    status = run_burrow("status", str(store), "--source", name, "--key-file", str(key), "--json")
+    assert status.returncode == 0, status.stderr[-3000:]
+    (entry,) = [x for x in json.loads(status.stdout)["sources"] if x["source"] == name]
+    return entry["restorable"]
 
 
 #: What a capture that waits for the lock says once it has caught up with the source.
@@ -509,10 +514,7 @@ def test_a_capture_waiting_for_the_lock_resyncs_ahead_and_the_window_does_not_br
                 second.kill()
         err = second.stderr()
         assert "caught up ahead of the lock" in err and "following afresh" not in err, err[-3000:]
-        status = run_burrow("status", str(store), "--source", name, "--key-file", str(key), "--json")
-        assert status.returncode == 0, status.stderr[-3000:]
-        (entry,) = [x for x in json.loads(status.stdout)["sources"] if x["source"] == name]
-        window = entry["restorable"]
+        window = _restorable(store, name, key)
         chain = [{k: m.get(k) for k in ("first_position", "last_position", "first_time", "last_time", "resync",
                                         "resync_part", "resync_done", "catching_up")} for m in segments(store, name)]
         assert window["gaps"] == [], (window, chain)
