@@ -699,28 +699,45 @@ def _past(batch: ChangeBatch, held: int) -> ChangeBatch:
     return ChangeBatch([c for c in batch.changes if c[3] > held], batch.position, progress=batch.progress)
 
 
-def _lift(batch: ChangeBatch, held: int) -> ChangeBatch:
-    """``batch`` of a feed opened ahead of the lock that began with a resync (ZooKeeper, Consul),
-    with its positions at or before ``held`` (the chain's end when the run took the lock) moved
-    past it, as such a feed keeps its own past the chain's end it started from: a resync's to
-    ``held + 1``, a change's to ``held + 2`` (after the resync, which the changes seen after it
-    bring up to date: none is dropped). These positions are observed order, not a point a
-    restore can name (``--at-revision`` is etcd's); the times stay as seen."""
-    if batch.progress and not batch.changes:
+class _Lift:
+    """The positions of a feed opened ahead of the lock that began with a resync (ZooKeeper,
+    Consul), moved past the chain's end ``held`` when the run took the lock, as such a feed keeps
+    its own past the chain's end it started from: the resync's to ``held + 1``, and each batch
+    after it above the batch before (so a position a sealed segment covered holds every change
+    seen by then: a change seen later never shares it), until the feed's own positions are past
+    them; from then on, as they come. The resync is the whole state and the changes seen after
+    it bring it up to date, so none is dropped. These positions are observed order, not a point
+    a restore can name (``--at-revision`` is etcd's); the times stay as seen."""
+
+    def __init__(self, held: int) -> None:
+        self.floor = held
+        self.active = True
+
+    def __call__(self, batch: ChangeBatch) -> ChangeBatch:
+        if not self.active or (batch.progress and not batch.changes):
+            return batch
+        to = self.floor + 1
+        if batch.changes and batch.changes[0][3] >= to:
+            self.active = batch.more  # (a resync's pieces all stand at one position)
+            return batch
+        if batch.changes:
+            changes = [(op, k, v, max(pos, to), meta) for op, k, v, pos, meta in batch.changes]
+            batch = dataclasses.replace(batch, changes=changes, position=max(batch.position, changes[-1][3]))
+        elif batch.resync:
+            batch = dataclasses.replace(batch, position=max(batch.position, to))  # an empty tree's
+        else:
+            return batch
+        if not batch.more:
+            self.floor = batch.position
         return batch
-    to = held + 1 if batch.resync else held + 2
-    if not batch.changes or batch.changes[0][3] >= to:
-        return batch if batch.position >= to or not batch.resync else dataclasses.replace(batch, position=to)
-    changes = [(op, k, v, max(pos, to), meta) for op, k, v, pos, meta in batch.changes]
-    return dataclasses.replace(batch, changes=changes, position=max(batch.position, to))
 
 
 def _adjust(held: int | None, exact: bool) -> Any:
     """What a batch goes through before the capture takes it: nothing for a feed opened at the
-    chain's end (``held`` None); ``_past`` or ``_lift`` for one opened ahead of the lock."""
+    chain's end (``held`` None); ``_past`` or ``_Lift`` for one opened ahead of the lock."""
     if held is None:
         return lambda batch: batch
-    return (lambda batch: _past(batch, held)) if exact else (lambda batch: _lift(batch, held))
+    return (lambda batch: _past(batch, held)) if exact else _Lift(held)
 
 
 @task(name="capture", retries=0, retry_condition_fn=should_retry)

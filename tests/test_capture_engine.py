@@ -504,8 +504,10 @@ def test_a_capture_waiting_for_the_lock_resyncs_ahead_and_the_window_does_not_br
             at_handover = tree.state()
             tree.put("three", b"3")
             # its positions are the second's own past the chain's end, not the source's: wait on time,
-            # from once the second has sealed its resync (a segment that ends later saw "three")
+            # from once the second has sealed its resync: a segment that ends after a change made
+            # then ("four") saw it, and "three" before it
             second.wait_for("the second capture's resync", lambda: len(resyncs(segments(store, name))) == 2)
+            tree.put("four", b"4")
             after = now_iso()
             second.wait_for("the second capture's segment", lambda: sealed_past(store, name, after))
         finally:
@@ -521,7 +523,7 @@ def test_a_capture_waiting_for_the_lock_resyncs_ahead_and_the_window_does_not_br
         assert to_us(window["from"]) < to_us(both) < to_us(handover) < to_us(window["to"]), (both, handover, window, chain)
         assert at_both == at_handover == {"/seed": b"s", "/one": b"1-updated", "/two": b"2"}, at_handover
         for label, point, want in (("both", both, at_both), ("handover", handover, at_handover),
-                                   ("latest", "latest", {**at_handover, "/three": b"3"})):
+                                   ("latest", "latest", {**at_handover, "/three": b"3", "/four": b"4"})):
             target = _Tree(service, into)
             try:
                 r = restore(store, name, key, target.url, "--at", point)

@@ -68,17 +68,31 @@ def test_an_exact_feed_drops_what_the_chain_holds() -> None:
 
 def test_a_resync_feed_keeps_everything_past_the_chains_end_in_order() -> None:
     held = 20
-    resync = tc._lift(ChangeBatch(_changes(12, 12, 12), 12, resync=True, more=True), held)
-    assert [c[3] for c in resync.changes] == [21, 21, 21] and resync.resync and resync.more
-    last = tc._lift(ChangeBatch(_changes(12), 15, resync=True, continued=True), held)
-    assert [c[3] for c in last.changes] == [21] and last.position == 21 and last.continued and not last.more
-    empty = tc._lift(ChangeBatch([], 15, resync=True), held)  # an empty tree's resync
-    assert empty.position == 21
-    seen = tc._lift(ChangeBatch(_changes(16, 19, 21, 25), 25), held)  # seen after the resync: none dropped
-    assert [c[3] for c in seen.changes] == [22, 22, 22, 25] and seen.position == 25
-    later = ChangeBatch(_changes(30, 31), 31)
-    assert tc._lift(later, held) is later  # past the chain's end already: as it came
+    lift = tc._Lift(held)
     progress = ChangeBatch([], 10, progress=True)
-    assert tc._lift(progress, held) is progress
+    assert lift(progress) is progress
+    resync = lift(ChangeBatch(_changes(12, 12, 12), 12, resync=True, more=True))
+    assert [c[3] for c in resync.changes] == [21, 21, 21] and resync.resync and resync.more
+    last = lift(ChangeBatch(_changes(12), 15, resync=True, continued=True))
+    assert [c[3] for c in last.changes] == [21] and last.position == 21 and last.continued and not last.more
+    # seen after the resync: none dropped, each batch above the one before (a change seen later
+    # never shares a position a segment sealed before it covered)
+    seen = lift(ChangeBatch(_changes(16, 19, 21), 21))
+    assert [c[3] for c in seen.changes] == [22, 22, 22] and seen.position == 22
+    then = lift(ChangeBatch(_changes(22), 22))
+    assert [c[3] for c in then.changes] == [23] and then.position == 23
+    later = ChangeBatch(_changes(30, 31), 31)
+    assert lift(later) is later  # the feed's own positions are past them: as they come from now on
+    assert lift(ChangeBatch(_changes(24), 24)).changes[0][3] == 24  # (no longer lifted)
+
+
+def test_a_resync_past_the_chains_end_is_not_lifted_and_an_empty_one_is() -> None:
+    lift = tc._Lift(20)
+    ahead = ChangeBatch(_changes(25, 25), 25, resync=True)
+    assert lift(ahead) is ahead
+    after = ChangeBatch(_changes(25), 25)
+    assert lift(after) is after  # (a killed run's successor: nothing to lift)
+    empty = tc._Lift(20)(ChangeBatch([], 15, resync=True))
+    assert empty.position == 21 and empty.resync
     ident = tc._adjust(None, exact=False)
-    assert ident(later) is later
+    assert ident(later := ChangeBatch(_changes(3), 3)) is later

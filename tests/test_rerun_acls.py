@@ -191,13 +191,19 @@ def interrupt_when(args: list[str], c: KazooClient, progress: str, at_least: int
 ])
 def test_an_interrupted_failover_rerun_gives_every_node_its_archived_acl(archived, zk_b, where, at_least):
     a = archived
-    chroot = unique_root()
-    into = target_block(zk_b.url, chroot, multi_ops=4, multi_window=1)
-    top = chroot + a["root"]
-    with kazoo(zk_b.url, auth=OPS) as c:
-        code = interrupt_when(failover_args(a, into), c, top + where, at_least)
-        assert code != 0
-        left = tree(c, top)
+    # A busy machine can see the interruption point late, once the replay has gone past it to the
+    # end (the payments tree is replayed in well under a second): then the run is tried again,
+    # into a new chroot, up to three times. What the test asserts is unchanged.
+    for _attempt in range(3):
+        chroot = unique_root()
+        into = target_block(zk_b.url, chroot, multi_ops=4, multi_window=1)
+        top = chroot + a["root"]
+        with kazoo(zk_b.url, auth=OPS) as c:
+            code = interrupt_when(failover_args(a, into), c, top + where, at_least)
+            assert code != 0
+            left = tree(c, top)
+        if len(left) < len(a["source"]):
+            break
     # interrupted during replay: part of the tree, and the nodes created so far on the placeholder
     assert 0 < len(left) < len(a["source"])
     on_placeholder = {p for p, (_, acl, _) in left.items() if acl == PLACEHOLDER}
