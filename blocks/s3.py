@@ -105,6 +105,17 @@ def _b64crc(crc: int) -> str:
     return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
 
 
+def _held_until(head: dict[str, Any]) -> datetime | None:
+    """From a HEAD answer: until when the object's current version is under Object Lock, its
+    retention in force or a legal hold (no end: ``datetime.max``); None when it is not."""
+    until = head.get("ObjectLockRetainUntilDate")
+    if until is not None and until > datetime.now(UTC):
+        return until
+    if head.get("ObjectLockLegalHoldStatus") == "ON":
+        return datetime.max.replace(tzinfo=UTC)
+    return None
+
+
 def _utc(ts: Any) -> str:
     if isinstance(ts, datetime):
         return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -657,12 +668,7 @@ class S3Store(ArchiveStore):
         (read from HEAD: not every server implements GetObjectRetention)."""
         h = self._call(f"cannot read archive {name}", self.client().head_object,
                        Bucket=self.bucket, Key=self._key(name))
-        until = h.get("ObjectLockRetainUntilDate")
-        if until is not None and until > datetime.now(UTC):
-            return until
-        if h.get("ObjectLockLegalHoldStatus") == "ON":
-            return datetime.max.replace(tzinfo=UTC)
-        return None
+        return _held_until(h)
 
     def lock_sidecar(self, name: str) -> datetime | None:
         """Put the sidecar ``name`` under the store's Object Lock retention, as archives are (the
@@ -677,8 +683,8 @@ class S3Store(ArchiveStore):
     def delete(self, name: str) -> None:
         client, key = self.client(), self._key(name)
         h = self._call(f"cannot read archive {name}", client.head_object, Bucket=self.bucket, Key=key)
-        until = h.get("ObjectLockRetainUntilDate")
-        if until is not None and until > datetime.now(UTC):
+        until = _held_until(h)  # (what locked_until reports, from the same HEAD: the delete needs it anyway)
+        if until is not None:
             raise StoreError(f"archive {name} is under Object Lock until {_utc(until)}; it cannot be deleted before")
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if h.get("VersionId") and h["VersionId"] != "null":

@@ -594,14 +594,16 @@ def prune_chains(
                 stopped = None
                 for i in range(upto - 1, -1, -1):
                     seg = segs[i]
-                    lock = lock_reason(store, seg.name)
-                    if lock is None and not dry_run:
+                    # a dry run asks for the lock; a real one lets the delete refuse (the store checks
+                    # the lock itself: one request per segment saved) and asks why only then
+                    lock = lock_reason(store, seg.name) if dry_run else None
+                    if not dry_run:
                         try:
                             store.delete(seg.name)
                         except ArchiveNotFound:
                             pass  # (gone meanwhile)
                         except StoreError as exc:
-                            lock = str(exc)
+                            lock = lock_reason(store, seg.name) or str(exc)
                     if lock is not None:
                         stopped = i
                         out.locked += int("Object Lock" in lock)
