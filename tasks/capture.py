@@ -603,8 +603,7 @@ def capture_changes(
     end = started + duration if duration is not None else None
     next_seal = started + seal_every
     last_seal = started
-    summary: dict[str, Any] = {"gap": None}
-    feed.request_progress()
+    summary: dict[str, Any] = {"gap": None}  # (Following asked the feed for progress when it opened it)
     try:
         while True:
             now = time.monotonic()
